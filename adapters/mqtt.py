@@ -1,0 +1,479 @@
+"""MQTT agent tool: deliveries to `{prefix}/{agent}/inbox`, actions from `{prefix}/+/actions`.
+
+One connection per tool, kept alive by `run()`: aiomqtt has no automatic reconnect,
+so `run()` reconnects itself with capped exponential backoff and full jitter, and
+parks at the maximum delay when the broker refuses the credentials.
+
+`deliver()` publishes with QoS 1 and returns only after the broker's PUBACK. Many
+deliveries may be in flight at once on the one connection; that is the fast path.
+Two things aiomqtt does not do for us, handled here:
+
+* A publish waiting for its PUBACK is not woken when the connection drops (paho
+  never calls on_publish for it); aiomqtt only gives up at its timeout. Each
+  publish therefore also waits on a per-connection "lost" future that `run()`
+  resolves when the connection ends, so in-flight deliveries fail at once.
+* paho keeps unacknowledged messages in its client and re-sends them after a
+  reconnect of the *same* client. We build a fresh client per connection, so a
+  delivery that failed here is re-sent only by the outbox, with its own id.
+
+Delivery is at least once: a PUBACK lost with the connection makes the outbox send
+the same delivery id again. Receivers dedupe on `delivery_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from adapters.inbox import encode_delivery
+from router.backoff import backoff_delay
+from router.drivers import (
+    ActionSink,
+    AgentAction,
+    Delivery,
+    DriverContext,
+    DriverState,
+    PermanentError,
+    TimedOut,
+    TransientError,
+)
+
+ACTIONS = frozenset({"accept", "resolve", "presence", "reply"})
+_ACTION_FIELDS = ("conversation_id", "message_id", "value")
+
+# CONNACK codes meaning "these credentials will not work": v3.1.1 return codes 4
+# (bad user name or password) and 5 (not authorised), and their MQTT v5 / paho 2
+# reason codes 134 and 135. paho 2 reports v3.1.1 refusals as the v5 codes.
+AUTH_REFUSED_CODES = frozenset({4, 5, 134, 135})
+
+# Same patterns as router.config (not imported: the config loader imports adapters).
+AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+_AGENT_ID = re.compile(AGENT_ID_RE)
+# A topic segment of an address: anything but the separator, wildcards and NUL.
+_ADDRESS = re.compile(r"[^/+#\x00]+(?:/[^/+#\x00]+)*")
+_PREFIX_RE = r"^[^/+#\x00]+(?:/[^/+#\x00]+)*$"  # anchored: pydantic patterns search
+
+
+class Config(BaseModel):
+    """Settings of one MQTT adapter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["mqtt"]
+    name: str = Field(pattern=NAME_RE)
+    host: str = Field(default="localhost", min_length=1, max_length=253)
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = Field(default=None, min_length=1, max_length=256)
+    password: SecretStr | None = None
+    client_id: str = Field(default="", max_length=128)  # empty: "omnirouter-<name>"
+    topic_prefix: str = Field(
+        default="omnirouter/agents", min_length=1, max_length=256, pattern=_PREFIX_RE
+    )
+    qos: Literal[1] = 1  # QoS 1 is the contract: PUBACK before success; fixed on purpose
+    tls: bool = False
+    ca_file: Path | None = None  # with tls: trust this CA instead of the system store
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    connect_timeout: float = Field(default=10.0, gt=0, le=120)
+    publish_timeout: float = Field(default=10.0, gt=0, le=300)
+    reconnect_min: float = Field(default=0.5, gt=0, le=60)  # first reconnect delay ceiling, seconds
+    reconnect_max: float = Field(
+        default=30.0, gt=0, le=3600
+    )  # delay cap; also the bad-credentials pace
+    # paho's default window is 20 unacknowledged publishes; beyond it messages wait
+    # in paho's queue, which caps throughput at 20/RTT on a distant broker. 256
+    # matches the outbox's default concurrency.
+    max_inflight: int = Field(default=256, ge=1, le=65535)
+    max_action_bytes: int = Field(default=65536, ge=256, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        """Fill the default client id and reject settings that contradict each other."""
+        if not self.client_id:
+            # Frozen model: the documented way to set a derived default is object.__setattr__.
+            object.__setattr__(self, "client_id", f"omnirouter-{self.name}")
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        if self.ca_file is not None and not self.tls:
+            raise ValueError("ca_file needs tls = true")
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs a username")
+        return self
+
+
+class ActionError(ValueError):
+    """An agent action payload that does not follow the schema (message names no body content)."""
+
+
+def parse_action(agent_id: str, payload: Any, *, max_bytes: int = 65536) -> AgentAction:
+    """Validate one action payload from agent_id's topic and return it as an AgentAction."""
+    if not isinstance(payload, bytes | bytearray):
+        raise ActionError("payload is not bytes")
+    if len(payload) > max_bytes:
+        raise ActionError(f"payload larger than {max_bytes} bytes")
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ActionError("payload is not UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise ActionError("payload is not a JSON object")
+    action = data.get("action")
+    if not isinstance(action, str) or action not in ACTIONS:
+        raise ActionError(f"action must be one of {sorted(ACTIONS)}")
+    if "agent_id" in data and data["agent_id"] != agent_id:
+        # The topic is what the broker's ACL binds to the agent's login; trust only it.
+        raise ActionError("agent_id in the body does not match the topic")
+    fields: dict[str, str] = {}
+    for key in _ACTION_FIELDS:
+        value = data.get(key)
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise ActionError(f"{key} must be a string")
+        fields[key] = value
+    if action in ("accept", "resolve") and not (fields["conversation_id"] or fields["message_id"]):
+        raise ActionError(f"{action} needs conversation_id or message_id")
+    if action == "reply" and not (fields["conversation_id"] and fields["value"]):
+        raise ActionError("reply needs conversation_id and a non-empty value")
+    if action == "presence" and fields["value"] not in ("on", "off"):
+        raise ActionError('presence needs value "on" or "off"')
+    extra = {k: v for k, v in data.items() if k not in ("action", "agent_id", *_ACTION_FIELDS)}
+    return AgentAction(
+        agent_id=agent_id,
+        action=action,
+        conversation_id=fields["conversation_id"],
+        message_id=fields["message_id"],
+        value=fields["value"],
+        extra=extra,
+    )
+
+
+@dataclass(slots=True)
+class _Session:
+    """One live connection: the client and a future resolved when the connection ends."""
+
+    client: aiomqtt.Client
+    lost: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class MqttTool:
+    """Publish deliveries with QoS 1 and feed agent actions from the broker to the router."""
+
+    config_model: ClassVar[type[Config]] = Config
+
+    def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
+        """Prepare the tool; the connection is made by run()."""
+        self.name = name
+        self.config = config
+        self.log = ctx.log
+        self.state = DriverState.STOPPED
+        self.last_error = ""
+        self.last_success: float | None = None
+        self.sleep: Callable[[float], Any] = asyncio.sleep  # injectable for tests
+        self._session: _Session | None = None
+        self._conn_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._tls_context: ssl.SSLContext | None = None
+        self._late_exits: set[asyncio.Task[None]] = set()
+        prefix = config.topic_prefix
+        self._actions_filter = f"{prefix}/+/actions"
+        self._prefix_len = len(prefix) + 1
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self, actions: ActionSink) -> None:
+        """Keep a connection to the broker and feed agent actions to `actions` until cancelled."""
+        if not self._stopping:
+            if self.config.tls:
+                # Loading a CA bundle reads files: keep it off the event loop.
+                try:
+                    self._tls_context = await asyncio.to_thread(_tls_context, self.config.ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    self.last_error = f"cannot load TLS CA file: {exc}"
+                    self.log.error("mqtt.tls_setup_failed", error=str(exc))
+                    raise PermanentError(self.last_error) from exc
+            task = asyncio.create_task(self._connection_loop(actions), name=f"mqtt-{self.name}")
+            self._conn_task = task
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we were cancelled: awaiting the task already let it disconnect
+                # stop() ended the connection on purpose; park below until cancelled.
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        """Disconnect from the broker; deliveries not yet acknowledged stay in the outbox."""
+        self._stopping = True
+        task = self._conn_task
+        if task is not None and not task.done():
+            task.cancel()
+            # aiomqtt bounds its graceful DISCONNECT by its own timeout; add a margin.
+            await asyncio.wait([task], timeout=self.config.connect_timeout + 1)
+        if self._late_exits:
+            await asyncio.wait(self._late_exits, timeout=self.config.connect_timeout + 1)
+        self._set_state(DriverState.STOPPED)
+
+    # -- connection ------------------------------------------------------------
+
+    async def _connection_loop(self, actions: ActionSink) -> None:
+        """Connect, listen, and reconnect with backoff; hand actions to a worker in order."""
+        queue: asyncio.Queue[AgentAction] = asyncio.Queue()
+        # The reader only queues: a slow ActionSink must not delay noticing a lost
+        # connection (deliveries waiting for a PUBACK are woken by that).
+        worker = asyncio.create_task(
+            self._action_worker(queue, actions), name=f"mqtt-{self.name}-actions"
+        )
+        try:
+            await self._reconnect_forever(queue)
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def _reconnect_forever(self, queue: asyncio.Queue[AgentAction]) -> None:
+        """Run sessions one after another, backing off between them."""
+        failures = 0  # consecutive failed attempts, drives the backoff
+        if self.state in (DriverState.STOPPED, DriverState.CONNECTED):
+            self._set_state(DriverState.CONNECTING)
+        while True:
+            try:
+                await self._session_once(queue)
+                raise aiomqtt.MqttError("message stream ended")  # not expected: treat as a loss
+            except asyncio.CancelledError:
+                raise
+            except MqttConnectError as exc:
+                if _connect_code(exc) in AUTH_REFUSED_CODES:
+                    # Retrying at speed would only hammer the broker (and may lock the
+                    # account): park at the maximum delay, log once via the transition.
+                    self._set_state(
+                        DriverState.BAD_CREDENTIALS, f"broker refused the credentials: {exc}"
+                    )
+                    delay = self.config.reconnect_max
+                else:
+                    delay = self._transient(failures, f"broker refused the connection: {exc}")
+                    failures += 1
+            except aiomqtt.MqttError as exc:
+                if self.state == DriverState.CONNECTED:
+                    failures = 0  # the connection worked: start the backoff from the bottom
+                delay = self._transient(failures, f"connection failed or lost: {exc}")
+                failures += 1
+            except Exception as exc:  # a bug or an unmapped library error must not end the loop
+                if self.state == DriverState.CONNECTED:
+                    failures = 0
+                self.log.exception("mqtt.unexpected_error", error_type=type(exc).__name__)
+                delay = self._transient(failures, f"unexpected {type(exc).__name__}: {exc}")
+                failures += 1
+            await self.sleep(delay)
+
+    def _transient(self, failures: int, error: str) -> float:
+        """Mark the connection as down (unless parked on credentials) and return the backoff."""
+        if self.state != DriverState.BAD_CREDENTIALS:
+            self._set_state(DriverState.TRANSIENT_DISCONNECT, error)
+        else:
+            self.last_error = error
+        return backoff_delay(failures, self.config.reconnect_min, self.config.reconnect_max)
+
+    async def _session_once(self, queue: asyncio.Queue[AgentAction]) -> None:
+        """Run one connection from connect to loss; raises MqttError when it ends."""
+        client = self._new_client()
+        await self._enter(client)
+        session = _Session(client)
+        try:
+            self._session = session
+            await client.subscribe(self._actions_filter, qos=1)
+            self._set_state(DriverState.CONNECTED)
+            async for message in client.messages:
+                action = self._parse_message(message)
+                if action is not None:
+                    queue.put_nowait(action)
+        finally:
+            self._session = None
+            if not session.lost.done():
+                session.lost.set_result(None)  # wake deliveries still waiting for a PUBACK
+            # Graceful DISCONNECT when still connected; a no-op after a lost connection.
+            await client.__aexit__(None, None, None)
+
+    async def _enter(self, client: aiomqtt.Client) -> None:
+        """Connect the client; if cancelled meanwhile, close the connection once it is up."""
+        # aiomqtt connects in an executor thread that cancellation cannot stop; a
+        # connection finishing after we gave up would linger with our client id and
+        # later kick out the next one. Shield it and clean up behind it instead.
+        enter = asyncio.ensure_future(client.__aenter__())
+        try:
+            await asyncio.shield(enter)
+        except asyncio.CancelledError:
+            enter.add_done_callback(self._close_late_connection)
+            raise
+
+    def _close_late_connection(self, enter: asyncio.Future[Any]) -> None:
+        """Disconnect a client whose connect finished after its caller was cancelled."""
+        if enter.cancelled() or enter.exception() is not None:
+            return
+        client = enter.result()
+        task = asyncio.get_running_loop().create_task(client.__aexit__(None, None, None))
+        self._late_exits.add(task)
+        task.add_done_callback(self._late_exits.discard)
+
+    def _new_client(self) -> aiomqtt.Client:
+        """Build a fresh aiomqtt client (fresh paho state: no re-sends from a past connection)."""
+        cfg = self.config
+        client = aiomqtt.Client(
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=cfg.password.get_secret_value() if cfg.password is not None else None,
+            identifier=cfg.client_id,
+            keepalive=cfg.keepalive,
+            timeout=cfg.connect_timeout,
+            tls_context=self._tls_context,
+            max_inflight_messages=cfg.max_inflight,
+        )
+        # aiomqtt logs a warning on *every* call while more than 10 are pending;
+        # many in-flight deliveries are our normal case (paho queues past
+        # max_inflight), so only the 16-bit message id space is a real limit.
+        client.pending_calls_threshold = 65535
+        return client
+
+    # -- actions ---------------------------------------------------------------
+
+    def _parse_message(self, message: aiomqtt.Message) -> AgentAction | None:
+        """Return the action a message carries, or log why it was dropped and return None."""
+        topic = message.topic.value
+        agent_id = topic[self._prefix_len : -len("/actions")]
+        size = len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
+        if not _AGENT_ID.fullmatch(agent_id):
+            self.log.warning(
+                "mqtt.action_rejected", reason="agent id in topic is not valid", size=size
+            )
+            return None
+        try:
+            return parse_action(agent_id, message.payload, max_bytes=self.config.max_action_bytes)
+        except ActionError as exc:
+            # Only our own reason and the size: the body may hold customer data.
+            self.log.warning("mqtt.action_rejected", agent_id=agent_id, reason=str(exc), size=size)
+            return None
+
+    async def _action_worker(self, queue: asyncio.Queue[AgentAction], actions: ActionSink) -> None:
+        """Hand queued actions to the router one at a time, in arrival order."""
+        while True:
+            action = await queue.get()
+            try:
+                await actions(action)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the router failed on one action; keep going with the next
+                self.log.error(
+                    "mqtt.action_failed",
+                    agent_id=action.agent_id,
+                    action=action.action,
+                    error_type=type(exc).__name__,
+                )
+
+    # -- deliveries ------------------------------------------------------------
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Publish the delivery with QoS 1 and return after the broker's PUBACK."""
+        session = self._session
+        if session is None or self._stopping:
+            raise TransientError(f"mqtt {self.name}: not connected to the broker ({self.state})")
+        address = delivery.address or delivery.agent_id
+        if not _ADDRESS.fullmatch(address) or len(address) > 512:
+            raise PermanentError(f"mqtt: address {address[:80]!r} is not a valid topic segment")
+        topic = f"{self.config.topic_prefix}/{address}/inbox"
+        body = encode_delivery(delivery)
+        publish = asyncio.ensure_future(
+            session.client.publish(topic, body, qos=1, timeout=math.inf)
+        )
+        try:
+            done, _ = await asyncio.wait(
+                (publish, session.lost),
+                timeout=self.config.publish_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            publish.cancel()
+            raise
+        if publish in done:
+            exc = publish.exception()
+            if exc is not None:
+                raise _translate(exc) from exc
+            self.last_success = time.time()
+            return
+        publish.cancel()  # frees aiomqtt's pending-call slot; paho may still send it
+        if session.lost.done():
+            raise TransientError(f"mqtt {self.name}: connection lost before the PUBACK")
+        # The message may still reach the broker later; the resend carries the same id.
+        raise TimedOut(f"mqtt {self.name}: no PUBACK within {self.config.publish_timeout} s")
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _set_state(self, state: DriverState, error: str = "") -> None:
+        """Change state and log the transition once (not every failed attempt)."""
+        if error:
+            self.last_error = error
+        if state == self.state:
+            return
+        old, self.state = self.state, state
+        level = {
+            DriverState.BAD_CREDENTIALS: self.log.error,
+            DriverState.TRANSIENT_DISCONNECT: self.log.warning,
+        }.get(state, self.log.info)
+        level("driver.state", old=str(old), new=str(state), error=error or None)
+
+
+def _connect_code(exc: MqttConnectError) -> int | None:
+    """Return the numeric CONNACK code of a refused connection."""
+    rc = exc.rc
+    if isinstance(rc, ReasonCode):
+        return int(rc.value)
+    return rc
+
+
+def _translate(exc: BaseException) -> Exception:
+    """Map an error from a publish into the driver taxonomy (the one place that does)."""
+    if isinstance(exc, aiomqtt.MqttError):
+        return TransientError(f"mqtt publish failed: {exc}")
+    # e.g. paho's RuntimeError when 65535 message ids are pending: back off and retry.
+    return TransientError(f"mqtt publish failed: {type(exc).__name__}: {exc}")
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSLSocket that closes itself when its handshake fails.
+
+    paho's _ssl_wrap_socket drops the socket without closing it when do_handshake()
+    raises (e.g. an untrusted certificate), leaking one descriptor per attempt
+    until garbage collection, with a ResourceWarning.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        """Run the handshake; close the socket if it fails."""
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Return a verifying client TLS context, trusting ca_file when given."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    context.sslsocket_class = _ClosingSSLSocket
+    return context

@@ -1,0 +1,329 @@
+"""Webhook agent tool: an HMAC-signed HTTP POST of each delivery to the agent's endpoint.
+
+The body is the delivery JSON (schema `omnirouter.delivery/1`). The receiver checks
+`X-Omnirouter-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`
+with `X-Omnirouter-Timestamp`; `verify_signature` below is the reference check and
+what a Python receiver can import. Redirects are not followed: a signed body must
+not be replayed to wherever a 3xx points.
+
+Responses map onto the driver taxonomy in `_check_response` and `_translate`, the
+only two places that know about HTTP and aiohttp errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import ClassVar, Literal
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from adapters.inbox import encode_delivery
+from router import __version__
+from router.drivers import (
+    ActionSink,
+    Delivery,
+    DriverContext,
+    DriverError,
+    DriverState,
+    PermanentError,
+    RateLimited,
+    TimedOut,
+    TransientError,
+)
+
+SIGNATURE_PREFIX = "sha256="
+DEFAULT_RETRY_AFTER = 30.0
+MAX_RETRY_AFTER = 3600.0  # a peer asking for more than an hour is ignored down to an hour
+_SNIPPET = 200  # at most this much of an error response body goes into the error message
+_READ_LIMIT = 64 * 1024  # response bodies are read up to this, only to keep the connection reusable
+
+NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"  # as router.config.NAME_RE (not imported: no cycle)
+_SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_RESERVED_HEADERS = frozenset(
+    {"content-type", "content-length", "host", "user-agent", "transfer-encoding"}
+)
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    """Return the signature header value: "sha256=" + hex HMAC-SHA256(secret, "<ts>." + body)."""
+    mac = hmac.new(secret, f"{timestamp}.".encode("ascii") + body, hashlib.sha256)
+    return SIGNATURE_PREFIX + mac.hexdigest()
+
+
+def verify_signature(
+    secret: bytes,
+    timestamp_header: str,
+    body: bytes,
+    signature_header: str,
+    *,
+    now: float | None = None,
+    tolerance: int = 300,
+) -> bool:
+    """Return True if the signature matches and the timestamp is within tolerance seconds of now."""
+    if not isinstance(timestamp_header, str) or not isinstance(signature_header, str):
+        return False
+    if not _TIMESTAMP.fullmatch(timestamp_header):
+        return False
+    # Lower-case hex only, exactly as sign() writes it: one canonical form to compare.
+    if not _SIGNATURE.fullmatch(signature_header):
+        return False
+    timestamp = int(timestamp_header)
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance:
+        return False  # stale (a replay) or from the future (a skewed or forged clock)
+    expected = sign(secret, timestamp, body)
+    return hmac.compare_digest(expected.encode("ascii"), signature_header.encode("ascii"))
+
+
+def _check_url(url: str) -> str:
+    """Validate an http(s) URL with a host; return it unchanged."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a malformed port)
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if any(c in url for c in "\r\n\x00 "):
+        raise ValueError("must not contain spaces or control characters")
+    if parts.username is not None or parts.password is not None:
+        # URL fields are not secret: credentials belong in `headers` (e.g. Authorization).
+        raise ValueError("must not contain user:password@; put credentials in headers")
+    return url
+
+
+def safe_url(url: str) -> str:
+    """Return only scheme://host:port of url, for logs and error messages.
+
+    Paths and queries of webhook URLs often carry tokens (Slack-style
+    /services/T…/B…/secret), so neither is ever shown.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid url>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}"
+
+
+class Config(BaseModel):
+    """Settings of one webhook adapter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["webhook"]
+    name: str = Field(pattern=NAME_RE)
+    # May hold {agent_id} (the agent's id) and {address} (address, else agent id),
+    # URL-quoted on substitution. A delivery whose address is a full http(s) URL goes there.
+    url: str = Field(max_length=2048)
+    secret: SecretStr = Field(min_length=1)
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    # Extra request headers, e.g. Authorization for a gateway; values are secrets
+    # because they usually carry tokens.
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    max_connections: int = Field(default=100, ge=1, le=10000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        """Accept only http(s) URLs with a host."""
+        return _check_url(value)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        """Reject header names that are not HTTP tokens, CR/LF in values, and headers we own."""
+        for name, secret in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP token")
+            lower = name.lower()
+            if lower in _RESERVED_HEADERS or lower.startswith("x-omnirouter-"):
+                raise ValueError(f"header {name!r} is set by the adapter and cannot be overridden")
+            if any(c in secret.get_secret_value() for c in "\r\n\x00"):
+                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")
+        return value
+
+
+class WebhookTool:
+    """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy."""
+
+    config_model: ClassVar[type[Config]] = Config
+
+    def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
+        """Prepare the tool; the HTTP session is created on first use."""
+        self.name = name
+        self.config = config
+        self.log = ctx.log
+        self.state = DriverState.STOPPED
+        self.last_error = ""
+        self.last_success: float | None = None
+        self.clock: Callable[[], float] = time.time  # injectable for tests
+        self._secret = config.secret.get_secret_value().encode("utf-8")
+        self._session: aiohttp.ClientSession | None = None
+        self._stopped = False
+        self._static_headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"omnirouter/{__version__}",
+            **{k: v.get_secret_value() for k, v in config.headers.items()},
+        }
+
+    async def run(self, actions: ActionSink) -> None:
+        """Open the HTTP session and stay CONNECTED until cancelled (webhooks send no actions)."""
+        self._stopped = False
+        self._ensure_session()
+        self._set_state(DriverState.CONNECTED)
+        try:
+            await asyncio.Event().wait()  # nothing to listen to; live until cancelled
+        finally:
+            self._set_state(DriverState.STOPPED)
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """POST the signed delivery and return on a 2xx answer; raise by the taxonomy otherwise."""
+        if self._stopped:
+            raise TransientError(f"webhook {self.name} is stopped")
+        url = self._url_for(delivery)
+        body = encode_delivery(delivery)
+        timestamp = int(self.clock())
+        headers = {
+            "X-Omnirouter-Delivery": delivery.id,
+            "X-Omnirouter-Timestamp": str(timestamp),
+            "X-Omnirouter-Signature": sign(self._secret, timestamp, body),
+        }
+        session = self._ensure_session()
+        try:
+            async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+                snippet = b""
+                if not 200 <= status < 300:
+                    snippet = await resp.content.read(_SNIPPET)
+                else:
+                    await resp.content.read(_READ_LIMIT)  # drain so the connection is reused
+                self._check_response(url, status, resp.headers, snippet)
+        except DriverError as exc:  # from _check_response: already in the taxonomy
+            self.last_error = str(exc)
+            raise
+        except Exception as exc:
+            error = self._translate(url, exc)
+            self.last_error = str(error)
+            raise error from None  # not `from exc`: its text may carry the full URL
+        self.last_success = time.time()
+
+    async def stop(self) -> None:
+        """Close the HTTP session; deliveries not yet answered stay in the outbox."""
+        self._stopped = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+        self._set_state(DriverState.STOPPED)
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        """Return the tool's ClientSession, creating it on first use."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.config.max_connections),
+                # `total` also counts waiting for a free pooled connection, so a
+                # slow receiver under load shows up as TimedOut rather than a hang.
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+                headers=self._static_headers,
+                # Proxies from the environment are an unreviewed path for signed bodies.
+                trust_env=False,
+            )
+        return self._session
+
+    def _url_for(self, delivery: Delivery) -> str:
+        """Return the URL for this delivery: its address if that is a URL, else the template."""
+        address = delivery.address
+        if address.startswith(("http://", "https://")):
+            try:
+                return _check_url(address)
+            except ValueError as exc:
+                raise PermanentError(f"webhook: agent address is not a usable URL: {exc}") from None
+        url = self.config.url
+        if "{" in url:
+            url = url.replace("{agent_id}", quote(delivery.agent_id, safe=""))
+            url = url.replace("{address}", quote(address or delivery.agent_id, safe=""))
+        return url
+
+    def _check_response(
+        self, url: str, status: int, headers: Mapping[str, str], snippet: bytes
+    ) -> None:
+        """Raise the taxonomy error a non-2xx status means."""
+        if 200 <= status < 300:
+            return
+        where = safe_url(url)
+        text = _printable(snippet)
+        if status == 429:
+            retry_after = _retry_after(headers.get("Retry-After"), self.clock())
+            raise RateLimited(
+                f"webhook {where} answered 429, retry after {retry_after:g} s", retry_after
+            )
+        if status in (408, 425) or status >= 500:
+            raise TransientError(f"webhook {where} answered {status}: {text}")
+        if 300 <= status < 400:
+            location = _printable(headers.get("Location", "").encode("utf-8", "replace"))
+            raise PermanentError(
+                f"webhook {where} answered {status} redirect to {location!r}; redirects are not "
+                "followed, configure the final URL"
+            )
+        raise PermanentError(f"webhook {where} answered {status}: {text}")
+
+    def _translate(self, url: str, exc: Exception) -> Exception:
+        """Map an aiohttp/OS error into the taxonomy, without the URL's query or user info."""
+        where = safe_url(url)
+        if isinstance(exc, TimeoutError):  # aiohttp's timeouts all subclass it
+            return TimedOut(f"webhook {where}: no answer within {self.config.timeout:g} s")
+        if isinstance(exc, aiohttp.InvalidURL):
+            return PermanentError(f"webhook {where}: invalid URL")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return TransientError(
+                f"webhook {where}: cannot connect: {exc.os_error.strerror or exc.os_error}"
+            )
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            return TransientError(f"webhook {where}: {type(exc).__name__}")
+        if isinstance(exc, ValueError):
+            # aiohttp refuses to build the request (e.g. conflicting auth): resending cannot help.
+            return PermanentError(f"webhook {where}: request rejected before sending: {exc}")
+        return TransientError(f"webhook {where}: unexpected {type(exc).__name__}")
+
+    def _set_state(self, state: DriverState) -> None:
+        """Change state and log the transition once."""
+        if state != self.state:
+            self.log.info("driver.state", old=str(self.state), new=str(state))
+            self.state = state
+
+
+def _retry_after(value: str | None, now: float) -> float:
+    """Parse Retry-After (delta seconds or HTTP date) into seconds, bounded; default 30."""
+    if not value:
+        return DEFAULT_RETRY_AFTER
+    value = value.strip()
+    seconds: float
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return DEFAULT_RETRY_AFTER
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _printable(raw: bytes) -> str:
+    """Return at most _SNIPPET characters of raw as text with control characters replaced."""
+    text = raw[:_SNIPPET].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else " " for c in text).strip()

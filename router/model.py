@@ -1,0 +1,169 @@
+"""The normalised message model shared by channels, the pipeline, the store and adapters.
+
+Channels turn whatever their source speaks into an `InboundMessage`; the pipeline
+gives it an id, a classification and an assignment. Everything here is plain
+data: no I/O, no clock, so it is cheap to build in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+LABELS: tuple[str, ...] = ("inquiry", "complaint", "suggestion")
+SEVERITIES: tuple[str, ...] = ("P0", "P1", "P2", "P3")
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ulid_lock = threading.Lock()
+_ulid_last_ms = 0
+_ulid_last_rand = 0
+
+
+def new_ulid(now_ms: int | None = None) -> str:
+    """Return a new monotonic ULID (26 Crockford base32 characters, sortable by time)."""
+    global _ulid_last_ms, _ulid_last_rand
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    with _ulid_lock:
+        # Within one millisecond, increment the random part so ids stay sortable
+        # in creation order (the ULID spec's monotonic mode).
+        if ms <= _ulid_last_ms:
+            ms = _ulid_last_ms
+            rand = _ulid_last_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1
+        _ulid_last_ms, _ulid_last_rand = ms, rand
+    value = (ms << 80) | (rand & ((1 << 80) - 1))
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class MessageState(StrEnum):
+    """Where a message is in its life."""
+
+    QUEUED = "queued"  # stored and classified, waiting for an agent with room
+    ASSIGNED = "assigned"  # given to an agent; a delivery sits in the outbox
+    RESOLVED = "resolved"  # the conversation it belongs to was closed
+
+
+class ConversationState(StrEnum):
+    """A conversation (ticket) is open until an agent resolves it."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file that came with a message; the bytes live elsewhere (storage_ref)."""
+
+    name: str
+    mime_type: str
+    size: int
+    sha256: str
+    storage_ref: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """What a channel hands to the pipeline: normalised, not yet stored."""
+
+    channel: str
+    channel_type: str
+    external_id: str
+    contact_handle: str
+    text: str
+    contact_name: str = ""
+    subject: str = ""
+    conversation_hint: str = ""  # channel's own thread key (web session, email thread)
+    received_at: datetime | None = None
+    language: str | None = None  # None: the pipeline detects it
+    attachments: tuple[Attachment, ...] = ()
+    payload_sha256: str = ""  # fingerprint of the source payload, to spot a reused idempotency key
+    raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One escalation signal found in a message, with the evidence that raised it."""
+
+    kind: str  # legal_threat, amount_over_threshold, abuse, safety, repeat_contact, vip, ...
+    evidence: str
+    start: int = -1
+    end: int = -1
+    value: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        out: dict[str, Any] = {"kind": self.kind, "evidence": self.evidence}
+        if self.start >= 0:
+            out["span"] = [self.start, self.end]
+        if self.value is not None:
+            out["value"] = self.value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """The classifier's verdict on one message."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    severity: str
+    signals: tuple[Signal, ...]
+    language: str
+    model_version: str
+    features: tuple[tuple[str, float], ...] = ()  # top contributing features, for `explain`
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "label": self.label,
+            "confidence": round(self.confidence, 4),
+            "scores": {k: round(v, 4) for k, v in self.scores.items()},
+            "severity": self.severity,
+            "signals": [s.to_dict() for s in self.signals],
+            "language": self.language,
+            "model_version": self.model_version,
+            "features": [[f, round(w, 4)] for f, w in self.features],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A human who takes work; `tool` names the adapter that reaches them."""
+
+    id: str
+    name: str
+    capacity: int
+    tool: str
+    address: str = ""  # adapter-specific: topic suffix, webhook path, mailbox
+    skills: frozenset[str] = frozenset()
+    queues: frozenset[str] = frozenset({"default"})
+    present: bool = True
+
+
+@dataclass(slots=True)
+class Assignment:
+    """The routing decision for one message: who, why, and by when."""
+
+    message_id: str
+    conversation_id: str
+    agent_id: str
+    queue: str
+    reason: str
+    sla_deadline: datetime
+    assigned_at: datetime = field(default_factory=utcnow)

@@ -1,0 +1,224 @@
+"""The outbox dispatcher: sends committed outbox items through their adapters.
+
+Items arrive straight from the pipeline after their commit (the fast path) and from
+a periodic scan of the store (items left by a crash, replayed dead letters, another
+process). Each send carries the item id as its idempotency key. A transient failure
+is retried with capped exponential backoff and full jitter; a permanent one, or the
+last allowed attempt, moves the item to the dead letters. While a target is known
+to be down the items wait without spending attempts (a simple circuit breaker), so
+a broker outage does not turn a backlog into dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from router.backoff import backoff_delay
+from router.config import OutboxConfig
+from router.drivers import AgentTool, Delivery, DriverState, PermanentError, RateLimited
+from router.metrics import Metrics
+from router.store import OutboxItem, Store
+
+log = structlog.get_logger("router.outbox")
+
+# How long an item waits while its target is disconnected before being looked at again.
+_TARGET_DOWN_RECHECK = 1.0
+
+
+class Dispatcher:
+    """Sends outbox items, retries, dead-letters; one per daemon."""
+
+    def __init__(
+        self,
+        store: Store,
+        tools: Callable[[], dict[str, AgentTool]],
+        config: OutboxConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        on_delivered: Callable[[OutboxItem], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.tools = tools
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.on_delivered = on_delivered
+        self._known: set[str] = set()  # ids queued or in flight in this process
+        self._ready: asyncio.Queue[OutboxItem] = asyncio.Queue()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._done_batch: list[str] = []
+        self._done_flush: asyncio.Task[None] | None = None
+        self._sem = asyncio.Semaphore(config.concurrency)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- feeding -----------------------------------------------------------------
+
+    def submit(self, item: OutboxItem) -> None:
+        """Queue a committed item for sending (now or at its next_attempt_at)."""
+        if item.id in self._known:
+            return
+        self._known.add(item.id)
+        self._idle.clear()
+        delay = item.next_attempt_at - self.clock()
+        if delay > 0:
+            self._schedule(item, delay)
+        else:
+            self._ready.put_nowait(item)
+
+    def _schedule(self, item: OutboxItem, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[item.id] = loop.call_later(delay, self._wake, item)
+
+    def _wake(self, item: OutboxItem) -> None:
+        self._timers.pop(item.id, None)
+        self._ready.put_nowait(item)
+
+    @property
+    def backlog(self) -> int:
+        """Items queued, waiting for a retry, or in flight in this process."""
+        return len(self._known)
+
+    # -- running -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send items as they become ready; scan the store periodically for strays."""
+        scanner = asyncio.create_task(self._scan_loop(), name="outbox-scan")
+        try:
+            while True:
+                item = await self._ready.get()
+                await self._sem.acquire()
+                task = asyncio.create_task(self._send(item), name=f"outbox-send-{item.id}")
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        finally:
+            scanner.cancel()
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
+
+    async def _scan_loop(self) -> None:
+        while True:
+            try:
+                for item in await self.store.due_outbox(self.clock(), 1000):
+                    self.submit(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store hiccuped; the next scan tries again
+                log.warning("outbox.scan_failed", error=str(exc))
+            await asyncio.sleep(self.config.poll_interval)
+
+    async def _send(self, item: OutboxItem) -> None:
+        try:
+            await self._attempt(item)
+        finally:
+            self._sem.release()
+
+    async def _attempt(self, item: OutboxItem) -> None:
+        tool = self.tools().get(item.target)
+        attempt = item.attempts + 1
+        if tool is not None and tool.state in (DriverState.CONNECTING, DriverState.TRANSIENT_DISCONNECT):
+            # Circuit open: do not spend an attempt on a target we know is down.
+            self._retry_later(item, _TARGET_DOWN_RECHECK)
+            return
+        delivery = Delivery(
+            id=item.id, target=item.target, agent_id=item.agent_id, address=item.address, kind=item.kind,
+            payload=item.payload, attempt=attempt,
+        )
+        try:
+            if tool is None:
+                raise PermanentError(f"no adapter named {item.target!r} is configured")
+            await tool.deliver(delivery)
+        except asyncio.CancelledError:
+            raise
+        except PermanentError as exc:
+            await self._dead(item, attempt, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if attempt >= self.config.max_attempts:
+                await self._dead(item, attempt, f"{type(exc).__name__}: {exc} (after {attempt} attempts)")
+                return
+            delay = backoff_delay(attempt - 1, self.config.backoff_base, self.config.backoff_cap, self.rng)
+            if isinstance(exc, RateLimited):
+                delay = max(delay, exc.retry_after)
+            self.metrics.deliveries.labels(target=item.target, result="retry").inc()
+            log.info("outbox.retry", outbox_id=item.id, target=item.target, attempt=attempt, delay=round(delay, 3),
+                     error=f"{type(exc).__name__}: {exc}")
+            try:
+                await self.store.outbox_retry(item.id, attempt, self.clock() + delay, str(exc))
+            except Exception as store_exc:  # keep it in memory; the scan will find it after a restart
+                log.warning("outbox.retry_not_recorded", outbox_id=item.id, error=str(store_exc))
+            self._retry_later(
+                OutboxItem(**{**_fields(item), "attempts": attempt, "next_attempt_at": self.clock() + delay}),
+                delay,
+            )
+        else:
+            self.metrics.deliveries.labels(target=item.target, result="ok").inc()
+            if self.on_delivered is not None:
+                self.on_delivered(item)
+            self._mark_done(item.id)
+
+    def _retry_later(self, item: OutboxItem, delay: float) -> None:
+        self._schedule(item, delay)
+
+    async def _dead(self, item: OutboxItem, attempt: int, reason: str) -> None:
+        self.metrics.deliveries.labels(target=item.target, result="dead").inc()
+        self.metrics.dead_letters.labels(target=item.target).inc()
+        log.warning("outbox.dead_letter", outbox_id=item.id, target=item.target, attempts=attempt, reason=reason)
+        try:
+            await self.store.outbox_dead(item.id, attempt, reason, self.clock())
+        finally:
+            self._forget(item.id)
+
+    def _mark_done(self, item_id: str) -> None:
+        # Deletes are batched: many sends finishing together cost one store call.
+        self._done_batch.append(item_id)
+        if self._done_flush is None or self._done_flush.done():
+            self._done_flush = asyncio.create_task(self._flush_done(), name="outbox-done")
+
+    async def _flush_done(self) -> None:
+        while self._done_batch:
+            ids, self._done_batch = self._done_batch, []
+            try:
+                await self.store.outbox_done(ids)
+            except Exception as exc:  # they will be sent again with the same id: receivers dedupe
+                log.warning("outbox.done_not_recorded", count=len(ids), error=str(exc))
+            for i in ids:
+                self._forget(i)
+
+    def _forget(self, item_id: str) -> None:
+        self._known.discard(item_id)
+        if not self._known:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until everything due has been sent (retries in the future do not count)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            due = self._ready.qsize() + len(self._inflight) + len(self._done_batch)
+            flushing = self._done_flush is not None and not self._done_flush.done()
+            if due == 0 and not flushing:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            waiters: list[Any] = list(self._inflight)
+            if self._done_flush is not None and not self._done_flush.done():
+                waiters.append(self._done_flush)
+            if waiters:
+                await asyncio.wait(waiters, timeout=remaining)
+            else:
+                await asyncio.sleep(0.01)  # ready items are about to be picked up by run()
+
+
+def _fields(item: OutboxItem) -> dict[str, Any]:
+    return {f: getattr(item, f) for f in OutboxItem.__dataclass_fields__}

@@ -1,0 +1,201 @@
+"""The first load-aware scheduler: capacity, least loaded among eligible, sticky conversations.
+
+Load is the number of *open conversations* an agent holds (closed ones free their
+slot at once, the complaint users have about other helpdesks). No agent is ever given
+a conversation beyond capacity: a message that finds nobody with room waits in its
+queue, ordered by severity then SLA deadline, and is handed out the moment a slot
+frees (resolve, presence on, capacity raised by a reload).
+
+This object is pure, synchronous state: the pipeline reserves a slot here, commits,
+and releases the slot again if the commit fails.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from router.model import Agent
+
+
+@dataclass(order=True)
+class Waiting:
+    """A queued message; ordered by severity, then deadline, then arrival."""
+
+    severity: str
+    sla_deadline: float
+    seq: int
+    message_id: str = field(compare=False)
+    conversation_id: str = field(compare=False)
+    queue: str = field(compare=False)
+    language: str = field(compare=False)
+    label: str = field(compare=False)
+    ingested_at: float = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Who gets a message and why."""
+
+    agent: Agent
+    reason: str
+    new_slot: bool  # False for a follow-up in a conversation the agent already holds
+
+
+class Scheduler:
+    """Assigns conversations to agents within their capacity."""
+
+    def __init__(self, agents: Iterable[Agent] = ()) -> None:
+        self.agents: dict[str, Agent] = {}
+        self.load: dict[str, int] = {}
+        self.holder: dict[str, str] = {}  # open conversation id -> agent id
+        self.last_assigned: dict[str, int] = {}  # agent id -> tick of last new slot (rotation tiebreak)
+        self._tick = itertools.count(1)
+        self._seq = itertools.count()
+        self._waiting: dict[str, list[Waiting]] = {}  # queue -> heap
+        self._waiting_ids: set[str] = set()
+        self.set_roster(agents)
+
+    # -- roster ------------------------------------------------------------------
+
+    def set_roster(self, agents: Iterable[Agent]) -> None:
+        """Replace the roster; load of agents that stay is kept, removed agents stop getting work."""
+        self.agents = {a.id: a for a in agents}
+        for agent_id in self.agents:
+            self.load.setdefault(agent_id, 0)
+
+    def set_presence(self, agent_id: str, present: bool) -> bool:
+        """Mark an agent present or away; False for an unknown agent."""
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return False
+        self.agents[agent_id] = _replace_presence(agent, present)
+        return True
+
+    # -- decisions ---------------------------------------------------------------
+
+    def choose(self, conversation_id: str, queue: str, language: str) -> Choice | None:
+        """Pick an agent for a message and reserve the slot; None means it must wait."""
+        holder_id = self.holder.get(conversation_id)
+        if holder_id is not None:
+            holder = self.agents.get(holder_id)
+            if holder is not None and holder.present:
+                # The conversation already occupies one of the holder's slots.
+                return Choice(holder, "sticky: agent already holds this conversation", new_slot=False)
+        agent, reason = self._least_loaded(queue, language)
+        if agent is None:
+            return None
+        self._take(agent.id, conversation_id)
+        return Choice(agent, reason, new_slot=True)
+
+    def _least_loaded(self, queue: str, language: str) -> tuple[Agent | None, str]:
+        serving = [a for a in self.agents.values() if a.present and queue in a.queues]
+        with_room = [a for a in serving if self.load.get(a.id, 0) < a.capacity]
+        if not with_room:
+            return None, ""
+        skilled = [a for a in with_room if language in a.skills]
+        pool = skilled or with_room
+        best = min(
+            pool,
+            key=lambda a: (self.load.get(a.id, 0) / a.capacity, self.last_assigned.get(a.id, 0), a.id),
+        )
+        load = self.load.get(best.id, 0)
+        skill_note = f"speaks {language}" if skilled else "no agent with room speaks " + language
+        return best, f"least loaded in {queue} ({load}/{best.capacity} before), {skill_note}"
+
+    def _take(self, agent_id: str, conversation_id: str) -> None:
+        self.load[agent_id] = self.load.get(agent_id, 0) + 1
+        self.holder[conversation_id] = agent_id
+        self.last_assigned[agent_id] = next(self._tick)
+
+    def undo(self, conversation_id: str, choice: Choice) -> None:
+        """Give back a slot reserved by choose() whose commit failed or was a duplicate."""
+        if choice.new_slot and self.holder.get(conversation_id) == choice.agent.id:
+            del self.holder[conversation_id]
+            self.load[choice.agent.id] = max(0, self.load.get(choice.agent.id, 0) - 1)
+
+    def move(self, old_conversation_id: str, new_conversation_id: str) -> None:
+        """Re-key a reservation when the store joined the message to another conversation."""
+        if old_conversation_id in self.holder and old_conversation_id != new_conversation_id:
+            agent_id = self.holder.pop(old_conversation_id)
+            if new_conversation_id in self.holder:
+                # The conversation already had a holder: the extra slot is not needed.
+                self.load[agent_id] = max(0, self.load.get(agent_id, 0) - 1)
+            else:
+                self.holder[new_conversation_id] = agent_id
+
+    def release(self, conversation_id: str) -> str | None:
+        """Free the slot of a resolved conversation; return its agent."""
+        agent_id = self.holder.pop(conversation_id, None)
+        if agent_id is not None:
+            self.load[agent_id] = max(0, self.load.get(agent_id, 0) - 1)
+        return agent_id
+
+    def restore(self, conversation_id: str, agent_id: str) -> None:
+        """Count an open conversation found in the store at startup."""
+        if conversation_id not in self.holder:
+            self.holder[conversation_id] = agent_id
+            self.load[agent_id] = self.load.get(agent_id, 0) + 1
+
+    # -- waiting queues ----------------------------------------------------------
+
+    def enqueue(
+        self,
+        message_id: str,
+        conversation_id: str,
+        queue: str,
+        severity: str,
+        sla_deadline: float,
+        language: str,
+        label: str,
+        ingested_at: float,
+    ) -> None:
+        """Put a message in its queue to wait for a free slot."""
+        if message_id in self._waiting_ids:
+            return
+        self._waiting_ids.add(message_id)
+        heapq.heappush(
+            self._waiting.setdefault(queue, []),
+            Waiting(severity, sla_deadline, next(self._seq), message_id, conversation_id, queue, language, label,
+                    ingested_at),
+        )
+
+    def next_assignable(self) -> list[tuple[Waiting, Choice]]:
+        """Pop waiting messages that can be placed now and reserve their slots."""
+        placed: list[tuple[Waiting, Choice]] = []
+        for queue, heap in self._waiting.items():
+            blocked: list[Waiting] = []
+            while heap:
+                w = heapq.heappop(heap)
+                choice = self.choose(w.conversation_id, queue, w.language)
+                if choice is None:
+                    blocked.append(w)
+                    # The head could not be placed; others in this queue compete for the
+                    # same agents, except follow-ups of held conversations.
+                    continue
+                self._waiting_ids.discard(w.message_id)
+                placed.append((w, choice))
+            for w in blocked:
+                heapq.heappush(heap, w)
+        return placed
+
+    def requeue(self, w: Waiting) -> None:
+        """Put back a waiting message whose assignment did not commit."""
+        self._waiting_ids.add(w.message_id)
+        heapq.heappush(self._waiting.setdefault(w.queue, []), w)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Return the number of waiting messages per queue."""
+        return {q: len(h) for q, h in self._waiting.items()}
+
+    def waiting(self, queue: str) -> list[Waiting]:
+        """Return a queue's waiting messages in the order they will be served."""
+        return sorted(self._waiting.get(queue, []))
+
+
+def _replace_presence(agent: Agent, present: bool) -> Agent:
+    from dataclasses import replace
+
+    return replace(agent, present=present)

@@ -1,0 +1,187 @@
+"""The store interface: every durable state change of the router goes through it.
+
+Backends (SQLite now, PostgreSQL later) implement `Store`; `tests/test_store_contract.py`
+runs one suite against each. Each method is one transaction: when it returns, the
+change is committed, so a caller may acknowledge its source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from router.model import Agent, Assignment, Classification, InboundMessage
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One pending send; `id` is the idempotency key every retry carries."""
+
+    id: str
+    target: str
+    agent_id: str
+    address: str
+    kind: str
+    payload: dict[str, Any]
+    message_id: str
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A send that gave up: kept with its reason until replayed."""
+
+    id: str
+    target: str
+    agent_id: str
+    kind: str
+    message_id: str
+    attempts: int
+    reason: str
+    created_at: float
+    dead_at: float
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """Everything one ingest commits at once: message, contact, conversation, routing, outbox."""
+
+    message_id: str
+    inbound: InboundMessage
+    conversation_id: str  # the new conversation's id, or the open one it joins
+    thread_key: str
+    classification: Classification
+    queue: str
+    sla_deadline: float
+    ingested_at: float
+    assignment: Assignment | None = None
+    outbox: OutboxItem | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What ingest did. On a duplicate nothing was written and the ids are the first delivery's."""
+
+    message_id: str
+    conversation_id: str
+    duplicate: bool
+    state: str
+    payload_conflict: bool = False  # same (channel, external_id), different content
+    reopened: bool = False  # joined a resolved conversation, which is open again
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A stored message still waiting for an agent (loaded at startup)."""
+
+    message_id: str
+    conversation_id: str
+    queue: str
+    label: str
+    severity: str
+    language: str
+    sla_deadline: float
+    ingested_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OpenConversation:
+    """An open conversation and who holds it (loaded at startup for stickiness and load)."""
+
+    conversation_id: str
+    channel: str
+    thread_key: str
+    agent_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TicketView:
+    """What a customer may see of their ticket."""
+
+    ticket: str
+    state: str
+    label: str
+    severity: str
+    opened_at: float
+    respond_by: float
+    assigned: bool
+    messages: int
+    resolved_at: float | None = None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The state the router rebuilds its memory from after a start."""
+
+    open_conversations: list[OpenConversation] = field(default_factory=list)
+    queued: list[QueuedMessage] = field(default_factory=list)
+    pending_outbox: list[OutboxItem] = field(default_factory=list)
+    recent_contacts: list[tuple[str, float]] = field(default_factory=list)
+    presence: dict[str, bool] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """Durable state. Every method is one committed transaction."""
+
+    async def open(self) -> None:
+        """Open the database and bring its schema to the latest migration."""
+
+    async def close(self) -> None:
+        """Finish pending writes and close."""
+
+    async def ping(self) -> bool:
+        """Return True when the database answers."""
+
+    async def secret(self) -> bytes:
+        """Return the installation secret (ticket tokens), created at first migration."""
+
+    async def ingest(self, new: NewMessage) -> IngestResult:
+        """Commit a message and its consequences, or detect a duplicate and write nothing."""
+
+    async def assign(self, assignment: Assignment, outbox: OutboxItem) -> bool:
+        """Assign a queued message; False when it is no longer queued."""
+
+    async def resolve_conversation(self, conversation_id: str, at: float) -> str | None:
+        """Close an open conversation; return the agent who held it (None if not open)."""
+
+    async def accept(self, conversation_id: str, agent_id: str, at: float) -> bool:
+        """Record that the agent took up the conversation's open assignments."""
+
+    async def sync_agents(self, agents: list[Agent]) -> dict[str, bool]:
+        """Upsert the roster; return the presence each agent has (stored presence wins)."""
+
+    async def set_presence(self, agent_id: str, present: bool) -> bool:
+        """Store an agent's presence; False for an unknown agent."""
+
+    async def snapshot(self, now: float, repeat_window: float) -> Snapshot:
+        """Return open conversations, queued messages, pending outbox and recent contacts."""
+
+    async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
+        """Return pending outbox items due at or before now, oldest first."""
+
+    async def outbox_done(self, ids: list[str]) -> None:
+        """Delete sent items."""
+
+    async def outbox_retry(self, item_id: str, attempts: int, next_attempt_at: float, error: str) -> None:
+        """Record a failed attempt and when to try again."""
+
+    async def outbox_dead(self, item_id: str, attempts: int, reason: str, at: float) -> None:
+        """Move an item to the dead letters."""
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """List dead letters, newest first."""
+
+    async def replay_dead_letters(self, ids: list[str] | None, at: float) -> int:
+        """Move dead letters (all when ids is None) back to the outbox; return how many."""
+
+    async def ticket(self, conversation_id: str) -> TicketView | None:
+        """Return a ticket's customer-visible status."""
+
+    async def message(self, message_id: str) -> dict[str, Any] | None:
+        """Return one stored message with its classification and routing (for explain)."""
+
+    async def delivery_counts(self) -> dict[str, int]:
+        """Return how many outbox items are pending and dead (for metrics and tests)."""
