@@ -83,16 +83,52 @@ class AgentAction:
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """What the pipeline tells a channel once a message is committed (safe to ack now)."""
+
+    message_id: str
+    conversation_id: str
+    ticket: str  # customer-facing ticket number, e.g. "T-01J..."
+    status_token: str  # lets the customer read their ticket's status (HMAC, not guessable)
+    state: str  # queued | assigned | resolved
+    duplicate: bool = False  # the same (channel, external_id) was committed before
+    payload_conflict: bool = False  # ... and with different content: the caller reused a key
+
+
+@dataclass(frozen=True, slots=True)
+class TicketStatus:
+    """The customer-visible status of a ticket."""
+
+    ticket: str
+    state: str
+    label: str
+    severity: str
+    opened_at: datetime
+    respond_by: datetime
+    assigned: bool
+    messages: int
+    resolved_at: datetime | None = None
+
+
+# The pipeline commits a normalised message and returns only after the commit.
+MessageSink = Callable[[InboundMessage], Awaitable[Receipt]]
+ActionSink = Callable[[AgentAction], Awaitable[None]]
+# (ticket, status_token) -> status, or None when unknown or the token is wrong
+# (one answer for both, so a caller cannot probe which tickets exist).
+TicketLookup = Callable[[str, str], Awaitable[TicketStatus | None]]
+
+
+async def _no_tickets(ticket: str, token: str) -> TicketStatus | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class DriverContext:
     """Shared resources injected into every driver (no globals)."""
 
     state_dir: Path
     log: Any  # a structlog BoundLogger, already bound to the driver's name
-
-
-# The pipeline commits a normalised message and returns only after the commit.
-MessageSink = Callable[[InboundMessage], Awaitable[Any]]
-ActionSink = Callable[[AgentAction], Awaitable[None]]
+    tickets: TicketLookup = _no_tickets
 
 
 class Channel(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from router.model import Agent
 
@@ -106,6 +106,10 @@ class Scheduler:
         return best, f"least loaded in {queue} ({load}/{best.capacity} before), {skill_note}"
 
     def _take(self, agent_id: str, conversation_id: str) -> None:
+        previous = self.holder.get(conversation_id)
+        if previous is not None and previous != agent_id:
+            # The holder went away: the conversation moves, and so does its slot.
+            self.load[previous] = max(0, self.load.get(previous, 0) - 1)
         self.load[agent_id] = self.load.get(agent_id, 0) + 1
         self.holder[conversation_id] = agent_id
         self.last_assigned[agent_id] = next(self._tick)
@@ -196,6 +200,4 @@ class Scheduler:
 
 
 def _replace_presence(agent: Agent, present: bool) -> Agent:
-    from dataclasses import replace
-
     return replace(agent, present=present)

@@ -1,0 +1,348 @@
+"""The `omnirouter` command.
+
+omnirouter run [--config FILE]            run the daemon (embedded defaults without --config)
+omnirouter config check FILE [--show]     validate a config; exit 11 when invalid
+omnirouter send TEXT [--contact …]        post a message to the local web channel
+omnirouter dead-letters list|replay       inspect and resend deliveries that gave up
+omnirouter agents | queues                what the running daemon sees (ops API)
+omnirouter presence AGENT on|off          take an agent in or out of rotation
+omnirouter explain MESSAGE_ID             why a message was labelled and routed as it was
+omnirouter classify                       JSON lines in, one verdict per line out
+omnirouter migrate                        bring the store's schema up to date and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from router import __version__
+from router.config import Config, ConfigError, load_config
+from router.daemon import (
+    EXIT_BAD_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    ensure_admin_token,
+    open_store,
+    run_daemon,
+)
+
+T = TypeVar("T")
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(Path(path) if path else None)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        raise SystemExit(EXIT_BAD_CONFIG) from None
+
+
+def _configure_logging(config: Config, fmt: str | None) -> None:
+    from router.logging import configure_logging
+
+    configure_logging(
+        config.daemon.log_level,
+        json=None if fmt in (None, "auto") else fmt == "json",
+        log_bodies=config.daemon.log_bodies,
+    )
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    _configure_logging(config, args.log_format)
+    return _run(run_daemon(config, Path(args.config) if args.config else None))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if args.show:
+        from router.config import redacted_dump
+
+        print(json.dumps(redacted_dump(config), indent=2, ensure_ascii=False, default=str))
+    print(
+        f"{config.source}: OK ({len(config.channels)} channel(s), {len(config.adapters)} adapter(s), "
+        f"{len(config.agents)} agent(s))"
+    )
+    return EXIT_OK
+
+
+def _http(
+    method: str, url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
+def _web_url(config: Config, override: str | None) -> str:
+    if override:
+        return override.rstrip("/")
+    for c in config.channels:
+        if c.type == "web":
+            host = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
+            return f"http://{host}:{c.port}"
+    raise SystemExit("no web channel is configured; pass --url")
+
+
+def _ops_url(config: Config, override: str | None) -> str:
+    if override:
+        return override.rstrip("/")
+    host = "127.0.0.1" if config.ops.host in ("0.0.0.0", "::", "") else config.ops.host
+    return f"http://{host}:{config.ops.port}"
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    body: dict[str, Any] = {"text": args.text, "contact": {"handle": args.contact}}
+    if args.name:
+        body["contact"]["name"] = args.name
+    if args.subject:
+        body["subject"] = args.subject
+    if args.conversation:
+        body["conversation"] = args.conversation
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    try:
+        status, reply = _http("POST", _web_url(config, args.url) + "/v1/messages", body, headers)
+    except OSError as exc:
+        print(f"cannot reach the web channel: {exc}. Is `omnirouter run` running?", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(reply, indent=2, ensure_ascii=False))
+    return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
+
+
+def _admin_get(args: argparse.Namespace, path: str, method: str = "GET") -> int:
+    config = _load(args.config)
+    token = ensure_admin_token(config)
+    try:
+        status, reply = _http(
+            method,
+            _ops_url(config, args.ops_url) + path,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    except OSError as exc:
+        print(f"cannot reach the ops API: {exc}. Is `omnirouter run` running?", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(reply, indent=2, ensure_ascii=False))
+    return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    return _admin_get(args, "/v1/agents")
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    return _admin_get(args, "/v1/queues")
+
+
+def cmd_presence(args: argparse.Namespace) -> int:
+    return _admin_get(args, f"/v1/agents/{args.agent}/presence/{args.state}", method="POST")
+
+
+async def _with_store(config: Config, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    store = open_store(config)
+    await store.open()
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _ts(value: float) -> str:
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if args.action == "list":
+        items = _run(_with_store(config, lambda s: s.dead_letters(args.limit)))
+        if args.json:
+            from router.ops import dead_letter_view
+
+            for d in items:
+                print(json.dumps(dead_letter_view(d), ensure_ascii=False))
+            return EXIT_OK
+        if not items:
+            print("no dead letters")
+            return EXIT_OK
+        print(f"{'ID':26}  {'TARGET':12}  {'AGENT':12}  {'TRIES':>5}  {'DEAD AT':20}  REASON")
+        for d in items:
+            print(
+                f"{d.id:26}  {d.target:12}  {d.agent_id:12}  {d.attempts:>5}  {_ts(d.dead_at):20}  {d.reason}"
+            )
+        return EXIT_OK
+    if not args.ids and not args.all:
+        print("name the dead letters to replay, or pass --all", file=sys.stderr)
+        return 2
+    ids = None if args.all else list(args.ids)
+    count = _run(_with_store(config, lambda s: s.replay_dead_letters(ids, time.time())))
+    print(
+        f"{count} dead letter(s) moved back to the outbox; a running daemon sends them within "
+        f"{config.outbox.poll_interval:g} s"
+    )
+    return EXIT_OK if count or args.all else EXIT_FAILURE
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    stored = _run(_with_store(config, lambda s: s.message(args.message_id)))
+    if stored is None:
+        print(f"no message {args.message_id}", file=sys.stderr)
+        return EXIT_FAILURE
+    for key in ("scores", "signals", "features"):
+        if isinstance(stored.get(key), str):
+            stored[key] = json.loads(stored[key])
+    print(json.dumps(stored, indent=2, ensure_ascii=False, default=str))
+    return EXIT_OK
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from router.classify import RuleClassifier
+
+    config = _load(args.config)
+    clf = RuleClassifier(
+        amount_threshold=config.classifier.amount_threshold,
+        vip_contacts=frozenset(config.classifier.vip_contacts),
+    )
+    out = sys.stdout
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        record: dict[str, Any]
+        try:
+            parsed = json.loads(line)
+            record = (
+                parsed
+                if isinstance(parsed, dict) and isinstance(parsed.get("text"), str)
+                else {"text": line}
+            )
+        except ValueError:
+            record = {"text": line}
+        cls = clf.classify(record["text"], language=record.get("lang"))
+        result: dict[str, Any] = {}
+        if "id" in record:
+            result["id"] = record["id"]
+        result.update(cls.to_dict())
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    out.flush()
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+
+    async def noop(store: Any) -> None:
+        return None
+
+    _run(_with_store(config, noop))
+    print(f"store at {config.db_path()} is up to date")
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="omnirouter", description="Omnichannel message router daemon.")
+    p.add_argument("--version", action="version", version=f"omnirouter {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "-c", "--config", help="TOML config file (default: the embedded demo defaults)"
+        )
+        return sp
+
+    r = with_config(sub.add_parser("run", help="run the daemon"))
+    r.add_argument("--log-format", choices=["auto", "json", "pretty"], default="auto")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="validate a config file")
+    cc.add_argument("file")
+    cc.add_argument("--show", action="store_true", help="print the resolved config, secrets masked")
+    cc.set_defaults(fn=cmd_config_check)
+
+    s = with_config(sub.add_parser("send", help="send a test message to the web channel"))
+    s.add_argument("text")
+    s.add_argument("--contact", default="demo@example.com")
+    s.add_argument("--name", default="")
+    s.add_argument("--subject", default="")
+    s.add_argument("--conversation", default="")
+    s.add_argument("--idempotency-key", default="")
+    s.add_argument("--url", help="web channel base URL (default: from the config)")
+    s.set_defaults(fn=cmd_send)
+
+    d = with_config(sub.add_parser("dead-letters", help="list or replay dead letters"))
+    d.add_argument("action", choices=["list", "replay"])
+    d.add_argument("ids", nargs="*", help="dead letter ids to replay")
+    d.add_argument("--all", action="store_true", help="replay every dead letter")
+    d.add_argument("--limit", type=int, default=100)
+    d.add_argument("--json", action="store_true", help="one JSON object per line")
+    d.set_defaults(fn=cmd_dead_letters)
+
+    for name, fn, help_ in (
+        ("agents", cmd_agents, "list agents, load and presence"),
+        ("queues", cmd_queues, "list queues and waiting messages"),
+    ):
+        a = with_config(sub.add_parser(name, help=help_))
+        a.add_argument("--ops-url")
+        a.set_defaults(fn=fn)
+    pr = with_config(sub.add_parser("presence", help="set an agent on or off"))
+    pr.add_argument("agent")
+    pr.add_argument("state", choices=["on", "off"])
+    pr.add_argument("--ops-url")
+    pr.set_defaults(fn=cmd_presence)
+
+    e = with_config(sub.add_parser("explain", help="show a message's classification and routing"))
+    e.add_argument("message_id")
+    e.set_defaults(fn=cmd_explain)
+
+    k = with_config(
+        sub.add_parser("classify", help="classify JSON lines (or plain text lines) from stdin")
+    )
+    k.set_defaults(fn=cmd_classify)
+
+    m = with_config(sub.add_parser("migrate", help="migrate the store schema and exit"))
+    m.set_defaults(fn=cmd_migrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `omnirouter` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

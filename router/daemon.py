@@ -1,0 +1,561 @@
+"""The daemon: wires store, pipeline, outbox, drivers and the ops API, and runs them.
+
+Life cycle (what ops see in `systemctl status`):
+start → READY=1 → (SIGHUP → RELOADING=1 … READY=1)* → SIGTERM → STOPPING=1 → exit 0.
+
+Every long-running piece is a supervised task: if it fails it is logged, counted and
+started again after a jittered backoff, so one broken channel never takes the others
+down. A bad configuration at start exits with code 11, which the unit lists in
+RestartPreventExitStatus so systemd does not loop on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from router import __version__
+from router.backoff import backoff_delay
+from router.config import Config, ConfigError, load_config
+from router.drivers import (
+    ADAPTERS,
+    CHANNELS,
+    AgentTool,
+    Channel,
+    DriverContext,
+    DriverState,
+    load_driver,
+)
+from router.metrics import Metrics
+from router.ops import build_app
+from router.outbox import Dispatcher
+from router.pipeline import Pipeline
+from router.store import OutboxItem, Store
+from router.store.sqlite import SqliteStore
+
+log = structlog.get_logger("router.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_CONFIG = 11  # the unit's RestartPreventExitStatus: restarting cannot fix it
+
+# A task that ran this long before failing is considered healthy again: its next
+# restart starts from the shortest backoff.
+_STABLE_AFTER = 60.0
+
+
+# -- sd_notify --------------------------------------------------------------------
+
+
+class Notifier:
+    """sd_notify(3) over $NOTIFY_SOCKET: a datagram of KEY=VALUE lines; no-op without it."""
+
+    def __init__(self, address: str | None = None) -> None:
+        address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
+        self._sock: socket.socket | None = None
+        self._address = ""
+        if address:
+            # "@name" is an abstract socket: the kernel wants a leading NUL byte instead.
+            self._address = "\0" + address[1:] if address.startswith("@") else address
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @property
+    def enabled(self) -> bool:
+        """Return whether a service manager is listening."""
+        return self._sock is not None
+
+    def send(self, **fields: str | int) -> None:
+        """Send state lines such as READY=1, STATUS=…; errors are logged, never raised."""
+        if self._sock is None:
+            return
+        payload = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
+        try:
+            self._sock.sendto(payload, self._address)
+        except OSError as exc:
+            log.warning("sd_notify.failed", error=str(exc))
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval() -> float | None:
+    """Return how often to ping the watchdog (half of WatchdogSec), or None when off."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.05, int(usec) / 1e6 / 2)
+    except ValueError:
+        return None
+
+
+# -- supervision ------------------------------------------------------------------
+
+
+class Supervisor:
+    """Runs named coroutines and restarts any that fail, with jittered backoff."""
+
+    def __init__(self, metrics: Metrics, rng: random.Random | None = None) -> None:
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.failures: dict[str, int] = {}
+        self.backoff_base = 0.5
+        self.backoff_cap = 30.0
+
+    def spawn(self, name: str, factory: Callable[[], Awaitable[Any]]) -> asyncio.Task[None]:
+        """Start `factory()` under supervision; `name` must be unique among live tasks."""
+        task = asyncio.create_task(self._keep_running(name, factory), name=name)
+        self.tasks[name] = task
+        return task
+
+    async def _keep_running(self, name: str, factory: Callable[[], Awaitable[Any]]) -> None:
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await factory()
+                log.info("task.finished", task=name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() - started > _STABLE_AFTER:
+                    failures = 0
+                delay = backoff_delay(failures, self.backoff_base, self.backoff_cap, self.rng)
+                failures += 1
+                self.failures[name] = failures
+                self.metrics.task_restarts.labels(task=name).inc()
+                log.error(
+                    "task.failed",
+                    task=name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    restart_in=round(delay, 2),
+                    failures=failures,
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
+
+    async def cancel(self, name: str, timeout: float = 5.0) -> None:
+        """Cancel one task and wait for it (bounded)."""
+        task = self.tasks.pop(name, None)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout)
+
+    async def cancel_all(self, timeout: float = 5.0) -> None:
+        """Cancel every task and wait for them (bounded)."""
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+
+# -- the daemon -------------------------------------------------------------------
+
+
+def ensure_admin_token(config: Config) -> str:
+    """Return the configured admin token, or the one kept in <state_dir>/admin-token."""
+    if config.ops.admin_token:
+        return config.ops.admin_token
+    path = config.daemon.state_dir / "admin-token"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        token = secrets.token_urlsafe(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+
+def open_store(config: Config) -> Store:
+    """Return the configured store backend (not yet opened)."""
+    return SqliteStore(
+        config.db_path(),
+        synchronous=config.store.synchronous,
+        raw_max_bytes=config.store.raw_max_bytes,
+    )
+
+
+class Daemon:
+    """One running router."""
+
+    version = __version__
+
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = Metrics()
+        self.notifier = Notifier()
+        self.supervisor = Supervisor(self.metrics)
+        self.store: Store = open_store(config)
+        self.tools: dict[str, AgentTool] = {}
+        self.channels: dict[str, Channel] = {}
+        self._driver_configs: dict[tuple[str, str], Any] = {}
+        self.dispatcher = Dispatcher(
+            self.store,
+            lambda: self.tools,
+            config.outbox,
+            self.metrics,
+            on_delivered=self._delivered,
+        )
+        self.pipeline = Pipeline(config, self.store, self.metrics, self.dispatcher)
+        self.admin_token = ""
+        self._ops_runner: web.AppRunner | None = None
+        self.ops_port: int | None = None
+        self._stopping = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    # -- start ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, restore state, start adapters, ops API and channels."""
+        cfg = self.config
+        cfg.daemon.state_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_token = ensure_admin_token(cfg)
+        self.notifier.send(STATUS="opening store")
+        await self.store.open()
+        for a in cfg.adapters:
+            self._start_tool(a)
+        self.supervisor.spawn("outbox", self.dispatcher.run)
+        await self.pipeline.restore()
+        if cfg.ops.enabled:
+            await self._start_ops()
+        for c in cfg.channels:
+            self._start_channel(c)
+        await self._wait_channels_listening()
+        interval = watchdog_interval()
+        if interval is not None:
+            self.supervisor.spawn("watchdog", lambda: self._watchdog(interval))
+        self.supervisor.spawn("queue-tick", self._queue_tick)
+        self.notifier.send(READY=1, STATUS=self._status_line())
+        log.info(
+            "daemon.ready",
+            version=self.version,
+            config=cfg.source,
+            state_dir=str(cfg.daemon.state_dir),
+            channels=sorted(self.channels),
+            adapters=sorted(self.tools),
+            agents=len(cfg.agents),
+            ops_port=self.ops_port,
+            store=str(cfg.db_path()),
+        )
+
+    def _ctx(self, kind: str, name: str) -> DriverContext:
+        return DriverContext(
+            state_dir=self.config.daemon.state_dir,
+            log=structlog.get_logger(f"{kind}.{name}"),
+            tickets=self.pipeline.ticket_status,
+        )
+
+    def _start_tool(self, section: Any) -> None:
+        cls = load_driver(ADAPTERS, section.type)
+        tool: AgentTool = cls(section.name, section, self._ctx("adapters", section.name))
+        self.tools[section.name] = tool
+        self._driver_configs[("adapter", section.name)] = section
+        self.supervisor.spawn(f"adapter:{section.name}", lambda: tool.run(self.pipeline.on_action))
+
+    def _start_channel(self, section: Any) -> None:
+        cls = load_driver(CHANNELS, section.type)
+        channel: Channel = cls(section.name, section, self._ctx("channels", section.name))
+        self.channels[section.name] = channel
+        self._driver_configs[("channel", section.name)] = section
+        self.supervisor.spawn(f"channel:{section.name}", lambda: channel.run(self.pipeline.ingest))
+
+    async def _wait_channels_listening(self, timeout: float = 10.0) -> None:
+        # READY=1 should mean "accepting messages": wait for each channel to connect.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(c.state == DriverState.CONNECTED for c in self.channels.values()):
+                return
+            await asyncio.sleep(0.01)
+        log.warning(
+            "daemon.channels_not_ready", states={n: str(c.state) for n, c in self.channels.items()}
+        )
+
+    async def _start_ops(self) -> None:
+        app = build_app(self)
+        self._ops_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._ops_runner.setup()
+        site = web.TCPSite(
+            self._ops_runner, self.config.ops.host, self.config.ops.port, reuse_address=True
+        )
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.ops_port = sockets[0].getsockname()[1] if sockets else self.config.ops.port
+
+    def _delivered(self, item: OutboxItem) -> None:
+        if item.created_at:
+            self.metrics.delivery_seconds.labels(target=item.target).observe(
+                max(0.0, time.time() - item.created_at)
+            )
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the loop itself: a stuck loop or a dead store stops the pings and
+        # systemd restarts us.
+        while True:
+            if await self.store.ping():
+                self.notifier.send(WATCHDOG=1)
+            else:
+                log.error("watchdog.store_unresponsive")
+            await asyncio.sleep(interval)
+
+    async def _queue_tick(self) -> None:
+        # A safety net: anything that could be placed but was missed by an event gets placed.
+        while True:
+            await asyncio.sleep(1.0)
+            await self.pipeline.drain_queues()
+
+    def _status_line(self) -> str:
+        depth = sum(self.pipeline.scheduler.queue_depths().values())
+        return (
+            f"{len(self.channels)} channel(s), {len(self.tools)} adapter(s), "
+            f"{len(self.pipeline.scheduler.agents)} agent(s), {depth} waiting"
+        )
+
+    # -- readiness and metrics -----------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """Return the store's and every driver's state; ready when all are up."""
+        try:
+            store_ok = await asyncio.wait_for(self.store.ping(), 2.0)
+        except Exception:
+            store_ok = False
+        drivers = {}
+        for kind, group in (("channel", self.channels), ("adapter", self.tools)):
+            for name, d in group.items():
+                info: dict[str, Any] = {
+                    "kind": kind,
+                    "type": self._driver_configs[(kind, name)].type,
+                    "state": str(d.state),
+                }
+                last_error = getattr(d, "last_error", "")
+                if last_error:
+                    info["last_error"] = last_error
+                drivers[name] = info
+        ready = (
+            store_ok
+            and not self._stopping.is_set()
+            and all(d["state"] == DriverState.CONNECTED for d in drivers.values())
+        )
+        return {
+            "ready": ready,
+            "stopping": self._stopping.is_set(),
+            "store": "ok" if store_ok else "down",
+            "drivers": drivers,
+        }
+
+    def refresh_metrics(self) -> None:
+        """Update gauges that are cheaper to read on scrape than to maintain."""
+        m = self.metrics
+        m.outbox_backlog.set(self.dispatcher.backlog)
+        for kind, group in (("channel", self.channels), ("adapter", self.tools)):
+            for name, d in group.items():
+                for state in DriverState:
+                    m.driver_up.labels(kind=kind, name=name, state=str(state)).set(
+                        1 if d.state == state else 0
+                    )
+
+    # -- reload --------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Load and apply the config file again; keep the running one if it is invalid."""
+        async with self._reload_lock:
+            self.notifier.send(
+                RELOADING=1,
+                MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,
+                STATUS="reloading configuration",
+            )
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                self.metrics.reloads.labels(result="rejected").inc()
+                log.error("config.reload_rejected", source=exc.source, errors=exc.errors)
+                self.notifier.send(
+                    READY=1,
+                    STATUS=f"reload rejected ({len(exc.errors)} error(s)); "
+                    "running the previous configuration",
+                )
+                return False
+            await self._apply(new)
+            self.metrics.reloads.labels(result="ok").inc()
+            self.notifier.send(READY=1, STATUS=self._status_line())
+            return True
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        needs_restart = [
+            part
+            for part, a, b in (
+                ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
+                ("store", old.store, new.store),
+                ("ops", old.ops, new.ops),
+                ("outbox", old.outbox, new.outbox),
+            )
+            if a != b
+        ]
+        if needs_restart:
+            log.warning("config.reload_needs_restart", sections=needs_restart)
+        # Adapters first, so channels never route to a tool that is gone.
+        await self._swap(
+            "adapter",
+            {a.name: a for a in new.adapters},
+            self.tools,
+            self._start_tool,
+            self._stop_tool,
+        )
+        self.config = new
+        await self.pipeline.apply_config(new)
+        await self._swap(
+            "channel",
+            {c.name: c for c in new.channels},
+            self.channels,
+            self._start_channel,
+            self._stop_channel,
+        )
+        await self._wait_channels_listening()
+        log.info(
+            "config.reloaded",
+            source=new.source,
+            channels=sorted(self.channels),
+            adapters=sorted(self.tools),
+            agents=len(new.agents),
+            needs_restart=needs_restart or None,
+        )
+
+    async def _swap(
+        self,
+        kind: str,
+        wanted: dict[str, Any],
+        running: dict[str, Any],
+        start: Callable[[Any], None],
+        stop: Callable[[str], Awaitable[None]],
+    ) -> None:
+        for name in list(running):
+            if name not in wanted or wanted[name] != self._driver_configs.get((kind, name)):
+                await stop(name)
+        for name, section in wanted.items():
+            if name not in running:
+                start(section)
+
+    async def _stop_tool(self, name: str) -> None:
+        tool = self.tools.pop(name)
+        self._driver_configs.pop(("adapter", name), None)
+        with contextlib.suppress(Exception):
+            await tool.stop()
+        await self.supervisor.cancel(f"adapter:{name}")
+
+    async def _stop_channel(self, name: str) -> None:
+        channel = self.channels.pop(name)
+        self._driver_configs.pop(("channel", name), None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.stop(), self.config.daemon.shutdown_timeout)
+        await self.supervisor.cancel(f"channel:{name}")
+
+    # -- stop ----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (SIGTERM, SIGINT)."""
+        self._stopping.set()
+
+    def request_reload(self) -> None:
+        """Schedule a reload (SIGHUP)."""
+        self._reload_requested.set()
+
+    async def stop(self) -> None:
+        """Stop intake, let in-flight messages commit, send what is due, close everything."""
+        self._stopping.set()
+        timeout = self.config.daemon.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        self.notifier.send(STOPPING=1, STATUS="draining")
+        log.info("daemon.stopping", timeout=timeout)
+        # 1. Channels refuse new work and finish what they hold (each acks only after commit).
+        await asyncio.gather(
+            *(
+                asyncio.wait_for(c.stop(), max(0.1, deadline - time.monotonic()))
+                for c in self.channels.values()
+            ),
+            return_exceptions=True,
+        )
+        for name in list(self.channels):
+            await self.supervisor.cancel(
+                f"channel:{name}", timeout=max(0.1, deadline - time.monotonic())
+            )
+        # 2. Send whatever is due; anything left stays in the outbox for the next start.
+        drained = await self.dispatcher.drain(max(0.0, deadline - time.monotonic() - 0.5))
+        # 3. Tools, ops, store.
+        await self.supervisor.cancel_all(timeout=max(0.1, deadline - time.monotonic()))
+        for tool in self.tools.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(tool.stop(), max(0.1, deadline - time.monotonic()))
+        if self._ops_runner is not None:
+            await self._ops_runner.cleanup()
+        counts = await self.store.delivery_counts()
+        await self.store.close()
+        log.info(
+            "daemon.stopped",
+            outbox_drained=drained,
+            outbox_pending=counts.get("pending"),
+            dead_letters=counts.get("dead"),
+        )
+        self.notifier.close()
+
+    async def serve(self) -> None:
+        """Run until a stop is requested; handle reload requests meanwhile."""
+        while not self._stopping.is_set():
+            stop_wait = asyncio.ensure_future(self._stopping.wait())
+            reload_wait = asyncio.ensure_future(self._reload_requested.wait())
+            await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            reload_wait.cancel()
+            if self._reload_requested.is_set() and not self._stopping.is_set():
+                self._reload_requested.clear()
+                try:
+                    await self.reload()
+                except Exception as exc:  # a reload must never take the daemon down
+                    log.error(
+                        "config.reload_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True
+                    )
+
+
+async def run_daemon(config: Config, config_path: Path | None) -> int:
+    """Run a daemon until SIGTERM/SIGINT; return the process exit code."""
+    daemon = Daemon(config, config_path)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    try:
+        await daemon.start()
+    except Exception as exc:
+        log.error("daemon.start_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        with contextlib.suppress(Exception):
+            await daemon.stop()
+        return EXIT_FAILURE
+    await daemon.serve()
+    await daemon.stop()
+    return EXIT_OK

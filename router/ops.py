@@ -1,0 +1,127 @@
+"""The operations API: health, readiness, metrics and a small admin surface.
+
+`/healthz` answers as long as the event loop runs (liveness); `/readyz` answers 200
+only when the store answers and every enabled channel and adapter is connected, and
+lists each one's state either way. Admin endpoints need the bearer token, compared
+in constant time; `/healthz`, `/readyz` and `/metrics` are open to the local scraper.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from router.drivers import DriverState
+
+if TYPE_CHECKING:
+    from router.daemon import Daemon
+
+_JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, ensure_ascii=False, default=str).encode(),
+        status=status,
+        content_type="application/json",
+        headers=_JSON_HEADERS,
+    )
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"error": {"code": code, "message": message}}, status)
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    """Return the ops application bound to a running daemon."""
+    app = web.Application(client_max_size=16 * 1024)
+
+    def admin(handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            expected = daemon.admin_token.encode()
+            # compare_digest takes the same time whatever the first differing byte.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), expected
+            ):
+                return web.Response(
+                    status=401,
+                    text='{"error":{"code":"unauthorized","message":"bearer token required"}}',
+                    content_type="application/json",
+                    headers={"WWW-Authenticate": 'Bearer realm="omnirouter"', **_JSON_HEADERS},
+                )
+            return await handler(request)
+
+        return guarded
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"status": "ok", "version": daemon.version})
+
+    async def readyz(request: web.Request) -> web.Response:
+        report = await daemon.readiness()
+        return _json(report, 200 if report["ready"] else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        daemon.refresh_metrics()
+        resp = web.Response(body=daemon.metrics.render(), headers={"Cache-Control": "no-store"})
+        resp.headers["Content-Type"] = daemon.metrics.content_type
+        return resp
+
+    async def agents(request: web.Request) -> web.Response:
+        return _json({"agents": daemon.pipeline.agents_view()})
+
+    async def queues(request: web.Request) -> web.Response:
+        return _json({"queues": daemon.pipeline.queues_view()})
+
+    async def presence(request: web.Request) -> web.Response:
+        agent_id = request.match_info["agent_id"]
+        state = request.match_info["state"]
+        if state not in ("on", "off"):
+            return _error(400, "bad_presence", "presence must be 'on' or 'off'")
+        if not await daemon.pipeline.set_presence(agent_id, state == "on"):
+            return _error(404, "unknown_agent", f"no agent with id {agent_id!r}")
+        return _json({"agent": agent_id, "present": state == "on"})
+
+    async def dead_letters(request: web.Request) -> web.Response:
+        try:
+            limit = max(1, min(1000, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return _error(400, "bad_limit", "limit must be an integer")
+        items = await daemon.store.dead_letters(limit)
+        return _json({"dead_letters": [dead_letter_view(d) for d in items]})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/agents", admin(agents))
+    app.router.add_get("/v1/queues", admin(queues))
+    app.router.add_post("/v1/agents/{agent_id}/presence/{state}", admin(presence))
+    app.router.add_put("/v1/agents/{agent_id}/presence/{state}", admin(presence))
+    app.router.add_get("/v1/dead-letters", admin(dead_letters))
+    return app
+
+
+def dead_letter_view(d: Any) -> dict[str, Any]:
+    """Return a dead letter without its payload (customer data stays out of listings)."""
+    return {
+        "id": d.id,
+        "target": d.target,
+        "agent_id": d.agent_id,
+        "kind": d.kind,
+        "message_id": d.message_id,
+        "attempts": d.attempts,
+        "reason": d.reason,
+        "created_at": d.created_at,
+        "dead_at": d.dead_at,
+    }
+
+
+def driver_ready(state: DriverState) -> bool:
+    """Return whether a driver in this state counts as ready."""
+    return state == DriverState.CONNECTED

@@ -1,0 +1,670 @@
+"""The pipeline: ingest → classify → schedule → commit → outbox → deliver.
+
+A channel hands over one normalised message and gets a `Receipt` back only after the
+message, its routing decision and its outbox item are committed in one transaction;
+only then may the channel acknowledge its source. Classification and the scheduling
+decision happen *before* the commit, in memory, so a message is never stored without
+its route and a crash between the two cannot leave it orphaned.
+
+The scheduler's in-memory state is rebuilt from the store at start (`restore`): open
+conversations give each agent its load, queued messages go back to their queues, and
+pending outbox items are sent again under their original delivery ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from router.classify import RuleClassifier, severity_for
+from router.config import Config
+from router.drivers import AgentAction, Receipt, TicketStatus
+from router.metrics import Metrics
+from router.model import Agent, Assignment, Classification, InboundMessage, Signal, new_ulid
+from router.outbox import Dispatcher
+from router.schedule import Choice, Scheduler, Waiting
+from router.store import NewMessage, OutboxItem, Store
+
+log = structlog.get_logger("router.pipeline")
+
+TICKET_PREFIX = "T-"
+
+
+def agents_from_config(config: Config) -> list[Agent]:
+    """Return the roster as scheduler agents."""
+    return [
+        Agent(
+            id=a.id,
+            name=a.name or a.id,
+            capacity=a.capacity,
+            tool=a.tool,
+            address=a.address,
+            skills=frozenset(a.skills),
+            queues=frozenset(a.queues),
+            present=a.present,
+        )
+        for a in config.agents
+    ]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+class Pipeline:
+    """Routes messages; one per daemon, shared by every channel and adapter."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        metrics: Metrics,
+        dispatcher: Dispatcher,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.classifier = self._make_classifier(config)
+        self.scheduler = Scheduler(agents_from_config(config))
+        self._secret = b""
+        # (channel, thread key) -> id of its open conversation, and the reverse.
+        self._threads: dict[tuple[str, str], str] = {}
+        self._thread_of: dict[str, tuple[str, str]] = {}
+        # Messages of one thread are routed one at a time, so a burst of first
+        # messages cannot open two conversations or reserve two slots for one.
+        self._thread_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._thread_waiters: dict[tuple[str, str], int] = defaultdict(int)
+        self._recent: dict[str, deque[float]] = {}
+        self._drain_lock = asyncio.Lock()
+
+    @staticmethod
+    def _make_classifier(config: Config) -> RuleClassifier:
+        c = config.classifier
+        return RuleClassifier(
+            amount_threshold=c.amount_threshold, vip_contacts=frozenset(c.vip_contacts)
+        )
+
+    # -- start and reload --------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Rebuild memory from the store: loads, queues, pending sends, recent contacts."""
+        self._secret = await self.store.secret()
+        now = self.clock()
+        presence = await self.store.sync_agents(agents_from_config(self.config))
+        for agent_id, present in presence.items():
+            self.scheduler.set_presence(agent_id, present)
+        snap = await self.store.snapshot(now, self.config.classifier.repeat_contact_window)
+        for conv in snap.open_conversations:
+            key = (conv.channel, conv.thread_key)
+            self._threads[key] = conv.conversation_id
+            self._thread_of[conv.conversation_id] = key
+            if conv.agent_id:
+                self.scheduler.restore(conv.conversation_id, conv.agent_id)
+        for q in snap.queued:
+            self.scheduler.enqueue(
+                q.message_id,
+                q.conversation_id,
+                q.queue,
+                q.severity,
+                q.sla_deadline,
+                q.language,
+                q.label,
+                q.ingested_at,
+            )
+        for contact_key, at in snap.recent_contacts:
+            self._recent.setdefault(contact_key, deque()).append(at)
+        for item in snap.pending_outbox:
+            self.dispatcher.submit(item)
+        log.info(
+            "pipeline.restored",
+            open_conversations=len(snap.open_conversations),
+            queued=len(snap.queued),
+            pending_outbox=len(snap.pending_outbox),
+        )
+        self._update_gauges()
+        await self.drain_queues()
+
+    async def apply_config(self, config: Config) -> None:
+        """Take a new, already validated configuration (SIGHUP): roster, thresholds, SLAs."""
+        self.config = config
+        self.classifier = self._make_classifier(config)
+        agents = agents_from_config(config)
+        presence = await self.store.sync_agents(agents)
+        self.scheduler.set_roster(
+            [replace(a, present=presence.get(a.id, a.present)) for a in agents]
+        )
+        self._update_gauges()
+        await self.drain_queues()
+
+    # -- tickets -----------------------------------------------------------------
+
+    def status_token(self, ticket: str) -> str:
+        """Return the token that lets a customer read this ticket (HMAC, installation secret)."""
+        digest = hmac.new(self._secret, ticket.encode(), hashlib.sha256).digest()[:18]
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    async def ticket_status(self, ticket: str, token: str) -> TicketStatus | None:
+        """Return a ticket's status when the token matches; None otherwise (same for unknown)."""
+        if not ticket.startswith(TICKET_PREFIX) or not hmac.compare_digest(
+            self.status_token(ticket).encode(), token.encode("utf-8", "replace")
+        ):
+            return None
+        view = await self.store.ticket(ticket[len(TICKET_PREFIX) :])
+        if view is None:
+            return None
+        return TicketStatus(
+            ticket=view.ticket,
+            state=view.state,
+            label=view.label,
+            severity=view.severity,
+            opened_at=datetime.fromtimestamp(view.opened_at, UTC),
+            respond_by=datetime.fromtimestamp(view.respond_by, UTC),
+            assigned=view.assigned,
+            messages=view.messages,
+            resolved_at=datetime.fromtimestamp(view.resolved_at, UTC) if view.resolved_at else None,
+        )
+
+    # -- intake ------------------------------------------------------------------
+
+    async def ingest(self, msg: InboundMessage) -> Receipt:
+        """Classify, route and commit one message; return only after the commit."""
+        started = time.perf_counter()
+        thread_key = self._thread_key(msg)
+        key = (msg.channel, thread_key)
+        try:
+            with self._thread_lock(key) as lock:
+                async with lock:
+                    receipt, choice, queue, cls = await self._ingest_locked(msg, thread_key, key)
+        except Exception:
+            self.metrics.ingest_errors.labels(channel=msg.channel).inc()
+            raise
+        elapsed = time.perf_counter() - started
+        if receipt.duplicate:
+            self.metrics.duplicates.labels(channel=msg.channel).inc()
+            log.info(
+                "message.duplicate",
+                channel=msg.channel,
+                ticket=receipt.ticket,
+                message_id=receipt.message_id,
+                payload_conflict=receipt.payload_conflict,
+            )
+            return receipt
+        self.metrics.ingest_seconds.observe(elapsed)
+        self.metrics.ingested.labels(channel=msg.channel, label=cls.label).inc()
+        self.metrics.severity.labels(severity=cls.severity).inc()
+        if choice is not None:
+            self.metrics.assigned.labels(
+                queue=queue, how="sticky" if not choice.new_slot else "direct"
+            ).inc()
+        self._update_gauges()
+        # The canonical line: one per routed message, everything an operator asks about.
+        log.info(
+            "message.routed",
+            message_id=receipt.message_id,
+            ticket=receipt.ticket,
+            channel=msg.channel,
+            channel_type=msg.channel_type,
+            label=cls.label,
+            confidence=round(cls.confidence, 3),
+            severity=cls.severity,
+            signals=[s.kind for s in cls.signals] or None,
+            language=cls.language,
+            queue=queue,
+            agent=choice.agent.id if choice else None,
+            sticky=bool(choice and not choice.new_slot),
+            state=receipt.state,
+            text=msg.text,
+            commit_ms=round(elapsed * 1000, 2),
+        )
+        return receipt
+
+    async def _ingest_locked(
+        self, msg: InboundMessage, thread_key: str, key: tuple[str, str]
+    ) -> tuple[Receipt, Choice | None, str, Classification]:
+        now = self.clock()
+        cls = self.classifier.classify(
+            msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
+        )
+        cls = self._with_repeat_contact(cls, f"{msg.channel_type}:{msg.contact_handle}", now)
+        queue = self.config.queue_for(cls.label, cls.severity)
+        deadline = now + self._sla_seconds(cls)
+        proposed = self._threads.get(key) or new_ulid()
+        message_id = new_ulid()
+        choice = self.scheduler.choose(proposed, queue, cls.language)
+        assignment: Assignment | None = None
+        outbox: OutboxItem | None = None
+        if choice is not None:
+            assignment = Assignment(
+                message_id=message_id,
+                conversation_id=proposed,
+                agent_id=choice.agent.id,
+                queue=queue,
+                reason=choice.reason,
+                sla_deadline=datetime.fromtimestamp(deadline, UTC),
+                assigned_at=datetime.fromtimestamp(now, UTC),
+            )
+            outbox = self._outbox_item(choice.agent, assignment, msg, cls, proposed, now)
+        new = NewMessage(
+            message_id=message_id,
+            inbound=msg,
+            conversation_id=proposed,
+            thread_key=thread_key,
+            classification=cls,
+            queue=queue,
+            sla_deadline=deadline,
+            ingested_at=now,
+            assignment=assignment,
+            outbox=outbox,
+        )
+        try:
+            result = await self.store.ingest(new)
+        except BaseException:
+            if choice is not None:
+                self.scheduler.undo(proposed, choice)
+            raise
+        if result.duplicate:
+            if choice is not None:
+                self.scheduler.undo(proposed, choice)
+            ticket = TICKET_PREFIX + result.conversation_id
+            return (
+                Receipt(
+                    result.message_id,
+                    result.conversation_id,
+                    ticket,
+                    self.status_token(ticket),
+                    result.state,
+                    duplicate=True,
+                    payload_conflict=result.payload_conflict,
+                ),
+                None,
+                queue,
+                cls,
+            )
+        conversation_id = result.conversation_id
+        if conversation_id != proposed:
+            # The store joined a resolved conversation of this thread and reopened it.
+            if choice is not None:
+                self.scheduler.move(proposed, conversation_id)
+            if outbox is not None:
+                outbox = replace(
+                    outbox,
+                    payload=dict(
+                        outbox.payload,
+                        conversation_id=conversation_id,
+                        ticket=TICKET_PREFIX + conversation_id,
+                    ),
+                )
+        self._threads[key] = conversation_id
+        self._thread_of[conversation_id] = key
+        self._recent.setdefault(f"{msg.channel_type}:{msg.contact_handle}", deque()).append(now)
+        if outbox is not None:
+            self.dispatcher.submit(outbox)
+        else:
+            self.scheduler.enqueue(
+                message_id,
+                conversation_id,
+                queue,
+                cls.severity,
+                deadline,
+                cls.language,
+                cls.label,
+                now,
+            )
+        ticket = TICKET_PREFIX + conversation_id
+        return (
+            Receipt(
+                message_id,
+                conversation_id,
+                ticket,
+                self.status_token(ticket),
+                result.state,
+                duplicate=False,
+            ),
+            choice,
+            queue,
+            cls,
+        )
+
+    @contextmanager
+    def _thread_lock(self, key: tuple[str, str]) -> Iterator[asyncio.Lock]:
+        lock = self._thread_locks.get(key)
+        if lock is None:
+            lock = self._thread_locks[key] = asyncio.Lock()
+        self._thread_waiters[key] += 1
+        try:
+            yield lock
+        finally:
+            self._thread_waiters[key] -= 1
+            if self._thread_waiters[key] == 0:
+                del self._thread_waiters[key]
+                del self._thread_locks[key]
+
+    @staticmethod
+    def _thread_key(msg: InboundMessage) -> str:
+        # Scoped by contact: a customer cannot join someone else's thread by guessing its key.
+        if msg.conversation_hint:
+            return f"{msg.contact_handle}\x1f{msg.conversation_hint}"
+        return msg.contact_handle
+
+    def _with_repeat_contact(
+        self, cls: Classification, contact_key: str, now: float
+    ) -> Classification:
+        window = self.config.classifier.repeat_contact_window
+        times = self._recent.get(contact_key)
+        if times is None:
+            return cls
+        while times and times[0] < now - window:
+            times.popleft()
+        if not times:
+            del self._recent[contact_key]
+            return cls
+        count = len(times) + 1  # this message included
+        if count < self.config.classifier.repeat_contact_count:
+            return cls
+        signals = (
+            *cls.signals,
+            Signal(
+                "repeat_contact", f"{count} contacts within {window / 3600:g} h", value=float(count)
+            ),
+        )
+        return replace(cls, signals=signals, severity=severity_for(cls.label, signals))
+
+    def _sla_seconds(self, cls: Classification) -> float:
+        sla = self.config.sla
+        if cls.severity in ("P0", "P1"):
+            return sla.urgent
+        return float(getattr(sla, cls.label, sla.inquiry))
+
+    def _outbox_item(
+        self,
+        agent: Agent,
+        a: Assignment,
+        msg: InboundMessage,
+        cls: Classification,
+        conversation_id: str,
+        now: float,
+    ) -> OutboxItem:
+        received = msg.received_at.isoformat() if msg.received_at else _iso(now)
+        payload: dict[str, Any] = {
+            "ticket": TICKET_PREFIX + conversation_id,
+            "conversation_id": conversation_id,
+            "message": {
+                "id": a.message_id,
+                "channel": msg.channel,
+                "channel_type": msg.channel_type,
+                "contact": {"handle": msg.contact_handle, "name": msg.contact_name},
+                "subject": msg.subject,
+                "text": msg.text,
+                "language": cls.language,
+                "received_at": received,
+            },
+            "classification": {
+                "label": cls.label,
+                "confidence": round(cls.confidence, 4),
+                "scores": {k: round(v, 4) for k, v in cls.scores.items()},
+                "severity": cls.severity,
+                "signals": [s.to_dict() for s in cls.signals],
+            },
+            "routing": {
+                "agent_id": agent.id,
+                "queue": a.queue,
+                "reason": a.reason,
+                "sla_deadline": a.sla_deadline.isoformat(),
+                "assigned_at": a.assigned_at.isoformat(),
+            },
+        }
+        return OutboxItem(
+            id=new_ulid(),
+            target=agent.tool,
+            agent_id=agent.id,
+            address=agent.address or agent.id,
+            kind="assignment",
+            payload=payload,
+            message_id=a.message_id,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+
+    # -- queues ------------------------------------------------------------------
+
+    async def drain_queues(self) -> int:
+        """Assign waiting messages to agents who have room now; return how many."""
+        async with self._drain_lock:
+            placed = 0
+            while True:
+                batch = self.scheduler.next_assignable()
+                if not batch:
+                    break
+                for w, choice in batch:
+                    if await self._assign_waiting(w, choice):
+                        placed += 1
+            if placed:
+                self._update_gauges()
+            return placed
+
+    async def _assign_waiting(self, w: Waiting, choice: Choice) -> bool:
+        stored = await self.store.message(w.message_id)
+        now = self.clock()
+        assignment = Assignment(
+            message_id=w.message_id,
+            conversation_id=w.conversation_id,
+            agent_id=choice.agent.id,
+            queue=w.queue,
+            reason=f"dequeued: {choice.reason}",
+            sla_deadline=datetime.fromtimestamp(w.sla_deadline, UTC),
+            assigned_at=datetime.fromtimestamp(now, UTC),
+        )
+        if stored is None:
+            self.scheduler.undo(w.conversation_id, choice)
+            return False
+        msg = _inbound_from_stored(stored)
+        cls = _classification_from_stored(stored)
+        outbox = self._outbox_item(choice.agent, assignment, msg, cls, w.conversation_id, now)
+        try:
+            ok = await self.store.assign(assignment, outbox)
+        except Exception as exc:
+            self.scheduler.undo(w.conversation_id, choice)
+            self.scheduler.requeue(w)
+            log.warning("pipeline.assign_failed", message_id=w.message_id, error=str(exc))
+            return False
+        if not ok:  # assigned elsewhere meanwhile
+            self.scheduler.undo(w.conversation_id, choice)
+            return False
+        self.metrics.assigned.labels(queue=w.queue, how="dequeued").inc()
+        self.dispatcher.submit(outbox)
+        log.info(
+            "message.routed",
+            message_id=w.message_id,
+            ticket=TICKET_PREFIX + w.conversation_id,
+            label=w.label,
+            severity=w.severity,
+            queue=w.queue,
+            agent=choice.agent.id,
+            waited_s=round(now - w.ingested_at, 3),
+            state="assigned",
+        )
+        return True
+
+    # -- agent actions -----------------------------------------------------------
+
+    async def on_action(self, action: AgentAction) -> None:
+        """Apply what an agent did in their tool."""
+        outcome = "ok"
+        try:
+            outcome = await self._apply(action)
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            self.metrics.actions.labels(action=action.action, outcome=outcome).inc()
+            log.info(
+                "agent.action",
+                agent=action.agent_id,
+                action=action.action,
+                conversation_id=action.conversation_id or None,
+                outcome=outcome,
+            )
+
+    async def _apply(self, action: AgentAction) -> str:
+        now = self.clock()
+        conversation_id = action.conversation_id
+        if not conversation_id and action.message_id:
+            stored = await self.store.message(action.message_id)
+            conversation_id = stored["conversation_id"] if stored else ""
+        if action.action == "presence":
+            present = action.value == "on"
+            if action.value not in ("on", "off") or not await self.set_presence(
+                action.agent_id, present
+            ):
+                return "rejected"
+            return "ok"
+        if action.action == "accept":
+            return (
+                "ok"
+                if conversation_id
+                and await self.store.accept(conversation_id, action.agent_id, now)
+                else "rejected"
+            )
+        if action.action == "resolve":
+            if not conversation_id or self.scheduler.holder.get(conversation_id) not in (
+                None,
+                action.agent_id,
+            ):
+                return "rejected"  # only the holder may close a conversation
+            holder = await self.store.resolve_conversation(conversation_id, now)
+            if holder is None:
+                return "rejected"
+            self.scheduler.release(conversation_id)
+            key = self._thread_of.pop(conversation_id, None)
+            if key is not None and self._threads.get(key) == conversation_id:
+                del self._threads[key]
+            await self.drain_queues()
+            self._update_gauges()
+            return "ok"
+        # Replies to customers arrive with the outbound channels (email, SMS).
+        return "unsupported"
+
+    async def set_presence(self, agent_id: str, present: bool) -> bool:
+        """Mark an agent present or away (ops API and agent actions); False if unknown."""
+        if agent_id not in self.scheduler.agents or not await self.store.set_presence(
+            agent_id, present
+        ):
+            return False
+        self.scheduler.set_presence(agent_id, present)
+        self._update_gauges()
+        if present:
+            await self.drain_queues()
+        return True
+
+    # -- views -------------------------------------------------------------------
+
+    def agents_view(self) -> list[dict[str, Any]]:
+        """Return each agent with load and presence (ops API)."""
+        return [
+            {
+                "id": a.id,
+                "name": a.name,
+                "present": a.present,
+                "capacity": a.capacity,
+                "open_conversations": self.scheduler.load.get(a.id, 0),
+                "tool": a.tool,
+                "skills": sorted(a.skills),
+                "queues": sorted(a.queues),
+            }
+            for a in self.scheduler.agents.values()
+        ]
+
+    def queues_view(self) -> list[dict[str, Any]]:
+        """Return each queue's waiting messages, oldest deadline first (ops API)."""
+        now = self.clock()
+        out = []
+        names = {q for a in self.scheduler.agents.values() for q in a.queues} | set(
+            self.scheduler.queue_depths()
+        )
+        for name in sorted(names):
+            waiting = self.scheduler.waiting(name)
+            out.append(
+                {
+                    "queue": name,
+                    "depth": len(waiting),
+                    "oldest_wait_s": round(
+                        now - min((w.ingested_at for w in waiting), default=now), 3
+                    ),
+                    "overdue": sum(1 for w in waiting if w.sla_deadline < now),
+                    "agents": sorted(
+                        a.id for a in self.scheduler.agents.values() if name in a.queues
+                    ),
+                }
+            )
+        return out
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        for a in self.scheduler.agents.values():
+            m.agent_load.labels(agent=a.id).set(self.scheduler.load.get(a.id, 0))
+            m.agent_capacity.labels(agent=a.id).set(a.capacity)
+            m.agent_present.labels(agent=a.id).set(1 if a.present else 0)
+        for queue, depth in self.scheduler.queue_depths().items():
+            m.queue_depth.labels(queue=queue).set(depth)
+        m.outbox_backlog.set(self.dispatcher.backlog)
+
+
+def _json_field(stored: dict[str, Any], key: str) -> Any:
+    value = stored.get(key)
+    return json.loads(value) if isinstance(value, str) and value else value
+
+
+def _inbound_from_stored(stored: dict[str, Any]) -> InboundMessage:
+    received = stored.get("received_at")
+    contact_key = str(stored.get("contact_key") or "")
+    return InboundMessage(
+        channel=stored.get("channel", ""),
+        channel_type=stored.get("channel_type", ""),
+        external_id=stored.get("external_id", ""),
+        contact_handle=stored.get("contact_handle") or contact_key.partition(":")[2],
+        text=stored.get("text", ""),
+        contact_name=stored.get("contact_name", ""),
+        subject=stored.get("subject", "") or "",
+        received_at=datetime.fromtimestamp(received, UTC)
+        if isinstance(received, int | float)
+        else None,
+    )
+
+
+def _classification_from_stored(stored: dict[str, Any]) -> Classification:
+    signals = tuple(
+        Signal(
+            s["kind"],
+            s.get("evidence", ""),
+            start=(s.get("span") or (-1, -1))[0],
+            end=(s.get("span") or (-1, -1))[1],
+            value=s.get("value"),
+        )
+        for s in _json_field(stored, "signals") or []
+    )
+    return Classification(
+        label=stored.get("label", "inquiry"),
+        confidence=float(stored.get("confidence") or 0.0),
+        scores=_json_field(stored, "scores") or {},
+        severity=stored.get("severity", "P3"),
+        signals=signals,
+        language=stored.get("language", ""),
+        model_version=stored.get("model_version", ""),
+    )
