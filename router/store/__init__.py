@@ -145,7 +145,11 @@ class Store(Protocol):
         """Assign a queued message; False when it is no longer queued."""
 
     async def resolve_conversation(self, conversation_id: str, at: float) -> str | None:
-        """Close an open conversation; return the agent who held it (None if not open)."""
+        """Close an open conversation; return the agent who held it.
+
+        None when the conversation is not open (unknown or already resolved); "" when it
+        was open but nobody held it.
+        """
 
     async def accept(self, conversation_id: str, agent_id: str, at: float) -> bool:
         """Record that the agent took up the conversation's open assignments."""
@@ -165,7 +169,9 @@ class Store(Protocol):
     async def outbox_done(self, ids: list[str]) -> None:
         """Delete sent items."""
 
-    async def outbox_retry(self, item_id: str, attempts: int, next_attempt_at: float, error: str) -> None:
+    async def outbox_retry(
+        self, item_id: str, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
         """Record a failed attempt and when to try again."""
 
     async def outbox_dead(self, item_id: str, attempts: int, reason: str, at: float) -> None:
@@ -181,7 +187,15 @@ class Store(Protocol):
         """Return a ticket's customer-visible status."""
 
     async def message(self, message_id: str) -> dict[str, Any] | None:
-        """Return one stored message with its classification and routing (for explain)."""
+        """Return one stored message with its classification and routing (for explain).
+
+        Keys: the message's fields (id, channel, channel_type, external_id, conversation_id,
+        text, subject, language, received_at, ingested_at, label, confidence, severity,
+        model_version, queue, sla_deadline, state; scores, signals and features decoded
+        from JSON), "classification" (the Classification.to_dict() shape), "assignment"
+        (the routing row as a dict, or None) and "attachments" (list of dicts). Never the
+        raw payload.
+        """
 
     async def delivery_counts(self) -> dict[str, int]:
         """Return how many outbox items are pending and dead (for metrics and tests)."""

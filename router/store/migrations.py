@@ -9,28 +9,71 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[int, str, Migration]] = []
 
 
-def register(number: int, description: str) -> Callable[[Migration], Migration]:
-    """Register a migration; numbers must follow each other without gaps."""
+class SchemaTooNewError(RuntimeError):
+    """The database was migrated by a newer omnirouter than this one."""
+
+
+def register(
+    number: int,
+    description: str,
+    registry: list[tuple[int, str, Migration]] | None = None,
+) -> Callable[[Migration], Migration]:
+    """Register a migration; numbers must follow each other without gaps.
+
+    `registry` defaults to the module's MIGRATIONS; tests pass a list of their own.
+    """
+    target = MIGRATIONS if registry is None else registry
 
     def wrap(fn: Migration) -> Migration:
-        expected = len(MIGRATIONS) + 1
+        expected = len(target) + 1
         if number != expected:
             raise RuntimeError(f"migration {number} registered out of order (expected {expected})")
-        MIGRATIONS.append((number, description, fn))
+        target.append((number, description, fn))
         return fn
 
     return wrap
 
 
-@register(1, "initial schema: contacts, conversations, messages, agents, assignments, outbox, dead letters")
+def run_script(c: sqlite3.Connection, script: str) -> None:
+    """Run a multi-statement SQL script inside the caller's transaction.
+
+    `Connection.executescript` is not usable in a migration: it COMMITs any open
+    transaction first, so the statements after it would each autocommit and a
+    failure would leave a half-applied schema. This runs them one by one instead
+    (`sqlite3.complete_statement` finds the statement ends, so a `;` inside a
+    string, a comment or a trigger body does not split a statement).
+    """
+    pieces = script.split(";")
+    statement = ""
+    for piece in pieces[:-1]:
+        statement += piece + ";"
+        if sqlite3.complete_statement(statement):
+            if statement.strip(" \t\r\n;"):
+                c.execute(statement)  # a comment-only statement is a harmless no-op
+            statement = ""
+    rest = statement + pieces[-1]
+    if rest.strip(" \t\r\n") and not _only_comments(rest):
+        raise ValueError(f"incomplete SQL statement at the end of a migration script: {rest!r}")
+
+
+def _only_comments(sql: str) -> bool:
+    """Whether `sql` holds nothing but `--` comments and whitespace."""
+    return all(not line.split("--", 1)[0].strip() for line in sql.splitlines())
+
+
+@register(
+    1,
+    "initial schema: contacts, conversations, messages, agents, assignments, outbox, dead letters",
+)
 def _v001(c: sqlite3.Connection) -> None:
-    c.executescript(
+    run_script(
+        c,
         """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE contacts (
@@ -101,7 +144,8 @@ def _v001(c: sqlite3.Connection) -> None:
             present INTEGER NOT NULL DEFAULT 1
         );
         CREATE TABLE assignments (
-            message_id TEXT PRIMARY KEY REFERENCES messages(id),   -- one assignment per message, ever
+            -- one assignment per message, ever
+            message_id TEXT PRIMARY KEY REFERENCES messages(id),
             conversation_id TEXT NOT NULL,
             agent_id TEXT NOT NULL,
             queue TEXT NOT NULL,
@@ -139,26 +183,65 @@ def _v001(c: sqlite3.Connection) -> None:
             created_at REAL NOT NULL,
             dead_at REAL NOT NULL
         );
-        """
+        """,
     )
     c.execute("INSERT INTO meta(key, value) VALUES ('secret', ?)", (os.urandom(32).hex(),))
 
 
-def migrate(conn: sqlite3.Connection) -> list[int]:
-    """Apply every migration newer than the database; return the numbers applied."""
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
-    latest = len(MIGRATIONS)
-    if current > latest:
-        raise RuntimeError(f"database schema v{current} is newer than this omnirouter (v{latest}); upgrade omnirouter")
-    applied = []
-    for number, _description, fn in MIGRATIONS[current:]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            fn(conn)
-            conn.execute(f"PRAGMA user_version={number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        applied.append(number)
-    return applied
+def latest_version(migrations: Sequence[tuple[int, str, Migration]] | None = None) -> int:
+    """Return the schema version the given (default: registered) migrations reach."""
+    return len(MIGRATIONS if migrations is None else migrations)
+
+
+def migrate(
+    conn: sqlite3.Connection,
+    migrations: Sequence[tuple[int, str, Migration]] | None = None,
+) -> list[int]:
+    """Apply every migration newer than the database; return the numbers applied.
+
+    Each migration runs in its own `BEGIN IMMEDIATE` transaction together with the
+    `user_version` bump, so it is applied entirely or not at all. A database at a
+    newer version than `migrations` knows is refused with SchemaTooNewError.
+    `migrations` defaults to the registered MIGRATIONS (tests pass their own).
+    """
+    steps = list(MIGRATIONS if migrations is None else migrations)
+    for index, (number, _description, _fn) in enumerate(steps, start=1):
+        if number != index:
+            raise RuntimeError(f"migration {number} out of order (expected {index})")
+    latest = len(steps)
+    if conn.in_transaction:  # checked first: setting isolation_level would COMMIT it
+        raise RuntimeError("migrate() needs a connection without an open transaction")
+    saved_isolation = conn.isolation_level
+    conn.isolation_level = None  # explicit transactions only; no implicit BEGIN/COMMIT
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > latest:
+            raise SchemaTooNewError(
+                f"database schema v{current} is newer than this omnirouter knows (v{latest}); "
+                "upgrade omnirouter or restore a matching backup"
+            )
+        applied: list[int] = []
+        for number, description, fn in steps[current:]:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Re-check under the write lock: another process may have migrated meanwhile.
+                now_at = conn.execute("PRAGMA user_version").fetchone()[0]
+                if now_at >= number:
+                    conn.execute("COMMIT")
+                    continue
+                fn(conn)
+                if not conn.in_transaction:
+                    raise RuntimeError(
+                        f"migration {number} ({description}) ended the transaction "
+                        "(executescript or COMMIT inside a migration is not allowed)"
+                    )
+                conn.execute(f"PRAGMA user_version={int(number)}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            applied.append(number)
+        return applied
+    finally:
+        conn.isolation_level = saved_isolation
