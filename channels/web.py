@@ -1,0 +1,540 @@
+"""Web intake channel: customers (or a site's backend) POST messages as JSON over HTTP.
+
+`POST /v1/messages` validates the body by hand (a pydantic model per request costs
+more than the whole rest of the handler), normalises it into an `InboundMessage`
+and answers 201 only after the sink has committed it. `Idempotency-Key` becomes the
+message's `external_id`, so a client that lost an answer retries with the same key
+and gets the same ticket back (200, `"duplicate": true`); the same key with a
+different body is a 422, as in the IETF idempotency-key draft.
+`GET /v1/tickets/{ticket}` shows a ticket's status to whoever holds its status token.
+
+Every answer is JSON with `X-Content-Type-Options: nosniff` and `Cache-Control:
+no-store` (answers carry status tokens). Request bodies are never logged.
+channels/README.md documents the API for client authors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import re
+import time
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.drivers import (
+    DriverContext,
+    DriverState,
+    MessageSink,
+    TicketLookup,
+    TicketStatus,
+    TransientError,
+)
+from router.model import InboundMessage, new_ulid, utcnow
+
+NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"  # as router.config.NAME_RE (not imported: no cycle)
+
+MESSAGES_PATH = "/v1/messages"
+TICKETS_PATH = "/v1/tickets/"
+HEALTH_PATH = "/v1/health"
+
+MAX_HANDLE_CHARS = 200
+MAX_NAME_CHARS = 200
+MAX_CONVERSATION_CHARS = 200
+MAX_IDEMPOTENCY_KEY = 255
+MAX_TOKEN_CHARS = 512
+LANGUAGES = frozenset({"zh", "en"})
+RETRY_AFTER_SINK = "1"  # the store hiccuped: retry soon with the same Idempotency-Key
+RETRY_AFTER_STOPPING = "5"  # the daemon is restarting or draining
+# How long runner.cleanup() waits for handlers still running when run() is cancelled
+# without stop() having drained them first.
+_SHUTDOWN_GRACE = 5.0
+
+_TOP_FIELDS = frozenset({"text", "contact", "subject", "conversation", "language"})
+_CONTACT_FIELDS = frozenset({"handle", "name"})
+# C0 controls except TAB and LF (CR is folded into LF first), plus DEL.
+_TEXT_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Single-line fields (name, subject): every C0 control and DEL; TAB/CR/LF become spaces first.
+_LINE_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+_LINE_BREAKS = re.compile(r"[\t\r\n]+")
+# Identifiers (handle, conversation): C0, DEL and C1 controls are rejected, not stripped.
+_ID_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates survive json.loads ("\ud800") but cannot be stored as UTF-8.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+_TICKET = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Built once: json.dumps with non-default arguments builds a new encoder on every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+_JSON_HEADERS = {
+    "Content-Type": "application/json",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Server": "omnirouter",  # instead of aiohttp's "Python/x aiohttp/y"
+}
+
+
+class WebConfig(BaseModel):
+    """Settings of one web intake channel."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["web"]
+    name: str = Field(pattern=NAME_RE)
+    host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
+    port: int = Field(default=8090, ge=0, le=65535)  # 0: an ephemeral port (tests)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_text_chars: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_subject_chars: int = Field(default=300, ge=1, le=10_000)
+
+
+class _Rejected(Exception):
+    """A request the channel refuses; carries the HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class WebChannel:
+    """Serve the web intake API on host:port and hand each valid message to the sink."""
+
+    config_model: ClassVar[type[WebConfig]] = WebConfig
+
+    def __init__(self, name: str, config: WebConfig, ctx: DriverContext) -> None:
+        """Prepare the channel; nothing listens until run()."""
+        self.name = name
+        self.config = config
+        self.log = ctx.log
+        self.state = DriverState.STOPPED
+        self.last_error = ""
+        self.last_success: float | None = None  # time.time() of the last committed message
+        # Set while the listener accepts connections; cleared when it closes.
+        self.started = asyncio.Event()
+        self._tickets: TicketLookup = ctx.tickets
+        self._sink: MessageSink | None = None
+        self._port: int | None = None
+        self._stopping = False  # set by stop(), for good: a stopped instance is not restarted
+        self._closed = asyncio.Event()  # stop() tells run() to close the listener
+        self._done = asyncio.Event()  # set while no run() holds a listener
+        self._done.set()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def bound_port(self) -> int | None:
+        """Return the port listened on (the real one for port 0); None when not listening."""
+        return self._port
+
+    async def run(self, sink: MessageSink) -> None:
+        """Listen until stop() has drained the channel or the task is cancelled.
+
+        Returns at once after stop(); the supervisor builds a new instance to serve again.
+        A port that cannot be bound raises TransientError.
+        """
+        if self._stopping:
+            return
+        if not self._done.is_set():
+            raise RuntimeError(f"web channel {self.name} is already running")
+        self._done.clear()
+        self._sink = sink
+        self._set_state(DriverState.CONNECTING)
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_route("*", MESSAGES_PATH, self._handle_messages)
+        app.router.add_route("*", TICKETS_PATH + "{ticket}", self._handle_ticket)
+        app.router.add_route("*", HEALTH_PATH, self._handle_health)
+        app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
+        # No access log: it would hold ?token= status tokens, and one line per request
+        # is the pipeline's job (it logs each routed message once).
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE
+        )
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, self.config.host, self.config.port)
+            try:
+                await site.start()
+            except OSError as exc:
+                self.last_error = (
+                    f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
+                )
+                self._set_state(DriverState.TRANSIENT_DISCONNECT)
+                raise TransientError(f"web {self.name}: {self.last_error}") from None
+            address = runner.addresses[0]
+            self._port = int(address[1])
+            self.started.set()
+            self._set_state(DriverState.CONNECTED)
+            self.log.info("web.listening", host=self.config.host, port=self._port)
+            await self._closed.wait()
+        finally:
+            self.started.clear()
+            self._port = None
+            try:
+                # Stops the site, closes idle keep-alive connections and waits up to
+                # _SHUTDOWN_GRACE for handlers still running (when run() is cancelled).
+                await runner.cleanup()
+            finally:
+                if self.state != DriverState.TRANSIENT_DISCONNECT:
+                    self._set_state(DriverState.STOPPED)
+                self._done.set()
+
+    async def stop(self) -> None:
+        """Refuse new messages with 503, let in-flight ones finish, then close the listener."""
+        self._stopping = True
+        await self._idle.wait()
+        self._closed.set()
+        await self._done.wait()
+        self._set_state(DriverState.STOPPED)
+
+    # -- handlers ----------------------------------------------------------------
+
+    async def _handle_messages(self, request: web.Request) -> web.Response:
+        """Take one message: validate, commit through the sink, answer with its ticket."""
+        if request.method != "POST":
+            return _method_not_allowed("POST")
+        if self._stopping:
+            return _unavailable("the channel is shutting down", RETRY_AFTER_STOPPING)
+        # Counted synchronously with the check above, so stop() waits for this request.
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._intake(request)
+        except _Rejected as exc:
+            return _error(exc.status, exc.code, exc.message, exc.field)
+        except Exception:
+            self.log.exception("web.internal_error", path=MESSAGES_PATH)
+            return _error(500, "internal_error", "internal error")
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    async def _intake(self, request: web.Request) -> web.Response:
+        """Run the intake steps; raise _Rejected for anything not storable."""
+        config = self.config
+        if request.content_type != "application/json":
+            raise _Rejected(415, "unsupported_media_type", "Content-Type must be application/json")
+        charset = request.charset
+        if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+            raise _Rejected(415, "unsupported_media_type", "the body must be UTF-8")
+        length = request.content_length
+        if length is not None and length > config.max_body_bytes:
+            raise _too_large(config.max_body_bytes)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and (
+            len(key) > MAX_IDEMPOTENCY_KEY or not _PRINTABLE_ASCII.fullmatch(key)
+        ):
+            raise _Rejected(
+                400,
+                "invalid_idempotency_key",
+                f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+                "Idempotency-Key",
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(config.max_body_bytes) from None
+        try:
+            # Decoded strictly here rather than by json.loads(bytes), which would also
+            # take UTF-16/32 and encoded surrogates ("surrogatepass").
+            document = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _Rejected(400, "invalid_encoding", "the body is not valid UTF-8") from None
+        except (ValueError, RecursionError):
+            raise _Rejected(400, "invalid_json", "the body is not valid JSON") from None
+        fields = self._validate(document)
+        digest = hashlib.sha256(_CANONICAL.encode(fields).encode("ascii")).hexdigest()
+        contact = fields["contact"]
+        message = InboundMessage(
+            channel=self.name,
+            channel_type="web",
+            external_id=key if key is not None else new_ulid(),
+            contact_handle=contact["handle"],
+            text=fields["text"],
+            contact_name=contact["name"],
+            subject=fields["subject"],
+            conversation_hint=fields["conversation"],
+            received_at=utcnow(),
+            language=fields["language"],
+            payload_sha256=digest,
+            raw=body,
+        )
+        sink = self._sink
+        if sink is None:  # pragma: no cover  (handlers only run inside run())
+            raise RuntimeError("no sink")
+        try:
+            receipt = await sink(message)
+        except Exception as exc:
+            # Not committed (or not known to be): the client retries with the same key.
+            self.last_error = f"sink failed: {type(exc).__name__}"
+            self.log.error("web.sink_failed", error=type(exc).__name__, exc_info=True)
+            return _unavailable("the message could not be stored; retry", RETRY_AFTER_SINK)
+        if receipt.payload_conflict:
+            raise _Rejected(
+                422,
+                "idempotency_key_conflict",
+                "this Idempotency-Key was already used with a different request body",
+                "Idempotency-Key",
+            )
+        self.last_success = time.time()
+        status_url = TICKETS_PATH + receipt.ticket
+        answer: dict[str, Any] = {
+            "ticket": receipt.ticket,
+            "status_token": receipt.status_token,
+            "message_id": receipt.message_id,
+            "conversation_id": receipt.conversation_id,
+            "state": receipt.state,
+            "status_url": status_url,
+        }
+        if receipt.duplicate:
+            answer["duplicate"] = True
+            return _json(200, answer)
+        return _json(201, answer, {"Location": status_url})
+
+    def _validate(self, document: object) -> dict[str, Any]:
+        """Return the normalised fields of a request body; raise _Rejected naming the bad field."""
+        if type(document) is not dict:
+            raise _Rejected(400, "invalid_body", "the body must be a JSON object")
+        for key in document:
+            if key not in _TOP_FIELDS:
+                raise _Rejected(400, "unknown_field", "unknown field", _field_name(key))
+        if "text" not in document:
+            raise _Rejected(400, "missing_field", "text is required", "text")
+        text = _clean_text(document["text"], "text")
+        if not text:
+            raise _Rejected(400, "invalid_field", "text must not be blank", "text")
+        if len(text) > self.config.max_text_chars:
+            raise _Rejected(
+                400,
+                "invalid_field",
+                f"text must be at most {self.config.max_text_chars} characters",
+                "text",
+            )
+        contact = document.get("contact")
+        if contact is None:
+            raise _Rejected(400, "missing_field", "contact is required", "contact")
+        if type(contact) is not dict:
+            raise _Rejected(400, "invalid_field", "contact must be an object", "contact")
+        for key in contact:
+            if key not in _CONTACT_FIELDS:
+                raise _Rejected(
+                    400, "unknown_field", "unknown field", "contact." + _field_name(key)
+                )
+        if "handle" not in contact:
+            raise _Rejected(400, "missing_field", "contact.handle is required", "contact.handle")
+        handle = _clean_id(contact["handle"], "contact.handle", MAX_HANDLE_CHARS)
+        if not handle:
+            raise _Rejected(
+                400, "invalid_field", "contact.handle must not be blank", "contact.handle"
+            )
+        name = _clean_line(contact.get("name"), "contact.name", MAX_NAME_CHARS)
+        subject = _clean_line(document.get("subject"), "subject", self.config.max_subject_chars)
+        conversation = document.get("conversation")
+        conversation = (
+            ""
+            if conversation is None
+            else _clean_id(conversation, "conversation", MAX_CONVERSATION_CHARS)
+        )
+        language = document.get("language")
+        if language is not None and (type(language) is not str or language not in LANGUAGES):
+            raise _Rejected(400, "invalid_field", 'language must be "zh" or "en"', "language")
+        return {
+            "text": text,
+            "contact": {"handle": handle, "name": name},
+            "subject": subject,
+            "conversation": conversation,
+            "language": language,
+        }
+
+    async def _handle_ticket(self, request: web.Request) -> web.Response:
+        """Answer a ticket's status to the holder of its status token."""
+        if request.method != "GET":
+            return _method_not_allowed("GET")
+        try:
+            return await self._ticket_status(request)
+        except Exception:
+            self.log.exception("web.internal_error", path=TICKETS_PATH)
+            return _error(500, "internal_error", "internal error")
+
+    async def _ticket_status(self, request: web.Request) -> web.Response:
+        """Look the ticket up with the token from the Authorization header or ?token=."""
+        token = ""
+        authorization = request.headers.get("Authorization")
+        if authorization:
+            scheme, _, credentials = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                token = credentials.strip()
+        if not token:
+            token = request.query.get("token", "")
+        if not token:
+            # Independent of the ticket, so it reveals nothing about which tickets exist.
+            return _json(
+                401,
+                {"error": {"code": "unauthorized", "message": "a status token is required"}},
+                {"WWW-Authenticate": "Bearer"},
+            )
+        ticket = request.match_info["ticket"]
+        if not _TICKET.fullmatch(ticket) or len(token) > MAX_TOKEN_CHARS:
+            return _not_found()
+        try:
+            status = await self._tickets(ticket, token)
+        except Exception as exc:
+            self.log.error("web.ticket_lookup_failed", error=type(exc).__name__, exc_info=True)
+            return _unavailable("the ticket could not be read; retry", RETRY_AFTER_SINK)
+        if status is None:
+            return _not_found()
+        return _json(200, _ticket_json(status))
+
+    async def _handle_health(self, request: web.Request) -> web.Response:
+        """Answer 200 while accepting messages, 503 while shutting down."""
+        if request.method != "GET":
+            return _method_not_allowed("GET")
+        if self._stopping:
+            return _unavailable("the channel is shutting down", RETRY_AFTER_STOPPING)
+        return _json(200, {"status": "ok"})
+
+    async def _handle_unknown(self, request: web.Request) -> web.Response:
+        """Answer 404 as JSON for any other path."""
+        return _not_found()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _set_state(self, state: DriverState) -> None:
+        """Change state and log the transition once."""
+        if state != self.state:
+            self.log.info("driver.state", old=str(self.state), new=str(state))
+            self.state = state
+
+
+def _clean_text(value: object, field: str) -> str:
+    """Return multi-line text without control characters (TAB and LF kept), NFC, stripped."""
+    if type(value) is not str:
+        raise _Rejected(400, "invalid_field", f"{field} must be a string", field)
+    if "\r" in value:
+        value = value.replace("\r\n", "\n").replace("\r", "\n")
+    value = _TEXT_CONTROLS.sub("", value)
+    if not value.isascii():
+        value = _nfc(value, field)
+    return value.strip()
+
+
+def _clean_line(value: object, field: str, limit: int) -> str:
+    """Return a one-line optional field (null: ""), controls removed, NFC, stripped, bounded."""
+    if value is None:
+        return ""
+    if type(value) is not str:
+        raise _Rejected(400, "invalid_field", f"{field} must be a string", field)
+    value = _LINE_CONTROLS.sub("", _LINE_BREAKS.sub(" ", value))
+    if not value.isascii():
+        value = _nfc(value, field)
+    value = value.strip()
+    if len(value) > limit:
+        raise _Rejected(400, "invalid_field", f"{field} must be at most {limit} characters", field)
+    return value
+
+
+def _clean_id(value: object, field: str, limit: int) -> str:
+    """Return an identifier NFC and stripped; reject control characters and overlong values."""
+    if type(value) is not str:
+        raise _Rejected(400, "invalid_field", f"{field} must be a string", field)
+    if _ID_CONTROLS.search(value):
+        raise _Rejected(400, "invalid_field", f"{field} must not contain control characters", field)
+    if not value.isascii():
+        value = _nfc(value, field)
+    value = value.strip()
+    if len(value) > limit:
+        raise _Rejected(400, "invalid_field", f"{field} must be at most {limit} characters", field)
+    return value
+
+
+def _nfc(value: str, field: str) -> str:
+    """Return value in NFC; reject lone surrogates (not Unicode text, not storable as UTF-8)."""
+    if _SURROGATES.search(value):
+        raise _Rejected(400, "invalid_field", f"{field} is not valid Unicode", field)
+    if unicodedata.is_normalized("NFC", value):
+        return value
+    return unicodedata.normalize("NFC", value)
+
+
+def _field_name(key: str) -> str:
+    """Return a client-supplied field name safe and short enough to echo in an error."""
+    return key[:64]
+
+
+def _ticket_json(status: TicketStatus) -> dict[str, Any]:
+    """Return the JSON-ready dict of a ticket status, datetimes as ISO 8601 UTC."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(status):
+        value = getattr(status, f.name)
+        out[f.name] = _iso(value) if isinstance(value, datetime) else value
+    return out
+
+
+def _iso(value: datetime) -> str:
+    """Return value as ISO 8601 in UTC with a Z suffix (naive values are taken as UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _json(status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> web.Response:
+    """Return a JSON response with the security headers.
+
+    Non-ASCII is escaped and so are <, > and &, so even a client-chosen field name
+    echoed in an error cannot become markup if something renders the answer.
+    """
+    text = _COMPACT.encode(body)
+    if "<" in text or ">" in text or "&" in text:
+        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    headers = _JSON_HEADERS if extra is None else {**_JSON_HEADERS, **extra}
+    return web.Response(status=status, body=text.encode("ascii"), headers=headers)
+
+
+def _error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    """Return the JSON error answer {"error": {"code", "message"[, "field"]}}."""
+    error: dict[str, str] = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return _json(status, {"error": error})
+
+
+def _too_large(limit: int) -> _Rejected:
+    """Return the 413 rejection for a body over limit bytes."""
+    return _Rejected(413, "payload_too_large", f"the body must be at most {limit} bytes")
+
+
+def _unavailable(message: str, retry_after: str) -> web.Response:
+    """Return 503 with Retry-After; the connection is closed so the client reconnects."""
+    response = _json(
+        503,
+        {"error": {"code": "unavailable", "message": message}},
+        {"Retry-After": retry_after},
+    )
+    response.force_close()
+    return response
+
+
+def _not_found() -> web.Response:
+    """Return the one 404 answer (unknown ticket, wrong token and unknown path alike)."""
+    return _json(404, {"error": {"code": "not_found", "message": "not found"}})
+
+
+def _method_not_allowed(allowed: str) -> web.Response:
+    """Return 405 naming the allowed method."""
+    return _json(
+        405,
+        {"error": {"code": "method_not_allowed", "message": f"use {allowed}"}},
+        {"Allow": allowed},
+    )
