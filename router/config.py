@@ -1,58 +1,119 @@
 """Load, resolve and validate the TOML configuration into typed, frozen models.
 
-Every error names its place: `omnirouter.toml line 14: channels[2].port: must be
-1–65535, got 99999`. Secrets are written as `${ENV_VAR}` or `file:/path` (systemd
-credentials) and resolved before validation; they never appear in errors or logs.
+Every error names its file, line, path and value:
+`omnirouter.toml line 14: channels[0].port: Input should be less than or equal to
+65535 (got 99999)`. Secrets are written as `${ENV_VAR}` or `file:/path` (systemd
+credentials) and resolved before validation. A resolved value, or the value of a
+field marked secret (`SecretStr`, or `json_schema_extra={"secret": True}`), is never
+echoed in an error, and every resolved value is registered with `router.logging` so
+it is masked in logs too.
+
 Driver sections (channels, adapters) are validated against the model their module
-exports, chosen by `type`, so a new driver brings its own schema.
+exports, chosen by `type`, so a new driver brings its own schema. Files matched by
+`daemon.include` (conf.d) may add channels, adapters and agents; their errors name
+the included file and the entry's position in it.
 """
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from router.drivers import ADAPTERS, CHANNELS, load_driver
+from router.logging import MIN_SECRET_LENGTH, mask_secrets, register_secret
+from router.model import LABELS
 
 AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 # Values copied from the example file and never edited: refuse to start on them
 # rather than run with a password everyone knows (mautrix's ForbiddenDefault).
 FORBIDDEN_PLACEHOLDERS = ("CHANGE_ME", "changeme", "<secret>")
+# The exit status of `omnirouter` for an unusable config; the systemd unit lists it
+# in RestartPreventExitStatus so a broken file does not cause a restart loop.
+EXIT_CONFIG = 11
+MASK = "***"
+# Keys an included (conf.d) file may set: the lists admins edit one entry at a time.
+INCLUDABLE = ("channels", "adapters", "agents")
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TOML_POS = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_LIST_PATH = re.compile(r"^(channels|adapters|agents)\[(\d+)\](.*)$")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem: where (file, line, dotted path) and what."""
+
+    source: str
+    line: int | None
+    path: str
+    message: str
+    column: int | None = None
+
+    def __str__(self) -> str:
+        """Render as `file line N: path: message` (parts that are unknown are left out)."""
+        where = self.source
+        if self.line is not None:
+            where += f" line {self.line}"
+            if self.column is not None:
+                where += f", column {self.column}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
 class ConfigError(Exception):
-    """A configuration that cannot be used; `errors` lists each problem with its path."""
+    """A configuration that cannot be used; `issues` lists each problem with its place."""
 
-    def __init__(self, source: str, errors: list[str]) -> None:
-        super().__init__(f"{source}: " + "; ".join(errors))
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, source: str, errors: Sequence[ConfigIssue | str]) -> None:
+        """Keep the issues; plain strings are taken as messages about the whole file."""
         self.source = source
-        self.errors = errors
+        self.issues: list[ConfigIssue] = [
+            e if isinstance(e, ConfigIssue) else ConfigIssue(source, None, "", e) for e in errors
+        ]
+        # One rendered line per issue, each starting with its file.
+        self.errors: list[str] = [str(i) for i in self.issues]
+        super().__init__(self.render())
 
     def render(self) -> str:
         """Return one error per line, ready for a terminal or the journal."""
-        return "\n".join(f"{self.source} {e}" if e.startswith("line ") else f"{self.source}: {e}" for e in self.errors)
+        return "\n".join(self.errors)
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _default_state_dir() -> Path:
+    """Return $OMNIROUTER_STATE_DIR, else ./omnirouter-state."""
+    return Path(os.environ.get("OMNIROUTER_STATE_DIR", "omnirouter-state"))
+
+
 class DaemonConfig(_Frozen):
     """Process-wide settings."""
 
-    state_dir: Path = Field(default_factory=lambda: Path(os.environ.get("OMNIROUTER_STATE_DIR", "omnirouter-state")))
-    shutdown_timeout: float = Field(20.0, gt=0, le=600)
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    shutdown_timeout: float = Field(default=20.0, gt=0, le=600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Message bodies are customer data: they stay out of logs unless asked for.
     log_bodies: bool = False
@@ -65,7 +126,7 @@ class StoreConfig(_Frozen):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "omnirouter.db"  # relative to daemon.state_dir unless absolute
     synchronous: Literal["full", "normal"] = "full"
-    raw_max_bytes: int = Field(256 * 1024, ge=0, le=64 * 1024 * 1024)
+    raw_max_bytes: int = Field(default=256 * 1024, ge=0, le=64 * 1024 * 1024)
 
 
 class OpsConfig(_Frozen):
@@ -73,27 +134,27 @@ class OpsConfig(_Frozen):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(8081, ge=0, le=65535)
+    port: int = Field(default=8081, ge=0, le=65535)
     # Unset: a random token is written to <state_dir>/admin-token on first start.
-    admin_token: str | None = Field(None, min_length=16, json_schema_extra={"secret": True})
+    admin_token: str | None = Field(default=None, min_length=16, json_schema_extra={"secret": True})
 
 
 class ClassifierConfig(_Frozen):
     """Thresholds the classifier and escalation rules use."""
 
-    amount_threshold: float = Field(5000.0, gt=0)
+    amount_threshold: float = Field(default=5000.0, gt=0)
     vip_contacts: list[str] = Field(default_factory=list)
-    repeat_contact_count: int = Field(3, ge=2, le=100)
-    repeat_contact_window: float = Field(72 * 3600.0, gt=0)  # seconds
+    repeat_contact_count: int = Field(default=3, ge=2, le=100)
+    repeat_contact_window: float = Field(default=72 * 3600.0, gt=0)  # seconds
 
 
 class SlaConfig(_Frozen):
     """Seconds to first response, by class; urgent (P0/P1) overrides the class."""
 
-    inquiry: float = Field(300.0, gt=0)
-    complaint: float = Field(120.0, gt=0)
-    suggestion: float = Field(24 * 3600.0, gt=0)
-    urgent: float = Field(30.0, gt=0)
+    inquiry: float = Field(default=300.0, gt=0)
+    complaint: float = Field(default=120.0, gt=0)
+    suggestion: float = Field(default=24 * 3600.0, gt=0)
+    urgent: float = Field(default=30.0, gt=0)
 
 
 class RoutingConfig(_Frozen):
@@ -108,11 +169,11 @@ class RoutingConfig(_Frozen):
 class OutboxConfig(_Frozen):
     """How deliveries are retried before they become dead letters."""
 
-    max_attempts: int = Field(8, ge=1, le=100)
-    backoff_base: float = Field(0.5, gt=0, le=60)
-    backoff_cap: float = Field(300.0, gt=0, le=86400)
-    concurrency: int = Field(256, ge=1, le=10000)
-    poll_interval: float = Field(5.0, gt=0, le=3600)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    backoff_base: float = Field(default=0.5, gt=0, le=60)
+    backoff_cap: float = Field(default=300.0, gt=0, le=86400)
+    concurrency: int = Field(default=256, ge=1, le=10000)
+    poll_interval: float = Field(default=5.0, gt=0, le=3600)
 
 
 class AgentConfig(_Frozen):
@@ -120,7 +181,7 @@ class AgentConfig(_Frozen):
 
     id: str = Field(pattern=AGENT_ID_RE)
     name: str = ""
-    capacity: int = Field(3, ge=1, le=1000)
+    capacity: int = Field(default=3, ge=1, le=1000)
     tool: str  # name of an adapter
     address: str = ""
     skills: list[str] = Field(default_factory=list)
@@ -139,17 +200,19 @@ class DriverSection(_Frozen):
 class Config(_Frozen):
     """The whole validated configuration."""
 
-    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    ops: OpsConfig = Field(default_factory=OpsConfig)
-    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
-    sla: SlaConfig = Field(default_factory=SlaConfig)
-    routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    daemon: DaemonConfig = Field(default_factory=lambda: DaemonConfig())
+    store: StoreConfig = Field(default_factory=lambda: StoreConfig())
+    ops: OpsConfig = Field(default_factory=lambda: OpsConfig())
+    classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
+    sla: SlaConfig = Field(default_factory=lambda: SlaConfig())
+    routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
+    outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig())
     channels: list[Any] = Field(default_factory=list)  # driver models, validated below
     adapters: list[Any] = Field(default_factory=list)
     agents: list[AgentConfig] = Field(default_factory=list)
     source: str = "<embedded defaults>"
+    # Every string resolved from ${ENV} or file:, masked by redacted_dump wherever it appears.
+    _secret_values: frozenset[str] = PrivateAttr(default=frozenset())
 
     def db_path(self) -> Path:
         """Return the SQLite path, resolved against the state directory."""
@@ -163,43 +226,67 @@ class Config(_Frozen):
         return self.routing.queues.get(label, "default")
 
 
-def _resolve_refs(value: Any, path: str, errors: list[str], base: Path) -> Any:
-    """Replace ${ENV} and file: references in every string, recursively."""
-    if isinstance(value, dict):
-        return {k: _resolve_refs(v, f"{path}.{k}" if path else k, errors, base) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve_refs(v, f"{path}[{i}]", errors, base) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-    if value in FORBIDDEN_PLACEHOLDERS:
-        errors.append(f"{path}: still holds the example placeholder {value!r}; set a real value")
-        return value
-    if value.startswith("file:"):
-        file_path = Path(os.path.expandvars(value[5:]))
-        if not file_path.is_absolute():
-            file_path = base / file_path
-        try:
-            return file_path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            errors.append(f"{path}: cannot read secret file {str(file_path)!r}: {exc.strerror}")
-            return ""
+# -- model introspection --------------------------------------------------------------
 
-    def env(m: re.Match[str]) -> str:
-        name = m.group(1)
-        if name not in os.environ:
-            errors.append(f"{path}: environment variable {name} is not set")
-            return ""
-        return os.environ[name]
 
-    return _ENV_REF.sub(env, value)
+def _has_secret_type(annotation: Any) -> bool:
+    """Tell whether a type is, or contains (Optional, dict values, lists), a pydantic secret."""
+    if isinstance(annotation, type) and issubclass(annotation, SecretStr | SecretBytes):
+        return True
+    return any(_has_secret_type(a) for a in get_args(annotation))
+
+
+def is_secret_field(info: FieldInfo) -> bool:
+    """Tell whether a model field holds a secret (SecretStr or json_schema_extra secret)."""
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and extra.get("secret") is True:
+        return True
+    return _has_secret_type(info.annotation)
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """Return the pydantic model a field's type holds (directly, or in a list/dict/Optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _walk(
+    model: type[BaseModel] | None, loc: Sequence[int | str]
+) -> tuple[bool, type[BaseModel] | None]:
+    """Follow an error location; return (a field on it is secret, the model holding its end)."""
+    secret = False
+    parent = model
+    current = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        parent = current
+        if current is None:
+            break
+        info = current.model_fields.get(part)
+        if info is None:
+            current = None
+            continue
+        secret = secret or is_secret_field(info)
+        current = _submodel(info.annotation)
+    return secret, parent
+
+
+# -- locating paths in TOML text ------------------------------------------------------
 
 
 def _locate(text: str, loc: str) -> int | None:
     """Best-effort line number of a dotted config path like `channels[2].port` in TOML text."""
-    if not text:
+    if not text or not loc:
         return None
     lines = text.splitlines()
     parts = re.findall(r"([A-Za-z0-9_-]+)(?:\[(\d+)\])?", loc)
+    header_any = re.compile(r"^\s*\[")
     start = 0
     found: int | None = None
     table = ""
@@ -217,22 +304,164 @@ def _locate(text: str, loc: str) -> int | None:
             else:
                 return found
             continue
-        key = re.compile(rf"^\s*{re.escape(name)}\s*=")
+        key = re.compile(rf"^\s*[\"']?{re.escape(name)}[\"']?\s*=")
         sub = re.compile(rf"^\s*\[\s*{re.escape(f'{table}.{name}' if table else name)}\s*\]")
         for i in range(start, len(lines)):
             if key.match(lines[i]) or sub.match(lines[i]):
                 start, found = i + 1, i + 1
                 break
-            # Stop at the next array-of-tables entry of the same kind: the key is not in ours.
-            if i > start and table and re.match(rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]", lines[i]):
+            # Inside a table, the next table header ends it: the key is not written there.
+            if table and header_any.match(lines[i]):
                 break
         table = f"{table}.{name}" if table else name
     return found
 
 
-def _format_pydantic(exc: ValidationError, prefix: str, raw: dict[str, Any], text: str) -> list[str]:
-    """Turn pydantic errors into `line N: path: message, got value` strings."""
-    out = []
+# -- loading --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Doc:
+    """One TOML file: its name for messages, its text (for line numbers), its directory."""
+
+    source: str
+    text: str
+    base: Path
+
+
+_NOTHING: Any = object()
+
+
+class _Loader:
+    """Collect issues with their place, and the secret values met while resolving."""
+
+    def __init__(self, main: _Doc) -> None:
+        """Start with the main file; included entries are mapped back by `origins`."""
+        self.main = main
+        self.origins: dict[str, list[tuple[_Doc, int]]] = {k: [] for k in INCLUDABLE}
+        self.issues: list[ConfigIssue] = []
+        self.secrets: set[str] = set()
+        self.from_ref: set[str] = set()  # paths whose value came from ${ENV} or file:
+        self.flagged: set[str] = set()  # paths with an issue already (skip follow-on errors)
+
+    def where(self, path: str) -> tuple[_Doc, str]:
+        """Map a path of the merged config to its file and its path inside that file."""
+        m = _LIST_PATH.match(path)
+        if m:
+            origins = self.origins[m[1]]
+            index = int(m[2])
+            if index < len(origins):
+                doc, local = origins[index]
+                return doc, f"{m[1]}[{local}]{m[3]}"
+        return self.main, path
+
+    def first_use(self, path: str, here: str) -> str:
+        """Describe where an earlier entry is, naming its file only if it is another one."""
+        doc, local = self.where(path)
+        return local if doc is self.where(here)[0] else f"{local} in {doc.source}"
+
+    def mask(self, text: str) -> str:
+        """Replace every secret seen in this load (and registered before) by ***."""
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if len(secret) >= MIN_SECRET_LENGTH:
+                text = text.replace(secret, MASK)
+        return mask_secrets(text)
+
+    def show(self, path: str, value: Any, *, secret: bool = False) -> str:
+        """Return repr(value) for a message, or *** when it is (or came from) a secret."""
+        if secret or path in self.from_ref:
+            return MASK
+        return self.mask(repr(value))
+
+    def add(self, path: str, message: str, *, got: Any = _NOTHING, secret: bool = False) -> None:
+        """Record one issue at path; `got` is the offending value (shown unless secret)."""
+        self.flagged.add(path)
+        doc, local = self.where(path)
+        if got is not _NOTHING and not isinstance(got, dict | list | tuple):
+            message = f"{message} (got {self.show(path, got, secret=secret)})"
+        self.issues.append(
+            ConfigIssue(doc.source, _locate(doc.text, local), local, self.mask(message))
+        )
+
+    def add_file(
+        self, source: str, message: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        """Record an issue about a whole file (unreadable, not TOML)."""
+        self.issues.append(ConfigIssue(source, line, "", message, column))
+
+    def note_secret(self, value: str) -> None:
+        """Remember a secret value for masking here and in logs."""
+        if value:
+            self.secrets.add(value)
+            register_secret(value)
+
+
+def _is_placeholder(value: str) -> bool:
+    """Tell whether a string is (or embeds) a value copied from the example and not edited."""
+    return value.strip().lower() in {p.lower() for p in FORBIDDEN_PLACEHOLDERS} or any(
+        p in value for p in ("CHANGE_ME", "<secret>")
+    )
+
+
+def _resolve_refs(value: Any, path: str, loader: _Loader) -> Any:
+    """Replace ${ENV} and file: references in every string, recursively."""
+    if isinstance(value, dict):
+        return {k: _resolve_refs(v, f"{path}.{k}" if path else k, loader) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_refs(v, f"{path}[{i}]", loader) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    if _is_placeholder(value):
+        loader.add(path, f"still holds the example placeholder {value!r}; set a real value")
+        return value
+    if value.startswith("file:") or "${" in value:
+        loader.from_ref.add(path)
+
+    def env(m: re.Match[str], secret: bool = True) -> str:
+        """Return the value of the referenced variable, recording it as a secret."""
+        name = m.group(1)
+        if name not in os.environ:
+            loader.add(path, f"environment variable {name} is not set")
+            return ""
+        resolved = os.environ[name]
+        if secret:
+            loader.note_secret(resolved)
+        if _is_placeholder(resolved):
+            loader.add(path, f"environment variable {name} still holds an example placeholder")
+        return resolved
+
+    if value.startswith("file:"):
+        # ${VAR} in the path is expanded (file:${CREDENTIALS_DIRECTORY}/token); the
+        # path itself is not secret, but what it points to is.
+        missing = len(loader.issues)
+        file_path = Path(_ENV_REF.sub(lambda m: env(m, secret=False), value[5:]))
+        if len(loader.issues) > missing:
+            return ""
+        if not file_path.is_absolute():
+            file_path = loader.where(path)[0].base / file_path
+        try:
+            secret = file_path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            loader.add(path, f"cannot read secret file {str(file_path)!r}: {exc.strerror or exc}")
+            return ""
+        except UnicodeDecodeError:
+            loader.add(path, f"secret file {str(file_path)!r} is not UTF-8 text")
+            return ""
+        if not secret:
+            loader.add(path, f"secret file {str(file_path)!r} is empty")
+        loader.note_secret(secret)
+        if _is_placeholder(secret):
+            loader.add(path, f"secret file {str(file_path)!r} still holds an example placeholder")
+        return secret
+    if "${" not in value:
+        return value
+    return _ENV_REF.sub(env, value)
+
+
+def _add_validation_errors(
+    loader: _Loader, exc: ValidationError, prefix: str, model: type[BaseModel]
+) -> None:
+    """Record pydantic errors as issues with path, reason and (non-secret) value."""
     for err in exc.errors():
         loc = prefix
         for part in err["loc"]:
@@ -240,121 +469,327 @@ def _format_pydantic(exc: ValidationError, prefix: str, raw: dict[str, Any], tex
                 loc += f"[{part}]"
             else:
                 loc = f"{loc}.{part}" if loc else str(part)
+        if loc in loader.flagged:
+            continue  # e.g. "too short" after "environment variable X is not set"
+        secret, parent = _walk(model, err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
-        got = ""
-        if "input" in err and err["type"] not in ("missing", "extra_forbidden"):
-            value = err["input"]
-            secret = any(w in loc.lower() for w in ("secret", "password", "token", "key"))
-            if not isinstance(value, dict | list):
-                got = ", got [redacted]" if secret else f", got {value!r}"
-        line = _locate(text, loc)
-        where = f"line {line}: " if line else ""
-        out.append(f"{where}{loc}: {msg}{got}")
-    return out
+            last = err["loc"][-1] if err["loc"] else ""
+            if parent is not None and isinstance(last, str):
+                close = difflib.get_close_matches(last, list(parent.model_fields), n=1)
+                if close:
+                    msg += f"; did you mean {close[0]!r}?"
+            loader.add(loc, msg)
+            continue
+        if err["type"] == "missing":
+            loader.add(loc, "required setting is missing")
+            continue
+        loader.add(loc, msg, got=err.get("input", _NOTHING), secret=secret)
 
 
 def _validate_drivers(
-    kind: str, sections: Iterable[Any], registry: dict[str, str], errors: list[str], text: str
+    kind: str, sections: Iterable[Any], registry: dict[str, str], loader: _Loader
 ) -> list[Any]:
     """Validate each driver section with the model its type registers."""
     models = []
-    names: set[str] = set()
+    names: dict[str, int] = {}
     for i, section in enumerate(sections):
         path = f"{kind}[{i}]"
         if not isinstance(section, dict):
-            errors.append(f"{path}: must be a table")
+            loader.add(path, "must be a table")
             continue
         try:
             head = DriverSection.model_validate(section)
         except ValidationError as exc:
-            errors.extend(_format_pydantic(exc, path, section, text))
+            _add_validation_errors(loader, exc, path, DriverSection)
             continue
         try:
             cls = load_driver(registry, head.type)
         except KeyError:
-            errors.append(f"{path}.type: unknown type {head.type!r}; known: {', '.join(sorted(registry))}")
+            loader.add(
+                f"{path}.type",
+                f"unknown type {loader.show(f'{path}.type', head.type)}; "
+                f"known: {', '.join(sorted(registry))}",
+            )
             continue
         except ImportError as exc:
-            errors.append(f"{path}.type: driver {head.type!r} cannot be loaded: {exc}")
+            loader.add(f"{path}.type", f"driver {head.type!r} cannot be loaded: {exc}")
             continue
         if head.name in names:
-            errors.append(f"{path}.name: duplicate name {head.name!r}")
-        names.add(head.name)
+            first = loader.first_use(f"{kind}[{names[head.name]}]", path)
+            loader.add(f"{path}.name", f"duplicate name {head.name!r} (first used by {first})")
+        else:
+            names[head.name] = i
+        model: type[BaseModel] = cls.config_model
         try:
-            models.append(cls.config_model.model_validate(section))
+            models.append(model.model_validate(section))
         except ValidationError as exc:
-            errors.extend(_format_pydantic(exc, path, section, text))
+            _add_validation_errors(loader, exc, path, model)
     return models
 
 
-def build_config(raw: dict[str, Any], *, source: str, text: str = "", base: Path | None = None) -> Config:
-    """Validate a parsed TOML document (plus includes already merged) into a Config."""
-    errors: list[str] = []
-    resolved = _resolve_refs(raw, "", errors, base or Path.cwd())
+def _collect_secret_values(model: BaseModel, out: set[str]) -> None:
+    """Add the values of every secret field of model (and nested models) to out."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if is_secret_field(info):
+            values = value.values() if isinstance(value, dict) else [value]
+            for v in values:
+                if isinstance(v, SecretStr):
+                    out.add(v.get_secret_value())
+                elif isinstance(v, str):
+                    out.add(v)
+        elif isinstance(value, BaseModel):
+            _collect_secret_values(value, out)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    _collect_secret_values(item, out)
+
+
+def _check_cross(loader: _Loader, config: Config, channels: list[Any], adapters: list[Any]) -> None:
+    """Check what no single model can: references between sections and clashes."""
+    adapter_names = sorted({a.name for a in adapters})
+    seen: dict[str, int] = {}
+    served: set[str] = set()
+    for i, agent in enumerate(config.agents):
+        if agent.id in seen:
+            first = loader.first_use(f"agents[{seen[agent.id]}]", f"agents[{i}]")
+            loader.add(
+                f"agents[{i}].id", f"duplicate agent id {agent.id!r} (first used by {first})"
+            )
+        else:
+            seen[agent.id] = i
+        if agent.tool not in adapter_names:
+            loader.add(
+                f"agents[{i}].tool",
+                f"no adapter named {loader.show(f'agents[{i}].tool', agent.tool)}; "
+                f"configured: {', '.join(adapter_names) or 'none'}",
+            )
+        served.update(agent.queues)
+    for label, queue in config.routing.queues.items():
+        path = f"routing.queues.{label}"
+        if label not in LABELS:
+            loader.add(path, f"unknown label {label!r}; known: {', '.join(LABELS)}")
+        elif config.agents and queue not in served:
+            loader.add(
+                path, f"no agent serves queue {queue!r}; served: {', '.join(sorted(served))}"
+            )
+    escalation = config.routing.escalation_queue
+    if escalation is not None and config.agents and escalation not in served:
+        loader.add(
+            "routing.escalation_queue",
+            f"no agent serves queue {escalation!r}; served: {', '.join(sorted(served))}",
+        )
+    if config.daemon.shutdown_timeout < 1 and channels:
+        loader.add("daemon.shutdown_timeout", "must leave at least 1 s to drain channels")
+    # Listeners that would fight over one address: fail here, not at bind time.
+    listeners: dict[tuple[str, int], str] = {}
+    if config.ops.enabled and config.ops.port:
+        listeners[(config.ops.host, config.ops.port)] = "ops.port"
+    for i, channel in enumerate(channels):
+        host, port = getattr(channel, "host", None), getattr(channel, "port", None)
+        if not isinstance(host, str) or not isinstance(port, int) or not port:
+            continue
+        other = listeners.get((host, port))
+        if other is not None:
+            loader.add(f"channels[{i}].port", f"{host}:{port} is already used by {other}")
+        else:
+            listeners[(host, port)] = f"channels[{i}].port"
+
+
+def _build(raw: dict[str, Any], loader: _Loader, source: str) -> Config:
+    """Resolve, validate and cross-check a merged document; raise ConfigError on any issue."""
+    resolved = _resolve_refs(raw, "", loader)
     channel_sections = resolved.pop("channels", [])
     adapter_sections = resolved.pop("adapters", [])
     if not isinstance(channel_sections, list):
-        errors.append("channels: must be an array of tables ([[channels]])")
+        loader.add("channels", "must be an array of tables ([[channels]])")
         channel_sections = []
     if not isinstance(adapter_sections, list):
-        errors.append("adapters: must be an array of tables ([[adapters]])")
+        loader.add("adapters", "must be an array of tables ([[adapters]])")
         adapter_sections = []
-    channels = _validate_drivers("channels", channel_sections, CHANNELS, errors, text)
-    adapters = _validate_drivers("adapters", adapter_sections, ADAPTERS, errors, text)
+    channels = _validate_drivers("channels", channel_sections, CHANNELS, loader)
+    adapters = _validate_drivers("adapters", adapter_sections, ADAPTERS, loader)
     config: Config | None = None
+    if "source" in resolved:
+        loader.add("source", "unknown setting")
+        resolved.pop("source")
     try:
         config = Config.model_validate({**resolved, "source": source})
     except ValidationError as exc:
-        errors.extend(_format_pydantic(exc, "", resolved, text))
+        _add_validation_errors(loader, exc, "", Config)
     if config is not None:
-        adapter_names = {a.name for a in adapters}
-        seen: set[str] = set()
-        for i, agent in enumerate(config.agents):
-            if agent.id in seen:
-                errors.append(f"agents[{i}].id: duplicate agent id {agent.id!r}")
-            seen.add(agent.id)
-            if agent.tool not in adapter_names:
-                known = ", ".join(sorted(adapter_names)) or "none configured"
-                errors.append(f"agents[{i}].tool: no adapter named {agent.tool!r} (adapters: {known})")
-        if config.daemon.shutdown_timeout < 1 and channels:
-            errors.append("daemon.shutdown_timeout: must leave at least 1 s to drain channels")
-    if errors:
-        raise ConfigError(source, errors)
+        _check_cross(loader, config, channels, adapters)
+    if loader.issues:
+        raise ConfigError(source, loader.issues)
     assert config is not None
-    return config.model_copy(update={"channels": channels, "adapters": adapters})
+    secrets = set(loader.secrets)
+    for model in [config, *channels, *adapters]:
+        _collect_secret_values(model, secrets)
+    for secret in secrets:
+        register_secret(secret)
+    result = config.model_copy(update={"channels": channels, "adapters": adapters})
+    result._secret_values = frozenset(s for s in secrets if s)
+    return result
 
 
-def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
-    """Read and parse one TOML file, turning every failure into a ConfigError."""
+def build_config(
+    raw: dict[str, Any], *, source: str, text: str = "", base: Path | None = None
+) -> Config:
+    """Validate a parsed TOML document (includes already merged) into a Config."""
+    loader = _Loader(_Doc(source, text, base or Path.cwd()))
+    for key in INCLUDABLE:
+        items = raw.get(key)
+        if isinstance(items, list):
+            loader.origins[key] = [(loader.main, i) for i in range(len(items))]
+    return _build(raw, loader, source)
+
+
+def _parse(text: str, source: str, loader: _Loader) -> dict[str, Any] | None:
+    """Parse TOML text, recording a syntax error with its line and column."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid UTF-8 at byte {exc.start}"]) from None
-    try:
-        return tomllib.loads(text), text
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+        message = str(exc)
+        m = _TOML_POS.search(message)
+        line = int(m[1]) if m else None
+        column = int(m[2]) if m else None
+        loader.add_file(source, f"invalid TOML: {_TOML_POS.sub('', message)}", line, column)
+        return None
+
+
+def _read(path: Path, loader: _Loader) -> str | None:
+    """Read a config file as UTF-8, recording why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        loader.add_file(str(path), f"cannot read: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        loader.add_file(str(path), f"not valid UTF-8 at byte {exc.start}")
+    return None
+
+
+def _merge_includes(raw: dict[str, Any], main_path: Path | None, loader: _Loader) -> None:
+    """Append the channels, adapters and agents of every daemon.include file to raw."""
+    for key in INCLUDABLE:
+        items = raw.get(key)
+        if isinstance(items, list):
+            loader.origins[key] = [(loader.main, i) for i in range(len(items))]
+    daemon = raw.get("daemon")
+    patterns = daemon.get("include", []) if isinstance(daemon, dict) else []
+    if not isinstance(patterns, list):
+        return  # reported by validation of daemon.include
+    done: set[Path] = set() if main_path is None else {main_path.resolve()}
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            continue
+        for name in sorted(glob.glob(os.path.join(loader.main.base, os.path.expandvars(pattern)))):
+            inc = Path(name)
+            if inc.resolve() in done or not inc.is_file():
+                continue
+            done.add(inc.resolve())
+            text = _read(inc, loader)
+            extra = None if text is None else _parse(text, str(inc), loader)
+            if extra is None:
+                continue
+            doc = _Doc(str(inc), text or "", inc.parent)
+            for key, value in extra.items():
+                if key not in INCLUDABLE:
+                    loader.issues.append(
+                        ConfigIssue(
+                            doc.source,
+                            _locate(doc.text, key),
+                            key,
+                            "only channels, adapters and agents may be set in an included file",
+                        )
+                    )
+                    continue
+                if not isinstance(value, list):
+                    loader.issues.append(
+                        ConfigIssue(
+                            doc.source,
+                            _locate(doc.text, key),
+                            key,
+                            f"must be an array of tables ([[{key}]])",
+                        )
+                    )
+                    continue
+                target = raw.setdefault(key, [])
+                if not isinstance(target, list):
+                    continue  # the main file's own error is reported by validation
+                loader.origins[key].extend((doc, i) for i in range(len(value)))
+                target.extend(value)
+
+
+def _load_text(text: str, *, source: str, base: Path, main_path: Path | None) -> Config:
+    """Parse, merge includes, resolve and validate one config document."""
+    loader = _Loader(_Doc(source, text, base))
+    raw = _parse(text, source, loader)
+    if raw is None:
+        raise ConfigError(source, loader.issues)
+    _merge_includes(raw, main_path, loader)
+    return _build(raw, loader, source)
+
+
+def loads_config(
+    text: str, *, source: str = "<string>", base: str | os.PathLike[str] | None = None
+) -> Config:
+    """Load a config from TOML text; relative includes and file: refs resolve against base."""
+    return _load_text(
+        text, source=source, base=Path(base) if base is not None else Path.cwd(), main_path=None
+    )
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Load a config file (and its conf.d includes), or the embedded defaults when path is None."""
     if path is None:
         text = resources.files("router").joinpath("default.toml").read_text(encoding="utf-8")
-        return build_config(tomllib.loads(text), source="<embedded defaults>", text=text)
+        return _load_text(text, source="<embedded defaults>", base=Path.cwd(), main_path=None)
     file_path = Path(path)
-    raw, text = _read_toml(file_path)
-    includes = raw.get("daemon", {}).get("include", [])
-    for pattern in includes if isinstance(includes, list) else []:
-        for inc in sorted(glob.glob(str(file_path.parent / pattern))):
-            extra, _ = _read_toml(Path(inc))
-            for key in ("channels", "adapters", "agents"):
-                if key in extra:
-                    raw.setdefault(key, []).extend(extra[key])
-            unknown = set(extra) - {"channels", "adapters", "agents"}
-            if unknown:
-                raise ConfigError(inc, [f"{k}: only channels, adapters and agents may be set in an included file" for k in sorted(unknown)])
-    return build_config(raw, source=str(file_path), text=text, base=file_path.parent)
+    loader = _Loader(_Doc(str(file_path), "", file_path.parent))
+    content = _read(file_path, loader)
+    if content is None:
+        raise ConfigError(str(file_path), loader.issues)
+    return _load_text(content, source=str(file_path), base=file_path.parent, main_path=file_path)
+
+
+# -- showing a config -----------------------------------------------------------------
+
+
+def _dump_value(value: Any, mask: re.Pattern[str] | None) -> Any:
+    """Convert one value to plain JSON data, masking secrets inside strings."""
+    if isinstance(value, BaseModel):
+        return _dump_model(value, mask)
+    if isinstance(value, SecretStr | SecretBytes):
+        return MASK
+    if isinstance(value, dict):
+        return {str(k): _dump_value(v, mask) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_dump_value(v, mask) for v in value]
+    plain = to_jsonable_python(value)
+    if isinstance(plain, str) and mask is not None:
+        return mask.sub(MASK, plain)
+    return plain
+
+
+def _dump_model(model: BaseModel, mask: re.Pattern[str] | None) -> dict[str, Any]:
+    """Dump a model field by field; secret fields become *** (None stays None: unset)."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if is_secret_field(info) and value is not None:
+            out[name] = {str(k): MASK for k in value} if isinstance(value, dict) else MASK
+        else:
+            out[name] = _dump_value(value, mask)
+    return out
+
+
+def redacted_dump(config: Config) -> dict[str, Any]:
+    """Return the config as JSON-ready data with every secret replaced by ***."""
+    values = sorted(
+        (s for s in config._secret_values if len(s) >= MIN_SECRET_LENGTH), key=len, reverse=True
+    )
+    mask = re.compile("|".join(map(re.escape, values))) if values else None
+    return _dump_model(config, mask)
