@@ -77,8 +77,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
         print(json.dumps(redacted_dump(config), indent=2, ensure_ascii=False, default=str))
     print(
-        f"{config.source}: OK ({len(config.channels)} channel(s), {len(config.adapters)} adapter(s), "
-        f"{len(config.agents)} agent(s))"
+        f"{config.source}: OK ({len(config.channels)} channel(s), "
+        f"{len(config.adapters)} adapter(s), {len(config.agents)} agent(s))"
     )
     return EXIT_OK
 
@@ -194,7 +194,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         print(f"{'ID':26}  {'TARGET':12}  {'AGENT':12}  {'TRIES':>5}  {'DEAD AT':20}  REASON")
         for d in items:
             print(
-                f"{d.id:26}  {d.target:12}  {d.agent_id:12}  {d.attempts:>5}  {_ts(d.dead_at):20}  {d.reason}"
+                f"{d.id:26}  {d.target:12}  {d.agent_id:12}  {d.attempts:>5}  "
+                f"{_ts(d.dead_at):20}  {d.reason}"
             )
         return EXIT_OK
     if not args.ids and not args.all:

@@ -228,6 +228,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._last_status = ""  # the STATUS= last sent to the service manager
 
     # -- start ---------------------------------------------------------------------
 
@@ -251,7 +252,8 @@ class Daemon:
         if interval is not None:
             self.supervisor.spawn("watchdog", lambda: self._watchdog(interval))
         self.supervisor.spawn("queue-tick", self._queue_tick)
-        self.notifier.send(READY=1, STATUS=self._status_line())
+        self._last_status = self._status_line()
+        self.notifier.send(READY=1, STATUS=self._last_status)
         log.info(
             "daemon.ready",
             version=self.version,
@@ -326,9 +328,14 @@ class Daemon:
 
     async def _queue_tick(self) -> None:
         # A safety net: anything that could be placed but was missed by an event gets placed.
+        # It also keeps `systemctl status` (STATUS=) current with the queue depth.
         while True:
             await asyncio.sleep(1.0)
             await self.pipeline.drain_queues()
+            status = self._status_line()
+            if status != self._last_status and not self._stopping.is_set():
+                self._last_status = status
+                self.notifier.send(STATUS=status)
 
     def _status_line(self) -> str:
         depth = sum(self.pipeline.scheduler.queue_depths().values())
@@ -401,9 +408,17 @@ class Daemon:
                     "running the previous configuration",
                 )
                 return False
-            await self._apply(new)
+            try:
+                await self._apply(new)
+            except BaseException:
+                # systemd waits for READY=1 after RELOADING=1: never leave it hanging,
+                # even when applying failed half way (the error is logged by serve()).
+                self.metrics.reloads.labels(result="failed").inc()
+                self.notifier.send(READY=1, STATUS="reload failed; see the journal")
+                raise
             self.metrics.reloads.labels(result="ok").inc()
-            self.notifier.send(READY=1, STATUS=self._status_line())
+            self._last_status = self._status_line()
+            self.notifier.send(READY=1, STATUS=self._last_status)
             return True
 
     async def _apply(self, new: Config) -> None:

@@ -4,12 +4,15 @@
 only when the store answers and every enabled channel and adapter is connected, and
 lists each one's state either way. Admin endpoints need the bearer token, compared
 in constant time; `/healthz`, `/readyz` and `/metrics` are open to the local scraper.
+`POST /v1/dead-letters/replay` with `{"ids": [...]}` or `{"all": true}` moves dead
+letters back to the outbox and sends them at once (as `omnirouter dead-letters replay`).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,8 @@ if TYPE_CHECKING:
     from router.daemon import Daemon
 
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+# At most this many ids per replay request (the request body is capped at 16 KiB).
+MAX_REPLAY_IDS = 400
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -96,6 +101,35 @@ def build_app(daemon: Daemon) -> web.Application:
         items = await daemon.store.dead_letters(limit)
         return _json({"dead_letters": [dead_letter_view(d) for d in items]})
 
+    async def replay_dead_letters(request: web.Request) -> web.Response:
+        # {"ids": [...]} or {"all": true}: move dead letters back to the outbox and send now.
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "invalid_body", "the body must be a JSON object")
+        replay_all = body.get("all") is True
+        ids = body.get("ids")
+        if replay_all == (ids is not None):
+            return _error(400, "invalid_body", 'give either "ids" (a list) or "all": true')
+        if not replay_all and (
+            not isinstance(ids, list)
+            or not ids
+            or len(ids) > MAX_REPLAY_IDS
+            or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
+        ):
+            return _error(
+                400, "invalid_ids", f"ids must be 1-{MAX_REPLAY_IDS} dead letter ids (strings)"
+            )
+        now = time.time()
+        count = await daemon.store.replay_dead_letters(None if replay_all else ids, now)
+        if count:
+            # Hand them to the dispatcher at once rather than at its next store scan.
+            for item in await daemon.store.due_outbox(now, 1000):
+                daemon.dispatcher.submit(item)
+        return _json({"replayed": count})
+
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -104,6 +138,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_post("/v1/agents/{agent_id}/presence/{state}", admin(presence))
     app.router.add_put("/v1/agents/{agent_id}/presence/{state}", admin(presence))
     app.router.add_get("/v1/dead-letters", admin(dead_letters))
+    app.router.add_post("/v1/dead-letters/replay", admin(replay_dead_letters))
     return app
 
 
