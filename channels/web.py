@@ -52,9 +52,11 @@ MAX_TOKEN_CHARS = 512
 LANGUAGES = frozenset({"zh", "en"})
 RETRY_AFTER_SINK = "1"  # the store hiccuped: retry soon with the same Idempotency-Key
 RETRY_AFTER_STOPPING = "5"  # the daemon is restarting or draining
-# How long runner.cleanup() waits for handlers still running when run() is cancelled
-# without stop() having drained them first.
-_SHUTDOWN_GRACE = 5.0
+# How long runner.cleanup() waits for handlers still running. stop() has already
+# waited for every request that reached the sink, so what is left are requests still
+# being read or answered 503: a short grace keeps a stop under load from idling for
+# seconds (clients retry those with the same Idempotency-Key).
+_SHUTDOWN_GRACE = 1.0
 
 _TOP_FIELDS = frozenset({"text", "contact", "subject", "conversation", "language"})
 _CONTACT_FIELDS = frozenset({"handle", "name"})
