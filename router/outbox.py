@@ -105,7 +105,11 @@ class Dispatcher:
             scanner.cancel()
             for timer in self._timers.values():
                 timer.cancel()
-            self._timers.clear()
+            # Items whose retry timer is dropped must not stay "known": a restarted run()
+            # would never send them, and the scan would skip them as already queued.
+            waiting, self._timers = list(self._timers), {}
+            for item_id in waiting:
+                self._forget(item_id)
 
     async def _scan_loop(self) -> None:
         while True:
@@ -127,13 +131,21 @@ class Dispatcher:
     async def _attempt(self, item: OutboxItem) -> None:
         tool = self.tools().get(item.target)
         attempt = item.attempts + 1
-        if tool is not None and tool.state in (DriverState.CONNECTING, DriverState.TRANSIENT_DISCONNECT):
+        if tool is not None and tool.state in (
+            DriverState.CONNECTING,
+            DriverState.TRANSIENT_DISCONNECT,
+        ):
             # Circuit open: do not spend an attempt on a target we know is down.
             self._retry_later(item, _TARGET_DOWN_RECHECK)
             return
         delivery = Delivery(
-            id=item.id, target=item.target, agent_id=item.agent_id, address=item.address, kind=item.kind,
-            payload=item.payload, attempt=attempt,
+            id=item.id,
+            target=item.target,
+            agent_id=item.agent_id,
+            address=item.address,
+            kind=item.kind,
+            payload=item.payload,
+            attempt=attempt,
         )
         try:
             if tool is None:
@@ -145,20 +157,37 @@ class Dispatcher:
             await self._dead(item, attempt, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             if attempt >= self.config.max_attempts:
-                await self._dead(item, attempt, f"{type(exc).__name__}: {exc} (after {attempt} attempts)")
+                await self._dead(
+                    item, attempt, f"{type(exc).__name__}: {exc} (after {attempt} attempts)"
+                )
                 return
-            delay = backoff_delay(attempt - 1, self.config.backoff_base, self.config.backoff_cap, self.rng)
+            delay = backoff_delay(
+                attempt - 1, self.config.backoff_base, self.config.backoff_cap, self.rng
+            )
             if isinstance(exc, RateLimited):
                 delay = max(delay, exc.retry_after)
             self.metrics.deliveries.labels(target=item.target, result="retry").inc()
-            log.info("outbox.retry", outbox_id=item.id, target=item.target, attempt=attempt, delay=round(delay, 3),
-                     error=f"{type(exc).__name__}: {exc}")
+            log.info(
+                "outbox.retry",
+                outbox_id=item.id,
+                target=item.target,
+                attempt=attempt,
+                delay=round(delay, 3),
+                error=f"{type(exc).__name__}: {exc}",
+            )
             try:
                 await self.store.outbox_retry(item.id, attempt, self.clock() + delay, str(exc))
-            except Exception as store_exc:  # keep it in memory; the scan will find it after a restart
+            except Exception as store_exc:
+                # Kept in memory; after a restart the scan finds it in the store.
                 log.warning("outbox.retry_not_recorded", outbox_id=item.id, error=str(store_exc))
             self._retry_later(
-                OutboxItem(**{**_fields(item), "attempts": attempt, "next_attempt_at": self.clock() + delay}),
+                OutboxItem(
+                    **{
+                        **_fields(item),
+                        "attempts": attempt,
+                        "next_attempt_at": self.clock() + delay,
+                    }
+                ),
                 delay,
             )
         else:
@@ -173,7 +202,13 @@ class Dispatcher:
     async def _dead(self, item: OutboxItem, attempt: int, reason: str) -> None:
         self.metrics.deliveries.labels(target=item.target, result="dead").inc()
         self.metrics.dead_letters.labels(target=item.target).inc()
-        log.warning("outbox.dead_letter", outbox_id=item.id, target=item.target, attempts=attempt, reason=reason)
+        log.warning(
+            "outbox.dead_letter",
+            outbox_id=item.id,
+            target=item.target,
+            attempts=attempt,
+            reason=reason,
+        )
         try:
             await self.store.outbox_dead(item.id, attempt, reason, self.clock())
         finally:

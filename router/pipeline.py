@@ -92,6 +92,12 @@ class Pipeline:
         self._thread_waiters: dict[tuple[str, str], int] = defaultdict(int)
         self._recent: dict[str, deque[float]] = {}
         self._drain_lock = asyncio.Lock()
+        # Set once restore() has rebuilt memory: adapters start first (pending outbox
+        # items need them) and may hand over actions that only make sense afterwards.
+        self._restored = asyncio.Event()
+        # What _update_gauges last published, per agent id and per ("queue", name).
+        self._gauges_of: Metrics | None = None
+        self._gauge_values: dict[Any, Any] = {}
 
     @staticmethod
     def _make_classifier(config: Config) -> RuleClassifier:
@@ -131,6 +137,7 @@ class Pipeline:
             self._recent.setdefault(contact_key, deque()).append(at)
         for item in snap.pending_outbox:
             self.dispatcher.submit(item)
+        self._restored.set()
         log.info(
             "pipeline.restored",
             open_conversations=len(snap.open_conversations),
@@ -296,6 +303,8 @@ class Pipeline:
                 queue,
                 cls,
             )
+        if choice is not None:
+            self.scheduler.commit(proposed, choice)
         conversation_id = result.conversation_id
         if conversation_id != proposed:
             # The store joined a resolved conversation of this thread and reopened it.
@@ -448,19 +457,33 @@ class Pipeline:
         """Assign waiting messages to agents who have room now; return how many."""
         async with self._drain_lock:
             placed = 0
-            while True:
+            retry_later = False
+            while not retry_later:
                 batch = self.scheduler.next_assignable()
                 if not batch:
                     break
                 for w, choice in batch:
-                    if await self._assign_waiting(w, choice):
+                    outcome = await self._assign_waiting(w, choice)
+                    if outcome is True:
                         placed += 1
+                    elif outcome is None:
+                        # Requeued after a store error: asking again at once would spin
+                        # on the same message; the queue tick tries again shortly.
+                        retry_later = True
             if placed:
                 self._update_gauges()
             return placed
 
-    async def _assign_waiting(self, w: Waiting, choice: Choice) -> bool:
-        stored = await self.store.message(w.message_id)
+    async def _assign_waiting(self, w: Waiting, choice: Choice) -> bool | None:
+        """Commit one dequeued assignment: True if placed, False if dropped, None if requeued."""
+        try:
+            stored = await self.store.message(w.message_id)
+        except Exception as exc:
+            # Give the slot back and keep the message waiting, as for a failed assign below.
+            self.scheduler.undo(w.conversation_id, choice)
+            self.scheduler.requeue(w)
+            log.warning("pipeline.assign_failed", message_id=w.message_id, error=str(exc))
+            return None
         now = self.clock()
         assignment = Assignment(
             message_id=w.message_id,
@@ -483,10 +506,11 @@ class Pipeline:
             self.scheduler.undo(w.conversation_id, choice)
             self.scheduler.requeue(w)
             log.warning("pipeline.assign_failed", message_id=w.message_id, error=str(exc))
-            return False
+            return None
         if not ok:  # assigned elsewhere meanwhile
             self.scheduler.undo(w.conversation_id, choice)
             return False
+        self.scheduler.commit(w.conversation_id, choice)
         self.metrics.assigned.labels(queue=w.queue, how="dequeued").inc()
         self.dispatcher.submit(outbox)
         log.info(
@@ -506,6 +530,7 @@ class Pipeline:
 
     async def on_action(self, action: AgentAction) -> None:
         """Apply what an agent did in their tool."""
+        await self._restored.wait()
         outcome = "ok"
         try:
             outcome = await self._apply(action)
@@ -543,18 +568,35 @@ class Pipeline:
                 else "rejected"
             )
         if action.action == "resolve":
-            if not conversation_id or self.scheduler.holder.get(conversation_id) not in (
-                None,
-                action.agent_id,
-            ):
-                return "rejected"  # only the holder may close a conversation
-            holder = await self.store.resolve_conversation(conversation_id, now)
-            if holder is None:
-                return "rejected"
-            self.scheduler.release(conversation_id)
-            key = self._thread_of.pop(conversation_id, None)
-            if key is not None and self._threads.get(key) == conversation_id:
-                del self._threads[key]
+            key = self._thread_of.get(conversation_id) if conversation_id else None
+            if key is None:
+                return "rejected"  # not an open conversation
+            # Under the thread's lock, so a follow-up cannot be routed to the holder
+            # (sticky) while the close commits and then lose its slot to release(); and
+            # outside any drain, so a message being handed out is not closed unseen.
+            with self._thread_lock(key) as lock:
+                async with lock, self._drain_lock:
+                    if self.scheduler.holder.get(conversation_id) != action.agent_id:
+                        # Only the holder may close a conversation; an unheld one is
+                        # waiting for an agent (a stale resolve after a reopen, say).
+                        return "rejected"
+                    holder = await self.store.resolve_conversation(conversation_id, self.clock())
+                    if holder is None:
+                        return "rejected"
+                    self.scheduler.release(conversation_id)
+                    # The store closed its waiting messages too (the holder was away and
+                    # nobody else had room): they leave the queue with it.
+                    dropped = self.scheduler.drop_conversation(conversation_id)
+                    if dropped:
+                        log.warning(
+                            "pipeline.resolved_with_waiting_messages",
+                            conversation_id=conversation_id,
+                            message_ids=dropped,
+                        )
+                    if self._thread_of.get(conversation_id) == key:
+                        del self._thread_of[conversation_id]
+                    if self._threads.get(key) == conversation_id:
+                        del self._threads[key]
             await self.drain_queues()
             self._update_gauges()
             return "ok"
@@ -616,13 +658,26 @@ class Pipeline:
         return out
 
     def _update_gauges(self) -> None:
+        # Runs after every ingested message: only gauges whose value changed since the
+        # last call are set (a labels() lookup per agent per message cost more than the
+        # classifier on a ten-agent roster). Only this method sets these gauges.
         m = self.metrics
+        if self._gauges_of is not m:
+            self._gauges_of = m
+            self._gauge_values = {}
+        last = self._gauge_values
+        load = self.scheduler.load
         for a in self.scheduler.agents.values():
-            m.agent_load.labels(agent=a.id).set(self.scheduler.load.get(a.id, 0))
-            m.agent_capacity.labels(agent=a.id).set(a.capacity)
-            m.agent_present.labels(agent=a.id).set(1 if a.present else 0)
+            values = (load.get(a.id, 0), a.capacity, 1 if a.present else 0)
+            if last.get(a.id) != values:
+                m.agent_load.labels(agent=a.id).set(values[0])
+                m.agent_capacity.labels(agent=a.id).set(values[1])
+                m.agent_present.labels(agent=a.id).set(values[2])
+                last[a.id] = values
         for queue, depth in self.scheduler.queue_depths().items():
-            m.queue_depth.labels(queue=queue).set(depth)
+            if last.get(("queue", queue)) != depth:
+                m.queue_depth.labels(queue=queue).set(depth)
+                last[("queue", queue)] = depth
         m.outbox_backlog.set(self.dispatcher.backlog)
 
 

@@ -42,6 +42,22 @@ class Choice:
     agent: Agent
     reason: str
     new_slot: bool  # False for a follow-up in a conversation the agent already holds
+    # The agent who held the conversation before it moved here (holder away), so that
+    # undo() can give it back; None for a conversation nobody held.
+    previous: str | None = None
+    # Whether the choice rests on a reservation not committed yet (its own new slot, or
+    # the holder's slot another message reserved and has not committed): such a choice
+    # must end in commit() or undo().
+    tentative: bool = False
+
+
+@dataclass(slots=True)
+class _Reservation:
+    """A slot taken by choose() whose assignment is not committed yet."""
+
+    agent_id: str
+    previous: str | None
+    users: int  # choices resting on it that are neither committed nor undone
 
 
 class Scheduler:
@@ -51,9 +67,14 @@ class Scheduler:
         self.agents: dict[str, Agent] = {}
         self.load: dict[str, int] = {}
         self.holder: dict[str, str] = {}  # open conversation id -> agent id
-        self.last_assigned: dict[str, int] = {}  # agent id -> tick of last new slot (rotation tiebreak)
+        # agent id -> tick of its last new slot (the rotation tiebreak)
+        self.last_assigned: dict[str, int] = {}
         self._tick = itertools.count(1)
         self._seq = itertools.count()
+        # conversation id -> its uncommitted reservation. A sticky choice made on it (a
+        # follow-up, a dequeued message) keeps the slot even if the reserving message
+        # turns out a duplicate: whichever commits first makes the slot real.
+        self._pending: dict[str, _Reservation] = {}
         self._waiting: dict[str, list[Waiting]] = {}  # queue -> heap
         self._waiting_ids: set[str] = set()
         self.set_roster(agents)
@@ -61,7 +82,7 @@ class Scheduler:
     # -- roster ------------------------------------------------------------------
 
     def set_roster(self, agents: Iterable[Agent]) -> None:
-        """Replace the roster; load of agents that stay is kept, removed agents stop getting work."""
+        """Replace the roster; agents who stay keep their load, removed ones get no more work."""
         self.agents = {a.id: a for a in agents}
         for agent_id in self.agents:
             self.load.setdefault(agent_id, 0)
@@ -83,12 +104,22 @@ class Scheduler:
             holder = self.agents.get(holder_id)
             if holder is not None and holder.present:
                 # The conversation already occupies one of the holder's slots.
-                return Choice(holder, "sticky: agent already holds this conversation", new_slot=False)
+                pending = self._pending.get(conversation_id)
+                if pending is not None:
+                    pending.users += 1
+                return Choice(
+                    holder,
+                    "sticky: agent already holds this conversation",
+                    new_slot=False,
+                    tentative=pending is not None,
+                )
         agent, reason = self._least_loaded(queue, language)
         if agent is None:
             return None
+        previous = self.holder.get(conversation_id)
         self._take(agent.id, conversation_id)
-        return Choice(agent, reason, new_slot=True)
+        self._pending[conversation_id] = _Reservation(agent.id, previous, users=1)
+        return Choice(agent, reason, new_slot=True, previous=previous, tentative=True)
 
     def _least_loaded(self, queue: str, language: str) -> tuple[Agent | None, str]:
         serving = [a for a in self.agents.values() if a.present and queue in a.queues]
@@ -99,7 +130,11 @@ class Scheduler:
         pool = skilled or with_room
         best = min(
             pool,
-            key=lambda a: (self.load.get(a.id, 0) / a.capacity, self.last_assigned.get(a.id, 0), a.id),
+            key=lambda a: (
+                self.load.get(a.id, 0) / a.capacity,
+                self.last_assigned.get(a.id, 0),
+                a.id,
+            ),
         )
         load = self.load.get(best.id, 0)
         skill_note = f"speaks {language}" if skilled else "no agent with room speaks " + language
@@ -114,14 +149,39 @@ class Scheduler:
         self.holder[conversation_id] = agent_id
         self.last_assigned[agent_id] = next(self._tick)
 
+    def commit(self, conversation_id: str, choice: Choice) -> None:
+        """Confirm a choice whose assignment is committed: its slot is the agent's now."""
+        if choice.tentative:
+            self._pending.pop(conversation_id, None)
+
     def undo(self, conversation_id: str, choice: Choice) -> None:
-        """Give back a slot reserved by choose() whose commit failed or was a duplicate."""
-        if choice.new_slot and self.holder.get(conversation_id) == choice.agent.id:
-            del self.holder[conversation_id]
-            self.load[choice.agent.id] = max(0, self.load.get(choice.agent.id, 0) - 1)
+        """Drop a choice whose commit failed or was a duplicate.
+
+        The slot is given back only when no other choice resting on the same
+        reservation committed or is still in flight.
+        """
+        if not choice.tentative:
+            return
+        pending = self._pending.get(conversation_id)
+        if pending is None:
+            return  # another message committed on this reservation: the slot is real
+        pending.users -= 1
+        if pending.users > 0:
+            return
+        del self._pending[conversation_id]
+        if self.holder.get(conversation_id) != pending.agent_id:
+            return
+        del self.holder[conversation_id]
+        self.load[pending.agent_id] = max(0, self.load.get(pending.agent_id, 0) - 1)
+        if pending.previous is not None and pending.previous != pending.agent_id:
+            # The conversation had moved away from an absent holder: it is theirs again
+            # (the store still says so), and so is the slot.
+            self.holder[conversation_id] = pending.previous
+            self.load[pending.previous] = self.load.get(pending.previous, 0) + 1
 
     def move(self, old_conversation_id: str, new_conversation_id: str) -> None:
         """Re-key a reservation when the store joined the message to another conversation."""
+        self._pending.pop(old_conversation_id, None)
         if old_conversation_id in self.holder and old_conversation_id != new_conversation_id:
             agent_id = self.holder.pop(old_conversation_id)
             if new_conversation_id in self.holder:
@@ -132,10 +192,23 @@ class Scheduler:
 
     def release(self, conversation_id: str) -> str | None:
         """Free the slot of a resolved conversation; return its agent."""
+        self._pending.pop(conversation_id, None)
         agent_id = self.holder.pop(conversation_id, None)
         if agent_id is not None:
             self.load[agent_id] = max(0, self.load.get(agent_id, 0) - 1)
         return agent_id
+
+    def drop_conversation(self, conversation_id: str) -> list[str]:
+        """Remove a conversation's waiting messages (it was resolved); return their ids."""
+        dropped: list[str] = []
+        for queue, heap in self._waiting.items():
+            keep = [w for w in heap if w.conversation_id != conversation_id]
+            if len(keep) != len(heap):
+                dropped += [w.message_id for w in heap if w.conversation_id == conversation_id]
+                heapq.heapify(keep)
+                self._waiting[queue] = keep
+        self._waiting_ids.difference_update(dropped)
+        return dropped
 
     def restore(self, conversation_id: str, agent_id: str) -> None:
         """Count an open conversation found in the store at startup."""
@@ -162,8 +235,17 @@ class Scheduler:
         self._waiting_ids.add(message_id)
         heapq.heappush(
             self._waiting.setdefault(queue, []),
-            Waiting(severity, sla_deadline, next(self._seq), message_id, conversation_id, queue, language, label,
-                    ingested_at),
+            Waiting(
+                severity,
+                sla_deadline,
+                next(self._seq),
+                message_id,
+                conversation_id,
+                queue,
+                language,
+                label,
+                ingested_at,
+            ),
         )
 
     def next_assignable(self) -> list[tuple[Waiting, Choice]]:

@@ -94,7 +94,7 @@ class DaemonProcess:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(self.notify_path))
         self._sock.setblocking(False)
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._log_file = open(self.log_path, "ab")
         env = {**self.env, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", "run", "-c", str(self.config_path)],
@@ -107,6 +107,25 @@ class DaemonProcess:
         if wait_ready:
             self.wait_notification("READY", timeout=timeout)
         return self
+
+    def restart(self, *, wait_ready: bool = True, timeout: float = 20.0) -> DaemonProcess:
+        """Start the daemon again on the same config and state dir (after kill() or stop()).
+
+        The notify socket is bound afresh and the notifications seen so far are dropped,
+        so wait_notification("READY") waits for the new process; the log file is kept
+        (appended to).
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("the daemon is still running; kill() or stop() it first")
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.notify_path.unlink(missing_ok=True)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self.notifications = []
+        return self.start(wait_ready=wait_ready, timeout=timeout)
 
     @property
     def pid(self) -> int:
