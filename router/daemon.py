@@ -18,6 +18,7 @@ import random
 import secrets
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -54,6 +55,7 @@ EXIT_BAD_CONFIG = 11  # the unit's RestartPreventExitStatus: restarting cannot f
 # A task that ran this long before failing is considered healthy again: its next
 # restart starts from the shortest backoff.
 _STABLE_AFTER = 60.0
+_SWITCH_INTERVAL = 0.0005
 
 
 # -- sd_notify --------------------------------------------------------------------
@@ -559,6 +561,10 @@ class Daemon:
 
 async def run_daemon(config: Config, config_path: Path | None) -> int:
     """Run a daemon until SIGTERM/SIGINT; return the process exit code."""
+    # The SQLite writer thread gives the GIL back on every statement and must win it
+    # back from a busy event loop; with the default 5 ms switch interval each hand-off
+    # can stall a commit (and every waiting request) for up to 5 ms.
+    sys.setswitchinterval(_SWITCH_INTERVAL)
     daemon = Daemon(config, config_path)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
