@@ -137,32 +137,69 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
 
 
-def _admin_get(args: argparse.Namespace, path: str, method: str = "GET") -> int:
+def _admin_call(args: argparse.Namespace, path: str, method: str = "GET") -> tuple[int, Any] | None:
     config = _load(args.config)
     token = ensure_admin_token(config)
     try:
-        status, reply = _http(
+        return _http(
             method,
             _ops_url(config, args.ops_url) + path,
             headers={"Authorization": f"Bearer {token}"},
         )
     except OSError as exc:
         print(f"cannot reach the ops API: {exc}. Is `omnirouter run` running?", file=sys.stderr)
+        return None
+
+
+def _admin_show(
+    args: argparse.Namespace,
+    path: str,
+    table: Callable[[Any], list[str]] | None = None,
+    method: str = "GET",
+) -> int:
+    answer = _admin_call(args, path, method)
+    if answer is None:
         return EXIT_FAILURE
-    print(json.dumps(reply, indent=2, ensure_ascii=False))
-    return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
+    status, reply = answer
+    ok = 200 <= status < 300
+    if ok and table is not None and not getattr(args, "json", False):
+        print("\n".join(table(reply)))
+    else:
+        print(json.dumps(reply, indent=2, ensure_ascii=False))
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _agents_table(reply: Any) -> list[str]:
+    rows = [f"{'AGENT':16} {'PRESENT':7} {'LOAD':>9}  {'TOOL':10} {'SKILLS':14} QUEUES"]
+    for a in reply.get("agents", []):
+        load = f"{a['open_conversations']}/{a['capacity']}"
+        rows.append(
+            f"{a['id']:16} {'yes' if a['present'] else 'no':7} {load:>9}  {a['tool']:10} "
+            f"{','.join(a['skills']) or '-':14} {','.join(a['queues'])}"
+        )
+    return rows
+
+
+def _queues_table(reply: Any) -> list[str]:
+    rows = [f"{'QUEUE':16} {'WAITING':>7} {'OVERDUE':>7} {'OLDEST (s)':>10}  AGENTS"]
+    for q in reply.get("queues", []):
+        rows.append(
+            f"{q['queue']:16} {q['depth']:>7} {q['overdue']:>7} {q['oldest_wait_s']:>10.1f}  "
+            f"{','.join(q['agents']) or '-'}"
+        )
+    return rows
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    return _admin_get(args, "/v1/agents")
+    return _admin_show(args, "/v1/agents", _agents_table)
 
 
 def cmd_queues(args: argparse.Namespace) -> int:
-    return _admin_get(args, "/v1/queues")
+    return _admin_show(args, "/v1/queues", _queues_table)
 
 
 def cmd_presence(args: argparse.Namespace) -> int:
-    return _admin_get(args, f"/v1/agents/{args.agent}/presence/{args.state}", method="POST")
+    return _admin_show(args, f"/v1/agents/{args.agent}/presence/{args.state}", method="POST")
 
 
 async def _with_store(config: Config, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
@@ -317,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         a = with_config(sub.add_parser(name, help=help_))
         a.add_argument("--ops-url")
+        a.add_argument("--json", action="store_true", help="print the API's JSON")
         a.set_defaults(fn=fn)
     pr = with_config(sub.add_parser("presence", help="set an agent on or off"))
     pr.add_argument("agent")
