@@ -71,6 +71,30 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class Outbound:
+    """A message to a customer on their channel (acknowledgement, agent reply), from the outbox.
+
+    `id` is the idempotency key: every retry of this send carries it (email uses it to
+    derive one Message-ID, so a retried acknowledgement is recognisably the same mail).
+    """
+
+    id: str
+    channel: str  # configured channel name
+    kind: str  # "ack" | "reply"
+    conversation_id: str
+    ticket: str
+    to: str  # the contact handle on that channel (address, number, chat id)
+    text: str
+    subject: str = ""
+    # The customer message this answers: its external id and, for email, threading refs.
+    in_reply_to: str = ""
+    references: tuple[str, ...] = ()
+    respond_by: datetime | None = None  # acknowledgements promise this time
+    attempt: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentAction:
     """Something an agent did in their tool: accept, resolve, presence, reply."""
 
@@ -133,6 +157,10 @@ class DriverContext:
 
 class Channel(Protocol):
     """A customer-facing source. `run` lives until cancelled or until it fails.
+
+    A channel that can answer customers also has `async send(outbound: Outbound)`,
+    raising TransientError/PermanentError like an adapter's deliver(); the outbox
+    calls it for acknowledgements and relayed agent replies.
 
     Constructed as `cls(name, config, ctx)` where config is an instance of the
     module's `cls.config_model` (a frozen pydantic model with `type` and bounds).
