@@ -45,6 +45,7 @@ INQUIRY, COMPLAINT, SUGGESTION = LABELS
 # asking something, but unsure". Suggestions need an explicit proposal cue.
 _PRIOR: dict[str, float] = {INQUIRY: 0.3, COMPLAINT: 0.0, SUGGESTION: -0.2}
 _MAX_FEATURES = 5
+PRIOR = _PRIOR  # public: router.intent builds rule-score features from it
 _BLOCK = ""  # label of a blocker phrase, see _CueRows
 
 # A cue table row: (label, weight, "phrase|phrase|..."). Phrases are lower case.
@@ -887,10 +888,13 @@ class RuleClassifier:
             out.append(Signal("vip", contact.strip()))
         return out
 
-    def classify(
-        self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
-    ) -> Classification:
-        """Return label, scores, severity and signals for a message (spans index `text`)."""
+    def analyse(
+        self, text: str, *, subject: str = "", contact: str = ""
+    ) -> tuple[dict[str, tuple[str, float]], list[Signal]]:
+        """Return the cue hits ("label:cue" -> (label, weight)) and the signals of a message.
+
+        This is what `classify` scores; `router.intent` uses the hits as features.
+        """
         low = _lower(text)
         has_han = _HAN_RE.search(text) is not None
         has_latin = _has_latin(text)
@@ -911,7 +915,13 @@ class RuleClassifier:
             weight = _SIGNAL_CUES.get(s.kind)
             if weight is not None:
                 hits[f"{COMPLAINT}:signal:{s.kind}"] = (COMPLAINT, weight)
+        return hits, signals
 
+    def classify(
+        self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
+    ) -> Classification:
+        """Return label, scores, severity and signals for a message (spans index `text`)."""
+        hits, signals = self.analyse(text, subject=subject, contact=contact)
         logits = dict(_PRIOR)
         for cue_label, weight in hits.values():
             logits[cue_label] += weight
