@@ -260,14 +260,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
+def make_classifier(config: Config) -> Any:
+    """Return the classifier the config asks for (the trained model by default)."""
     from router.classify import RuleClassifier
 
-    config = _load(args.config)
-    clf = RuleClassifier(
-        amount_threshold=config.classifier.amount_threshold,
-        vip_contacts=frozenset(config.classifier.vip_contacts),
+    c = config.classifier
+    vip = frozenset(c.vip_contacts)
+    if c.model == "rules":
+        return RuleClassifier(amount_threshold=c.amount_threshold, vip_contacts=vip)
+    from router.intent import ModelClassifier
+
+    return ModelClassifier(
+        amount_threshold=c.amount_threshold, vip_contacts=vip, model_path=c.model_path
     )
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    clf = make_classifier(config)
     out = sys.stdout
     for line in sys.stdin:
         line = line.rstrip("\n")
@@ -283,7 +293,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
             )
         except ValueError:
             record = {"text": line}
-        cls = clf.classify(record["text"], language=record.get("lang"))
+        lang = record.get("lang")
+        cls = clf.classify(record["text"], language=lang if isinstance(lang, str) else None)
         result: dict[str, Any] = {}
         if "id" in record:
             result["id"] = record["id"]
@@ -291,6 +302,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
     out.flush()
     return EXIT_OK
+
+
+def cmd_classifier(args: argparse.Namespace) -> int:
+    from router.intent import eval_command, train_command
+
+    command = train_command if args.classifier_command == "train" else eval_command
+    return command(list(args.rest))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -370,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("classify", help="classify JSON lines (or plain text lines) from stdin")
     )
     k.set_defaults(fn=cmd_classify)
+
+    cl = sub.add_parser(
+        "classifier",
+        help="train or evaluate the intent model",
+        description="omnirouter classifier train --data F.jsonl --out MODEL [--seed N] "
+        "[--corrections F.jsonl]; omnirouter classifier eval --data F.jsonl [--model M] "
+        "[--split] [--loso]",
+    )
+    cl.add_argument("classifier_command", choices=["train", "eval"])
+    cl.add_argument("rest", nargs=argparse.REMAINDER, help="options of the subcommand")
+    cl.set_defaults(fn=cmd_classifier)
 
     m = with_config(sub.add_parser("migrate", help="migrate the store schema and exit"))
     m.set_defaults(fn=cmd_migrate)

@@ -142,6 +142,10 @@ class OpsConfig(_Frozen):
 class ClassifierConfig(_Frozen):
     """Thresholds the classifier and escalation rules use."""
 
+    # "intent": the trained model shipped in router/models (or model_path); "rules":
+    # the hand-written cue lexicons alone (faster, less accurate across domains).
+    model: Literal["intent", "rules"] = "intent"
+    model_path: str | None = None  # a model from `omnirouter classifier train`
     amount_threshold: float = Field(default=5000.0, gt=0)
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)
@@ -164,6 +168,10 @@ class RoutingConfig(_Frozen):
     queues: dict[str, str] = Field(default_factory=dict)
     # P0/P1 messages go here when set (a supervisor queue), else to their label's queue.
     escalation_queue: str | None = None
+    # Messages the classifier is unsure of (confidence below the threshold) go to the
+    # triage queue, when set, instead of being forced into a class's queue.
+    triage_queue: str | None = None
+    triage_threshold: float = Field(default=0.5, ge=0, le=1)
 
 
 class OutboxConfig(_Frozen):
@@ -219,10 +227,12 @@ class Config(_Frozen):
         p = Path(self.store.path)
         return p if p.is_absolute() else self.daemon.state_dir / p
 
-    def queue_for(self, label: str, severity: str) -> str:
-        """Return the queue a message of this label and severity joins."""
+    def queue_for(self, label: str, severity: str, confidence: float = 1.0) -> str:
+        """Return the queue a message of this label, severity and confidence joins."""
         if severity in ("P0", "P1") and self.routing.escalation_queue:
             return self.routing.escalation_queue
+        if self.routing.triage_queue and confidence < self.routing.triage_threshold:
+            return self.routing.triage_queue
         return self.routing.queues.get(label, "default")
 
 
@@ -576,12 +586,13 @@ def _check_cross(loader: _Loader, config: Config, channels: list[Any], adapters:
             loader.add(
                 path, f"no agent serves queue {queue!r}; served: {', '.join(sorted(served))}"
             )
-    escalation = config.routing.escalation_queue
-    if escalation is not None and config.agents and escalation not in served:
-        loader.add(
-            "routing.escalation_queue",
-            f"no agent serves queue {escalation!r}; served: {', '.join(sorted(served))}",
-        )
+    for key in ("escalation_queue", "triage_queue"):
+        special = getattr(config.routing, key)
+        if special is not None and config.agents and special not in served:
+            loader.add(
+                f"routing.{key}",
+                f"no agent serves queue {special!r}; served: {', '.join(sorted(served))}",
+            )
     if config.daemon.shutdown_timeout < 1 and channels:
         loader.add("daemon.shutdown_timeout", "must leave at least 1 s to drain channels")
     # Listeners that would fight over one address: fail here, not at bind time.
