@@ -195,6 +195,7 @@ class AgentTool(Protocol):
 # Lazy import strings keep optional dependencies out of the start path of
 # drivers that are not configured (uvicorn's pattern).
 CHANNELS: dict[str, str] = {
+    "email": "channels.email:EmailChannel",
     "web": "channels.web:WebChannel",
 }
 ADAPTERS: dict[str, str] = {

@@ -1,0 +1,334 @@
+"""The email channel: IMAP intake with a persisted cursor, SMTP replies.
+
+`run(sink)` keeps one IMAP session alive (reconnecting with capped, jittered
+backoff), syncs every message above the cursor in UID order, then waits in IDLE
+(re-issued every `idle_renew` seconds) or polls. For each message:
+
+    fetch → normalise → (already seen? noise? no sender?) → sink(message) = commit
+          → journal (Message-ID → conversation, ticket) → \\Seen / move → cursor
+
+so nothing on the server and no cursor moves before the commit. A crash anywhere
+makes the message be fetched again: the journal recognises it (also under a new
+UIDVALIDITY, by Message-ID or raw sha256), and the store's (channel, external_id)
+uniqueness catches a commit whose journal line was lost.
+
+external_id is `"{UIDVALIDITY}:{UID}"`: unique per mailbox folder and cheap to
+re-derive. The Message-ID is not part of it (a missing or reused Message-ID must not
+merge two mails in the store); it is kept in the raw mail and in the journal, which
+is where the duplicate check across UIDVALIDITY changes happens.
+
+Noise (auto-replies, bounces, lists) and mail without a usable sender are not
+routed: the store has no place for "recorded, not routed" messages yet. They are
+logged (`email.noise`, `email.rejected` with reason and Message-ID), counted, and
+journalled, and the cursor passes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from channels.email.config import EmailConfig
+from channels.email.cursor import MailState, atomic_write, conversation_hint, dedupe_key
+from channels.email.imap import ImapSession
+from channels.email.normalise import NormalisedMail, normalise
+from channels.email.smtp import build_message, send_message
+from router.backoff import backoff_delay
+from router.drivers import (
+    AuthFailed,
+    DriverContext,
+    DriverState,
+    MessageSink,
+    Outbound,
+    PermanentError,
+    TransientError,
+)
+from router.model import Attachment, InboundMessage
+
+
+class EmailChannel:
+    """One mailbox: IMAP in, SMTP out. Constructed as `EmailChannel(name, config, ctx)`."""
+
+    config_model: ClassVar[type[EmailConfig]] = EmailConfig
+
+    def __init__(self, name: str, config: EmailConfig, ctx: DriverContext) -> None:
+        """Prepare the channel; nothing connects until run() or send()."""
+        self.name = name
+        self.config = config
+        self.log = ctx.log
+        self.state = DriverState.STOPPED
+        self.last_error = ""
+        self.last_success: float | None = None  # time.time() of the last completed sync
+        self.directory = Path(ctx.state_dir) / "email" / name
+        self.mail_state = MailState(self.directory)
+        # Counters for metrics and tests.
+        self.committed = 0
+        self.duplicates = 0
+        self.noise = 0
+        self.rejected = 0
+        self.sent = 0
+        self.synced = asyncio.Event()  # set after each completed sync pass (tests wait on it)
+        self._state_loaded = False
+        self._state_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._done = asyncio.Event()
+        self._done.set()
+        if not config.imap.tls_verify or not config.smtp.tls_verify:
+            self.log.warning(
+                "email.tls_verify_disabled",
+                imap=not config.imap.tls_verify,
+                smtp=not config.smtp.tls_verify,
+            )
+
+    @property
+    def lag(self) -> float | None:
+        """Return seconds since the last successful sync (None before the first)."""
+        return None if self.last_success is None else max(0.0, time.time() - self.last_success)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def run(self, sink: MessageSink) -> None:
+        """Sync the mailbox into sink until stop() or cancellation; reconnect on failures."""
+        if self._stop.is_set():
+            return
+        if not self._done.is_set():
+            raise RuntimeError(f"email channel {self.name} is already running")
+        self._done.clear()
+        failures = 0
+        try:
+            await self._load_state()
+            self._set_state(DriverState.CONNECTING)
+            while not self._stop.is_set():
+                session = ImapSession(self.config.imap)
+                try:
+                    await self._session(session, sink)
+                    failures = 0
+                    continue  # stop() ended the session
+                except asyncio.CancelledError:
+                    raise
+                except AuthFailed as exc:
+                    # Refused credentials (or no STARTTLS): retry only slowly, log once.
+                    self._set_state(DriverState.BAD_CREDENTIALS, str(exc))
+                    delay = self.config.imap.auth_retry_interval
+                except Exception as exc:
+                    if self.state == DriverState.CONNECTED:
+                        failures = 0  # it worked until now: back off from the bottom
+                    error = str(exc) if isinstance(exc, TransientError) else repr(exc)
+                    if not isinstance(exc, TransientError):
+                        self.log.exception("email.unexpected_error", error_type=type(exc).__name__)
+                    if self.state != DriverState.BAD_CREDENTIALS:
+                        self._set_state(DriverState.TRANSIENT_DISCONNECT, error)
+                    else:
+                        self.last_error = error
+                    delay = backoff_delay(
+                        failures, self.config.imap.reconnect_min, self.config.imap.reconnect_max
+                    )
+                    failures += 1
+                finally:
+                    await session.close()
+                await self._sleep(delay)
+        finally:
+            self._set_state(DriverState.STOPPED)
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop after the message in flight is committed; close the connection."""
+        self._stop.set()
+        await self._done.wait()
+
+    async def _sleep(self, delay: float) -> None:
+        """Wait delay seconds or until stop()."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
+
+    # -- one session --------------------------------------------------------------
+
+    async def _session(self, session: ImapSession, sink: MessageSink) -> None:
+        """Run one connection: select, sync, wait for news, repeat until stop()."""
+        cfg = self.config.imap
+        await session.open()
+        changed = await asyncio.to_thread(self.mail_state.set_uidvalidity, session.uidvalidity)
+        if changed:
+            self.log.warning(
+                "email.uidvalidity_changed",
+                uidvalidity=session.uidvalidity,
+                note="rescanning the folder; mails seen before are recognised by Message-ID",
+            )
+        if cfg.move_to:
+            await session.ensure_folder(cfg.move_to)
+        self._set_state(DriverState.CONNECTED)
+        while not self._stop.is_set():
+            await self._sync(session, sink)
+            self.last_success = time.time()
+            self.synced.set()
+            if self._stop.is_set():
+                return
+            if session.can_idle:
+                await session.idle(cfg.idle_renew, self._stop)
+            else:
+                await self._sleep(cfg.poll_interval)
+
+    async def _sync(self, session: ImapSession, sink: MessageSink) -> None:
+        """Hand every message above the cursor to the sink, in UID order."""
+        for uid, size in await session.new_uids(self.mail_state.last_uid):
+            if self._stop.is_set():
+                return
+            await self._take(session, sink, uid, size)
+
+    async def _take(self, session: ImapSession, sink: MessageSink, uid: int, size: int) -> None:
+        """Process one message; advance the cursor only after its commit and actions."""
+        cfg = self.config
+        oversize = size > cfg.max_message_bytes
+        raw = await session.fetch(uid, cfg.max_message_bytes if oversize else None)
+        if raw is not None:
+            mail = await asyncio.to_thread(
+                normalise,
+                raw,
+                max_message_bytes=cfg.max_message_bytes,
+                max_attachment_bytes=cfg.max_attachment_bytes,
+                max_text_chars=cfg.max_text_chars,
+                original_size=size,
+            )
+            await self._handle(sink, session.uidvalidity, uid, raw, mail)
+            if cfg.imap.move_to:
+                await session.move(uid, cfg.imap.move_to)
+            elif cfg.imap.mark_seen:
+                await session.mark_seen(uid)
+        await asyncio.to_thread(self.mail_state.advance, uid)
+
+    async def _handle(
+        self, sink: MessageSink, uidvalidity: int, uid: int, raw: bytes, mail: NormalisedMail
+    ) -> None:
+        """Route one normalised mail through the sink, or record why it is not routed."""
+        key = dedupe_key(mail)
+        external_id = f"{uidvalidity}:{uid}"
+        fields: dict[str, Any] = {"uid": uid, "message_id": mail.message_id or None}
+        if self.mail_state.seen(key):
+            self.duplicates += 1
+            self.log.info("email.duplicate", **fields)
+            return
+        if mail.noise_reason or mail.reject_reason:
+            reason = mail.noise_reason or mail.reject_reason
+            if mail.noise_reason:
+                self.noise += 1
+                self.log.info("email.noise", reason=reason, **fields)
+            else:
+                self.rejected += 1
+                self.log.warning("email.rejected", reason=reason, **fields)
+            await asyncio.to_thread(self.mail_state.remember, key, "")
+            return
+        hint = conversation_hint(mail, self.mail_state)
+        attachments = await asyncio.to_thread(self._store_attachments, mail)
+        message = InboundMessage(
+            channel=self.name,
+            channel_type="email",
+            external_id=external_id,
+            contact_handle=mail.from_address,
+            contact_name=mail.from_name,
+            text=mail.text,
+            subject=mail.subject,
+            conversation_hint=hint,
+            received_at=mail.received_at,
+            attachments=attachments,
+            payload_sha256=mail.sha256,
+            raw=raw,
+        )
+        try:
+            receipt = await sink(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not committed: the cursor stays, the session restarts after a backoff
+            # and the same UID is offered again.
+            raise TransientError(f"sink failed on uid {uid}: {type(exc).__name__}: {exc}") from exc
+        await asyncio.to_thread(self.mail_state.remember, key, hint, receipt.ticket)
+        if receipt.duplicate:
+            self.duplicates += 1
+        else:
+            self.committed += 1
+        if mail.truncated:
+            self.log.warning("email.truncated", size=mail.size, **fields)
+
+    def _store_attachments(self, mail: NormalisedMail) -> tuple[Attachment, ...]:
+        """Write attachment bytes content-addressed under the state dir; return the records."""
+        out: list[Attachment] = []
+        folder = self.directory / "attachments"
+        for att in mail.attachments:
+            ref = ""
+            if att.data is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / att.sha256
+                if not path.exists():
+                    atomic_write(path, att.data)
+                ref = f"file:{path}"
+            out.append(
+                Attachment(
+                    name=att.name,
+                    mime_type=att.mime_type,
+                    size=att.size,
+                    sha256=att.sha256,
+                    storage_ref=ref,
+                )
+            )
+        return tuple(out)
+
+    # -- outbound -----------------------------------------------------------------
+
+    async def send(self, outbound: Outbound) -> None:
+        """Send an acknowledgement or agent reply by SMTP; raise the driver taxonomy."""
+        if outbound.kind == "ack" and not self.config.ack.enabled:
+            self.log.info("email.ack_disabled", outbound_id=outbound.id)
+            return
+        if outbound.kind not in ("ack", "reply"):
+            raise PermanentError(f"email: unknown outbound kind {outbound.kind!r}")
+        msg = build_message(outbound, self.config.smtp, self.config.ack)
+        await send_message(msg, self.config.smtp)
+        self.sent += 1
+        # A customer answering this mail may quote only its Message-ID: remember
+        # which conversation it belongs to.
+        await self._load_state()
+        parent = str(msg["In-Reply-To"] or "")
+        hint = self.mail_state.hint_for(parent) if parent else None
+        if hint:
+            await asyncio.to_thread(self.mail_state.remember, str(msg["Message-ID"]), hint)
+        self.log.info(
+            "email.sent",
+            outbound_id=outbound.id,
+            kind=outbound.kind,
+            message_id=str(msg["Message-ID"]),
+            to_sha=hashlib.sha256(outbound.to.encode()).hexdigest()[:12],
+        )
+
+    # -- helpers ------------------------------------------------------------------
+
+    async def _load_state(self) -> None:
+        """Read the cursor and journal once."""
+        async with self._state_lock:
+            if not self._state_loaded:
+                await asyncio.to_thread(self._load_state_sync)
+                self._state_loaded = True
+
+    def _load_state_sync(self) -> None:
+        """Create the state directory (private) and load it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(self.directory, 0o700)
+        self.mail_state.load()
+
+    def _set_state(self, state: DriverState, error: str = "") -> None:
+        """Change state and log the transition once (not every failed attempt)."""
+        if error:
+            self.last_error = error
+        if state == self.state:
+            return
+        old, self.state = self.state, state
+        level = {
+            DriverState.BAD_CREDENTIALS: self.log.error,
+            DriverState.TRANSIENT_DISCONNECT: self.log.warning,
+        }.get(state, self.log.info)
+        level("driver.state", old=str(old), new=str(state), error=error or None)

@@ -1,0 +1,207 @@
+"""What one email channel remembers across restarts, in its own directory under state_dir.
+
+* `cursor.json`: UIDVALIDITY and the last UID whose message is committed. Written
+  atomically (temp file, fsync, rename, fsync of the directory), so a crash leaves
+  either the old or the new cursor, never half of one.
+* `journal.jsonl`: one line per committed mail: its dedupe key (Message-ID, or the
+  sha256 of the raw mail when it has none), the conversation hint it was given and
+  its ticket. It serves two purposes: a mail seen again under a new UIDVALIDITY
+  (the server renumbered the folder) is recognised and not routed twice, and a
+  follow-up finds the conversation of the mail it answers (by In-Reply-To,
+  References or a `[#T-…]` ticket token). Bounded: when it holds more than twice
+  `max_entries` lines it is rewritten with the newest `max_entries`.
+
+Order on commit (the channel does it): sink returns → journal line (fsync) →
+after-commit IMAP actions → cursor. A crash anywhere in between makes the mail be
+fetched again and recognised (journal) or deduplicated by the store (external_id).
+All methods are blocking; the channel calls them through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from channels.email.normalise import NormalisedMail
+
+CURSOR_FILE = "cursor.json"
+JOURNAL_FILE = "journal.jsonl"
+DEFAULT_MAX_ENTRIES = 100_000
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace path with data durably: temp file in the same dir, fsync, rename, fsync dir."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in directory durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dedupe_key(mail: NormalisedMail) -> str:
+    """Return the key that identifies a mail across UIDVALIDITY changes."""
+    return mail.message_id or f"sha256:{mail.sha256}"
+
+
+class MailState:
+    """The cursor and the journal of one channel; load() before use."""
+
+    def __init__(self, directory: Path, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        """Remember where the files live; nothing is read until load()."""
+        self.directory = directory
+        self.max_entries = max_entries
+        self.uidvalidity: int | None = None
+        self.last_uid = 0
+        # dedupe key or "ticket:T-…" -> conversation hint; insertion order = age
+        self._hints: OrderedDict[str, str] = OrderedDict()
+        self._journal_lines = 0
+
+    # -- loading ----------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the cursor and the journal (a torn last journal line is ignored)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cursor = self.directory / CURSOR_FILE
+        if cursor.exists():
+            data = json.loads(cursor.read_text(encoding="utf-8"))
+            self.uidvalidity = int(data["uidvalidity"]) if data.get("uidvalidity") else None
+            self.last_uid = int(data.get("last_uid", 0))
+        journal = self.directory / JOURNAL_FILE
+        self._hints.clear()
+        self._journal_lines = 0
+        if journal.exists():
+            with journal.open("rb") as f:
+                for line in f:
+                    self._journal_lines += 1
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut by a crash mid-write
+                    if isinstance(entry, dict):
+                        self._apply(entry)
+            self._trim()
+
+    def _apply(self, entry: dict[str, Any]) -> None:
+        """Apply one journal entry to the in-memory maps."""
+        key, hint, ticket = str(entry.get("k", "")), str(entry.get("h", "")), entry.get("t")
+        if key:
+            self._hints[key] = hint
+            self._hints.move_to_end(key)
+        if ticket and f"ticket:{ticket}" not in self._hints:
+            # The first mail of a ticket defines its thread; later ones follow it.
+            self._hints[f"ticket:{ticket}"] = hint
+
+    def _trim(self) -> None:
+        """Forget the oldest entries beyond max_entries."""
+        while len(self._hints) > self.max_entries:
+            self._hints.popitem(last=False)
+
+    # -- cursor -----------------------------------------------------------------
+
+    def set_uidvalidity(self, uidvalidity: int) -> bool:
+        """Adopt the folder's UIDVALIDITY; return True when a known one changed (rescan)."""
+        if self.uidvalidity == uidvalidity:
+            return False
+        previous = self.uidvalidity
+        self.uidvalidity = uidvalidity
+        self.last_uid = 0
+        self._save_cursor()
+        return previous is not None
+
+    def advance(self, uid: int) -> None:
+        """Persist that every mail up to uid is committed."""
+        if uid <= self.last_uid:
+            return
+        self.last_uid = uid
+        self._save_cursor()
+
+    def _save_cursor(self) -> None:
+        """Write cursor.json atomically."""
+        data = {"version": 1, "uidvalidity": self.uidvalidity, "last_uid": self.last_uid}
+        atomic_write(self.directory / CURSOR_FILE, json.dumps(data).encode("utf-8"))
+
+    # -- journal ----------------------------------------------------------------
+
+    def seen(self, key: str) -> bool:
+        """Tell whether a mail with this dedupe key was committed before."""
+        return bool(key) and key in self._hints
+
+    def hint_for(self, key: str) -> str | None:
+        """Return the conversation hint recorded for a Message-ID or "ticket:T-…"."""
+        return self._hints.get(key) if key else None
+
+    def remember(self, key: str, hint: str, ticket: str = "") -> None:
+        """Append one committed mail (or sent mail) to the journal, durably."""
+        entry = {"k": key, "h": hint}
+        if ticket:
+            entry["t"] = ticket
+        line = json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n"
+        path = self.directory / JOURNAL_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._journal_lines += 1
+        self._apply(entry)
+        self._trim()
+        if self._journal_lines > 2 * self.max_entries:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the journal with the entries still remembered."""
+        tickets = {
+            k[len("ticket:") :]: h for k, h in self._hints.items() if k.startswith("ticket:")
+        }
+        lines = []
+        for key, hint in self._hints.items():
+            if key.startswith("ticket:"):
+                continue
+            lines.append(json.dumps({"k": key, "h": hint}, ensure_ascii=False))
+        for ticket, hint in tickets.items():
+            lines.append(json.dumps({"k": "", "h": hint, "t": ticket}, ensure_ascii=False))
+        atomic_write(self.directory / JOURNAL_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
+        self._journal_lines = len(lines)
+
+
+def conversation_hint(mail: NormalisedMail, state: MailState) -> str:
+    """Return the thread key of a mail so follow-ups join their conversation.
+
+    A known `[#T-…]` ticket wins; then the conversation of any mail it answers
+    (In-Reply-To, then References newest first); then an unknown ticket token; then
+    the thread root Message-ID (first of References, In-Reply-To, or its own).
+    """
+    if mail.ticket:
+        known = state.hint_for(f"ticket:{mail.ticket}")
+        if known:
+            return known
+    for ref in (mail.in_reply_to, *reversed(mail.references)):
+        known = state.hint_for(ref)
+        if known:
+            return known
+    if mail.ticket:
+        return f"ticket:{mail.ticket}"
+    return mail.thread_root
