@@ -10,8 +10,9 @@ Two things aiomqtt does not do for us, handled here:
 
 * A publish waiting for its PUBACK is not woken when the connection drops (paho
   never calls on_publish for it); aiomqtt only gives up at its timeout. Each
-  publish therefore also waits on a per-connection "lost" future that `run()`
-  resolves when the connection ends, so in-flight deliveries fail at once.
+  publish therefore waits under a deadline that the connection registers, and
+  `run()` expires every registered deadline when the connection ends, so in-flight
+  deliveries fail at once.
 * paho keeps unacknowledged messages in its client and re-sends them after a
   reconnect of the *same* client. We build a fresh client per connection, so a
   delivery that failed here is re-sent only by the outbox, with its own id.
@@ -170,6 +171,16 @@ class _Session:
     lost: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # The deadlines of deliveries waiting for their PUBACK; end() expires them at once.
+    waiting: set[asyncio.Timeout] = field(default_factory=set)
+
+    def end(self) -> None:
+        """Mark the connection as gone and wake every delivery still waiting for a PUBACK."""
+        if not self.lost.done():
+            self.lost.set_result(None)
+        for deadline in list(self.waiting):
+            if not deadline.expired():
+                deadline.reschedule(0)  # in the past: expires on the loop's next iteration
 
 
 class MqttTool:
@@ -306,8 +317,7 @@ class MqttTool:
                     queue.put_nowait(action)
         finally:
             self._session = None
-            if not session.lost.done():
-                session.lost.set_result(None)  # wake deliveries still waiting for a PUBACK
+            session.end()  # wake deliveries still waiting for a PUBACK
             # Graceful DISCONNECT when still connected; a no-op after a lost connection.
             await client.__aexit__(None, None, None)
 
@@ -399,29 +409,33 @@ class MqttTool:
             raise PermanentError(f"mqtt: address {address[:80]!r} is not a valid topic segment")
         topic = f"{self.config.topic_prefix}/{address}/inbox"
         body = encode_delivery(delivery)
-        publish = asyncio.ensure_future(
-            session.client.publish(topic, body, qos=1, timeout=math.inf)
-        )
-        try:
-            done, _ = await asyncio.wait(
-                (publish, session.lost),
-                timeout=self.config.publish_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        except asyncio.CancelledError:
-            publish.cancel()
-            raise
-        if publish in done:
-            exc = publish.exception()
-            if exc is not None:
-                raise _translate(exc) from exc
-            self.last_success = time.time()
-            return
-        publish.cancel()  # frees aiomqtt's pending-call slot; paho may still send it
         if session.lost.done():
             raise TransientError(f"mqtt {self.name}: connection lost before the PUBACK")
-        # The message may still reach the broker later; the resend carries the same id.
-        raise TimedOut(f"mqtt {self.name}: no PUBACK within {self.config.publish_timeout} s")
+        # The publish runs in this task, under a deadline that session.end() expires when
+        # the connection drops: no extra task, waiter future or callbacks per delivery.
+        # Expiry cancels the publish, which frees aiomqtt's pending-call slot (paho may
+        # still send the message; a resend carries the same delivery id).
+        deadline = asyncio.timeout(self.config.publish_timeout)
+        try:
+            async with deadline:
+                session.waiting.add(deadline)
+                try:
+                    await session.client.publish(topic, body, qos=1, timeout=math.inf)
+                finally:
+                    session.waiting.discard(deadline)
+        except TimeoutError as exc:
+            if not deadline.expired():  # not our deadline: the library's own error
+                raise _translate(exc) from exc
+            if session.lost.done():
+                raise TransientError(
+                    f"mqtt {self.name}: connection lost before the PUBACK"
+                ) from None
+            raise TimedOut(
+                f"mqtt {self.name}: no PUBACK within {self.config.publish_timeout} s"
+            ) from None
+        except Exception as exc:
+            raise _translate(exc) from exc
+        self.last_success = time.time()
 
     # -- helpers ---------------------------------------------------------------
 

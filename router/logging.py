@@ -31,6 +31,8 @@ import logging
 import re
 import sys
 import threading
+from asyncio import AbstractEventLoop
+from asyncio import _get_running_loop as _running_loop
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -116,6 +118,9 @@ class _State:
     # repr()-escaped for console lines and mask_secrets.
     json_forms: tuple[str, ...] = ()
     text_forms: tuple[str, ...] = ()
+    # Flush once per event-loop iteration instead of once per line (see _write_line).
+    defer_flush: bool = False
+    flush_loop: AbstractEventLoop | None = None  # the loop a flush is scheduled on
 
 
 _state = _State()
@@ -167,6 +172,8 @@ def mask_secrets(text: str) -> str:
 # -- redaction ------------------------------------------------------------------------
 
 _PLAIN, _SECRET, _BODY = 0, 1, 2
+_CONTAINERS = (dict, list, tuple)  # a tuple: isinstance checks it faster than a union
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 # Key name -> kind, memoised: events reuse a small set of keys.
 _key_kinds: dict[str, int] = {}
 
@@ -204,13 +211,13 @@ def _redact_container(value: Any, log_bodies: bool, depth: int) -> Any:
                 out[k] = MASK
             elif kind == _BODY and not log_bodies:
                 out[k] = _body_placeholder(v)
-            elif isinstance(v, dict | list | tuple):
+            elif isinstance(v, _CONTAINERS):
                 out[k] = _redact_container(v, log_bodies, depth + 1)
             else:
                 out[k] = v
         return out
     return [
-        _redact_container(v, log_bodies, depth + 1) if isinstance(v, dict | list | tuple) else v
+        _redact_container(v, log_bodies, depth + 1) if isinstance(v, _CONTAINERS) else v
         for v in value
     ]
 
@@ -223,12 +230,18 @@ def redact_event(logger: WrappedLogger, method_name: str, event_dict: EventDict)
     """
     log_bodies = _state.log_bodies
     kinds = _key_kinds
+    scalars = _SCALARS
     for key, value in event_dict.items():
         kind = kinds.get(key)
         if kind is None:
             kind = _key_kind(key)
         if kind == _PLAIN:
-            if isinstance(value, dict | list | tuple) and key != "exc_info":
+            # Most values are plain scalars: one set lookup instead of an isinstance.
+            if (
+                value.__class__ not in scalars
+                and isinstance(value, _CONTAINERS)
+                and key != "exc_info"
+            ):
                 event_dict[key] = _redact_container(value, log_bodies, 0)
         elif kind == _SECRET:
             if value is not None:
@@ -291,15 +304,50 @@ PROCESSORS: list[Callable[[WrappedLogger, str, EventDict], Any]] = [
 
 
 def _write_line(line: str) -> None:
-    """Write one line and flush: journald reads a pipe, which is block-buffered."""
+    """Write one line; flush it now, or at the end of the event loop's current iteration.
+
+    journald reads a pipe, which is block-buffered, so lines must be flushed. A flush is
+    a write(2) that also gives up the GIL (which the SQLite writer thread then takes,
+    and the loop has to win back): on an OS stream, lines written by the event loop
+    thread are flushed together by a callback in the loop's next iteration, a fraction
+    of a millisecond later. Lines from any other thread, or outside a loop, are flushed
+    at once (and take along whatever is buffered).
+    """
     state = _state
     with state.lock:
         state.stream.write(line + "\n")
+        if state.defer_flush:
+            loop = _running_loop()
+            if loop is not None:
+                if state.flush_loop is not loop:  # no flush scheduled on this loop yet
+                    state.flush_loop = loop
+                    loop.call_soon(_flush_deferred)
+                return
         state.stream.flush()
 
 
+def _flush_deferred() -> None:
+    """Flush the lines written during the loop's last iteration (a loop callback)."""
+    state = _state
+    with state.lock:
+        state.flush_loop = None
+        try:
+            state.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: the next line reports it
+            pass
+
+
+def _is_os_stream(stream: TextIO) -> bool:
+    """Whether stream writes to a file descriptor (a pipe, file or socket), not memory."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+    return True
+
+
 class LineLogger:
-    """Write each rendered event as one line to the configured stream, flushed at once.
+    """Write each rendered event as one line to the configured stream (see _write_line).
 
     Like structlog's PrintLogger, but the stream is looked up per write so that a
     cached logger follows `configure_logging(stream=…)`.
@@ -366,10 +414,17 @@ def configure_logging(
     use_json = (not tty) if json is None else json
 
     with _state.lock:
+        if _state.stream is not out:
+            try:
+                _state.stream.flush()  # lines whose flush was deferred go to the old stream
+            except (OSError, ValueError):
+                pass
         _state.min_level = min_level
         _state.json = use_json
         _state.log_bodies = log_bodies
         _state.stream = out
+        _state.defer_flush = not tty and _is_os_stream(out)
+        _state.flush_loop = None
         # plain_traceback: rich's formatter (the default when installed) prints locals.
         _state.console = (
             None

@@ -7,8 +7,11 @@ anything we did not choose to export.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 # Ingest commits take about a millisecond; deliveries to a local broker a few.
 _LATENCY_BUCKETS = (
@@ -35,6 +38,9 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        # (metric, label values) -> child: labels() validates and locks on every call,
+        # which costs more than the increment itself on the per-message path.
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.ingested = Counter(
             "omnirouter_messages_ingested_total",
@@ -144,6 +150,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """Return metric.labels(*values), cached: values in the metric's label order.
+
+        Label values come from small fixed sets (channels, labels, queues, agents,
+        targets), so the cache stays as small as the metric's own table of children.
+        """
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition of every metric."""

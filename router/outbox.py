@@ -57,8 +57,15 @@ class Dispatcher:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._done_batch: list[str] = []
+        # Ids marked done while a scan is in flight: the scan may have read them before
+        # their delete, so its result must not send them again.
+        self._done_during_scan: set[str] | None = None
         self._done_flush: asyncio.Task[None] | None = None
-        self._sem = asyncio.Semaphore(config.concurrency)
+        # Free send slots (config.concurrency at most in flight); _room is set when one frees.
+        self._free = config.concurrency
+        self._room = asyncio.Event()
+        self._running = False  # run() is taking items
+        self._holding = False  # run() holds an item and waits for a free slot
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -74,7 +81,19 @@ class Dispatcher:
         if delay > 0:
             self._schedule(item, delay)
         else:
+            self._enqueue(item)
+
+    def _enqueue(self, item: OutboxItem) -> None:
+        if self._running and self._free > 0 and self._ready.empty() and not self._holding:
+            self._start(item)  # the fast path: no hop through run(); order is kept
+        else:
             self._ready.put_nowait(item)
+
+    def _start(self, item: OutboxItem) -> None:
+        self._free -= 1
+        task = asyncio.create_task(self._send(item), name=f"outbox-send-{item.id}")
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     def _schedule(self, item: OutboxItem, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -82,7 +101,7 @@ class Dispatcher:
 
     def _wake(self, item: OutboxItem) -> None:
         self._timers.pop(item.id, None)
-        self._ready.put_nowait(item)
+        self._enqueue(item)
 
     @property
     def backlog(self) -> int:
@@ -94,14 +113,20 @@ class Dispatcher:
     async def run(self) -> None:
         """Send items as they become ready; scan the store periodically for strays."""
         scanner = asyncio.create_task(self._scan_loop(), name="outbox-scan")
+        self._running = True
         try:
             while True:
                 item = await self._ready.get()
-                await self._sem.acquire()
-                task = asyncio.create_task(self._send(item), name=f"outbox-send-{item.id}")
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                self._holding = True
+                try:
+                    while self._free <= 0:
+                        self._room.clear()
+                        await self._room.wait()
+                finally:
+                    self._holding = False
+                self._start(item)
         finally:
+            self._running = False
             scanner.cancel()
             for timer in self._timers.values():
                 timer.cancel()
@@ -113,20 +138,26 @@ class Dispatcher:
 
     async def _scan_loop(self) -> None:
         while True:
+            done: set[str] = set()
+            self._done_during_scan = done
             try:
                 for item in await self.store.due_outbox(self.clock(), 1000):
-                    self.submit(item)
+                    if item.id not in done:
+                        self.submit(item)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store hiccuped; the next scan tries again
                 log.warning("outbox.scan_failed", error=str(exc))
+            finally:
+                self._done_during_scan = None
             await asyncio.sleep(self.config.poll_interval)
 
     async def _send(self, item: OutboxItem) -> None:
         try:
             await self._attempt(item)
         finally:
-            self._sem.release()
+            self._free += 1
+            self._room.set()
 
     async def _attempt(self, item: OutboxItem) -> None:
         tool = self.tools().get(item.target)
@@ -191,7 +222,7 @@ class Dispatcher:
                 delay,
             )
         else:
-            self.metrics.deliveries.labels(target=item.target, result="ok").inc()
+            self.metrics.child(self.metrics.deliveries, item.target, "ok").inc()
             if self.on_delivered is not None:
                 self.on_delivered(item)
             self._mark_done(item.id)
@@ -227,6 +258,8 @@ class Dispatcher:
                 await self.store.outbox_done(ids)
             except Exception as exc:  # they will be sent again with the same id: receivers dedupe
                 log.warning("outbox.done_not_recorded", count=len(ids), error=str(exc))
+            if self._done_during_scan is not None:
+                self._done_during_scan.update(ids)
             for i in ids:
                 self._forget(i)
 

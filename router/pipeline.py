@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import json
 import time
@@ -83,6 +82,8 @@ class Pipeline:
         self.classifier = self._make_classifier(config)
         self.scheduler = Scheduler(agents_from_config(config))
         self._secret = b""
+        self._token_mac: hmac.HMAC | None = None  # keyed with _token_key
+        self._token_key = b""
         # (channel, thread key) -> id of its open conversation, and the reverse.
         self._threads: dict[tuple[str, str], str] = {}
         self._thread_of: dict[str, tuple[str, str]] = {}
@@ -98,6 +99,7 @@ class Pipeline:
         # What _update_gauges last published, per agent id and per ("queue", name).
         self._gauges_of: Metrics | None = None
         self._gauge_values: dict[Any, Any] = {}
+        self._ingests_since_sweep = 0
 
     @staticmethod
     def _make_classifier(config: Config) -> RuleClassifier:
@@ -163,7 +165,15 @@ class Pipeline:
 
     def status_token(self, ticket: str) -> str:
         """Return the token that lets a customer read this ticket (HMAC, installation secret)."""
-        digest = hmac.new(self._secret, ticket.encode(), hashlib.sha256).digest()[:18]
+        mac = self._token_mac
+        if mac is None or self._token_key is not self._secret:
+            # Keyed once: copying a keyed HMAC is cheaper than keying one per ticket, and
+            # unlike hmac.digest() it does not give up the GIL for a few bytes of input.
+            mac = self._token_mac = hmac.new(self._secret, digestmod="sha256")
+            self._token_key = self._secret
+        mac = mac.copy()
+        mac.update(ticket.encode())
+        digest = mac.digest()[:18]
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     async def ticket_status(self, ticket: str, token: str) -> TicketStatus | None:
@@ -194,16 +204,23 @@ class Pipeline:
         started = time.perf_counter()
         thread_key = self._thread_key(msg)
         key = (msg.channel, thread_key)
+        # As _thread_lock(key), inlined: a generator context manager per message costs.
+        lock = self._thread_locks.get(key)
+        if lock is None:
+            lock = self._thread_locks[key] = asyncio.Lock()
+        self._thread_waiters[key] += 1
         try:
-            with self._thread_lock(key) as lock:
-                async with lock:
-                    receipt, choice, queue, cls = await self._ingest_locked(msg, thread_key, key)
+            async with lock:
+                receipt, choice, queue, cls = await self._ingest_locked(msg, thread_key, key)
         except Exception:
-            self.metrics.ingest_errors.labels(channel=msg.channel).inc()
+            self.metrics.child(self.metrics.ingest_errors, msg.channel).inc()
             raise
+        finally:
+            self._release_thread_lock(key)
         elapsed = time.perf_counter() - started
+        m = self.metrics
         if receipt.duplicate:
-            self.metrics.duplicates.labels(channel=msg.channel).inc()
+            m.child(m.duplicates, msg.channel).inc()
             log.info(
                 "message.duplicate",
                 channel=msg.channel,
@@ -212,14 +229,12 @@ class Pipeline:
                 payload_conflict=receipt.payload_conflict,
             )
             return receipt
-        self.metrics.ingest_seconds.observe(elapsed)
-        self.metrics.ingested.labels(channel=msg.channel, label=cls.label).inc()
-        self.metrics.severity.labels(severity=cls.severity).inc()
+        m.ingest_seconds.observe(elapsed)
+        m.child(m.ingested, msg.channel, cls.label).inc()
+        m.child(m.severity, cls.severity).inc()
         if choice is not None:
-            self.metrics.assigned.labels(
-                queue=queue, how="sticky" if not choice.new_slot else "direct"
-            ).inc()
-        self._update_gauges()
+            m.child(m.assigned, queue, "direct" if choice.new_slot else "sticky").inc()
+        self._update_ingest_gauges(choice.agent.id if choice is not None else None, queue)
         # The canonical line: one per routed message, everything an operator asks about.
         log.info(
             "message.routed",
@@ -359,10 +374,16 @@ class Pipeline:
         try:
             yield lock
         finally:
-            self._thread_waiters[key] -= 1
-            if self._thread_waiters[key] == 0:
-                del self._thread_waiters[key]
-                del self._thread_locks[key]
+            self._release_thread_lock(key)
+
+    def _release_thread_lock(self, key: tuple[str, str]) -> None:
+        """Count one user of the thread's lock out; the last one drops the lock."""
+        left = self._thread_waiters[key] - 1
+        if left:
+            self._thread_waiters[key] = left
+        else:
+            del self._thread_waiters[key]
+            del self._thread_locks[key]
 
     @staticmethod
     def _thread_key(msg: InboundMessage) -> str:
@@ -657,11 +678,40 @@ class Pipeline:
             )
         return out
 
-    def _update_gauges(self) -> None:
-        # Runs after every ingested message: only gauges whose value changed since the
-        # last call are set (a labels() lookup per agent per message cost more than the
-        # classifier on a ten-agent roster). Only this method sets these gauges.
+    def _update_ingest_gauges(self, agent_id: str | None, queue: str) -> None:
+        """Publish what one routed message changed: its agent's load or its queue's depth.
+
+        Every other change of the roster, loads or queues publishes the whole set through
+        _update_gauges, as does every 64th message here (a safety net, cheap at that rate).
+        """
         m = self.metrics
+        self._ingests_since_sweep += 1
+        if self._gauges_of is not m or self._ingests_since_sweep >= 64:
+            self._update_gauges()
+            return
+        last = self._gauge_values
+        if agent_id is not None:
+            a = self.scheduler.agents.get(agent_id)
+            if a is not None:
+                values = (self.scheduler.load.get(a.id, 0), a.capacity, 1 if a.present else 0)
+                if last.get(a.id) != values:
+                    m.child(m.agent_load, a.id).set(values[0])
+                    m.child(m.agent_capacity, a.id).set(values[1])
+                    m.child(m.agent_present, a.id).set(values[2])
+                    last[a.id] = values
+        else:
+            depth = self.scheduler.queue_depths().get(queue, 0)
+            if last.get(("queue", queue)) != depth:
+                m.child(m.queue_depth, queue).set(depth)
+                last[("queue", queue)] = depth
+        m.outbox_backlog.set(self.dispatcher.backlog)
+
+    def _update_gauges(self) -> None:
+        # Only gauges whose value changed since the last call are set (a labels() lookup
+        # per agent per message cost more than the classifier on a ten-agent roster).
+        # Only this method and _update_ingest_gauges set these gauges.
+        m = self.metrics
+        self._ingests_since_sweep = 0
         if self._gauges_of is not m:
             self._gauges_of = m
             self._gauge_values = {}
@@ -670,13 +720,13 @@ class Pipeline:
         for a in self.scheduler.agents.values():
             values = (load.get(a.id, 0), a.capacity, 1 if a.present else 0)
             if last.get(a.id) != values:
-                m.agent_load.labels(agent=a.id).set(values[0])
-                m.agent_capacity.labels(agent=a.id).set(values[1])
-                m.agent_present.labels(agent=a.id).set(values[2])
+                m.child(m.agent_load, a.id).set(values[0])
+                m.child(m.agent_capacity, a.id).set(values[1])
+                m.child(m.agent_present, a.id).set(values[2])
                 last[a.id] = values
         for queue, depth in self.scheduler.queue_depths().items():
             if last.get(("queue", queue)) != depth:
-                m.queue_depth.labels(queue=queue).set(depth)
+                m.child(m.queue_depth, queue).set(depth)
                 last[("queue", queue)] = depth
         m.outbox_backlog.set(self.dispatcher.backlog)
 

@@ -2,21 +2,34 @@
 
 Why a thread of our own rather than a connection per call: SQLite allows one writer
 at a time, and an fsync per message would cap ingest at the disk's sync rate. The
-writer takes every unit of work queued since its last commit, runs each inside a
-SAVEPOINT (one bad unit fails alone), commits once, and wakes all the waiting
-coroutines with one loop callback. Under load the batches grow by themselves; at
-rest a single message is committed at once (no timer, no idle CPU).
+writer takes every unit of work queued since its last commit, runs them in one
+transaction, commits once, and wakes all the waiting coroutines with one loop
+callback. Under load the batches grow by themselves; at rest a single message is
+committed at once (no timer, no idle CPU).
+
+One bad unit fails alone: when a unit raises, the batch is rolled back and run again
+with each unit inside its own SAVEPOINT. Units are plain functions of the database
+(no effects outside it), so running one again gives the same outcome. The savepoints
+are kept off the fast path because they cost more than the rest of an ingest unit:
+every page a unit touches is first copied to SQLite's statement sub-journal.
+
+Deleting delivered outbox items (`outbox_done`) is deferred: the ids ride along with
+the next commit instead of paying an fsync of their own, or are committed alone once
+the writer has had nothing else to do for a moment. A delete lost in a crash only
+makes the outbox send the item again under the same delivery id (receivers dedupe).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,10 +51,14 @@ T = TypeVar("T")
 Unit = Callable[[sqlite3.Connection], Any]
 _MAX_BATCH = 512
 _STOP = object()
+_DEFERRED = object()  # wakes the writer: deferred outbox deletes are waiting
+# How long deferred deletes wait for a commit to ride along with before committing alone.
+_DEFERRED_IDLE = 0.1
+_DELETE_CHUNK = 500  # ids per DELETE statement (SQLite's bound-parameter limit is higher)
 
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# Built once: json.dumps with non-default arguments builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_dumps = _ENCODER.encode
 
 
 class SqliteStore:
@@ -54,6 +71,8 @@ class SqliteStore:
         self.synchronous = synchronous.upper()
         self.raw_max_bytes = raw_max_bytes
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Ids of delivered outbox items whose delete has not been committed yet.
+        self._deferred: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._secret: bytes | None = None
@@ -100,13 +119,13 @@ class SqliteStore:
 
     def _fail_leftovers(self, exc: BaseException) -> None:
         """Fail units still queued after the writer stopped (nobody will run them)."""
-        leftovers: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        leftovers: list[tuple[asyncio.Future[Any] | None, bool, Any]] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
+            if item is not _STOP and item is not _DEFERRED:
                 leftovers.append((item[1], False, exc))
         if leftovers:
             _settle(leftovers)
@@ -142,30 +161,101 @@ class SqliteStore:
         try:
             stopping = False
             while not stopping:
-                first = self._queue.get()
-                batch = []
-                if first is _STOP:
-                    stopping = True
-                else:
-                    batch.append(first)
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stopping = True
-                        continue
-                    batch.append(item)
+                batch, stopping = self._collect(self._queue.get())
+                if not batch and not stopping:
+                    # Only deferred deletes: give them a moment to ride with real work.
+                    deadline = time.monotonic() + _DEFERRED_IDLE
+                    while not batch and not stopping:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        try:
+                            item = self._queue.get(timeout=remaining)
+                        except queue.Empty:
+                            break
+                        batch, stopping = self._collect(item)
+                done = self._take_deferred()
+                if done:
+                    batch.insert(0, (functools.partial(_delete_outbox, ids=done), None))
                 if batch:
                     self._run_batch(conn, batch)
         finally:
             conn.close()
 
+    def _collect(self, first: Any) -> tuple[list[tuple[Unit, asyncio.Future[Any] | None]], bool]:
+        """Return the units queued from `first` on (at most _MAX_BATCH), and whether to stop."""
+        batch: list[tuple[Unit, asyncio.Future[Any] | None]] = []
+        stopping = first is _STOP
+        if not stopping and first is not _DEFERRED:
+            batch.append(first)
+        while len(batch) < _MAX_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stopping = True
+            elif item is not _DEFERRED:
+                batch.append(item)
+        return batch, stopping
+
+    def _take_deferred(self) -> list[str]:
+        """Return every outbox id whose delete is waiting, and forget them."""
+        ids: list[str] = []
+        while True:
+            try:
+                ids.extend(self._deferred.get_nowait())
+            except queue.Empty:
+                return ids
+
     def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[tuple[Unit, asyncio.Future[Any]]]
+        self, conn: sqlite3.Connection, batch: list[tuple[Unit, asyncio.Future[Any] | None]]
     ) -> None:
-        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        """Commit a batch in one transaction; a unit that raises fails alone.
+
+        A unit without a future (deferred deletes) has nobody waiting for it.
+        """
+        try:
+            results = self._run_fast(conn, batch)
+        except _UnitFailed as failed:
+            results = (
+                self._run_isolated(conn, batch)
+                if len(batch) > 1
+                else [(batch[0][1], False, failed.error)]
+            )
+        except Exception as exc:  # the commit itself failed (disk full, I/O): nothing is durable
+            results = [(fut, False, exc) for _, fut in batch]
+        self.batches += 1
+        self.units += sum(1 for _, fut in batch if fut is not None)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_settle, results)
+
+    @staticmethod
+    def _run_fast(
+        conn: sqlite3.Connection, batch: list[tuple[Unit, asyncio.Future[Any] | None]]
+    ) -> list[tuple[asyncio.Future[Any] | None, bool, Any]]:
+        """Run every unit in one transaction without savepoints; raise _UnitFailed if one raises."""
+        results: list[tuple[asyncio.Future[Any] | None, bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fn, fut in batch:
+                try:
+                    value = fn(conn)
+                except Exception as exc:
+                    raise _UnitFailed(exc) from exc
+                results.append((fut, True, value))
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return results
+
+    @staticmethod
+    def _run_isolated(
+        conn: sqlite3.Connection, batch: list[tuple[Unit, asyncio.Future[Any] | None]]
+    ) -> list[tuple[asyncio.Future[Any] | None, bool, Any]]:
+        """Run the batch again, each unit inside a SAVEPOINT, so a failing one fails alone."""
+        results: list[tuple[asyncio.Future[Any] | None, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, fut in batch:
@@ -180,18 +270,10 @@ class SqliteStore:
                     conn.execute("RELEASE unit")
                     results.append((fut, True, value))
             conn.execute("COMMIT")
-        except (
-            Exception
-        ) as exc:  # the commit itself failed (disk full, I/O): nobody's unit is durable
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        except Exception as exc:  # the commit itself failed (disk full, I/O): nothing is durable
+            _rollback(conn)
             results = [(fut, False, exc) for _, fut in batch]
-        self.batches += 1
-        self.units += len(batch)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(_settle, results)
+        return results
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None or self._closing:
@@ -314,10 +396,18 @@ class SqliteStore:
         )
 
     async def outbox_done(self, ids: list[str]) -> None:
-        """Delete delivered items."""
-        await self._run(
-            lambda c: c.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
-        )
+        """Delete delivered items: at once for every later call, durably with the next commit.
+
+        The deletes ride along with the next batch instead of paying a commit (an fsync)
+        of their own; with nothing else to commit they are committed alone shortly after.
+        Every unit queued after this call sees the items gone. A crash before that
+        commit only makes the outbox send them again under the same delivery ids.
+        """
+        if self._thread is None or self._closing:
+            raise RuntimeError("store is not open")
+        if ids:
+            self._deferred.put(list(ids))
+            self._queue.put(_DEFERRED)
 
     async def outbox_retry(
         self, item_id: str, attempts: int, next_attempt_at: float, error: str
@@ -474,6 +564,28 @@ class SqliteStore:
 # -- units of work (run on the writer thread) ------------------------------------
 
 
+class _UnitFailed(Exception):
+    """A unit raised in the fast path: the batch is run again with savepoints."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any (a failed statement may have ended it)."""
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def _delete_outbox(c: sqlite3.Connection, ids: list[str]) -> None:
+    for start in range(0, len(ids), _DELETE_CHUNK):
+        chunk = ids[start : start + _DELETE_CHUNK]
+        c.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
+
 def _insert_outbox(c: sqlite3.Connection, o: OutboxItem) -> None:
     c.execute(
         "INSERT INTO outbox(id, target, agent_id, address, kind, payload, message_id, attempts, "
@@ -524,9 +636,10 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
 
     contact_key = f"{m.channel_type}:{m.contact_handle}"
     c.execute(
+        # A known contact is rewritten only when a new, different name comes with it.
         "INSERT INTO contacts(key, channel_type, handle, name, created_at) VALUES (?,?,?,?,?) "
-        "ON CONFLICT(key) DO UPDATE SET name=CASE WHEN excluded.name!='' THEN excluded.name ELSE "
-        "contacts.name END",
+        "ON CONFLICT(key) DO UPDATE SET name=excluded.name "
+        "WHERE excluded.name!='' AND excluded.name!=contacts.name",
         (contact_key, m.channel_type, m.contact_handle, m.contact_name, new.ingested_at),
     )
     cls = new.classification
@@ -716,8 +829,10 @@ def _snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapsh
     return snap
 
 
-def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+def _settle(results: list[tuple[asyncio.Future[Any] | None, bool, Any]]) -> None:
     for fut, ok, value in results:
+        if fut is None:  # nobody waits for it (deferred deletes)
+            continue
         if fut.done():  # the caller was cancelled; the unit still ran (or failed) as committed
             continue
         if ok:

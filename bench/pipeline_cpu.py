@@ -1,0 +1,217 @@
+"""In-process micro-benchmark: CPU per message of the ingest hot path, loop and writer apart.
+
+Usage: python bench/pipeline_cpu.py [full|normal|off] [--messages N] [--concurrency C]
+                                    [--repeat R] [--profile FILE] [--tmpdir DIR]
+
+Drives `Pipeline.ingest` with the real `SqliteStore` (WAL, the given `synchronous`,
+default FULL) and the real `Dispatcher`, as the daemon wires them, but without HTTP
+or MQTT: the agent tool encodes each delivery's JSON body the way the MQTT adapter
+does and returns at once. Every message comes from a distinct contact (as in
+bench/ingest.py), so each opens a conversation and takes an agent slot; logging is
+configured for JSON lines written to /dev/null.
+
+Reports, per run, msgs/s and the CPU time per message of the event-loop thread and
+of the SQLite writer thread separately (per-thread CPU clocks), plus the process total
+(which also holds the few thread-pool calls) and the group-commit size. The wall-clock
+rate depends on the disk's fsync; the CPU figures barely do, which makes them the
+figures to compare between changes on a shared machine. `--profile` writes a
+cProfile of the event-loop thread, timed by its CPU clock (read it with pstats). The
+GIL switch interval is set to the daemon's (0.5 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from adapters.inbox import encode_delivery  # noqa: E402
+from router.config import build_config  # noqa: E402
+from router.drivers import Delivery, DriverState  # noqa: E402
+from router.logging import configure_logging  # noqa: E402
+from router.metrics import Metrics  # noqa: E402
+from router.model import InboundMessage, new_ulid, utcnow  # noqa: E402
+from router.outbox import Dispatcher  # noqa: E402
+from router.pipeline import Pipeline  # noqa: E402
+from router.store.sqlite import SqliteStore  # noqa: E402
+
+# The same mix as bench/ingest.py: labels, languages, lengths.
+TEXTS = [
+    ("Hi, I was charged twice for order 88213 this morning, please refund one.", "Billing"),
+    ("How do I change the delivery address on my account?", ""),
+    ("The app crashes every time I open the settings page on Android 14.", "Bug report"),
+    ("我的订单已经一个星期了还没有发货，请问什么时候能到？", "物流"),
+    ("URGENT: our whole team cannot log in since 9am, production is down!", "Outage"),
+    ("你好，我想取消会员自动续费，怎么操作？", ""),
+    ("Thanks for the quick help yesterday, everything works now.", ""),
+    ("I want a refund of 7,500 USD for the annual plan, it never worked for us.", "Refund"),
+    ("Can I get an invoice with our VAT number for last month's payment?", "Invoice"),
+    ("密码重置邮件一直收不到，已经试了三次了。", "账号问题"),
+]
+
+
+class EncodingTool:
+    """An agent tool that builds the delivery body (as the MQTT adapter does) and drops it."""
+
+    state = DriverState.CONNECTED
+
+    def __init__(self) -> None:
+        self.delivered = 0
+
+    async def deliver(self, delivery: Delivery) -> None:
+        encode_delivery(delivery)
+        self.delivered += 1
+
+
+def thread_cpu(ident: int | None) -> float:
+    """Return the CPU seconds a thread has used so far."""
+    assert ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
+
+def message(i: int, run: int) -> InboundMessage:
+    """Return the i-th message as the web channel would hand it over."""
+    text, subject = TEXTS[i % len(TEXTS)]
+    body = json.dumps(
+        {"text": text, "subject": subject, "contact": {"handle": f"r{run}-c{i}", "name": "Bench"}}
+    ).encode()
+    return InboundMessage(
+        channel="web",
+        channel_type="web",
+        external_id=new_ulid(),
+        contact_handle=f"r{run}-c{i}",
+        text=text,
+        contact_name="Bench",
+        subject=subject,
+        received_at=utcnow(),
+        payload_sha256="0" * 64,
+        raw=body,
+    )
+
+
+async def run_once(
+    args: argparse.Namespace, workdir: Path, run: int, profiler: cProfile.Profile | None
+) -> dict[str, Any]:
+    state_dir = workdir / f"run{run}"
+    cfg = build_config(
+        {
+            "daemon": {"state_dir": str(state_dir)},
+            "adapters": [{"type": "inbox", "name": "t"}],
+            "agents": [{"id": f"a{i}", "capacity": 1000, "tool": "t"} for i in range(10)],
+        },
+        source="bench",
+    )
+    store = SqliteStore(state_dir / "omnirouter.db", synchronous=args.synchronous)
+    await store.open()
+    metrics = Metrics()
+    tool = EncodingTool()
+    tools: dict[str, Any] = {"t": tool}  # duck-typed: only state and deliver() are used
+    dispatcher = Dispatcher(store, lambda: tools, cfg.outbox, metrics)
+    pipeline = Pipeline(cfg, store, metrics, dispatcher)
+    await pipeline.restore()
+    sender = asyncio.create_task(dispatcher.run())
+    sem = asyncio.Semaphore(args.concurrency)
+    messages = [message(i, run) for i in range(args.messages)]
+
+    async def one(msg: InboundMessage) -> None:
+        async with sem:
+            await pipeline.ingest(msg)
+
+    # Warm up (first-use caches, prepared statements), outside the measurement.
+    for i in range(50):
+        await pipeline.ingest(message(i, -1 - run))
+    await dispatcher.drain(10)
+    batches0, units0 = store.batches, store.units
+
+    writer = store._thread
+    assert writer is not None
+    loop_ident = threading.get_ident()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    l0, w0 = thread_cpu(loop_ident), thread_cpu(writer.ident)
+    t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
+    await asyncio.gather(*(one(m) for m in messages))
+    drained = await dispatcher.drain(30)
+    if profiler is not None:
+        profiler.disable()
+    t1 = time.perf_counter()
+    l1, w1 = thread_cpu(loop_ident), thread_cpu(writer.ident)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    n = args.messages
+    total = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    result = {
+        "msgs_per_s": n / (t1 - t0),
+        "loop_us": (l1 - l0) / n * 1e6,
+        "writer_us": (w1 - w0) / n * 1e6,
+        "process_us": total / n * 1e6,
+        "units_per_commit": (store.units - units0) / max(1, store.batches - batches0),
+        "drained": drained,
+        "delivered": tool.delivered,
+    }
+    sender.cancel()
+    try:
+        await sender
+    except asyncio.CancelledError:
+        pass
+    await store.close()
+    return result
+
+
+async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
+    workdir = Path(tempfile.mkdtemp(prefix="omnirouter-cpu-", dir=args.tmpdir))
+    # Timed by the loop thread's CPU clock, so waits for the GIL and the disk do not count.
+    profiler = cProfile.Profile(time.thread_time) if args.profile else None
+    results = []
+    for run in range(args.repeat):
+        r = await run_once(args, workdir, run, profiler)
+        results.append(r)
+        print(
+            f"run {run + 1}: {r['msgs_per_s']:7.0f} msgs/s  "
+            f"loop {r['loop_us']:5.0f} us/msg  writer {r['writer_us']:5.0f} us/msg  "
+            f"process {r['process_us']:5.0f} us/msg  "
+            f"{r['units_per_commit']:.1f} units/commit",
+            flush=True,
+        )
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("synchronous", nargs="?", default="full", choices=["full", "normal", "off"])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", metavar="FILE", help="cProfile of the event-loop thread")
+    parser.add_argument("--tmpdir", help="where the store goes (default: the system temp dir)")
+    args = parser.parse_args(argv)
+    sys.setswitchinterval(0.0005)  # as router.daemon.run_daemon does
+    devnull = open(os.devnull, "w")
+    configure_logging("info", json=True, stream=devnull)
+    results = asyncio.run(main_async(args))
+    best = {k: min(r[k] for r in results) for k in ("loop_us", "writer_us", "process_us")}
+    print(
+        f"best of {len(results)}: loop {best['loop_us']:.0f} us/msg, "
+        f"writer {best['writer_us']:.0f} us/msg, process {best['process_us']:.0f} us/msg"
+    )
+    print(json.dumps({"bench": "pipeline_cpu", "synchronous": args.synchronous, "runs": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
