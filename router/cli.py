@@ -260,22 +260,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def make_classifier(config: Config) -> Any:
-    """Return the classifier the config asks for (the trained model by default)."""
-    from router.classify import RuleClassifier
-
-    c = config.classifier
-    vip = frozenset(c.vip_contacts)
-    if c.model == "rules":
-        return RuleClassifier(amount_threshold=c.amount_threshold, vip_contacts=vip)
-    from router.intent import ModelClassifier
-
-    return ModelClassifier(
-        amount_threshold=c.amount_threshold, vip_contacts=vip, model_path=c.model_path
-    )
-
-
 def cmd_classify(args: argparse.Namespace) -> int:
+    from router.pipeline import make_classifier
+
     config = _load(args.config)
     clf = make_classifier(config)
     out = sys.stdout
@@ -307,8 +294,25 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_classifier(args: argparse.Namespace) -> int:
     from router.intent import eval_command, train_command
 
+    if args.classifier_command == "corrections":
+        return export_corrections(list(args.rest))
     command = train_command if args.classifier_command == "train" else eval_command
     return command(list(args.rest))
+
+
+def export_corrections(argv: list[str]) -> int:
+    """`omnirouter classifier corrections [-c CONFIG] --out FILE.jsonl`: agents' relabels."""
+    ap = argparse.ArgumentParser(prog="omnirouter classifier corrections")
+    ap.add_argument("-c", "--config")
+    ap.add_argument("--out", required=True, help="JSON lines for `classifier train --corrections`")
+    args = ap.parse_args(argv)
+    config = _load(args.config)
+    records = _run(_with_store(config, lambda s: s.corrections()))
+    with open(args.out, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"wrote {len(records)} correction(s) to {args.out}")
+    return EXIT_OK
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -394,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train or evaluate the intent model",
         description="omnirouter classifier train --data F.jsonl --out MODEL [--seed N] "
         "[--corrections F.jsonl]; omnirouter classifier eval --data F.jsonl [--model M] "
-        "[--split] [--loso]",
+        "[--split] [--loso]; omnirouter classifier corrections [-c CONFIG] --out F.jsonl",
     )
-    cl.add_argument("classifier_command", choices=["train", "eval"])
+    cl.add_argument("classifier_command", choices=["train", "eval", "corrections"])
     cl.add_argument("rest", nargs=argparse.REMAINDER, help="options of the subcommand")
     cl.set_defaults(fn=cmd_classifier)
 

@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
+from router.crisis import CrisisConfig
 from router.drivers import ADAPTERS, CHANNELS, load_driver
 from router.logging import MIN_SECRET_LENGTH, mask_secrets, register_secret
 from router.model import LABELS
@@ -150,6 +151,8 @@ class ClassifierConfig(_Frozen):
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)
     repeat_contact_window: float = Field(default=72 * 3600.0, gt=0)  # seconds
+    # Complaint spikes and same-subject clusters raise an alert to an adapter.
+    crisis: CrisisConfig = Field(default_factory=lambda: CrisisConfig())
 
 
 class SlaConfig(_Frozen):
@@ -586,6 +589,13 @@ def _check_cross(loader: _Loader, config: Config, channels: list[Any], adapters:
             loader.add(
                 path, f"no agent serves queue {queue!r}; served: {', '.join(sorted(served))}"
             )
+    target = config.classifier.crisis.target
+    configured = sorted({a.name for a in adapters})
+    if target is not None and target not in configured:
+        loader.add(
+            "classifier.crisis.target",
+            f"no adapter named {target!r}; configured: {', '.join(configured) or 'none'}",
+        )
     for key in ("escalation_queue", "triage_queue"):
         special = getattr(config.routing, key)
         if special is not None and config.agents and special not in served:

@@ -20,7 +20,9 @@ import signal
 import socket
 import sys
 import time
+from collections import ChainMap
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +37,17 @@ from router.drivers import (
     CHANNELS,
     AgentTool,
     Channel,
+    Delivery,
     DriverContext,
     DriverState,
+    Outbound,
+    TransientError,
     load_driver,
 )
 from router.metrics import Metrics
 from router.ops import build_app
 from router.outbox import Dispatcher
-from router.pipeline import Pipeline
+from router.pipeline import CHANNEL_TARGET_PREFIX, Pipeline
 from router.store import OutboxItem, Store
 from router.store.sqlite import SqliteStore
 
@@ -173,6 +178,55 @@ class Supervisor:
             await asyncio.wait(tasks, timeout=timeout)
 
 
+# -- answers to customers ---------------------------------------------------------
+
+
+class ChannelSender:
+    """Lets the outbox send acknowledgements and agent replies through a channel.
+
+    The outbox speaks to agent tools (`deliver(Delivery)`); this turns a delivery
+    into the channel's `Outbound` and finds the channel by name at each attempt,
+    so a channel restarted by a reload keeps receiving its pending sends.
+    """
+
+    def __init__(self, channel_name: str, channels: dict[str, Channel]) -> None:
+        self.name = CHANNEL_TARGET_PREFIX + channel_name
+        self.channel_name = channel_name
+        self._channels = channels
+        # Sending (SMTP) does not depend on the intake connection (IMAP): failures of
+        # the send itself decide the retries, so the outbox never holds these items.
+        self.state = DriverState.CONNECTED
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """Send one acknowledgement or reply; raise the driver error taxonomy."""
+        channel = self._channels.get(self.channel_name)
+        send = getattr(channel, "send", None)
+        if send is None:
+            raise TransientError(f"channel {self.channel_name!r} is not running")
+        p = delivery.payload
+        respond_by = p.get("respond_by")
+        await send(
+            Outbound(
+                id=delivery.id,
+                channel=self.channel_name,
+                kind=delivery.kind,
+                conversation_id=str(p.get("conversation_id", "")),
+                ticket=str(p.get("ticket", "")),
+                to=delivery.address,
+                text=str(p.get("text", "")),
+                subject=str(p.get("subject", "")),
+                in_reply_to=str(p.get("in_reply_to", "")),
+                references=tuple(str(r) for r in p.get("references", ())),
+                respond_by=datetime.fromisoformat(respond_by) if respond_by else None,
+                attempt=delivery.attempt,
+                extra={k: p[k] for k in ("language", "contact_name") if p.get(k)},
+            )
+        )
+
+    async def stop(self) -> None:
+        """Nothing to release: the channel owns its connections."""
+
+
 # -- the daemon -------------------------------------------------------------------
 
 
@@ -215,10 +269,14 @@ class Daemon:
         self.store: Store = open_store(config)
         self.tools: dict[str, AgentTool] = {}
         self.channels: dict[str, Channel] = {}
+        # Outbox targets for answers to customers ("channel:<name>"), kept for the
+        # daemon's life so a reload that restarts a channel does not strand its sends.
+        self.senders: dict[str, ChannelSender] = {}
         self._driver_configs: dict[tuple[str, str], Any] = {}
+        targets = ChainMap[str, Any](self.tools, self.senders)
         self.dispatcher = Dispatcher(
             self.store,
-            lambda: self.tools,
+            lambda: targets,
             config.outbox,
             self.metrics,
             on_delivered=self._delivered,
@@ -287,6 +345,10 @@ class Daemon:
         channel: Channel = cls(section.name, section, self._ctx("channels", section.name))
         self.channels[section.name] = channel
         self._driver_configs[("channel", section.name)] = section
+        if callable(getattr(channel, "send", None)):
+            target = CHANNEL_TARGET_PREFIX + section.name
+            self.senders.setdefault(target, ChannelSender(section.name, self.channels))
+            self.pipeline.answering_channels.add(section.name)
         self.supervisor.spawn(f"channel:{section.name}", lambda: channel.run(self.pipeline.ingest))
 
     async def _wait_channels_listening(self, timeout: float = 10.0) -> None:
@@ -334,6 +396,7 @@ class Daemon:
         while True:
             await asyncio.sleep(1.0)
             await self.pipeline.drain_queues()
+            await self.pipeline.tick()
             status = self._status_line()
             if status != self._last_status and not self._stopping.is_set():
                 self._last_status = status
@@ -489,6 +552,7 @@ class Daemon:
     async def _stop_channel(self, name: str) -> None:
         channel = self.channels.pop(name)
         self._driver_configs.pop(("channel", name), None)
+        self.pipeline.answering_channels.discard(name)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.stop(), self.config.daemon.shutdown_timeout)
         await self.supervisor.cancel(f"channel:{name}")

@@ -90,6 +90,12 @@ class Metrics:
             ["action", "outcome"],
             registry=r,
         )
+        self.crisis_events = Counter(
+            "omnirouter_crisis_events_total",
+            "Crisis alerts raised and cleared, by reason (complaint_rate, same_subject).",
+            ["reason", "kind"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "omnirouter_queue_depth",
             "Messages waiting for a free agent, by queue.",

@@ -97,6 +97,10 @@ class InboundMessage:
     attachments: tuple[Attachment, ...] = ()
     payload_sha256: str = ""  # fingerprint of the source payload, to spot a reused idempotency key
     raw: bytes = b""
+    # How an answer refers to this message on its channel (an email's Message-ID), and
+    # the thread it continues (References): acknowledgements and replies carry them.
+    reply_ref: str = ""
+    thread_refs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -29,6 +29,9 @@ log = structlog.get_logger("router.outbox")
 
 # How long an item waits while its target is disconnected before being looked at again.
 _TARGET_DOWN_RECHECK = 1.0
+# How many sent ids to remember (far more than can be in flight between a read and
+# the commit of their delete).
+_SENT_MEMORY = 50_000
 
 
 class Dispatcher:
@@ -37,7 +40,7 @@ class Dispatcher:
     def __init__(
         self,
         store: Store,
-        tools: Callable[[], dict[str, AgentTool]],
+        tools: Callable[[], Mapping[str, AgentTool]],
         config: OutboxConfig,
         metrics: Metrics,
         *,
@@ -60,6 +63,9 @@ class Dispatcher:
         # Ids marked done while a scan is in flight: the scan may have read them before
         # their delete, so its result must not send them again.
         self._done_during_scan: set[str] | None = None
+        # Ids sent lately: a snapshot or scan read before their delete committed must
+        # not send them again (ids are never reused; a replayed dead letter was not sent).
+        self._sent: dict[str, None] = {}
         self._done_flush: asyncio.Task[None] | None = None
         # Free send slots (config.concurrency at most in flight); _room is set when one frees.
         self._free = config.concurrency
@@ -73,7 +79,7 @@ class Dispatcher:
 
     def submit(self, item: OutboxItem) -> None:
         """Queue a committed item for sending (now or at its next_attempt_at)."""
-        if item.id in self._known:
+        if item.id in self._known or item.id in self._sent:
             return
         self._known.add(item.id)
         self._idle.clear()
@@ -261,7 +267,10 @@ class Dispatcher:
             if self._done_during_scan is not None:
                 self._done_during_scan.update(ids)
             for i in ids:
+                self._sent[i] = None
                 self._forget(i)
+            while len(self._sent) > _SENT_MEMORY:
+                del self._sent[next(iter(self._sent))]
 
     def _forget(self, item_id: str) -> None:
         self._known.discard(item_id)

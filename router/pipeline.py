@@ -23,15 +23,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from router.classify import RuleClassifier, severity_for
 from router.config import Config
+from router.crisis import CrisisDetector, CrisisEvent
 from router.drivers import AgentAction, Receipt, TicketStatus
 from router.metrics import Metrics
-from router.model import Agent, Assignment, Classification, InboundMessage, Signal, new_ulid
+from router.model import LABELS, Agent, Assignment, Classification, InboundMessage, Signal, new_ulid
 from router.outbox import Dispatcher
 from router.schedule import Choice, Scheduler, Waiting
 from router.store import NewMessage, OutboxItem, Store
@@ -39,6 +40,8 @@ from router.store import NewMessage, OutboxItem, Store
 log = structlog.get_logger("router.pipeline")
 
 TICKET_PREFIX = "T-"
+# Outbox targets that are customer channels rather than agent tools.
+CHANNEL_TARGET_PREFIX = "channel:"
 
 
 def agents_from_config(config: Config) -> list[Agent]:
@@ -56,6 +59,27 @@ def agents_from_config(config: Config) -> list[Agent]:
         )
         for a in config.agents
     ]
+
+
+class Classifier(Protocol):
+    """What the pipeline needs of a classifier (rules or the trained model)."""
+
+    def classify(
+        self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
+    ) -> Classification: ...
+
+
+def make_classifier(config: Config) -> Classifier:
+    """Return the classifier the config asks for (the trained model by default)."""
+    c = config.classifier
+    vip = frozenset(c.vip_contacts)
+    if c.model == "rules":
+        return RuleClassifier(amount_threshold=c.amount_threshold, vip_contacts=vip)
+    from router.intent import ModelClassifier
+
+    return ModelClassifier(
+        amount_threshold=c.amount_threshold, vip_contacts=vip, model_path=c.model_path
+    )
 
 
 def _iso(ts: float) -> str:
@@ -80,6 +104,10 @@ class Pipeline:
         self.dispatcher = dispatcher
         self.clock = clock
         self.classifier = self._make_classifier(config)
+        self.crisis = self._make_crisis(config)
+        # Names of channels that can send to customers (acknowledgements, replies);
+        # the daemon fills it as it starts channels.
+        self.answering_channels: set[str] = set()
         self.scheduler = Scheduler(agents_from_config(config))
         self._secret = b""
         self._token_mac: hmac.HMAC | None = None  # keyed with _token_key
@@ -102,11 +130,12 @@ class Pipeline:
         self._ingests_since_sweep = 0
 
     @staticmethod
-    def _make_classifier(config: Config) -> RuleClassifier:
-        c = config.classifier
-        return RuleClassifier(
-            amount_threshold=c.amount_threshold, vip_contacts=frozenset(c.vip_contacts)
-        )
+    def _make_classifier(config: Config) -> Classifier:
+        return make_classifier(config)
+
+    def _make_crisis(self, config: Config) -> CrisisDetector | None:
+        crisis = config.classifier.crisis
+        return CrisisDetector(crisis, clock=self.clock) if crisis.enabled else None
 
     # -- start and reload --------------------------------------------------------
 
@@ -151,8 +180,11 @@ class Pipeline:
 
     async def apply_config(self, config: Config) -> None:
         """Take a new, already validated configuration (SIGHUP): roster, thresholds, SLAs."""
+        old_crisis = self.config.classifier.crisis
         self.config = config
         self.classifier = self._make_classifier(config)
+        if config.classifier.crisis != old_crisis:
+            self.crisis = self._make_crisis(config)
         agents = agents_from_config(config)
         presence = await self.store.sync_agents(agents)
         self.scheduler.set_roster(
@@ -264,9 +296,10 @@ class Pipeline:
             msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
         )
         cls = self._with_repeat_contact(cls, f"{msg.channel_type}:{msg.contact_handle}", now)
-        queue = self.config.queue_for(cls.label, cls.severity)
+        queue = self.config.queue_for(cls.label, cls.severity, cls.confidence)
         deadline = now + self._sla_seconds(cls)
-        proposed = self._threads.get(key) or new_ulid()
+        known = self._threads.get(key)
+        proposed = known or new_ulid()
         message_id = new_ulid()
         choice = self.scheduler.choose(proposed, queue, cls.language)
         assignment: Assignment | None = None
@@ -282,6 +315,11 @@ class Pipeline:
                 assigned_at=datetime.fromtimestamp(now, UTC),
             )
             outbox = self._outbox_item(choice.agent, assignment, msg, cls, proposed, now)
+        # A new conversation on a channel that can answer gets a written acknowledgement
+        # with its ticket number, committed with the message (service standards).
+        acks: tuple[OutboxItem, ...] = ()
+        if known is None and msg.channel in self.answering_channels:
+            acks = (self._ack_item(msg, cls, proposed, deadline, now),)
         new = NewMessage(
             message_id=message_id,
             inbound=msg,
@@ -293,6 +331,7 @@ class Pipeline:
             ingested_at=now,
             assignment=assignment,
             outbox=outbox,
+            extra_outbox=acks,
         )
         try:
             result = await self.store.ingest(new)
@@ -337,6 +376,30 @@ class Pipeline:
         self._threads[key] = conversation_id
         self._thread_of[conversation_id] = key
         self._recent.setdefault(f"{msg.channel_type}:{msg.contact_handle}", deque()).append(now)
+        for ack in acks:
+            if conversation_id != proposed:
+                ack = replace(
+                    ack,
+                    payload=dict(
+                        ack.payload,
+                        conversation_id=conversation_id,
+                        ticket=TICKET_PREFIX + conversation_id,
+                    ),
+                )
+            self.dispatcher.submit(ack)
+        if self.crisis is not None:
+            await self._emit_crisis(
+                self.crisis.observe(
+                    message_id,
+                    f"{msg.channel_type}:{msg.contact_handle}",
+                    cls.label,
+                    cls.severity,
+                    msg.text,
+                    msg.subject,
+                    now,
+                ),
+                now,
+            )
         if outbox is not None:
             self.dispatcher.submit(outbox)
         else:
@@ -471,6 +534,74 @@ class Pipeline:
             next_attempt_at=now,
             created_at=now,
         )
+
+    def _ack_item(
+        self,
+        msg: InboundMessage,
+        cls: Classification,
+        conversation_id: str,
+        deadline: float,
+        now: float,
+    ) -> OutboxItem:
+        return OutboxItem(
+            id=new_ulid(),
+            target=CHANNEL_TARGET_PREFIX + msg.channel,
+            agent_id="",
+            address=msg.contact_handle,
+            kind="ack",
+            payload={
+                "ticket": TICKET_PREFIX + conversation_id,
+                "conversation_id": conversation_id,
+                "subject": msg.subject,
+                "in_reply_to": msg.reply_ref,
+                "references": [*msg.thread_refs, msg.reply_ref] if msg.reply_ref else [],
+                "respond_by": _iso(deadline),
+                "language": cls.language,
+                "contact_name": msg.contact_name,
+            },
+            message_id="",
+            next_attempt_at=now,
+            created_at=now,
+        )
+
+    async def tick(self) -> None:
+        """Move time-driven detectors on (called about once a second by the daemon)."""
+        if self.crisis is not None:
+            now = self.clock()
+            await self._emit_crisis(self.crisis.tick(now), now)
+
+    async def _emit_crisis(self, events: list[CrisisEvent], now: float) -> None:
+        crisis = self.config.classifier.crisis
+        items = []
+        for event in events:
+            log.warning(
+                f"crisis.{event.kind}",
+                reason=event.reason,
+                key=event.key,
+                count=event.count,
+                rate=round(event.rate, 2),
+                baseline=None if event.baseline is None else round(event.baseline, 2),
+            )
+            self.metrics.child(self.metrics.crisis_events, event.reason, event.kind).inc()
+            if crisis.target is None:
+                continue
+            items.append(
+                OutboxItem(
+                    id=new_ulid(),
+                    target=crisis.target,
+                    agent_id=crisis.address or "crisis",
+                    address=crisis.address or "crisis",
+                    kind="alert",
+                    payload={"alert": event.to_dict()},
+                    message_id=event.evidence[-1].message_id if event.evidence else "",
+                    next_attempt_at=now,
+                    created_at=now,
+                )
+            )
+        if items:
+            await self.store.enqueue_outbox(items)
+            for item in items:
+                self.dispatcher.submit(item)
 
     # -- queues ------------------------------------------------------------------
 
@@ -621,8 +752,52 @@ class Pipeline:
             await self.drain_queues()
             self._update_gauges()
             return "ok"
-        # Replies to customers arrive with the outbound channels (email, SMS).
+        if action.action == "relabel":
+            if action.value not in LABELS or not action.message_id:
+                return "rejected"
+            ok = await self.store.record_correction(
+                action.message_id, action.value, action.agent_id, now
+            )
+            return "ok" if ok else "rejected"
+        if action.action == "reply":
+            return await self._relay_reply(action, conversation_id, now)
         return "unsupported"
+
+    async def _relay_reply(self, action: AgentAction, conversation_id: str, now: float) -> str:
+        """Send an agent's answer to the customer, on the channel the customer wrote from."""
+        text = action.value.strip()
+        if not conversation_id or not text:
+            return "rejected"
+        context = await self.store.reply_context(conversation_id)
+        if context is None or context["agent_id"] != action.agent_id:
+            return "rejected"  # only the agent holding the conversation answers in it
+        if context["channel"] not in self.answering_channels:
+            return "unsupported"  # this channel cannot carry answers (yet)
+        item = OutboxItem(
+            id=new_ulid(),
+            target=CHANNEL_TARGET_PREFIX + context["channel"],
+            agent_id=action.agent_id,
+            address=context["handle"],
+            kind="reply",
+            payload={
+                "ticket": TICKET_PREFIX + conversation_id,
+                "conversation_id": conversation_id,
+                "subject": context["subject"],
+                "text": text,
+                "in_reply_to": context["reply_ref"],
+                "references": [*context["thread_refs"], context["reply_ref"]]
+                if context["reply_ref"]
+                else [],
+                "language": context["language"],
+                "contact_name": context["name"],
+            },
+            message_id=context["message_id"],
+            next_attempt_at=now,
+            created_at=now,
+        )
+        await self.store.enqueue_outbox([item])
+        self.dispatcher.submit(item)
+        return "ok"
 
     async def set_presence(self, agent_id: str, present: bool) -> bool:
         """Mark an agent present or away (ops API and agent actions); False if unknown."""

@@ -300,3 +300,149 @@ async def test_failed_commit_gives_the_slot_back(
         await h.pipeline.ingest(msg("Where is my order?", "dana"))
     assert sum(h.pipeline.scheduler.load.values()) == 0
     assert not h.pipeline.scheduler.holder
+
+
+# -- answers to customers, corrections, triage, crisis ---------------------------------
+
+
+class AnsweringHarness(Harness):
+    """A harness whose "email" channel can answer customers (a recorder behind the outbox)."""
+
+    def __init__(self, tmp_path: Path, agents: list[dict[str, Any]], **extra: Any) -> None:
+        super().__init__(tmp_path, agents, **extra)
+        self.sent = RecordingTool()
+
+    async def start(self) -> Pipeline:
+        self.store = SqliteStore(self.db)
+        await self.store.open()
+        metrics = Metrics()
+        targets = {"rec": self.tool, "channel:mail": self.sent}
+        dispatcher = Dispatcher(self.store, lambda: targets, self.config.outbox, metrics)
+        self.pipeline = Pipeline(self.config, self.store, metrics, dispatcher)
+        self.pipeline.answering_channels.add("mail")
+        self._task = asyncio.create_task(dispatcher.run())
+        await self.pipeline.restore()
+        return self.pipeline
+
+
+def mail(text: str, contact: str, ref: str, refs: tuple[str, ...] = ()) -> InboundMessage:
+    return InboundMessage(
+        channel="mail",
+        channel_type="email",
+        external_id=new_ulid(),
+        contact_handle=contact,
+        text=text,
+        subject="Order 1234",
+        reply_ref=ref,
+        thread_refs=refs,
+    )
+
+
+async def test_a_new_conversation_is_acknowledged_with_its_ticket(tmp_path: Path) -> None:
+    h = AnsweringHarness(tmp_path, ROSTER)
+    p = await h.start()
+    try:
+        r = await p.ingest(mail("Where is my parcel?", "dana@example.com", "<m1@example.com>"))
+        await p.ingest(
+            mail("Any news?", "dana@example.com", "<m2@example.com>", ("<m1@example.com>",))
+        )
+        await h.settle()
+        [ack] = h.sent.deliveries  # the follow-up joins the conversation: no second ack
+        assert ack.kind == "ack" and ack.address == "dana@example.com"
+        assert ack.payload["ticket"] == r.ticket
+        assert ack.payload["in_reply_to"] == "<m1@example.com>"
+        assert ack.payload["respond_by"]  # the promise the acknowledgement makes
+        web = await p.ingest(msg("Where is my order?", "eve"))  # web answers in its HTTP reply
+        await h.settle()
+        assert web.state == "assigned" and len(h.sent.deliveries) == 1
+    finally:
+        await h.stop()
+
+
+async def test_agent_reply_is_relayed_on_the_customers_channel(tmp_path: Path) -> None:
+    h = AnsweringHarness(tmp_path, ROSTER)
+    p = await h.start()
+    try:
+        r = await p.ingest(mail("Where is my parcel?", "dana@example.com", "<m1@example.com>"))
+        holder = p.scheduler.holder[r.conversation_id]
+        other = "bo" if holder == "alice" else "alice"
+        reply = AgentAction(
+            holder, "reply", conversation_id=r.conversation_id, value="It ships today."
+        )
+        await p.on_action(
+            AgentAction(other, "reply", conversation_id=r.conversation_id, value="Hi")
+        )
+        await p.on_action(
+            AgentAction(holder, "reply", conversation_id=r.conversation_id, value="  ")
+        )
+        await p.on_action(reply)
+        await h.settle()
+        replies = [d for d in h.sent.deliveries if d.kind == "reply"]
+        assert len(replies) == 1  # not from a non-holder, not an empty one
+        assert replies[0].payload["text"] == "It ships today."
+        assert replies[0].payload["in_reply_to"] == "<m1@example.com>"
+        assert replies[0].address == "dana@example.com"
+    finally:
+        await h.stop()
+
+
+async def test_relabels_are_stored_as_training_corrections(h: Harness) -> None:
+    assert h.pipeline is not None and h.store is not None
+    r = await h.pipeline.ingest(msg("Could you add a dark mode please?", "dana"))
+    await h.pipeline.on_action(
+        AgentAction("alice", "relabel", message_id=r.message_id, value="nonsense")
+    )
+    await h.pipeline.on_action(
+        AgentAction("alice", "relabel", message_id=r.message_id, value="complaint")
+    )
+    await h.pipeline.on_action(
+        AgentAction("bo", "relabel", message_id=r.message_id, value="suggestion")
+    )
+    [record] = await h.store.corrections()  # the latest word per message
+    assert record["label"] == "suggestion" and record["agent_id"] == "bo"
+    assert (
+        record["text"] == "Could you add a dark mode please?" and record["source"] == "correction"
+    )
+
+
+async def test_unsure_messages_go_to_the_triage_queue(tmp_path: Path) -> None:
+    agents = [
+        {"id": "alice", "capacity": 2, "skills": ["en"]},
+        {"id": "sup", "capacity": 2, "skills": ["en"], "queues": ["triage"]},
+    ]
+    h = Harness(tmp_path, agents, routing={"triage_queue": "triage", "triage_threshold": 0.99})
+    p = await h.start()
+    try:
+        clear = await p.ingest(msg("Where is my order? I need the tracking number please.", "c1"))
+        vague = await p.ingest(msg("hm", "c2"))
+        await h.settle()
+        by_message = {d.payload["message"]["id"]: d for d in h.tool.deliveries}
+        assert by_message[vague.message_id].agent_id == "sup"
+        assert by_message[vague.message_id].payload["routing"]["queue"] == "triage"
+        confidence = by_message[clear.message_id].payload["classification"]["confidence"]
+        expected = "triage" if confidence < 0.99 else "default"
+        assert by_message[clear.message_id].payload["routing"]["queue"] == expected
+    finally:
+        await h.stop()
+
+
+async def test_a_complaint_spike_alerts_the_on_duty_target_once(tmp_path: Path) -> None:
+    crisis = {"target": "rec", "address": "duty", "min_complaints": 5, "baseline_floor": 1.0}
+    roster = [{"id": "alice", "capacity": 1000, "skills": ["en"]}]
+    h = Harness(tmp_path, roster, classifier={"crisis": crisis})
+    p = await h.start()
+    try:
+        for i in range(12):
+            await p.ingest(
+                msg(f"Terrible service, my parcel {i} is broken and nobody answers!", f"c{i}")
+            )
+        await h.settle()
+        alerts = [d.payload["alert"] for d in h.tool.deliveries if d.kind == "alert"]
+        # Near-identical texts from twelve customers are also one same-subject cluster.
+        assert sorted(a["reason"] for a in alerts) == ["complaint_rate", "same_subject"]
+        assert {a["kind"] for a in alerts} == {"raised"}
+        alert = next(a for a in alerts if a["reason"] == "complaint_rate")
+        assert alert["evidence"] and alert["count"] >= 5
+        assert {d.address for d in h.tool.deliveries if d.kind == "alert"} == {"duty"}
+    finally:
+        await h.stop()

@@ -237,6 +237,8 @@ class EmailChannel:
             attachments=attachments,
             payload_sha256=mail.sha256,
             raw=raw,
+            reply_ref=mail.message_id,
+            thread_refs=mail.references,
         )
         try:
             receipt = await sink(message)

@@ -59,6 +59,8 @@ class NewMessage:
     ingested_at: float
     assignment: Assignment | None = None
     outbox: OutboxItem | None = None
+    # Further sends caused by the same commit: the acknowledgement to the customer.
+    extra_outbox: tuple[OutboxItem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,3 +201,17 @@ class Store(Protocol):
 
     async def delivery_counts(self) -> dict[str, int]:
         """Return how many outbox items are pending and dead (for metrics and tests)."""
+
+    async def enqueue_outbox(self, items: list[OutboxItem]) -> None:
+        """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
+
+    async def record_correction(
+        self, message_id: str, label: str, agent_id: str, at: float
+    ) -> bool:
+        """Store an agent's relabelling of a message; False for an unknown message."""
+
+    async def corrections(self) -> list[dict[str, Any]]:
+        """Return the latest correction per message as training records (text, label, lang)."""
+
+    async def reply_context(self, conversation_id: str) -> dict[str, Any] | None:
+        """Return where an answer in this conversation goes: channel, contact, subject, refs."""

@@ -188,6 +188,26 @@ def _v001(c: sqlite3.Connection) -> None:
     c.execute("INSERT INTO meta(key, value) VALUES ('secret', ?)", (os.urandom(32).hex(),))
 
 
+@register(2, "message reply references; agent label corrections")
+def _v002(c: sqlite3.Connection) -> None:
+    run_script(
+        c,
+        """
+        ALTER TABLE messages ADD COLUMN reply_ref TEXT NOT NULL DEFAULT '';
+        ALTER TABLE messages ADD COLUMN thread_refs TEXT NOT NULL DEFAULT '[]';
+        CREATE TABLE corrections (
+            id INTEGER PRIMARY KEY,
+            message_id TEXT NOT NULL REFERENCES messages(id),
+            label TEXT NOT NULL,             -- what the agent says it is
+            previous_label TEXT NOT NULL,    -- what the classifier said
+            agent_id TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX corrections_message ON corrections(message_id);
+        """,
+    )
+
+
 def latest_version(migrations: Sequence[tuple[int, str, Migration]] | None = None) -> int:
     """Return the schema version the given (default: registered) migrations reach."""
     return len(MIGRATIONS if migrations is None else migrations)

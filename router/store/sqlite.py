@@ -560,6 +560,89 @@ class SqliteStore:
 
         return await self._run(unit)
 
+    async def enqueue_outbox(self, items: list[OutboxItem]) -> None:
+        """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
+
+        def unit(c: sqlite3.Connection) -> None:
+            for item in items:
+                _insert_outbox(c, item)
+
+        await self._run(unit)
+
+    async def record_correction(
+        self, message_id: str, label: str, agent_id: str, at: float
+    ) -> bool:
+        """Store an agent's relabelling of a message; False for an unknown message."""
+
+        def unit(c: sqlite3.Connection) -> bool:
+            row = c.execute("SELECT label FROM messages WHERE id=?", (message_id,)).fetchone()
+            if row is None:
+                return False
+            c.execute(
+                "INSERT INTO corrections(message_id, label, previous_label, agent_id, at) "
+                "VALUES (?,?,?,?,?)",
+                (message_id, label, row[0], agent_id, at),
+            )
+            return True
+
+        return await self._run(unit)
+
+    async def corrections(self) -> list[dict[str, Any]]:
+        """Return the latest correction per message as training records (text, label, lang)."""
+
+        def unit(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = c.execute(
+                "SELECT m.id, m.subject, m.text, m.language, k.label, k.previous_label, k.agent_id, "
+                "k.at FROM corrections k JOIN messages m ON m.id = k.message_id "
+                "WHERE k.id = (SELECT MAX(id) FROM corrections WHERE message_id = k.message_id) "
+                "ORDER BY k.id"
+            ).fetchall()
+            return [
+                {
+                    "id": r[0],
+                    "text": f"{r[1]}\n{r[2]}" if r[1] else r[2],
+                    "lang": r[3],
+                    "label": r[4],
+                    "previous_label": r[5],
+                    "agent_id": r[6],
+                    "at": r[7],
+                    "source": "correction",
+                }
+                for r in rows
+            ]
+
+        return await self._run(unit)
+
+    async def reply_context(self, conversation_id: str) -> dict[str, Any] | None:
+        """Return where an answer in this conversation goes: channel, contact, subject, refs."""
+
+        def unit(c: sqlite3.Connection) -> dict[str, Any] | None:
+            row = c.execute(
+                "SELECT m.id, m.channel, m.channel_type, ct.handle, ct.name, m.subject, m.reply_ref, "
+                "m.thread_refs, m.language, cv.agent_id, cv.state FROM messages m "
+                "JOIN contacts ct ON ct.key = m.contact_key "
+                "JOIN conversations cv ON cv.id = m.conversation_id "
+                "WHERE m.conversation_id=? ORDER BY m.id DESC LIMIT 1",
+                (conversation_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            return {
+                "message_id": row[0],
+                "channel": row[1],
+                "channel_type": row[2],
+                "handle": row[3],
+                "name": row[4],
+                "subject": row[5],
+                "reply_ref": row[6],
+                "thread_refs": json.loads(row[7] or "[]"),
+                "language": row[8],
+                "agent_id": row[9],
+                "state": row[10],
+            }
+
+        return await self._run(unit)
+
 
 # -- units of work (run on the writer thread) ------------------------------------
 
@@ -701,8 +784,8 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         "conversation_id, contact_key, "
         "subject, text, language, received_at, ingested_at, label, confidence, scores, severity, "
         "signals, "
-        "model_version, features, queue, sla_deadline, state, raw) VALUES "
-        "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "model_version, features, queue, sla_deadline, state, raw, reply_ref, thread_refs) VALUES "
+        "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             new.message_id,
             m.channel,
@@ -727,6 +810,8 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             new.sla_deadline,
             str(state),
             raw or None,
+            m.reply_ref,
+            _dumps(list(m.thread_refs)),
         ),
     )
     for att in m.attachments:
@@ -740,8 +825,9 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         if conversation_id != assignment.conversation_id:
             assignment.conversation_id = conversation_id
         _insert_assignment(c, assignment)
-    if new.outbox is not None:
-        outbox = new.outbox
+    for outbox in (new.outbox, *new.extra_outbox):
+        if outbox is None:
+            continue
         if conversation_id != new.conversation_id:
             # The payload names the conversation the message really joined.
             payload = dict(
