@@ -592,8 +592,8 @@ class SqliteStore:
 
         def unit(c: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = c.execute(
-                "SELECT m.id, m.subject, m.text, m.language, k.label, k.previous_label, k.agent_id, "
-                "k.at FROM corrections k JOIN messages m ON m.id = k.message_id "
+                "SELECT m.id, m.subject, m.text, m.language, k.label, k.previous_label, "
+                "k.agent_id, k.at FROM corrections k JOIN messages m ON m.id = k.message_id "
                 "WHERE k.id = (SELECT MAX(id) FROM corrections WHERE message_id = k.message_id) "
                 "ORDER BY k.id"
             ).fetchall()
@@ -618,8 +618,8 @@ class SqliteStore:
 
         def unit(c: sqlite3.Connection) -> dict[str, Any] | None:
             row = c.execute(
-                "SELECT m.id, m.channel, m.channel_type, ct.handle, ct.name, m.subject, m.reply_ref, "
-                "m.thread_refs, m.language, cv.agent_id, cv.state FROM messages m "
+                "SELECT m.id, m.channel, m.channel_type, ct.handle, ct.name, m.subject, "
+                "m.reply_ref, m.thread_refs, m.language, cv.agent_id, cv.state FROM messages m "
                 "JOIN contacts ct ON ct.key = m.contact_key "
                 "JOIN conversations cv ON cv.id = m.conversation_id "
                 "WHERE m.conversation_id=? ORDER BY m.id DESC LIMIT 1",
