@@ -301,12 +301,17 @@ class Daemon:
         await self.store.open()
         for a in cfg.adapters:
             self._start_tool(a)
+        # Channels are registered (not run yet) before the outbox starts: its first scan
+        # sends the acknowledgements and replies left pending by the previous run, and
+        # their targets ("channel:<name>") must exist by then or they are dead-lettered.
+        for c in cfg.channels:
+            self._add_channel(c)
         self.supervisor.spawn("outbox", self.dispatcher.run)
         await self.pipeline.restore()
         if cfg.ops.enabled:
             await self._start_ops()
         for c in cfg.channels:
-            self._start_channel(c)
+            self._run_channel(c.name)
         await self._wait_channels_listening()
         interval = watchdog_interval()
         if interval is not None:
@@ -341,6 +346,11 @@ class Daemon:
         self.supervisor.spawn(f"adapter:{section.name}", lambda: tool.run(self.pipeline.on_action))
 
     def _start_channel(self, section: Any) -> None:
+        self._add_channel(section)
+        self._run_channel(section.name)
+
+    def _add_channel(self, section: Any) -> None:
+        """Construct a channel and register it (and its outbox target); do not run it."""
         cls = load_driver(CHANNELS, section.type)
         channel: Channel = cls(section.name, section, self._ctx("channels", section.name))
         self.channels[section.name] = channel
@@ -349,7 +359,11 @@ class Daemon:
             target = CHANNEL_TARGET_PREFIX + section.name
             self.senders.setdefault(target, ChannelSender(section.name, self.channels))
             self.pipeline.answering_channels.add(section.name)
-        self.supervisor.spawn(f"channel:{section.name}", lambda: channel.run(self.pipeline.ingest))
+
+    def _run_channel(self, name: str) -> None:
+        """Run a registered channel's intake under supervision."""
+        channel = self.channels[name]
+        self.supervisor.spawn(f"channel:{name}", lambda: channel.run(self.pipeline.ingest))
 
     async def _wait_channels_listening(self, timeout: float = 10.0) -> None:
         # READY=1 should mean "accepting messages": wait for each channel to connect.
