@@ -113,7 +113,7 @@ _ZH_CUES: _CueRows = (
         COMPLAINT,
         1.0,
         "问题|坏|差|慢|脏|吵|麻烦|一般|不足|难道|不能|不支持|错误|太大|还是|却|漏|掉|未|现象|"
-        "没什么|不敢|唉|晕|呵呵|希望不要|希望别",
+        "没什么|不敢|唉|晕|呵呵|希望不要|希望别|缩水|太高|偏贵|假的|掉漆|引起注意|引起重视",
     ),
     (COMPLAINT, 0.8, "不上|不到|不了"),
     (COMPLAINT, 0.5, "！|!|没有|不会|不"),
@@ -135,14 +135,14 @@ _ZH_CUES: _CueRows = (
         "希望早日|希望官方|最好能|最好可以|最好是|最好有|要是能|如果能|如果可以|更方便|改进|"
         "改善|优化|完善|增加|添加|新增|期待",
     ),
-    (SUGGESTION, 1.0, "希望|支持|功能|选项|应该|应当|期望|加入|允许|自定义"),
+    (SUGGESTION, 1.0, "希望|支持|选项|应该|应当|期望|加入|允许|自定义"),
     (SUGGESTION, 3.0, "建議|優化|改進|增加選項"),
-    (SUGGESTION, 0.5, "提供|设置|模式|开关"),
+    (SUGGESTION, 0.5, "提供|设置|模式|开关|功能"),
     (
         _BLOCK,
         0.0,
         "差不多|差点|相差|没问题|没有问题|不错|不客气|贵公司|贵司|不一般|不管是|应该是|不用|"
-        "不要紧|不好意思|一般来说|有什么建议|什么建议",
+        "不要紧|不好意思|一般来说|有什么建议|什么建议|希望是|参考建议",
     ),
 )
 
@@ -224,7 +224,48 @@ _EN_CUES: _CueRows = (
         "customer service|weeks|can't|cannot|hours|days|doesn't|does not|fuck|fucking|shit|fix|"
         "scared|awkward|weird|out of stock",
     ),
-    (COMPLAINT, 0.8, "didn't|isn't"),
+    (COMPLAINT, 0.8, "didn't|isn't|wasn't|weren't|hasn't|haven't|hadn't|won't even|at all"),
+    # Public grievance as customers write it to a company's account or inbox:
+    # something that stopped working, waiting and chasing, sarcasm, swearing off
+    # the company, and rhetorical questions ("how hard is it to …?").
+    (
+        COMPLAINT,
+        2.5,
+        "won't turn on|wont turn on|doesn't turn on|does not turn on|won't start|won't load|"
+        "won't work|wont work|not loading|keeps crashing|keeps freezing|keeps dropping|"
+        "keeps failing|keeps cutting|keeps happening|defective|faulty|is down|are down|went down|"
+        "been down|no signal|no service|no internet|no power|no wifi|no connection|worse|"
+        "never again|never buying|never using|never ordering|never shopping|never flying|"
+        "never recommend|will never|not recommend|waste of|wasted|took forever|taking forever|"
+        "takes forever|how hard is it|how difficult is it|how is it that|"
+        "how is this acceptable|how is this possible|how is this fair|"
+        "how many more|how much longer|what is going on|what's going on|whats going on|"
+        "is this a joke|are you kidding|are you serious|you had one job|no excuse|"
+        "every single time|yet again|once again|for the second time|for the third time|"
+        "why is my|why does my|why won't my|why do i have to|why do i keep|why do you keep|"
+        "why does it keep|why should i|not letting me|won't let me|doesn't let me|"
+        "not even|didn't even|#fail|epic fail|so much for|poor service|bad service|"
+        "customer service is|service is terrible|no help|not helpful|unhelpful|"
+        "not acceptable|not ok|not okay|not fair|unfair|cheated|misled|misleading|"
+        "false advertising|overpriced|unreliable|hung up|cut off|still charging|not impressed|"
+        "shambles|appalled|gutted|livid|fuming|pissed|pissed off|raging",
+    ),
+    (
+        COMPLAINT,
+        2.0,
+        # How long it has been going on: the wait is the grievance.
+        "for days|for weeks|for hours|for months|all day|all week|all night|since yesterday|"
+        "since last|days now|weeks now|hours now|days later|weeks later|hours later",
+    ),
+    (
+        COMPLAINT,
+        1.5,
+        "great job|well done|nice job|good job|way to go|love how|gotta love|thanks a bunch|"
+        "so slow|too slow|very slow|really slow|slow|forever|delay|delays|impossible|"
+        "cancelled my|canceled my|lost my|ruined|mess|nightmare|hassle|headache|"
+        "seriously?|really?|again?|sigh|dead|died|dies|freezes|froze|glitch|glitchy|"
+        "lagging|laggy|dropped|drops|not received|not arrived|not delivered|never came",
+    ),
     (COMPLAINT, 1.5, "claim|lodge|file a"),
     (
         COMPLAINT,
@@ -276,7 +317,14 @@ _EN_CUES: _CueRows = (
         "instead of",
     ),
     (SUGGESTION, 0.5, "would|more|new|settings|setting"),
-    (_BLOCK, 0.0, "no problem|not a problem|no issue|no worries|not bad|thank you"),
+    (
+        _BLOCK,
+        0.0,
+        # "support" the department is not "support" the proposal verb.
+        "no problem|not a problem|no issue|no worries|not bad|thank you|customer support|"
+        "tech support|technical support|support team|support ticket|support staff|support agent|"
+        "support desk|support line|your support|contacted support|contact support|called support",
+    ),
 )
 
 # Punctuation cues for Latin-script text, tested with `in` (they need no word
