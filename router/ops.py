@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from router.drivers import DriverState
+from router.model import LABELS
 
 if TYPE_CHECKING:
     from router.daemon import Daemon
@@ -130,6 +131,26 @@ def build_app(daemon: Daemon) -> web.Application:
                 daemon.dispatcher.submit(item)
         return _json({"replayed": count})
 
+    async def relabel(request: web.Request) -> web.Response:
+        # {"label": "complaint", "agent": "alice"}: an agent corrects the classifier; the
+        # correction is kept for `omnirouter classifier corrections` and retraining.
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "invalid_body", "the body must be a JSON object")
+        label, agent = body.get("label"), body.get("agent", "ops")
+        if label not in LABELS:
+            return _error(400, "invalid_label", f"label must be one of {', '.join(LABELS)}")
+        if not isinstance(agent, str) or not 0 < len(agent) <= 64:
+            return _error(400, "invalid_agent", "agent must be a short string")
+        message_id = request.match_info["message_id"]
+        if not await daemon.store.record_correction(message_id, label, agent, time.time()):
+            return _error(404, "unknown_message", f"no message with id {message_id!r}")
+        return _json({"message_id": message_id, "label": label})
+
+    app.router.add_post("/v1/messages/{message_id}/label", admin(relabel))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

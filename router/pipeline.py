@@ -387,6 +387,8 @@ class Pipeline:
                     ),
                 )
             self.dispatcher.submit(ack)
+        if cls.severity == "P0":
+            await self._notify_on_duty(message_id, conversation_id, msg, cls, queue, now)
         if self.crisis is not None:
             await self._emit_crisis(
                 self.crisis.observe(
@@ -569,6 +571,42 @@ class Pipeline:
         if self.crisis is not None:
             now = self.clock()
             await self._emit_crisis(self.crisis.tick(now), now)
+
+    async def _notify_on_duty(
+        self,
+        message_id: str,
+        conversation_id: str,
+        msg: InboundMessage,
+        cls: Classification,
+        queue: str,
+        now: float,
+    ) -> None:
+        """P0 (someone's safety at risk): tell the on-duty manager at once, not only the agent."""
+        crisis = self.config.classifier.crisis
+        if crisis.target is None:
+            return
+        alert = {
+            "kind": "urgent",
+            "reason": "P0",
+            "message_id": message_id,
+            "ticket": TICKET_PREFIX + conversation_id,
+            "channel": msg.channel,
+            "queue": queue,
+            "signals": [s.to_dict() for s in cls.signals],
+        }
+        item = OutboxItem(
+            id=new_ulid(),
+            target=crisis.target,
+            agent_id=crisis.address or "crisis",
+            address=crisis.address or "crisis",
+            kind="alert",
+            payload={"alert": alert},
+            message_id=message_id,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        await self.store.enqueue_outbox([item])
+        self.dispatcher.submit(item)
 
     async def _emit_crisis(self, events: list[CrisisEvent], now: float) -> None:
         crisis = self.config.classifier.crisis

@@ -446,3 +446,23 @@ async def test_a_complaint_spike_alerts_the_on_duty_target_once(tmp_path: Path) 
         assert {d.address for d in h.tool.deliveries if d.kind == "alert"} == {"duty"}
     finally:
         await h.stop()
+
+
+async def test_a_safety_threat_notifies_the_on_duty_target_at_once(tmp_path: Path) -> None:
+    h = Harness(
+        tmp_path,
+        [{"id": "alice", "capacity": 5, "skills": ["en", "zh"]}],
+        classifier={"crisis": {"target": "rec", "address": "duty"}},
+    )
+    p = await h.start()
+    try:
+        await p.ingest(msg("Where is my parcel?", "c1"))
+        r = await p.ingest(msg("我不想活了，你们再不退款我就跳楼", "c2"))
+        await h.settle()
+        alerts = [d for d in h.tool.deliveries if d.kind == "alert"]
+        assert len(alerts) == 1 and alerts[0].address == "duty"
+        alert = alerts[0].payload["alert"]
+        assert alert["reason"] == "P0" and alert["ticket"] == r.ticket
+        assert "safety" in {s["kind"] for s in alert["signals"]}
+    finally:
+        await h.stop()
