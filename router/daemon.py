@@ -442,6 +442,10 @@ class Daemon:
                 last_error = getattr(d, "last_error", "")
                 if last_error:
                     info["last_error"] = last_error
+                last_success = getattr(d, "last_success", None)
+                if isinstance(last_success, int | float):
+                    info["last_success"] = last_success
+                    info["lag_s"] = round(max(0.0, time.time() - last_success), 3)
                 drivers[name] = info
         ready = (
             store_ok
@@ -465,6 +469,9 @@ class Daemon:
                     m.driver_up.labels(kind=kind, name=name, state=str(state)).set(
                         1 if d.state == state else 0
                     )
+                last_success = getattr(d, "last_success", None)
+                if isinstance(last_success, int | float):
+                    m.driver_last_success.labels(kind=kind, name=name).set(last_success)
 
     # -- reload --------------------------------------------------------------------
 

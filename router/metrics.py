@@ -131,6 +131,12 @@ class Metrics:
             ["kind", "name", "state"],
             registry=r,
         )
+        self.driver_last_success = Gauge(
+            "omnirouter_driver_last_success_timestamp_seconds",
+            "When a channel last synced or an adapter last delivered (Unix time; lag = now - it).",
+            ["kind", "name"],
+            registry=r,
+        )
         self.ingest_seconds = Histogram(
             "omnirouter_ingest_seconds",
             "Time from a channel handing over a message to its durable commit.",
