@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from channels.email.config import EmailConfig
 from channels.email.cursor import MailState, atomic_write, conversation_hint, dedupe_key
-from channels.email.imap import ImapSession
+from channels.email.imap import UID_BATCH, ImapSession
 from channels.email.normalise import NormalisedMail, normalise
 from channels.email.smtp import build_message, send_message
 from router.backoff import backoff_delay
@@ -175,10 +175,14 @@ class EmailChannel:
 
     async def _sync(self, session: ImapSession, sink: MessageSink) -> None:
         """Hand every message above the cursor to the sink, in UID order."""
-        for uid, size in await session.new_uids(self.mail_state.last_uid):
-            if self._stop.is_set():
+        while True:
+            batch = await session.new_uids(self.mail_state.last_uid)
+            for uid, size in batch:
+                if self._stop.is_set():
+                    return
+                await self._take(session, sink, uid, size)
+            if len(batch) < UID_BATCH:
                 return
-            await self._take(session, sink, uid, size)
 
     async def _take(self, session: ImapSession, sink: MessageSink, uid: int, size: int) -> None:
         """Process one message; advance the cursor only after its commit and actions."""

@@ -73,6 +73,10 @@ def translate_error(exc: BaseException) -> Exception:
     return TransientError(f"imap: unexpected {type(exc).__name__}: {exc}")
 
 
+# Messages listed (and sized) per round trip; well under what aioimaplib can parse at once.
+UID_BATCH = 200
+
+
 class ImapSession:
     """One logged-in connection with the folder selected; build a new one to reconnect."""
 
@@ -207,17 +211,44 @@ class ImapSession:
 
     # -- intake -----------------------------------------------------------------
 
-    async def new_uids(self, after: int) -> list[tuple[int, int]]:
-        """Return (uid, size) of every message with a UID above `after`, in UID order."""
-        response = await self._run(self.client.uid("fetch", f"{after + 1}:*", "(UID RFC822.SIZE)"))
+    async def new_uids(self, after: int, limit: int = UID_BATCH) -> list[tuple[int, int]]:
+        """Return (uid, size) of up to `limit` messages with a UID above `after`, in UID order.
+
+        The UIDs come from one SEARCH line and the sizes from a FETCH over at most `limit`
+        of them: aioimaplib recurses once per response line it reads at once, and a
+        backlog of ~1,000 FETCH lines overflows the stack (aioimaplib issue #118), which
+        would drop the connection on every attempt and never take a mail.
+        """
+        response = await self._run(self.client.uid_search(f"UID {after + 1}:*", charset=None))
+        if response.result != "OK":
+            raise TransientError(f"imap: UID SEARCH failed: {_text(response)}")
+        uids: list[int] = []
+        for line in response.lines:
+            if not isinstance(line, bytes | bytearray):
+                continue
+            # The untagged answer is a line of UIDs (aioimaplib drops its "SEARCH"
+            # keyword; tolerate it anyway); the tagged "Search completed" has none.
+            words = line.split()
+            if words and words[0].upper() == b"SEARCH":
+                words = words[1:]
+            if words and all(w.isdigit() for w in words):
+                # "N:*" always matches the last message, even below N: filter.
+                uids.extend(u for u in map(int, words) if u > after)
+        uids = sorted(set(uids))[:limit]
+        if not uids:
+            return []
+        response = await self._run(
+            self.client.uid("fetch", f"{uids[0]}:{uids[-1]}", "(UID RFC822.SIZE)")
+        )
         if response.result != "OK":
             raise TransientError(f"imap: UID FETCH failed: {_text(response)}")
+        wanted = set(uids)
         found: dict[int, int] = {}
         for line in response.lines:
             if not isinstance(line, bytes | bytearray):
                 continue
             uid, size = _UID.search(line), _SIZE.search(line)
-            if uid and size and int(uid.group(1)) > after:  # "N:*" always matches the last one
+            if uid and size and int(uid.group(1)) in wanted:
                 found[int(uid.group(1))] = int(size.group(1))
         return sorted(found.items())
 
