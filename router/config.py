@@ -140,6 +140,14 @@ class OpsConfig(_Frozen):
     admin_token: str | None = Field(default=None, min_length=16, json_schema_extra={"secret": True})
 
 
+class SeverityRule(_Frozen):
+    """Sets the severity of messages that match: any of `signals` and any of `labels`."""
+
+    signals: list[str] = Field(default_factory=list)  # empty: any (or no) signal
+    labels: list[str] = Field(default_factory=list)  # empty: any label
+    severity: Literal["P0", "P1", "P2", "P3"]
+
+
 class ClassifierConfig(_Frozen):
     """Thresholds the classifier and escalation rules use."""
 
@@ -151,6 +159,9 @@ class ClassifierConfig(_Frozen):
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)
     repeat_contact_window: float = Field(default=72 * 3600.0, gt=0)  # seconds
+    # Checked in order before the built-in table (router.classify.severity_for); the
+    # first rule that matches sets the severity, e.g. VIP inquiries to P1.
+    severity_rules: list[SeverityRule] = Field(default_factory=list)
     # Complaint spikes and same-subject clusters raise an alert to an adapter.
     crisis: CrisisConfig = Field(default_factory=lambda: CrisisConfig())
 

@@ -296,6 +296,7 @@ class Pipeline:
             msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
         )
         cls = self._with_repeat_contact(cls, f"{msg.channel_type}:{msg.contact_handle}", now)
+        cls = self._with_severity_rules(cls)
         queue = self.config.queue_for(cls.label, cls.severity, cls.confidence)
         deadline = now + self._sla_seconds(cls)
         known = self._threads.get(key)
@@ -479,6 +480,17 @@ class Pipeline:
             ),
         )
         return replace(cls, signals=signals, severity=severity_for(cls.label, signals))
+
+    def _with_severity_rules(self, cls: Classification) -> Classification:
+        """Apply the operator's severity rules (first match wins) over the built-in table."""
+        kinds = {s.kind for s in cls.signals}
+        for rule in self.config.classifier.severity_rules:
+            if rule.labels and cls.label not in rule.labels:
+                continue
+            if rule.signals and kinds.isdisjoint(rule.signals):
+                continue
+            return replace(cls, severity=rule.severity)
+        return cls
 
     def _sla_seconds(self, cls: Classification) -> float:
         sla = self.config.sla

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -464,5 +465,28 @@ async def test_a_safety_threat_notifies_the_on_duty_target_at_once(tmp_path: Pat
         alert = alerts[0].payload["alert"]
         assert alert["reason"] == "P0" and alert["ticket"] == r.ticket
         assert "safety" in {s["kind"] for s in alert["signals"]}
+    finally:
+        await h.stop()
+
+
+async def test_severity_rules_from_config_override_the_table(tmp_path: Path) -> None:
+    rules = [{"signals": ["vip"], "labels": ["inquiry"], "severity": "P1"}]
+    h = Harness(
+        tmp_path,
+        [{"id": "alice", "capacity": 5, "skills": ["en"]}],
+        classifier={"vip_contacts": ["boss@example.com"], "severity_rules": rules},
+    )
+    p = await h.start()
+    try:
+        await p.ingest(msg("Where can I find my invoice?", "boss@example.com"))
+        await p.ingest(msg("Where can I find my invoice?", "someone@example.com"))
+        await h.settle()
+        vip, other = (d.payload for d in h.tool.deliveries)
+        assert vip["classification"]["severity"] == "P1"
+        assert other["classification"]["severity"] == "P3"
+        due = datetime.fromisoformat(vip["routing"]["sla_deadline"]) - datetime.fromisoformat(
+            vip["routing"]["assigned_at"]
+        )
+        assert due.total_seconds() == pytest.approx(h.config.sla.urgent)
     finally:
         await h.stop()
