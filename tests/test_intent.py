@@ -297,3 +297,13 @@ def test_model_trained_on_part_of_the_pool_generalises() -> None:
     model = train([records[i] for i in tr], seed=2, calibrate=False)
     rep = evaluate(model, [records[i] for i in te][:3000])
     assert rep["overall"]["macro_f1"] >= 0.85, rep["overall"]
+
+
+def test_punctuation_only_texts_are_classified_and_trainable() -> None:
+    from router.intent import ModelClassifier, extract
+
+    clf = ModelClassifier()
+    for text in (".", " , ", ",", "？！", "..."):
+        cls = clf.classify(text)
+        assert cls.label in LABELS and 0 <= cls.confidence <= 1
+        extract(text, {})  # the training path must not divide by zero either
