@@ -147,6 +147,15 @@ class Pipeline:
         for agent_id, present in presence.items():
             self.scheduler.set_presence(agent_id, present)
         snap = await self.store.snapshot(now, self.config.classifier.repeat_contact_window)
+        crisis = self.config.classifier.crisis
+        if self.crisis is not None and crisis.rate_enabled:
+            # The baseline is the complaint rate before the short window: count it in the
+            # store, so a restart does not fall back on the floor (and alert on a normal day).
+            until = now - crisis.rate_window
+            recent = await self.store.count_messages(
+                list(crisis.labels), until - crisis.baseline_window, until
+            )
+            self.crisis.prime(recent, crisis.baseline_window, now)
         for conv in snap.open_conversations:
             key = (conv.channel, conv.thread_key)
             self._threads[key] = conv.conversation_id

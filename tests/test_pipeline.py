@@ -7,7 +7,8 @@ everything between a channel's hand-over and the tool's deliver() call is real.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class Harness:
         self.tool = RecordingTool()
         self.store: SqliteStore | None = None
         self.pipeline: Pipeline | None = None
+        self.clock: Callable[[], float] = time.time
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> Pipeline:
@@ -70,7 +72,7 @@ class Harness:
         await self.store.open()
         metrics = Metrics()
         dispatcher = Dispatcher(self.store, lambda: {"rec": self.tool}, self.config.outbox, metrics)
-        self.pipeline = Pipeline(self.config, self.store, metrics, dispatcher)
+        self.pipeline = Pipeline(self.config, self.store, metrics, dispatcher, clock=self.clock)
         self._task = asyncio.create_task(dispatcher.run())
         await self.pipeline.restore()
         return self.pipeline
@@ -490,3 +492,25 @@ async def test_severity_rules_from_config_override_the_table(tmp_path: Path) -> 
         assert due.total_seconds() == pytest.approx(h.config.sla.urgent)
     finally:
         await h.stop()
+
+
+async def test_restart_primes_the_crisis_baseline_from_the_store(tmp_path: Path) -> None:
+    now = [1_800_000_000.0]
+    roster = [{"id": "alice", "capacity": 1000, "skills": ["en"]}]
+    h1 = Harness(tmp_path, roster)
+    h1.clock = lambda: now[0] - 1800  # half an hour ago: inside the baseline window
+    p1 = await h1.start()
+    for i in range(60):
+        await p1.ingest(msg(f"My parcel number {i} arrived broken, this is unacceptable", f"c{i}"))
+    await h1.stop()
+
+    h2 = Harness(tmp_path, roster)
+    h2.clock = lambda: now[0]
+    p2 = await h2.start()
+    try:
+        assert p2.crisis is not None
+        baseline = p2.crisis.rate()[2]
+        # 60 complaints in the hour before: 60/h, above the default floor of 20/h.
+        assert baseline == pytest.approx(60.0, rel=0.05)
+    finally:
+        await h2.stop()

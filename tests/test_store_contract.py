@@ -1003,3 +1003,41 @@ async def test_everything_survives_reopen(backend: Backend) -> None:
         assert m["assignment"]["accepted_at"] == pytest.approx(T0 + 12)
     finally:
         await s.close()
+
+
+async def test_count_messages_by_label_and_time(store: Store) -> None:
+    for i, (label, at) in enumerate(
+        [("complaint", T0), ("complaint", T0 + 10), ("inquiry", T0 + 20), ("complaint", T0 + 30)]
+    ):
+        await store.ingest(new_message(label=label, ingested_at=at, handle=f"c{i}@example.com"))
+    assert await store.count_messages(["complaint"], T0, T0 + 30) == 2  # until is exclusive
+    assert await store.count_messages(["complaint", "inquiry"], T0, T0 + 31) == 4
+    assert await store.count_messages([], T0, T0 + 31) == 0
+
+
+async def test_corrections_keep_the_latest_word_per_message(store: Store) -> None:
+    new = new_message(text="Could you add dark mode?")
+    await store.ingest(new)
+    assert not await store.record_correction("no-such-message", "complaint", "bo", T0)
+    assert await store.record_correction(new.message_id, "complaint", "alice", T0)
+    assert await store.record_correction(new.message_id, "suggestion", "bo", T0 + 1)
+    [record] = await store.corrections()
+    assert (record["label"], record["previous_label"], record["agent_id"]) == (
+        "suggestion",
+        "inquiry",
+        "bo",
+    )
+    assert record["text"].endswith("Could you add dark mode?")  # subject + text
+
+
+async def test_reply_context_names_the_channel_contact_and_refs(store: Store) -> None:
+    new = new_message(handle="dana@example.com", assign_to="alice")
+    await store.ingest(new)
+    context = await store.reply_context(new.conversation_id)
+    assert context is not None
+    assert (context["channel"], context["handle"], context["agent_id"]) == (
+        "web",
+        "dana@example.com",
+        "alice",
+    )
+    assert await store.reply_context("no-such-conversation") is None

@@ -202,6 +202,9 @@ class Store(Protocol):
     async def delivery_counts(self) -> dict[str, int]:
         """Return how many outbox items are pending and dead (for metrics and tests)."""
 
+    async def count_messages(self, labels: list[str], since: float, until: float) -> int:
+        """Count messages with one of these labels ingested in [since, until)."""
+
     async def enqueue_outbox(self, items: list[OutboxItem]) -> None:
         """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
 

@@ -560,6 +560,22 @@ class SqliteStore:
 
         return await self._run(unit)
 
+    async def count_messages(self, labels: list[str], since: float, until: float) -> int:
+        """Count messages with one of these labels ingested in [since, until)."""
+        if not labels:
+            return 0
+        marks = ",".join("?" * len(labels))
+
+        def unit(c: sqlite3.Connection) -> int:
+            row = c.execute(
+                f"SELECT COUNT(*) FROM messages WHERE label IN ({marks}) "
+                "AND ingested_at >= ? AND ingested_at < ?",
+                (*labels, since, until),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(unit)
+
     async def enqueue_outbox(self, items: list[OutboxItem]) -> None:
         """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
 
