@@ -219,7 +219,9 @@ class ChannelSender:
                 references=tuple(str(r) for r in p.get("references", ())),
                 respond_by=datetime.fromisoformat(respond_by) if respond_by else None,
                 attempt=delivery.attempt,
-                extra={k: p[k] for k in ("language", "contact_name") if p.get(k)},
+                extra={
+                    k: p[k] for k in ("language", "contact_name", "conversation_hint") if p.get(k)
+                },
             )
         )
 

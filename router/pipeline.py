@@ -581,6 +581,9 @@ class Pipeline:
                 "respond_by": _iso(deadline),
                 "language": cls.language,
                 "contact_name": msg.contact_name,
+                # The channel's own thread key: lets it file this answer's id under the
+                # conversation even before it has recorded the customer's message.
+                "conversation_hint": msg.conversation_hint,
             },
             message_id="",
             next_attempt_at=now,
@@ -849,6 +852,7 @@ class Pipeline:
                 else [],
                 "language": context["language"],
                 "contact_name": context["name"],
+                "conversation_hint": context["thread_key"].partition("\x1f")[2],
             },
             message_id=context["message_id"],
             next_attempt_at=now,

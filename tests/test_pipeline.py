@@ -328,7 +328,9 @@ class AnsweringHarness(Harness):
         return self.pipeline
 
 
-def mail(text: str, contact: str, ref: str, refs: tuple[str, ...] = ()) -> InboundMessage:
+def mail(
+    text: str, contact: str, ref: str, refs: tuple[str, ...] = (), hint: str = "t1"
+) -> InboundMessage:
     return InboundMessage(
         channel="mail",
         channel_type="email",
@@ -338,6 +340,7 @@ def mail(text: str, contact: str, ref: str, refs: tuple[str, ...] = ()) -> Inbou
         subject="Order 1234",
         reply_ref=ref,
         thread_refs=refs,
+        conversation_hint=hint,
     )
 
 
@@ -354,6 +357,7 @@ async def test_a_new_conversation_is_acknowledged_with_its_ticket(tmp_path: Path
         assert ack.kind == "ack" and ack.address == "dana@example.com"
         assert ack.payload["ticket"] == r.ticket
         assert ack.payload["in_reply_to"] == "<m1@example.com>"
+        assert ack.payload["conversation_hint"] == "t1"  # the channel files the ack's id by it
         assert ack.payload["respond_by"]  # the promise the acknowledgement makes
         web = await p.ingest(msg("Where is my order?", "eve"))  # web answers in its HTTP reply
         await h.settle()
@@ -385,6 +389,7 @@ async def test_agent_reply_is_relayed_on_the_customers_channel(tmp_path: Path) -
         assert replies[0].payload["text"] == "It ships today."
         assert replies[0].payload["in_reply_to"] == "<m1@example.com>"
         assert replies[0].address == "dana@example.com"
+        assert replies[0].payload["conversation_hint"] == "t1"
     finally:
         await h.stop()
 

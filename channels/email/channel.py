@@ -300,6 +300,9 @@ class EmailChannel:
         await self._load_state()
         parent = str(msg["In-Reply-To"] or "")
         hint = self.mail_state.hint_for(parent) if parent else None
+        # The pipeline passes the thread along: the acknowledgement may be sent before
+        # this channel has recorded the customer's mail it answers.
+        hint = hint or str(outbound.extra.get("conversation_hint") or "") or None
         if hint:
             await asyncio.to_thread(self.mail_state.remember, str(msg["Message-ID"]), hint)
         self.log.info(

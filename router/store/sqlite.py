@@ -635,7 +635,8 @@ class SqliteStore:
         def unit(c: sqlite3.Connection) -> dict[str, Any] | None:
             row = c.execute(
                 "SELECT m.id, m.channel, m.channel_type, ct.handle, ct.name, m.subject, "
-                "m.reply_ref, m.thread_refs, m.language, cv.agent_id, cv.state FROM messages m "
+                "m.reply_ref, m.thread_refs, m.language, cv.agent_id, cv.state, cv.thread_key "
+                "FROM messages m "
                 "JOIN contacts ct ON ct.key = m.contact_key "
                 "JOIN conversations cv ON cv.id = m.conversation_id "
                 "WHERE m.conversation_id=? ORDER BY m.id DESC LIMIT 1",
@@ -655,6 +656,7 @@ class SqliteStore:
                 "language": row[8],
                 "agent_id": row[9],
                 "state": row[10],
+                "thread_key": row[11],
             }
 
         return await self._run(unit)
