@@ -253,9 +253,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if stored is None:
         print(f"no message {args.message_id}", file=sys.stderr)
         return EXIT_FAILURE
-    for key in ("scores", "signals", "features"):
-        if isinstance(stored.get(key), str):
-            stored[key] = json.loads(stored[key])
     print(json.dumps(stored, indent=2, ensure_ascii=False, default=str))
     return EXIT_OK
 

@@ -782,12 +782,7 @@ def _ftrl(
                     zi = z[idx] = [0.0, 0.0, 0.0]
                     nn[idx] = [0.0, 0.0, 0.0]
                 ni = nn[idx]
-                alpha, beta, l1, l2 = params[idx >> _BITS]
-                w = [0.0, 0.0, 0.0]
-                for k in (0, 1, 2):
-                    zk = zi[k]
-                    if zk > l1 or zk < -l1:
-                        w[k] = -(zk - (l1 if zk > 0 else -l1)) / ((beta + sqrt(ni[k])) / alpha + l2)
+                w = _ftrl_weights(zi, ni, params[idx >> _BITS])
                 ws.append(w)
                 logit0 += w[0] * x
                 logit1 += w[1] * x
@@ -812,17 +807,24 @@ def _ftrl(
                         ni[k] = n_new
     weights: dict[int, tuple[float, float, float]] = {}
     for idx, zi in z.items():
-        ni = nn[idx]
-        alpha, beta, l1, l2 = params[idx >> _BITS]
-        w = [0.0, 0.0, 0.0]
-        for k in (0, 1, 2):
-            zk = zi[k]
-            if zk > l1 or zk < -l1:
-                w[k] = -(zk - (l1 if zk > 0 else -l1)) / ((beta + sqrt(ni[k])) / alpha + l2)
+        w = _ftrl_weights(zi, nn[idx], params[idx >> _BITS])
         if any(w):
             # Rounded to float32 now, so a saved and reloaded model predicts the same.
             weights[idx] = struct.unpack("<3f", struct.pack("<3f", *w))
     return weights
+
+
+def _ftrl_weights(
+    zi: list[float], ni: list[float], group: tuple[float, float, float, float]
+) -> list[float]:
+    """Return FTRL-Proximal's per-class weights from its accumulators (zero inside L1)."""
+    alpha, beta, l1, l2 = group
+    w = [0.0, 0.0, 0.0]
+    for k in (0, 1, 2):
+        zk = zi[k]
+        if zk > l1 or zk < -l1:
+            w[k] = -(zk - (l1 if zk > 0 else -l1)) / ((beta + math.sqrt(ni[k])) / alpha + l2)
+    return w
 
 
 def _bake_rules(

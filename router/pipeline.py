@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import json
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
@@ -618,19 +617,7 @@ class Pipeline:
             "queue": queue,
             "signals": [s.to_dict() for s in cls.signals],
         }
-        item = OutboxItem(
-            id=new_ulid(),
-            target=crisis.target,
-            agent_id=crisis.address or "crisis",
-            address=crisis.address or "crisis",
-            kind="alert",
-            payload={"alert": alert},
-            message_id=message_id,
-            next_attempt_at=now,
-            created_at=now,
-        )
-        await self.store.enqueue_outbox([item])
-        self.dispatcher.submit(item)
+        await self._send_now([self._alert_item(crisis.target, alert, message_id, now)])
 
     async def _emit_crisis(self, events: list[CrisisEvent], now: float) -> None:
         crisis = self.config.classifier.crisis
@@ -647,23 +634,34 @@ class Pipeline:
             self.metrics.child(self.metrics.crisis_events, event.reason, event.kind).inc()
             if crisis.target is None:
                 continue
-            items.append(
-                OutboxItem(
-                    id=new_ulid(),
-                    target=crisis.target,
-                    agent_id=crisis.address or "crisis",
-                    address=crisis.address or "crisis",
-                    kind="alert",
-                    payload={"alert": event.to_dict()},
-                    message_id=event.evidence[-1].message_id if event.evidence else "",
-                    next_attempt_at=now,
-                    created_at=now,
-                )
-            )
-        if items:
-            await self.store.enqueue_outbox(items)
-            for item in items:
-                self.dispatcher.submit(item)
+            message_id = event.evidence[-1].message_id if event.evidence else ""
+            items.append(self._alert_item(crisis.target, event.to_dict(), message_id, now))
+        await self._send_now(items)
+
+    def _alert_item(
+        self, target: str, alert: dict[str, Any], message_id: str, now: float
+    ) -> OutboxItem:
+        """An alert for the on-duty manager, sent through the crisis target adapter."""
+        address = self.config.classifier.crisis.address or "crisis"
+        return OutboxItem(
+            id=new_ulid(),
+            target=target,
+            agent_id=address,
+            address=address,
+            kind="alert",
+            payload={"alert": alert},
+            message_id=message_id,
+            next_attempt_at=now,
+            created_at=now,
+        )
+
+    async def _send_now(self, items: list[OutboxItem]) -> None:
+        """Commit sends not caused by an ingest, then hand them to the outbox."""
+        if not items:
+            return
+        await self.store.enqueue_outbox(items)
+        for item in items:
+            self.dispatcher.submit(item)
 
     # -- queues ------------------------------------------------------------------
 
@@ -858,8 +856,7 @@ class Pipeline:
             next_attempt_at=now,
             created_at=now,
         )
-        await self.store.enqueue_outbox([item])
-        self.dispatcher.submit(item)
+        await self._send_now([item])
         return "ok"
 
     async def set_presence(self, agent_id: str, present: bool) -> bool:
@@ -969,11 +966,6 @@ class Pipeline:
         m.outbox_backlog.set(self.dispatcher.backlog)
 
 
-def _json_field(stored: dict[str, Any], key: str) -> Any:
-    value = stored.get(key)
-    return json.loads(value) if isinstance(value, str) and value else value
-
-
 def _inbound_from_stored(stored: dict[str, Any]) -> InboundMessage:
     received = stored.get("received_at")
     contact_key = str(stored.get("contact_key") or "")
@@ -1000,12 +992,12 @@ def _classification_from_stored(stored: dict[str, Any]) -> Classification:
             end=(s.get("span") or (-1, -1))[1],
             value=s.get("value"),
         )
-        for s in _json_field(stored, "signals") or []
+        for s in stored.get("signals") or []
     )
     return Classification(
         label=stored.get("label", "inquiry"),
         confidence=float(stored.get("confidence") or 0.0),
-        scores=_json_field(stored, "scores") or {},
+        scores=stored.get("scores") or {},
         severity=stored.get("severity", "P3"),
         signals=signals,
         language=stored.get("language", ""),

@@ -520,7 +520,7 @@ class SqliteStore:
                 if row is None:
                     return None
                 out = {k: row[k] for k in row.keys() if k != "raw"}
-                for k in ("scores", "signals", "features"):  # JSON columns, decoded
+                for k in ("scores", "signals", "features", "thread_refs"):  # JSON, decoded
                     out[k] = json.loads(out[k])
                 out["classification"] = {
                     "label": out["label"],
