@@ -9,6 +9,8 @@ omnirouter presence AGENT on|off          take an agent in or out of rotation
 omnirouter explain MESSAGE_ID             why a message was labelled and routed as it was
 omnirouter classify                       JSON lines in, one verdict per line out
 omnirouter migrate                        bring the store's schema up to date and exit
+omnirouter simulate [generate|check] …    drive the real scheduler on a virtual clock
+omnirouter staffing [--trace FILE]        agents each hour needs for its SLA (Erlang C) vs on shift
 """
 
 from __future__ import annotations
@@ -323,6 +325,30 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_staffing(args: argparse.Namespace) -> int:
+    """Print the agents each hour needs for its SLA targets next to the agents on shift."""
+    from router.staffing import StaffingError, render_report, staffing_report
+
+    config = _load(args.config)
+    try:
+        report = staffing_report(
+            config,
+            trace=Path(args.trace) if args.trace else None,
+            days=args.days,
+            tz=args.tz,
+            level=args.level,
+            day=args.date,
+        )
+    except StaffingError as exc:
+        print(f"staffing: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(render_report(report)))
+    return EXIT_OK
+
+
 # -- parser -----------------------------------------------------------------------
 
 
@@ -403,6 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = with_config(sub.add_parser("migrate", help="migrate the store schema and exit"))
     m.set_defaults(fn=cmd_migrate)
+
+    from router.sim.command import add_parser as add_simulate
+
+    add_simulate(sub)
+
+    st = with_config(
+        sub.add_parser("staffing", help="agents needed per hour for the SLA targets vs on shift")
+    )
+    st.add_argument("--trace", help="observe a simulation trace (JSON lines) instead of the store")
+    st.add_argument("--days", type=float, default=7.0, help="store window in days (default 7)")
+    st.add_argument("--tz", default="UTC", help="time zone of the hours (default UTC)")
+    st.add_argument("--level", type=float, default=0.8, help="share to answer within SLA")
+    st.add_argument("--date", help="YYYY-MM-DD whose shifts count as on shift (default today)")
+    st.add_argument("--json", action="store_true", help="print the plan as JSON")
+    st.set_defaults(fn=cmd_staffing)
     return p
 
 

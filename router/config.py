@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -35,6 +36,7 @@ from pydantic import (
     SecretBytes,
     SecretStr,
     ValidationError,
+    field_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
@@ -42,7 +44,7 @@ from pydantic_core import to_jsonable_python
 from router.crisis import CrisisConfig
 from router.drivers import ADAPTERS, CHANNELS, load_driver
 from router.logging import MIN_SECRET_LENGTH, mask_secrets, register_secret
-from router.model import LABELS
+from router.model import LABELS, Shift
 
 AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
@@ -171,7 +173,7 @@ class SlaConfig(_Frozen):
 
     inquiry: float = Field(default=300.0, gt=0)
     complaint: float = Field(default=120.0, gt=0)
-    suggestion: float = Field(default=24 * 3600.0, gt=0)
+    suggestion: float = Field(default=3600.0, gt=0)
     urgent: float = Field(default=30.0, gt=0)
 
 
@@ -198,17 +200,109 @@ class OutboxConfig(_Frozen):
     poll_interval: float = Field(default=5.0, gt=0, le=3600)
 
 
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class ShiftConfig(_Frozen):
+    """A weekly working window: `days = "mon-fri"`, `start = "09:00"`, `end = "17:30"`."""
+
+    days: str = Field(default="mon-sun", pattern=r"^[a-z]{3}(-[a-z]{3})?(,[a-z]{3}(-[a-z]{3})?)*$")
+    start: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    end: str = Field(pattern=r"^([01]\d|2[0-3]|24):[0-5]\d$")
+    tz: str = "UTC"
+
+    @field_validator("days")
+    @classmethod
+    def _known_days(cls, value: str) -> str:
+        for part in value.split(","):
+            for day in part.split("-"):
+                if day not in _DAYS:
+                    raise ValueError(f"unknown day {day!r}; use {', '.join(_DAYS)}")
+        return value
+
+    @field_validator("tz")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name, e.g. Asia/Shanghai)"
+            ) from None
+        return value
+
+    def to_shift(self) -> Shift:
+        """Return the scheduler's form of this shift."""
+        days: set[int] = set()
+        for part in self.days.split(","):
+            first, _, last = part.partition("-")
+            a, b = _DAYS.index(first), _DAYS.index(last or first)
+            days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+        h1, m1 = map(int, self.start.split(":"))
+        h2, m2 = map(int, self.end.split(":"))
+        return Shift(frozenset(days), h1 * 60 + m1, min(24 * 60, h2 * 60 + m2), self.tz)
+
+
 class AgentConfig(_Frozen):
     """One human on the roster."""
 
     id: str = Field(pattern=AGENT_ID_RE)
     name: str = ""
-    capacity: int = Field(default=3, ge=1, le=1000)
+    # One number: conversations at once over all channel types; a table
+    # (`{ chat = 3, email = 5 }`): per channel type, types not listed are not taken
+    # ("*" covers the rest).
+    capacity: int | dict[str, Annotated[int, Field(ge=0, le=1000)]] = 3
     tool: str  # name of an adapter
     address: str = ""
+    # Labels (inquiry, complaint, …) the agent takes and languages (en, zh, …) it
+    # speaks; no label means every label, no language every language.
     skills: list[str] = Field(default_factory=list)
-    queues: list[str] = Field(default_factory=lambda: ["default"])
+    queues: list[str] = Field(default_factory=lambda: ["default"])  # departments
     present: bool = True
+    supervisor: bool = False  # takes overflow work (see scheduling.overflow)
+    shifts: list[ShiftConfig] = Field(default_factory=list)  # none: always in shift
+
+    @field_validator("capacity")
+    @classmethod
+    def _positive(cls, value: int | dict[str, int]) -> int | dict[str, int]:
+        if isinstance(value, int) and not 1 <= value <= 1000:
+            raise ValueError("must be 1–1000")
+        if isinstance(value, dict) and not any(value.values()):
+            raise ValueError("the table must allow at least one channel type")
+        return value
+
+    @property
+    def capacities(self) -> dict[str, int]:
+        """Return the per-channel-type table ({} when capacity is one number)."""
+        return dict(self.capacity) if isinstance(self.capacity, dict) else {}
+
+    @property
+    def total_capacity(self) -> int:
+        """Return the conversations the agent may hold at once, all types together."""
+        return self.capacity if isinstance(self.capacity, int) else sum(self.capacity.values())
+
+
+class OverflowStepConfig(_Frozen):
+    """Past its deadline by `after` seconds, a waiting message's eligibility widens."""
+
+    after: float = Field(default=0.0, ge=0)
+    widen: Literal["departments", "languages", "supervisors"]
+
+
+class SchedulingConfig(_Frozen):
+    """How the load-aware scheduler decides (see router/schedule.py)."""
+
+    complaint_streak_limit: int = Field(default=3, ge=0, le=1000)  # 0: no rotation
+    # Slots kept free among complaint specialists for P0/P1 work ...
+    urgent_reserve: int = Field(default=1, ge=0, le=100)
+    # ... until the waiting message has spent this share of its SLA.
+    reserve_slack: float = Field(default=0.5, ge=0, le=1)
+    overflow: list[OverflowStepConfig] = Field(
+        default_factory=lambda: [
+            OverflowStepConfig(after=0, widen="departments"),
+            OverflowStepConfig(after=120, widen="supervisors"),
+        ]
+    )
 
 
 class DriverSection(_Frozen):
@@ -228,6 +322,7 @@ class Config(_Frozen):
     classifier: ClassifierConfig = Field(default_factory=lambda: ClassifierConfig())
     sla: SlaConfig = Field(default_factory=lambda: SlaConfig())
     routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
+    scheduling: SchedulingConfig = Field(default_factory=lambda: SchedulingConfig())
     outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig())
     channels: list[Any] = Field(default_factory=list)  # driver models, validated below
     adapters: list[Any] = Field(default_factory=list)

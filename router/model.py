@@ -10,10 +10,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 LABELS: tuple[str, ...] = ("inquiry", "complaint", "suggestion")
 SEVERITIES: tuple[str, ...] = ("P0", "P1", "P2", "P3")
@@ -151,17 +154,49 @@ class Classification:
 
 
 @dataclass(frozen=True, slots=True)
+class Shift:
+    """A weekly working window in a time zone; `end` before `start` runs past midnight."""
+
+    days: frozenset[int]  # 0 = Monday
+    start: int  # minutes after midnight
+    end: int
+    tz: str = "UTC"
+
+    def contains(self, ts: float) -> bool:
+        """Tell whether the Unix time falls inside this shift."""
+        local = datetime.fromtimestamp(ts, _zone(self.tz))
+        minute = local.hour * 60 + local.minute
+        if self.start < self.end:
+            return local.weekday() in self.days and self.start <= minute < self.end
+        # Overnight: the part after midnight belongs to the previous day's shift.
+        if minute >= self.start:
+            return local.weekday() in self.days
+        return minute < self.end and (local.weekday() - 1) % 7 in self.days
+
+
+@lru_cache(maxsize=64)
+def _zone(name: str) -> tzinfo:
+    return UTC if name == "UTC" else ZoneInfo(name)
+
+
+@dataclass(frozen=True, slots=True)
 class Agent:
     """A human who takes work; `tool` names the adapter that reaches them."""
 
     id: str
     name: str
-    capacity: int
+    capacity: int  # conversations per channel type when `capacities` is empty
     tool: str
     address: str = ""  # adapter-specific: topic suffix, webhook path, mailbox
-    skills: frozenset[str] = frozenset()
-    queues: frozenset[str] = frozenset({"default"})
+    queues: frozenset[str] = frozenset({"default"})  # the departments the agent serves
     present: bool = True
+    # Channel type -> concurrent conversations ("*" for any other type); empty means
+    # `capacity` for every channel type.
+    capacities: Mapping[str, int] = field(default_factory=dict)
+    classes: frozenset[str] = frozenset()  # labels the agent takes; empty: all
+    languages: frozenset[str] = frozenset()  # languages the agent takes; empty: all
+    supervisor: bool = False  # takes overflow work whatever its skills
+    shifts: tuple[Shift, ...] = ()  # empty: always in shift
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ from router.drivers import AgentAction, Receipt, TicketStatus
 from router.metrics import Metrics
 from router.model import LABELS, Agent, Assignment, Classification, InboundMessage, Signal, new_ulid
 from router.outbox import Dispatcher
-from router.schedule import Choice, Scheduler, Waiting
+from router.schedule import Decision, OverflowStep, Policy, Scheduler, Work
 from router.store import NewMessage, OutboxItem, Store
 
 log = structlog.get_logger("router.pipeline")
@@ -49,15 +49,31 @@ def agents_from_config(config: Config) -> list[Agent]:
         Agent(
             id=a.id,
             name=a.name or a.id,
-            capacity=a.capacity,
+            capacity=a.total_capacity,
             tool=a.tool,
             address=a.address,
-            skills=frozenset(a.skills),
             queues=frozenset(a.queues),
             present=a.present,
+            capacities=dict(a.capacities),
+            classes=frozenset(k for k in a.skills if k in LABELS),
+            languages=frozenset(k for k in a.skills if k not in LABELS),
+            supervisor=a.supervisor,
+            shifts=tuple(sh.to_shift() for sh in a.shifts),
         )
         for a in config.agents
     ]
+
+
+def policy_from_config(config: Config) -> Policy:
+    """Return the scheduler's knobs from `[scheduling]`."""
+    sc = config.scheduling
+    return Policy(
+        accept_timeout=0.0,  # offers count as accepted on delivery (see README: gaps)
+        complaint_streak_limit=sc.complaint_streak_limit,
+        reserve_slack=sc.reserve_slack,
+        urgent_reserve=sc.urgent_reserve,
+        overflow=tuple(OverflowStep(o.after, o.widen) for o in sc.overflow),
+    )
 
 
 class Classifier(Protocol):
@@ -107,7 +123,11 @@ class Pipeline:
         # Names of channels that can send to customers (acknowledgements, replies);
         # the daemon fills it as it starts channels.
         self.answering_channels: set[str] = set()
-        self.scheduler = Scheduler(agents_from_config(config))
+        self.scheduler = Scheduler(
+            agents_from_config(config), policy_from_config(config), explain=True
+        )
+        # Channel name -> its type, for slots found in the store at restart.
+        self._channel_types = {c.name: c.type for c in config.channels}
         self._secret = b""
         self._token_mac: hmac.HMAC | None = None  # keyed with _token_key
         self._token_key = b""
@@ -144,7 +164,8 @@ class Pipeline:
         now = self.clock()
         presence = await self.store.sync_agents(agents_from_config(self.config))
         for agent_id, present in presence.items():
-            self.scheduler.set_presence(agent_id, present)
+            if agent_id in self.scheduler.states:
+                self.scheduler.set_presence(agent_id, present, now)
         snap = await self.store.snapshot(now, self.config.classifier.repeat_contact_window)
         crisis = self.config.classifier.crisis
         if self.crisis is not None and crisis.rate_enabled:
@@ -160,17 +181,28 @@ class Pipeline:
             self._threads[key] = conv.conversation_id
             self._thread_of[conv.conversation_id] = key
             if conv.agent_id:
-                self.scheduler.restore(conv.conversation_id, conv.agent_id)
+                self.scheduler.hold(
+                    conv.conversation_id,
+                    conv.conversation_id,
+                    conv.agent_id,
+                    self._channel_types.get(conv.channel, "*"),
+                )
         for q in snap.queued:
-            self.scheduler.enqueue(
-                q.message_id,
-                q.conversation_id,
-                q.queue,
-                q.severity,
-                q.sla_deadline,
-                q.language,
-                q.label,
-                q.ingested_at,
+            self.scheduler.submit(
+                Work(
+                    id=q.message_id,
+                    slot=q.conversation_id,
+                    conversation=q.conversation_id,
+                    label=q.label,
+                    severity=q.severity,
+                    channel_type=self._channel_types.get(
+                        self._thread_of.get(q.conversation_id, ("", ""))[0], "*"
+                    ),
+                    language=q.language,
+                    department=q.queue,
+                    arrival=q.ingested_at,
+                    deadline=q.sla_deadline,
+                )
             )
         for contact_key, at in snap.recent_contacts:
             self._recent.setdefault(contact_key, deque()).append(at)
@@ -195,6 +227,8 @@ class Pipeline:
             self.crisis = self._make_crisis(config)
         agents = agents_from_config(config)
         presence = await self.store.sync_agents(agents)
+        self._channel_types = {c.name: c.type for c in config.channels}
+        self.scheduler.policy = policy_from_config(config)
         self.scheduler.set_roster(
             [replace(a, present=presence.get(a.id, a.present)) for a in agents]
         )
@@ -298,7 +332,7 @@ class Pipeline:
 
     async def _ingest_locked(
         self, msg: InboundMessage, thread_key: str, key: tuple[str, str]
-    ) -> tuple[Receipt, Choice | None, str, Classification]:
+    ) -> tuple[Receipt, Decision | None, str, Classification]:
         now = self.clock()
         cls = self.classifier.classify(
             msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
@@ -310,7 +344,19 @@ class Pipeline:
         known = self._threads.get(key)
         proposed = known or new_ulid()
         message_id = new_ulid()
-        choice = self.scheduler.choose(proposed, queue, cls.language)
+        work = Work(
+            id=message_id,
+            slot=proposed,
+            conversation=proposed,
+            label=cls.label,
+            severity=cls.severity,
+            channel_type=msg.channel_type,
+            language=cls.language,
+            department=queue,
+            arrival=now,
+            deadline=deadline,
+        )
+        choice = self.scheduler.place(work, now)
         assignment: Assignment | None = None
         outbox: OutboxItem | None = None
         if choice is not None:
@@ -346,11 +392,11 @@ class Pipeline:
             result = await self.store.ingest(new)
         except BaseException:
             if choice is not None:
-                self.scheduler.undo(proposed, choice)
+                self.scheduler.undo(choice, requeue=False)
             raise
         if result.duplicate:
             if choice is not None:
-                self.scheduler.undo(proposed, choice)
+                self.scheduler.undo(choice, requeue=False)
             ticket = TICKET_PREFIX + result.conversation_id
             return (
                 Receipt(
@@ -366,13 +412,12 @@ class Pipeline:
                 queue,
                 cls,
             )
-        if choice is not None:
-            self.scheduler.commit(proposed, choice)
         conversation_id = result.conversation_id
         if conversation_id != proposed:
             # The store joined a resolved conversation of this thread and reopened it.
             if choice is not None:
-                self.scheduler.move(proposed, conversation_id)
+                self.scheduler.move_slot(proposed, conversation_id)
+            work.slot = work.conversation = conversation_id
             if outbox is not None:
                 outbox = replace(
                     outbox,
@@ -414,16 +459,7 @@ class Pipeline:
         if outbox is not None:
             self.dispatcher.submit(outbox)
         else:
-            self.scheduler.enqueue(
-                message_id,
-                conversation_id,
-                queue,
-                cls.severity,
-                deadline,
-                cls.language,
-                cls.label,
-                now,
-            )
+            self.scheduler.submit(work)
         ticket = TICKET_PREFIX + conversation_id
         return (
             Receipt(
@@ -671,11 +707,11 @@ class Pipeline:
             placed = 0
             retry_later = False
             while not retry_later:
-                batch = self.scheduler.next_assignable()
+                batch = self.scheduler.dispatch(self.clock())
                 if not batch:
                     break
-                for w, choice in batch:
-                    outcome = await self._assign_waiting(w, choice)
+                for choice in batch:
+                    outcome = await self._assign_waiting(choice)
                     if outcome is True:
                         placed += 1
                     elif outcome is None:
@@ -686,54 +722,53 @@ class Pipeline:
                 self._update_gauges()
             return placed
 
-    async def _assign_waiting(self, w: Waiting, choice: Choice) -> bool | None:
+    async def _assign_waiting(self, choice: Decision) -> bool | None:
         """Commit one dequeued assignment: True if placed, False if dropped, None if requeued."""
+        w = choice.work
         try:
-            stored = await self.store.message(w.message_id)
+            stored = await self.store.message(w.id)
         except Exception as exc:
             # Give the slot back and keep the message waiting, as for a failed assign below.
-            self.scheduler.undo(w.conversation_id, choice)
-            self.scheduler.requeue(w)
-            log.warning("pipeline.assign_failed", message_id=w.message_id, error=str(exc))
+            self.scheduler.undo(choice)
+            log.warning("pipeline.assign_failed", message_id=w.id, error=str(exc))
             return None
         now = self.clock()
         assignment = Assignment(
-            message_id=w.message_id,
-            conversation_id=w.conversation_id,
+            message_id=w.id,
+            conversation_id=w.conversation,
             agent_id=choice.agent.id,
-            queue=w.queue,
+            queue=w.department,
             reason=f"dequeued: {choice.reason}",
-            sla_deadline=datetime.fromtimestamp(w.sla_deadline, UTC),
+            sla_deadline=datetime.fromtimestamp(w.deadline, UTC),
             assigned_at=datetime.fromtimestamp(now, UTC),
         )
         if stored is None:
-            self.scheduler.undo(w.conversation_id, choice)
+            self.scheduler.undo(choice, requeue=False)
             return False
         msg = _inbound_from_stored(stored)
         cls = _classification_from_stored(stored)
-        outbox = self._outbox_item(choice.agent, assignment, msg, cls, w.conversation_id, now)
+        outbox = self._outbox_item(choice.agent, assignment, msg, cls, w.conversation, now)
         try:
             ok = await self.store.assign(assignment, outbox)
         except Exception as exc:
-            self.scheduler.undo(w.conversation_id, choice)
-            self.scheduler.requeue(w)
-            log.warning("pipeline.assign_failed", message_id=w.message_id, error=str(exc))
+            self.scheduler.undo(choice)
+            log.warning("pipeline.assign_failed", message_id=w.id, error=str(exc))
             return None
         if not ok:  # assigned elsewhere meanwhile
-            self.scheduler.undo(w.conversation_id, choice)
+            self.scheduler.undo(choice, requeue=False)
             return False
-        self.scheduler.commit(w.conversation_id, choice)
-        self.metrics.assigned.labels(queue=w.queue, how="dequeued").inc()
+        self.metrics.assigned.labels(queue=w.department, how="dequeued").inc()
         self.dispatcher.submit(outbox)
         log.info(
             "message.routed",
-            message_id=w.message_id,
-            ticket=TICKET_PREFIX + w.conversation_id,
+            message_id=w.id,
+            ticket=TICKET_PREFIX + w.conversation,
             label=w.label,
             severity=w.severity,
-            queue=w.queue,
+            queue=w.department,
             agent=choice.agent.id,
-            waited_s=round(now - w.ingested_at, 3),
+            rule=choice.rule,
+            waited_s=round(now - w.arrival, 3),
             state="assigned",
         )
         return True
@@ -865,7 +900,8 @@ class Pipeline:
             agent_id, present
         ):
             return False
-        self.scheduler.set_presence(agent_id, present)
+        for back in self.scheduler.set_presence(agent_id, present, self.clock()):
+            log.info("assignment.returned", message_id=back.work.id, agent=back.agent_id)
         self._update_gauges()
         if present:
             await self.drain_queues()
@@ -883,7 +919,10 @@ class Pipeline:
                 "capacity": a.capacity,
                 "open_conversations": self.scheduler.load.get(a.id, 0),
                 "tool": a.tool,
-                "skills": sorted(a.skills),
+                "classes": sorted(a.classes),
+                "languages": sorted(a.languages),
+                "capacities": dict(a.capacities),
+                "shifts": len(a.shifts),
                 "queues": sorted(a.queues),
             }
             for a in self.scheduler.agents.values()
@@ -902,10 +941,8 @@ class Pipeline:
                 {
                     "queue": name,
                     "depth": len(waiting),
-                    "oldest_wait_s": round(
-                        now - min((w.ingested_at for w in waiting), default=now), 3
-                    ),
-                    "overdue": sum(1 for w in waiting if w.sla_deadline < now),
+                    "oldest_wait_s": round(now - min((w.arrival for w in waiting), default=now), 3),
+                    "overdue": sum(1 for w in waiting if w.deadline < now),
                     "agents": sorted(
                         a.id for a in self.scheduler.agents.values() if name in a.queues
                     ),

@@ -1,285 +1,911 @@
-"""The first load-aware scheduler: capacity, least loaded among eligible, sticky conversations.
+"""The load-aware scheduler: who gets which message, and when.
 
-Load is the number of *open conversations* an agent holds (closed ones free their
-slot at once, the complaint users have about other helpdesks). No agent is ever given
-a conversation beyond capacity: a message that finds nobody with room waits in its
-queue, ordered by severity then SLA deadline, and is handed out the moment a slot
-frees (resolve, presence on, capacity raised by a reload).
+One engine serves the daemon and `omnirouter simulate` (which drives it on a virtual
+clock), so what the simulation proves is what production runs. It is pure,
+synchronous state: every method takes `now` from its caller and nothing here sleeps,
+reads a clock or touches the store.
 
-This object is pure, synchronous state: the pipeline reserves a slot here, commits,
-and releases the slot again if the commit fails.
+How a decision is made:
+
+* **Waiting order.** P0/P1 work comes before everything; then earliest deadline first
+  (the deadline is arrival + the class's SLA), then arrival order.
+* **Eligibility.** An agent takes a message only when on line, in shift, with a free
+  slot for the message's channel type, skilled in its class and language, serving its
+  department, and not the agent who already let this message time out. Overflow steps
+  widen the last three for work waiting past its deadline.
+* **Choice among the eligible.** The agent who has the conversation open (sticky);
+  else agents under their complaint streak limit (rotation), agents who have not let
+  work time out lately, and agents without a scarce skill (a complaint specialist is
+  kept for complaints while a generalist can take an inquiry); then the most spare
+  capacity, then the longest since their last assignment, so quick agents are not
+  punished with all the work.
+* **Slots.** Assigned-but-not-accepted work holds a slot as accepted work does. An
+  offer not accepted within the accept timeout goes back to the queue (and never to
+  the same agent again); an agent going off line gives back what it had not accepted.
+
+The daemon keys a slot by conversation (a follow-up joins the open conversation's
+slot); the simulator keys it by message. Either way `slot` names what holds capacity.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from router.model import Agent
 
-
-@dataclass(order=True)
-class Waiting:
-    """A queued message; ordered by severity, then deadline, then arrival."""
-
-    severity: str
-    sla_deadline: float
-    seq: int
-    message_id: str = field(compare=False)
-    conversation_id: str = field(compare=False)
-    queue: str = field(compare=False)
-    language: str = field(compare=False)
-    label: str = field(compare=False)
-    ingested_at: float = field(compare=False)
+URGENT_SEVERITIES = ("P0", "P1")
+# Overflow widenings, applied in the order configured.
+WIDEN_DEPARTMENTS = "departments"  # any department's agents may take it
+WIDEN_LANGUAGES = "languages"  # agents who do not list its language may take it
+WIDEN_SUPERVISORS = "supervisors"  # supervisors may take it whatever their skills
 
 
 @dataclass(frozen=True, slots=True)
-class Choice:
-    """Who gets a message and why."""
+class OverflowStep:
+    """After `after` seconds past its deadline, a waiting message's eligibility widens."""
 
-    agent: Agent
-    reason: str
-    new_slot: bool  # False for a follow-up in a conversation the agent already holds
-    # The agent who held the conversation before it moved here (holder away), so that
-    # undo() can give it back; None for a conversation nobody held.
-    previous: str | None = None
-    # Whether the choice rests on a reservation not committed yet (its own new slot, or
-    # the holder's slot another message reserved and has not committed): such a choice
-    # must end in commit() or undo().
-    tentative: bool = False
+    after: float
+    widen: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The knobs of the scheduler (from `[scheduling]` or a simulation trace)."""
+
+    accept_timeout: float = 120.0  # 0 turns accept tracking off
+    complaint_streak_limit: int = 3  # 0 turns rotation off
+    streak_labels: frozenset[str] = frozenset({"complaint"})
+    # Classes whose skilled agents are scarce: such agents are kept for them while an
+    # agent without the skill can take other work, until that work is at risk.
+    protected_labels: frozenset[str] = frozenset({"complaint"})
+    # At-risk point, as a share of the message's SLA already spent waiting.
+    reserve_slack: float = 0.5
+    # An agent who let an offer time out is offered work last for this long.
+    unreliable_for: float = 1800.0
+    # Slots per channel type that non-urgent work of a protected class leaves free
+    # among its eligible agents for P0/P1 work, until it is at risk itself (trunk
+    # reservation: urgent complaints then find a slot within seconds, not a handle time).
+    urgent_reserve: int = 1
+    overflow: tuple[OverflowStep, ...] = ()
+
+
+@dataclass(slots=True, eq=False)
+class Work:
+    """One message that needs (or holds) an agent."""
+
+    id: str
+    slot: str  # what holds capacity: the conversation (daemon) or the message (simulator)
+    conversation: str
+    label: str
+    severity: str
+    channel_type: str
+    language: str
+    department: str
+    arrival: float
+    deadline: float
+    seq: int = 0
+    excluded: set[str] | None = None  # agents who let it time out
+    level: int = 0  # overflow steps applied
+    breached: bool = False
+    state: str = "new"  # new | waiting | offered | held | done
+
+    @property
+    def urgent(self) -> bool:
+        """Tell whether the message is P0/P1 (it goes ahead of all deadlines)."""
+        return self.severity in URGENT_SEVERITIES
+
+    def order(self) -> tuple[int, float, int]:
+        """Return the waiting order key: urgency, deadline, arrival."""
+        rank = 0 if self.severity == "P0" else 1 if self.severity == "P1" else 2
+        return (rank, self.deadline, self.seq)
 
 
 @dataclass(slots=True)
-class _Reservation:
-    """A slot taken by choose() whose assignment is not committed yet."""
+class AgentState:
+    """An agent as the scheduler sees it: roster facts plus live load."""
 
+    agent: Agent
+    online: bool
+    used: dict[str, int] = field(default_factory=dict)  # channel type -> slots held
+    last_assigned: float = -math.inf
+    streak: int = 0  # complaints received in a row
+    last_timeout: float = -math.inf
+    protected: bool = False  # skilled in a protected class
+
+    @property
+    def id(self) -> str:
+        """Return the agent's id."""
+        return self.agent.id
+
+    def capacity(self, channel_type: str) -> int:
+        """Return how many conversations of this channel type the agent may hold."""
+        caps = self.agent.capacities
+        if caps:
+            return caps.get(channel_type, caps.get("*", 0))
+        return self.agent.capacity
+
+    def pool(self, channel_type: str) -> str:
+        """Return the key its slots of this channel type are counted under.
+
+        Without a per-type table the capacity is one pool shared by every type.
+        """
+        return channel_type if self.agent.capacities else "*"
+
+    def room(self, channel_type: str) -> int:
+        """Return the agent's free slots for this channel type."""
+        return self.capacity(channel_type) - self.used.get(self.pool(channel_type), 0)
+
+    @property
+    def load(self) -> int:
+        """Return the slots held over all channel types."""
+        return sum(self.used.values())
+
+
+@dataclass(slots=True)
+class Decision:
+    """An assignment the scheduler made, and why."""
+
+    work: Work
+    agent: Agent
+    rule: str  # sticky | balance | rotation | reliability | reserve-released | overflow:…
+    reason: str  # one line for logs and the routing record
+    new_slot: bool = True
+    explain: dict[str, Any] | None = None
+    # The absent holder the conversation moved from (and its slot's channel type), so
+    # that undo() can give it back; None for a conversation nobody held.
+    previous: tuple[str, str] | None = None
+    # How many follow-ups had joined the slot when it was taken: undo() keeps a slot
+    # that a later follow-up joined (that one may have committed already).
+    mark: int = 0
+
+    @property
+    def agent_id(self) -> str:
+        """Return the chosen agent's id."""
+        return self.agent.id
+
+
+@dataclass(slots=True)
+class Offer:
+    """Work assigned to an agent and not accepted yet."""
+
+    work: Work
     agent_id: str
-    previous: str | None
-    users: int  # choices resting on it that are neither committed nor undone
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class Returned:
+    """Work taken back from an agent: `timeout` or `returned` (off line / off shift)."""
+
+    work: Work
+    agent_id: str
+    why: str
 
 
 class Scheduler:
-    """Assigns conversations to agents within their capacity."""
+    """Assigns waiting work to agents within their capacity."""
 
-    def __init__(self, agents: Iterable[Agent] = ()) -> None:
-        self.agents: dict[str, Agent] = {}
-        self.load: dict[str, int] = {}
-        self.holder: dict[str, str] = {}  # open conversation id -> agent id
-        # agent id -> tick of its last new slot (the rotation tiebreak)
-        self.last_assigned: dict[str, int] = {}
-        self._tick = itertools.count(1)
+    def __init__(
+        self, agents: Iterable[Agent] = (), policy: Policy | None = None, *, explain: bool = False
+    ) -> None:
+        self.policy = policy or Policy()
+        # Whether each decision records every agent's verdict (the daemon's `explain`);
+        # the simulator and benchmarks leave it off, it costs a pass over the roster.
+        self.explain = explain
+        self.states: dict[str, AgentState] = {}
+        self.holder: dict[str, str] = {}  # slot -> agent id
+        self._slot_ct: dict[str, str] = {}  # slot -> channel type it holds
+        self._last_agent: dict[str, str] = {}  # conversation -> agent who had it last
+        self._open: dict[str, int] = {}  # conversation -> slots its last agent holds of it
+        self._conv_of: dict[str, str] = {}  # slot -> its conversation
+        self._free: dict[str, set[str]] = {}  # channel type -> on-line agents with room
+        self._buckets: dict[tuple[str, str, str, str, int], list[tuple[Any, ...]]] = {}
+        self._buckets_by_ct: dict[str, set[tuple[str, str, str, str, int]]] = {}
+        self._waiting: dict[str, Work] = {}  # message id -> waiting work
+        self._followups: set[str] = set()  # waiting work whose slot is held already
+        self._by_slot: dict[str, set[str]] = {}  # slot -> its waiting message ids
+        self._joined: dict[str, int] = {}  # slot -> follow-ups that joined it
+        self._offers: dict[str, Offer] = {}  # message id -> outstanding offer
+        self._timers: list[tuple[float, int, str, str]] = []  # (at, seq, kind, message id)
         self._seq = itertools.count()
-        # conversation id -> its uncommitted reservation. A sticky choice made on it (a
-        # follow-up, a dequeued message) keeps the slot even if the reserving message
-        # turns out a duplicate: whichever commits first makes the slot real.
-        self._pending: dict[str, _Reservation] = {}
-        self._waiting: dict[str, list[Waiting]] = {}  # queue -> heap
-        self._waiting_ids: set[str] = set()
+        self._plain_cache: dict[tuple[str, str, str, str], bool] = {}
+        self._known_languages: set[str] = set()
+        self.decisions = 0
+        # Whether a timed-out message avoids the agent who let it time out (the
+        # baselines in router.sim.baselines forget, as the helpdesks they model do).
+        self.remember_timeouts = True
+        self.sticky = True
         self.set_roster(agents)
 
-    # -- roster ------------------------------------------------------------------
+    # -- roster and presence -------------------------------------------------------
+
+    @property
+    def agents(self) -> dict[str, Agent]:
+        """Return the roster by id (with current presence)."""
+        return {a: s.agent for a, s in self.states.items()}
+
+    @property
+    def load(self) -> dict[str, int]:
+        """Return the slots each agent holds, all channel types together."""
+        return {a: s.load for a, s in self.states.items()}
 
     def set_roster(self, agents: Iterable[Agent]) -> None:
         """Replace the roster; agents who stay keep their load, removed ones get no more work."""
-        self.agents = {a.id: a for a in agents}
-        for agent_id in self.agents:
-            self.load.setdefault(agent_id, 0)
+        new = {a.id: a for a in agents}
+        for agent_id, state in list(self.states.items()):
+            if agent_id not in new:
+                if state.load:
+                    # Keeps its held work (it finishes it) but takes nothing new.
+                    state.online = False
+                    state.agent = replace(state.agent, present=False)
+                else:
+                    del self.states[agent_id]
+        for agent in new.values():
+            known = self.states.get(agent.id)
+            if known is None:
+                self.states[agent.id] = AgentState(agent, online=agent.present)
+            else:
+                known.agent = agent
+                known.online = agent.present
+        protected = self.policy.protected_labels
+        for state in self.states.values():
+            classes = state.agent.classes
+            state.protected = bool(classes and classes & protected)
+        self._known_languages = {lang for s in self.states.values() for lang in s.agent.languages}
+        self._reindex()
 
-    def set_presence(self, agent_id: str, present: bool) -> bool:
-        """Mark an agent present or away; False for an unknown agent."""
-        agent = self.agents.get(agent_id)
-        if agent is None:
+    def set_presence(self, agent_id: str, online: bool, now: float = 0.0) -> list[Returned]:
+        """Turn an agent on or off line; off line returns the offers it had not accepted.
+
+        Raises KeyError for an unknown agent.
+        """
+        state = self.states[agent_id]
+        state.online = online
+        state.agent = replace(state.agent, present=online)
+        returned: list[Returned] = []
+        if not online:
+            for offer in [o for o in self._offers.values() if o.agent_id == agent_id]:
+                returned.append(self._take_back(offer, "returned", now, exclude=False))
+        self._reindex()
+        return returned
+
+    def _reindex(self) -> None:
+        self._plain_cache.clear()
+        self._free = {}
+        for state in self.states.values():
+            if state.online:
+                for ct in self._channel_types(state):
+                    if state.room(ct) > 0:
+                        self._free.setdefault(ct, set()).add(state.id)
+
+    def _channel_types(self, state: AgentState) -> Iterable[str]:
+        caps = state.agent.capacities
+        if caps:
+            return caps.keys()
+        # No per-type table: one capacity for every channel type seen so far.
+        return set(self._buckets_by_ct) | set(state.used) | {"*"}
+
+    def _refresh_free(self, state: AgentState, channel_type: str) -> None:
+        types = [channel_type] if state.agent.capacities else list({channel_type, *self._free})
+        for ct in types:
+            free = self._free.setdefault(ct, set())
+            if state.online and state.room(ct) > 0:
+                free.add(state.id)
+            else:
+                free.discard(state.id)
+
+    # -- intake ----------------------------------------------------------------------
+
+    def submit(self, work: Work) -> None:
+        """Put a message in the waiting set (dispatch() hands it out)."""
+        if work.id in self._waiting or work.id in self._offers:
+            return
+        work.seq = next(self._seq)
+        work.state = "waiting"
+        self._waiting[work.id] = work
+        self._by_slot.setdefault(work.slot, set()).add(work.id)
+        if work.slot in self.holder:
+            # A follow-up of a held conversation: it joins the holder's slot as soon as
+            # the holder is on line, room or not (dispatch() looks at these first).
+            self._followups.add(work.id)
+        if not work.breached:
+            self._timer(work.deadline, "deadline", work.id)
+        self._push(work)
+
+    def _push(self, work: Work) -> None:
+        key = (work.label, work.language, work.channel_type, work.department, work.level)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = []
+            self._ensure_type(work.channel_type)
+            self._buckets_by_ct.setdefault(work.channel_type, set()).add(key)
+        heapq.heappush(bucket, (*self.order(work), work))
+
+    def order(self, work: Work) -> tuple[int, float, int]:
+        """Return a waiting message's place in line (the baselines override it)."""
+        return work.order()
+
+    def _ensure_type(self, channel_type: str) -> None:
+        """Index a channel type met for the first time."""
+        if channel_type in self._free:
+            return
+        # Agents with a per-type table were indexed for the types they list; those with
+        # one capacity for every type have room for this one too.
+        free = self._free[channel_type] = set()
+        for state in self.states.values():
+            if state.online and state.room(channel_type) > 0:
+                free.add(state.id)
+
+    def _timer(self, at: float, kind: str, message_id: str) -> None:
+        heapq.heappush(self._timers, (at, next(self._seq), kind, message_id))
+
+    def next_wakeup(self) -> float | None:
+        """Return when tick() next has something to do (accept timeouts, deadlines)."""
+        while self._timers:
+            at, _, kind, message_id = self._timers[0]
+            if self._timer_live(kind, message_id, at):
+                return at
+            heapq.heappop(self._timers)
+        return None
+
+    def _timer_live(self, kind: str, message_id: str, at: float) -> bool:
+        if kind == "accept":
+            offer = self._offers.get(message_id)
+            return offer is not None and offer.expires == at
+        return message_id in self._waiting
+
+    def tick(self, now: float) -> tuple[list[Returned], list[Work]]:
+        """Expire offers past the accept timeout and apply deadlines.
+
+        Returns the work taken back (to log as timeouts) and the messages that just
+        passed their deadline (SLA-breach events). Overflow widenings happen here.
+        """
+        returned: list[Returned] = []
+        breached: list[Work] = []
+        steps = self.policy.overflow
+        while self._timers and self._timers[0][0] <= now:
+            at, _, kind, message_id = heapq.heappop(self._timers)
+            if not self._timer_live(kind, message_id, at):
+                continue
+            if kind == "accept":
+                returned.append(self._take_back(self._offers[message_id], "timeout", now))
+                continue
+            work = self._waiting[message_id]
+            if kind == "release":
+                continue  # a held-back message is at risk now: dispatch() takes it
+            if kind == "deadline" and not work.breached:
+                work.breached = True
+                breached.append(work)
+            if work.level < len(steps):
+                step = steps[work.level]
+                due = work.deadline + step.after
+                if due <= now:
+                    work.level += 1  # the old heap entry goes stale (level differs)
+                    self._push(work)
+                    if work.level < len(steps):
+                        self._timer(work.deadline + steps[work.level].after, "overflow", work.id)
+                else:
+                    self._timer(due, "overflow", work.id)
+        return returned, breached
+
+    # -- decisions -------------------------------------------------------------------
+
+    def dispatch(self, now: float) -> list[Decision]:
+        """Hand waiting work to agents with room, most urgent first; reserve the slots."""
+        out: list[Decision] = []
+        if not self._waiting:
+            return out
+        for message_id in list(self._followups):
+            follow = self._waiting.get(message_id)
+            if follow is None or follow.slot not in self.holder:
+                self._followups.discard(message_id)
+                continue
+            attached = self._attach(follow)
+            if attached is not None:
+                self._followups.discard(message_id)
+                out.append(attached)
+        blocked: set[tuple[str, str, str, str, int]] = set()
+        while True:
+            best_key = None
+            best_head: tuple[Any, ...] | None = None
+            for ct, free in self._free.items():
+                if not free:
+                    continue
+                for key in self._buckets_by_ct.get(ct, ()):
+                    if key in blocked:
+                        continue
+                    head = self._head(key)
+                    if head is None:
+                        continue
+                    if best_head is None or head[:3] < best_head[:3]:
+                        best_key, best_head = key, head
+            if best_key is None or best_head is None:
+                return out
+            work: Work = best_head[3]
+            decision = self._place(work, now)
+            if decision is None and work.excluded:
+                decision = self._place_behind(best_key, now)
+            if decision is None:
+                blocked.add(best_key)
+                continue
+            out.append(decision)
+
+    def _head(self, key: tuple[str, str, str, str, int]) -> tuple[Any, ...] | None:
+        bucket = self._buckets[key]
+        while bucket:
+            head = bucket[0]
+            work: Work = head[3]
+            if work.state == "waiting" and work.level == key[4] and head[2] == work.seq:
+                return head
+            heapq.heappop(bucket)  # stale: placed, dropped, requeued or widened
+        return None
+
+    def _place_behind(self, key: tuple[str, str, str, str, int], now: float) -> Decision | None:
+        """Look past a head that only its timed-out agents could take."""
+        for entry in heapq.nsmallest(64, self._buckets[key]):
+            work: Work = entry[3]
+            if work.state != "waiting" or work.level != key[4] or entry[2] != work.seq:
+                continue
+            decision = self._place(work, now)
+            if decision is not None:
+                return decision
+        return None
+
+    def _place(self, work: Work, now: float) -> Decision | None:
+        attached = self._attach(work)
+        if attached is not None:
+            return attached
+        found = self.pick(work, now)
+        if found is None:
+            return None
+        state, rule, reason, explain = found
+        held = self.holder.get(work.slot)
+        previous = (held, self._slot_ct[work.slot]) if held is not None else None
+        self._assign(work, state, now)
+        mark = self._joined.get(work.slot, 0)
+        return Decision(work, state.agent, rule, reason, True, explain, previous, mark)
+
+    def _attach(self, work: Work) -> Decision | None:
+        """Join work to the slot its conversation already holds, if its holder is on line."""
+        held = self.holder.get(work.slot)
+        if held is None:
+            return None
+        state = self.states.get(held)
+        if state is None or not state.online:
+            return None  # the holder is away: whoever takes it takes the slot over
+        self._unwait(work)
+        work.state = "held"
+        self.decisions += 1
+        self._joined[work.slot] = self._joined.get(work.slot, 0) + 1
+        return Decision(
+            work, state.agent, "sticky", "sticky: agent already holds this conversation", False
+        )
+
+    def place(self, work: Work, now: float) -> Decision | None:
+        """Assign a new message at once if it can be (the daemon's intake); None: it waits.
+
+        The caller commits the decision, or undoes it; a None means submit() it.
+        """
+        work.seq = next(self._seq)
+        return self._place(work, now)
+
+    def pick(
+        self, work: Work, now: float
+    ) -> tuple[AgentState, str, str, dict[str, Any] | None] | None:
+        """Choose the agent for a message without taking the slot; None means wait."""
+        self._ensure_type(work.channel_type)
+        free = self._free[work.channel_type]
+        if not free:
+            return None
+        last = self._last_agent.get(work.conversation) if self.sticky else None
+        # Sticky only while the agent still has the conversation open (holds a slot of
+        # it): a follow-up an hour later is new work, routed on its merits.
+        if last is not None and last in free and self._open.get(work.conversation):
+            state = self.states[last]
+            if self._eligible(state, work, now):
+                return (
+                    state,
+                    "sticky",
+                    "sticky: agent already has this conversation",
+                    (self._explain(work, now, state, "sticky") if self.explain else None),
+                )
+        cands = self.eligible_with_room(work, now)
+        if not cands:
+            return None
+        rule = "balance"
+        policy = self.policy
+        ct = work.channel_type
+        # Free slots among everyone eligible, before rotation or reliability narrow the
+        # choice: the urgent reserve is about the pool, not about who is preferred.
+        pool_room = sum(s.room(ct) for s in cands)
+        limit = policy.complaint_streak_limit
+        on_break = False
+        if limit and work.label in policy.streak_labels:
+            fresh = [s for s in cands if s.streak < limit]
+            if fresh and len(fresh) < len(cands):
+                cands, rule = fresh, "rotation"
+        elif limit and not self._plain_exists(work):
+            # Other work is the break rotation promises: in one pool of generalists,
+            # agents at their complaint limit get it first. (Where specialists exist
+            # the reserve below keeps them for complaints instead.)
+            resting = [s for s in cands if s.streak >= limit]
+            if resting:
+                cands, rule, on_break = resting, "rotation-break", True
+        if policy.unreliable_for > 0:
+            reliable = [s for s in cands if now - s.last_timeout >= policy.unreliable_for]
+            if reliable and len(reliable) < len(cands):
+                cands, rule = reliable, "reliability"
+        if work.label not in policy.protected_labels and not on_break:
+            plain = [s for s in cands if not s.protected]
+            if plain:
+                if len(plain) < len(cands):
+                    cands, rule = plain, "reserve"
+            elif self._plain_exists(work):
+                # Only agents with a scarce skill have room: keep them for that work
+                # unless this message is at risk of missing its own deadline.
+                at_risk = work.arrival + policy.reserve_slack * (work.deadline - work.arrival)
+                if now < at_risk:
+                    self._timer(at_risk, "release", work.id)
+                    return None
+                rule = "reserve-released"
+        if (
+            policy.urgent_reserve
+            and not work.urgent
+            and work.label in policy.protected_labels
+            and pool_room <= policy.urgent_reserve
+            and self._specialised(work)
+        ):
+            at_risk = work.arrival + policy.reserve_slack * (work.deadline - work.arrival)
+            if now < at_risk:
+                self._timer(at_risk, "release", work.id)
+                return None
+            rule = "reserve-released"
+        best = max(
+            cands,
+            key=lambda s: (s.room(ct) / max(1, s.capacity(ct)), -s.last_assigned, s.id),
+        )
+        reason = _reason(rule, best, work)
+        return best, rule, reason, self._explain(work, now, best, rule) if self.explain else None
+
+    def eligible_with_room(self, work: Work, now: float) -> list[AgentState]:
+        """Return the agents who may take this message now and have a free slot for it."""
+        self._ensure_type(work.channel_type)
+        free = self._free[work.channel_type]
+        return [s for s in (self.states[i] for i in free) if self._eligible(s, work, now)]
+
+    def _eligible(self, state: AgentState, work: Work, now: float) -> bool:
+        agent = state.agent
+        if work.excluded and state.id in work.excluded:
             return False
-        self.agents[agent_id] = _replace_presence(agent, present)
+        if agent.shifts and not any(s.contains(now) for s in agent.shifts):
+            return False
+        widened = self._widened(work)
+        supervisor_ok = agent.supervisor and WIDEN_SUPERVISORS in widened
+        if agent.classes and work.label not in agent.classes and not supervisor_ok:
+            return False
+        if (
+            agent.languages
+            and work.language not in agent.languages
+            and work.language in self._known_languages
+            and WIDEN_LANGUAGES not in widened
+            and not supervisor_ok
+        ):
+            return False
+        return not (
+            work.department not in agent.queues
+            and WIDEN_DEPARTMENTS not in widened
+            and not supervisor_ok
+        )
+
+    def _widened(self, work: Work) -> tuple[str, ...]:
+        if not work.level:
+            return ()
+        return tuple(step.widen for step in self.policy.overflow[: work.level])
+
+    def _plain_exists(self, work: Work) -> bool:
+        """Tell whether an on-line agent without a scarce skill could ever take this work."""
+        key = (work.label, work.language, work.channel_type, work.department)
+        known = self._plain_cache.get(key)
+        if known is None:
+            known = any(
+                s.online and not s.protected and s.capacity(work.channel_type) > 0
+                for s in self.states.values()
+                if self._eligible_ignoring_room(s, work)
+            )
+            self._plain_cache[key] = known
+        return known
+
+    def _specialised(self, work: Work) -> bool:
+        """Tell whether some on-line agent for this channel type cannot take this class.
+
+        Only then are the agents who can a scarce pool worth reserving slots in; in one
+        pool of generalists a reserved slot would only idle (and lengthen every wait).
+        """
+        key = ("\x00specialised", work.label, work.channel_type, "")
+        known = self._plain_cache.get(key)
+        if known is None:
+            known = any(
+                s.online
+                and s.capacity(work.channel_type) > 0
+                and bool(s.agent.classes)
+                and work.label not in s.agent.classes
+                for s in self.states.values()
+            )
+            self._plain_cache[key] = known
+        return known
+
+    def _eligible_ignoring_room(self, state: AgentState, work: Work) -> bool:
+        agent = state.agent
+        if agent.classes and work.label not in agent.classes:
+            return False
+        if agent.languages and work.language not in agent.languages:
+            return False
+        return work.department in agent.queues
+
+    def _assign(self, work: Work, state: AgentState, now: float) -> None:
+        if work.slot in self.holder:
+            # The conversation moves from an absent holder, and its slot with it.
+            self._free_slot(work.slot)
+        ct = work.channel_type
+        pool = state.pool(ct)
+        state.used[pool] = state.used.get(pool, 0) + 1
+        self._refresh_free(state, ct)
+        state.last_assigned = now
+        if work.label in self.policy.streak_labels:
+            state.streak += 1
+        else:
+            state.streak = 0
+        self._unwait(work)
+        self.holder[work.slot] = state.id
+        # Messages of this conversation already waiting join it (sticky) from now on.
+        self._followups.update(self._by_slot.get(work.slot, ()))
+        self._slot_ct[work.slot] = ct
+        self._note_open(work.slot, work.conversation, state.id)
+        self.decisions += 1
+        if self.policy.accept_timeout > 0:
+            work.state = "offered"
+            expires = now + self.policy.accept_timeout
+            self._offers[work.id] = Offer(work, state.id, expires)
+            self._timer(expires, "accept", work.id)
+        else:
+            work.state = "held"
+
+    # -- after the decision ----------------------------------------------------------
+
+    def accept(self, message_id: str, agent_id: str) -> bool:
+        """Record that the agent took the offered message; False if not offered to them."""
+        offer = self._offers.get(message_id)
+        if offer is None or offer.agent_id != agent_id:
+            return False
+        del self._offers[message_id]
+        offer.work.state = "held"
         return True
 
-    # -- decisions ---------------------------------------------------------------
+    def offer_of(self, message_id: str) -> Offer | None:
+        """Return the outstanding offer of a message, if any."""
+        return self._offers.get(message_id)
 
-    def choose(self, conversation_id: str, queue: str, language: str) -> Choice | None:
-        """Pick an agent for a message and reserve the slot; None means it must wait."""
-        holder_id = self.holder.get(conversation_id)
-        if holder_id is not None:
-            holder = self.agents.get(holder_id)
-            if holder is not None and holder.present:
-                # The conversation already occupies one of the holder's slots.
-                pending = self._pending.get(conversation_id)
-                if pending is not None:
-                    pending.users += 1
-                return Choice(
-                    holder,
-                    "sticky: agent already holds this conversation",
-                    new_slot=False,
-                    tentative=pending is not None,
-                )
-        agent, reason = self._least_loaded(queue, language)
-        if agent is None:
-            return None
-        previous = self.holder.get(conversation_id)
-        self._take(agent.id, conversation_id)
-        self._pending[conversation_id] = _Reservation(agent.id, previous, users=1)
-        return Choice(agent, reason, new_slot=True, previous=previous, tentative=True)
+    def offers(self) -> list[Offer]:
+        """Return every outstanding offer."""
+        return list(self._offers.values())
 
-    def _least_loaded(self, queue: str, language: str) -> tuple[Agent | None, str]:
-        serving = [a for a in self.agents.values() if a.present and queue in a.queues]
-        with_room = [a for a in serving if self.load.get(a.id, 0) < a.capacity]
-        if not with_room:
-            return None, ""
-        skilled = [a for a in with_room if language in a.skills]
-        pool = skilled or with_room
-        best = min(
-            pool,
-            key=lambda a: (
-                self.load.get(a.id, 0) / a.capacity,
-                self.last_assigned.get(a.id, 0),
-                a.id,
-            ),
-        )
-        load = self.load.get(best.id, 0)
-        skill_note = f"speaks {language}" if skilled else "no agent with room speaks " + language
-        return best, f"least loaded in {queue} ({load}/{best.capacity} before), {skill_note}"
+    def _take_back(self, offer: Offer, why: str, now: float, *, exclude: bool = True) -> Returned:
+        work = offer.work
+        self._offers.pop(work.id, None)
+        state = self.states.get(offer.agent_id)
+        if state is not None:
+            if exclude:
+                state.last_timeout = now
+            self._free_slot(work.slot)
+        if exclude and self.remember_timeouts:
+            if work.excluded is None:
+                work.excluded = set()
+            work.excluded.add(offer.agent_id)
+        work.state = "new"
+        self.submit(work)
+        return Returned(work, offer.agent_id, why)
 
-    def _take(self, agent_id: str, conversation_id: str) -> None:
-        previous = self.holder.get(conversation_id)
-        if previous is not None and previous != agent_id:
-            # The holder went away: the conversation moves, and so does its slot.
-            self.load[previous] = max(0, self.load.get(previous, 0) - 1)
-        self.load[agent_id] = self.load.get(agent_id, 0) + 1
-        self.holder[conversation_id] = agent_id
-        self.last_assigned[agent_id] = next(self._tick)
+    def release(self, slot: str) -> str | None:
+        """Free a slot whose work is finished (resolved conversation, completed message)."""
+        for message_id in [m for m, o in self._offers.items() if o.work.slot == slot]:
+            self._offers.pop(message_id).work.state = "done"
+        return self._free_slot(slot)
 
-    def commit(self, conversation_id: str, choice: Choice) -> None:
-        """Confirm a choice whose assignment is committed: its slot is the agent's now."""
-        if choice.tentative:
-            self._pending.pop(conversation_id, None)
+    def _note_open(self, slot: str, conversation: str, agent_id: str) -> None:
+        if self._last_agent.get(conversation) != agent_id:
+            self._last_agent[conversation] = agent_id
+            self._open[conversation] = 0
+        self._open[conversation] = self._open.get(conversation, 0) + 1
+        self._conv_of[slot] = conversation
 
-    def undo(self, conversation_id: str, choice: Choice) -> None:
-        """Drop a choice whose commit failed or was a duplicate.
-
-        The slot is given back only when no other choice resting on the same
-        reservation committed or is still in flight.
-        """
-        if not choice.tentative:
-            return
-        pending = self._pending.get(conversation_id)
-        if pending is None:
-            return  # another message committed on this reservation: the slot is real
-        pending.users -= 1
-        if pending.users > 0:
-            return
-        del self._pending[conversation_id]
-        if self.holder.get(conversation_id) != pending.agent_id:
-            return
-        del self.holder[conversation_id]
-        self.load[pending.agent_id] = max(0, self.load.get(pending.agent_id, 0) - 1)
-        if pending.previous is not None and pending.previous != pending.agent_id:
-            # The conversation had moved away from an absent holder: it is theirs again
-            # (the store still says so), and so is the slot.
-            self.holder[conversation_id] = pending.previous
-            self.load[pending.previous] = self.load.get(pending.previous, 0) + 1
-
-    def move(self, old_conversation_id: str, new_conversation_id: str) -> None:
-        """Re-key a reservation when the store joined the message to another conversation."""
-        self._pending.pop(old_conversation_id, None)
-        if old_conversation_id in self.holder and old_conversation_id != new_conversation_id:
-            agent_id = self.holder.pop(old_conversation_id)
-            if new_conversation_id in self.holder:
-                # The conversation already had a holder: the extra slot is not needed.
-                self.load[agent_id] = max(0, self.load.get(agent_id, 0) - 1)
+    def _free_slot(self, slot: str) -> str | None:
+        self._joined.pop(slot, None)
+        agent_id = self.holder.pop(slot, None)
+        ct = self._slot_ct.pop(slot, None)
+        conversation = self._conv_of.pop(slot, None)
+        if conversation is not None and self._last_agent.get(conversation) == agent_id:
+            left = self._open.get(conversation, 0) - 1
+            if left > 0:
+                self._open[conversation] = left
             else:
-                self.holder[new_conversation_id] = agent_id
-
-    def release(self, conversation_id: str) -> str | None:
-        """Free the slot of a resolved conversation; return its agent."""
-        self._pending.pop(conversation_id, None)
-        agent_id = self.holder.pop(conversation_id, None)
-        if agent_id is not None:
-            self.load[agent_id] = max(0, self.load.get(agent_id, 0) - 1)
+                # Closed: nothing more to stick to (and nothing to remember per conversation).
+                self._open.pop(conversation, None)
+                self._last_agent.pop(conversation, None)
+        if agent_id is None or ct is None:
+            return agent_id
+        state = self.states.get(agent_id)
+        if state is not None:
+            pool = state.pool(ct)
+            state.used[pool] = max(0, state.used.get(pool, 0) - 1)
+            self._refresh_free(state, ct)
         return agent_id
 
-    def drop_conversation(self, conversation_id: str) -> list[str]:
-        """Remove a conversation's waiting messages (it was resolved); return their ids."""
-        dropped: list[str] = []
-        for queue, heap in self._waiting.items():
-            keep = [w for w in heap if w.conversation_id != conversation_id]
-            if len(keep) != len(heap):
-                dropped += [w.message_id for w in heap if w.conversation_id == conversation_id]
-                heapq.heapify(keep)
-                self._waiting[queue] = keep
-        self._waiting_ids.difference_update(dropped)
-        return dropped
-
-    def restore(self, conversation_id: str, agent_id: str) -> None:
-        """Count an open conversation found in the store at startup."""
-        if conversation_id not in self.holder:
-            self.holder[conversation_id] = agent_id
-            self.load[agent_id] = self.load.get(agent_id, 0) + 1
-
-    # -- waiting queues ----------------------------------------------------------
-
-    def enqueue(
-        self,
-        message_id: str,
-        conversation_id: str,
-        queue: str,
-        severity: str,
-        sla_deadline: float,
-        language: str,
-        label: str,
-        ingested_at: float,
-    ) -> None:
-        """Put a message in its queue to wait for a free slot."""
-        if message_id in self._waiting_ids:
+    def hold(self, slot: str, conversation: str, agent_id: str, channel_type: str) -> None:
+        """Count a slot found in the store at startup (an open conversation)."""
+        if slot in self.holder:
             return
-        self._waiting_ids.add(message_id)
-        heapq.heappush(
-            self._waiting.setdefault(queue, []),
-            Waiting(
-                severity,
-                sla_deadline,
-                next(self._seq),
-                message_id,
-                conversation_id,
-                queue,
-                language,
-                label,
-                ingested_at,
-            ),
-        )
+        state = self.states.get(agent_id)
+        if state is None:
+            state = self.states[agent_id] = AgentState(
+                Agent(agent_id, agent_id, 0, "", present=False), online=False
+            )
+        self.holder[slot] = agent_id
+        self._slot_ct[slot] = channel_type
+        self._note_open(slot, conversation, agent_id)
+        pool = state.pool(channel_type)
+        state.used[pool] = state.used.get(pool, 0) + 1
+        self._refresh_free(state, channel_type)
 
-    def next_assignable(self) -> list[tuple[Waiting, Choice]]:
-        """Pop waiting messages that can be placed now and reserve their slots."""
-        placed: list[tuple[Waiting, Choice]] = []
-        for queue, heap in self._waiting.items():
-            blocked: list[Waiting] = []
-            while heap:
-                w = heapq.heappop(heap)
-                choice = self.choose(w.conversation_id, queue, w.language)
-                if choice is None:
-                    blocked.append(w)
-                    # The head could not be placed; others in this queue compete for the
-                    # same agents, except follow-ups of held conversations.
-                    continue
-                self._waiting_ids.discard(w.message_id)
-                placed.append((w, choice))
-            for w in blocked:
-                heapq.heappush(heap, w)
-        return placed
+    def move_slot(self, old: str, new: str) -> None:
+        """Re-key a slot when the store joined the message to another conversation."""
+        if old == new or old not in self.holder:
+            return
+        agent_id = self.holder.pop(old)
+        ct = self._slot_ct.pop(old)
+        if new in self.holder:
+            state = self.states.get(agent_id)
+            if state is not None:
+                pool = state.pool(ct)
+                state.used[pool] = max(0, state.used.get(pool, 0) - 1)
+                self._refresh_free(state, ct)
+        else:
+            self.holder[new] = agent_id
+            self._slot_ct[new] = ct
+        self._conv_of.pop(old, None)
+        self._open.pop(old, None)
+        self._last_agent.pop(old, None)
+        self._note_open(new, new, agent_id)
 
-    def requeue(self, w: Waiting) -> None:
-        """Put back a waiting message whose assignment did not commit."""
-        self._waiting_ids.add(w.message_id)
-        heapq.heappush(self._waiting.setdefault(w.queue, []), w)
+    def withdraw(self, message_id: str) -> Work | None:
+        """Take a message out of the waiting set (its conversation was closed)."""
+        work = self._waiting.get(message_id)
+        if work is not None:
+            self._unwait(work)
+            work.state = "done"
+        return work
+
+    def _unwait(self, work: Work) -> None:
+        if self._waiting.pop(work.id, None) is None:
+            return
+        ids = self._by_slot.get(work.slot)
+        if ids is not None:
+            ids.discard(work.id)
+            if not ids:
+                del self._by_slot[work.slot]
+
+    def undo(self, decision: Decision, *, requeue: bool = True) -> None:
+        """Reverse a decision whose commit failed: free its slot; the work waits again.
+
+        `requeue=False` for a message that is not to wait (a duplicate, or one whose
+        store write failed at intake: its sender retries).
+        """
+        work = decision.work
+        offer = self._offers.pop(work.id, None)
+        ridden = self._joined.get(work.slot, 0) != decision.mark
+        if decision.new_slot and (offer is not None or work.state == "held") and not ridden:
+            self._free_slot(work.slot)
+            if decision.previous is not None:
+                # The store still has the conversation with its old holder: so must we.
+                agent_id, channel_type = decision.previous
+                self.hold(work.slot, work.conversation, agent_id, channel_type)
+        work.state = "new"
+        if requeue:
+            self.submit(work)
+
+    def drop_conversation(self, conversation: str) -> list[str]:
+        """Take a closed conversation's messages out of the waiting set; return their ids."""
+        ids = [m for m, w in self._waiting.items() if w.conversation == conversation]
+        for message_id in ids:
+            self.withdraw(message_id)
+        return ids
+
+    # -- views -----------------------------------------------------------------------
+
+    def waiting(self, department: str | None = None) -> list[Work]:
+        """Return waiting work in the order it will be served."""
+        items = [w for w in self._waiting.values() if department in (None, w.department)]
+        return sorted(items, key=Work.order)
+
+    def waiting_count(self) -> int:
+        """Return how many messages wait."""
+        return len(self._waiting)
 
     def queue_depths(self) -> dict[str, int]:
-        """Return the number of waiting messages per queue."""
-        return {q: len(h) for q, h in self._waiting.items()}
+        """Return the number of waiting messages per department (queue)."""
+        depths: dict[str, int] = {}
+        for w in self._waiting.values():
+            depths[w.department] = depths.get(w.department, 0) + 1
+        return depths
 
-    def waiting(self, queue: str) -> list[Waiting]:
-        """Return a queue's waiting messages in the order they will be served."""
-        return sorted(self._waiting.get(queue, []))
+    def iter_states(self) -> Iterator[AgentState]:
+        """Yield every agent's live state."""
+        return iter(self.states.values())
+
+    def _explain(self, work: Work, now: float, chosen: AgentState, rule: str) -> dict[str, Any]:
+        """Record every agent's verdict for this message (for `omnirouter explain`)."""
+        verdicts = []
+        ct = work.channel_type
+        for state in sorted(self.states.values(), key=lambda s: s.id):
+            verdicts.append({"agent": state.id, "verdict": self._verdict(state, work, now, chosen)})
+        return {
+            "rule": rule,
+            "chosen": chosen.id,
+            "channel_type": ct,
+            "label": work.label,
+            "language": work.language,
+            "department": work.department,
+            "overflow_level": work.level,
+            "candidates": verdicts,
+        }
+
+    def _verdict(self, state: AgentState, work: Work, now: float, chosen: AgentState) -> str:
+        ct = work.channel_type
+        agent = state.agent
+        if state is chosen:
+            return f"chosen ({state.room(ct)} of {state.capacity(ct)} {ct} slots free before)"
+        if not state.online:
+            return "off line"
+        if agent.shifts and not any(s.contains(now) for s in agent.shifts):
+            return "off shift"
+        if state.capacity(ct) <= 0:
+            return f"takes no {ct}"
+        if state.room(ct) <= 0:
+            return f"full: {state.used.get(ct, 0)}/{state.capacity(ct)} {ct}"
+        if work.excluded and state.id in work.excluded:
+            return "let this message time out before"
+        if not self._eligible(state, work, now):
+            if agent.classes and work.label not in agent.classes:
+                return f"not skilled for {work.label}"
+            if agent.languages and work.language not in agent.languages:
+                return f"does not speak {work.language}"
+            return f"not in department {work.department}"
+        limit = self.policy.complaint_streak_limit
+        if limit and work.label in self.policy.streak_labels and state.streak >= limit:
+            return f"rotation: {state.streak} complaints in a row"
+        if now - state.last_timeout < self.policy.unreliable_for:
+            return "let an offer time out lately"
+        if state.protected and work.label not in self.policy.protected_labels:
+            return "kept for scarce work"
+        return (
+            f"eligible, less spare room or assigned more recently "
+            f"({state.room(ct)}/{state.capacity(ct)} {ct} free)"
+        )
 
 
-def _replace_presence(agent: Agent, present: bool) -> Agent:
-    return replace(agent, present=present)
+def _reason(rule: str, state: AgentState, work: Work) -> str:
+    ct = work.channel_type
+    room = f"{state.room(ct)}/{state.capacity(ct)} {ct} slots free"
+    what = {
+        "balance": "most spare capacity, longest since last assignment",
+        "rotation": "rotation: others reached the complaint streak limit",
+        "reliability": "others let offers time out lately",
+        "reserve": "agents with scarce skills kept for their work",
+        "reserve-released": "only specialists free and the message is at risk",
+    }.get(rule, rule)
+    level = f", overflow level {work.level}" if work.level else ""
+    return f"{what} ({room}{level})"

@@ -21,8 +21,11 @@ from router.config import (
     DaemonConfig,
     OpsConfig,
     OutboxConfig,
+    OverflowStepConfig,
     RoutingConfig,
+    SchedulingConfig,
     SeverityRule,
+    ShiftConfig,
     SlaConfig,
     StoreConfig,
     load_config,
@@ -128,14 +131,19 @@ def test_example_has_no_placeholders_and_documents_every_option() -> None:
         RoutingConfig,
         OutboxConfig,
         AgentConfig,
+        ShiftConfig,
+        SchedulingConfig,
+        OverflowStepConfig,
     ]
     for registry in (CHANNELS, ADAPTERS):
         models.extend(load_driver(registry, name).config_model for name in registry)
     assert "\n[classifier.crisis]\n" in text
     assert "\n[[classifier.severity_rules]]\n" in text
+    assert "\n[[scheduling.overflow]]\n" in text
+    assert "\n[[agents.shifts]]\n" in text
     for model in models:
         for field in model.model_fields:
-            if field in ("crisis", "severity_rules"):
+            if field in ("crisis", "severity_rules", "overflow", "shifts"):
                 continue  # tables of their own, checked through their models
             # Written as a setting or, for optional ones, as a commented-out example.
             assert re.search(rf"^#? ?{field} = ", text, re.MULTILINE), (

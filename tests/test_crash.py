@@ -858,21 +858,22 @@ async def test_stale_resolve_does_not_close_a_waiting_conversation(tmp_path: Pat
 
 
 def test_undo_gives_a_moved_conversation_back_to_its_holder() -> None:
-    """A reservation taken from an absent holder and then undone restores that holder."""
+    """A slot taken over from an absent holder and then undone restores that holder."""
     from router.model import Agent
-    from router.schedule import Scheduler
+    from router.schedule import Scheduler, Work
 
     agents = [
         Agent(id=a, name=a, capacity=2, tool="inbox", queues=frozenset({"default"}))
         for a in ("alice", "bo")
     ]
     scheduler = Scheduler(agents)
-    scheduler.restore("c1", "alice")
+    scheduler.hold("c1", "c1", "alice", "web")
     scheduler.set_presence("alice", False)
-    choice = scheduler.choose("c1", "default", "en")
+    work = Work("m1", "c1", "c1", "inquiry", "P3", "web", "en", "default", 0.0, 300.0)
+    choice = scheduler.place(work, 0.0)
     assert choice is not None and choice.agent.id == "bo"
     assert scheduler.load == {"alice": 0, "bo": 1}
-    scheduler.undo("c1", choice)  # e.g. the message was a duplicate
+    scheduler.undo(choice, requeue=False)  # e.g. the message was a duplicate
     assert scheduler.holder == {"c1": "alice"}
     assert scheduler.load == {"alice": 1, "bo": 0}
 

@@ -1,0 +1,1 @@
+"""Scheduling simulation: traces, the simulator, invariant checks."""
