@@ -210,3 +210,10 @@ class Assignment:
     reason: str
     sla_deadline: datetime
     assigned_at: datetime = field(default_factory=utcnow)
+    # The store refuses the assignment (atomically, in the same transaction) when the
+    # agent already holds `capacity` open conversations of this channel type, or of any
+    # type when `pool` is "*"; 0 skips the check. Two workers cannot overfill an agent.
+    channel_type: str = ""
+    capacity: int = 0
+    pool: str = "*"
+    explain: dict[str, Any] | None = None  # the scheduler's record of why this agent

@@ -368,6 +368,7 @@ class Pipeline:
                 reason=choice.reason,
                 sla_deadline=datetime.fromtimestamp(deadline, UTC),
                 assigned_at=datetime.fromtimestamp(now, UTC),
+                **self._guard(choice),
             )
             outbox = self._outbox_item(choice.agent, assignment, msg, cls, proposed, now)
         # A new conversation on a channel that can answer gets a written acknowledgement
@@ -394,6 +395,13 @@ class Pipeline:
             if choice is not None:
                 self.scheduler.undo(choice, requeue=False)
             raise
+        if choice is not None and not result.assigned and not result.duplicate:
+            # Another worker filled the agent meanwhile: the message waits instead, and
+            # this scheduler learns what the others hold.
+            self.scheduler.undo(choice, requeue=False)
+            choice = None
+            outbox = None
+            await self.sync_loads()
         if result.duplicate:
             if choice is not None:
                 self.scheduler.undo(choice, requeue=False)
@@ -625,6 +633,10 @@ class Pipeline:
             created_at=now,
         )
 
+    async def sync_loads(self) -> None:
+        """Count against each agent what other workers on this store hold."""
+        self.scheduler.sync_external(await self.store.open_loads())
+
     async def tick(self) -> None:
         """Move time-driven detectors on (called about once a second by the daemon)."""
         if self.crisis is not None:
@@ -722,6 +734,19 @@ class Pipeline:
                 self._update_gauges()
             return placed
 
+    def _guard(self, choice: Decision) -> dict[str, Any]:
+        """Return the capacity the store re-checks for this decision, and its explain record."""
+        ct = choice.work.channel_type
+        state = self.scheduler.states.get(choice.agent.id)
+        if state is None or not choice.new_slot:
+            return {"channel_type": ct, "explain": choice.explain}
+        return {
+            "channel_type": ct,
+            "capacity": state.capacity(ct),
+            "pool": state.pool(ct),
+            "explain": choice.explain,
+        }
+
     async def _assign_waiting(self, choice: Decision) -> bool | None:
         """Commit one dequeued assignment: True if placed, False if dropped, None if requeued."""
         w = choice.work
@@ -741,6 +766,7 @@ class Pipeline:
             reason=f"dequeued: {choice.reason}",
             sla_deadline=datetime.fromtimestamp(w.deadline, UTC),
             assigned_at=datetime.fromtimestamp(now, UTC),
+            **self._guard(choice),
         )
         if stored is None:
             self.scheduler.undo(choice, requeue=False)
@@ -754,8 +780,15 @@ class Pipeline:
             self.scheduler.undo(choice)
             log.warning("pipeline.assign_failed", message_id=w.id, error=str(exc))
             return None
-        if not ok:  # assigned elsewhere meanwhile
+        if not ok:
+            # Assigned elsewhere meanwhile, or the agent's last slot was taken by another
+            # worker: the store says which by the message's state.
             self.scheduler.undo(choice, requeue=False)
+            again = await self.store.message(w.id)
+            if again is not None and again.get("state") == "queued":
+                await self.sync_loads()
+                self.scheduler.submit(w)
+                return None
             return False
         self.metrics.assigned.labels(queue=w.department, how="dequeued").inc()
         self.dispatcher.submit(outbox)

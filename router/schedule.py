@@ -116,6 +116,8 @@ class AgentState:
     streak: int = 0  # complaints received in a row
     last_timeout: float = -math.inf
     protected: bool = False  # skilled in a protected class
+    # Slots per pool that other workers hold (seen in the store, not decided here).
+    external: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -138,7 +140,8 @@ class AgentState:
 
     def room(self, channel_type: str) -> int:
         """Return the agent's free slots for this channel type."""
-        return self.capacity(channel_type) - self.used.get(self.pool(channel_type), 0)
+        pool = self.pool(channel_type)
+        return self.capacity(channel_type) - self.used.get(pool, 0) - self.external.get(pool, 0)
 
     @property
     def load(self) -> int:
@@ -276,19 +279,15 @@ class Scheduler:
 
     def _reindex(self) -> None:
         self._plain_cache.clear()
-        self._free = {}
+        types = set(self._free) | set(self._buckets_by_ct)
         for state in self.states.values():
-            if state.online:
-                for ct in self._channel_types(state):
-                    if state.room(ct) > 0:
-                        self._free.setdefault(ct, set()).add(state.id)
-
-    def _channel_types(self, state: AgentState) -> Iterable[str]:
-        caps = state.agent.capacities
-        if caps:
-            return caps.keys()
-        # No per-type table: one capacity for every channel type seen so far.
-        return set(self._buckets_by_ct) | set(state.used) | {"*"}
+            types.update(state.agent.capacities)
+        self._free = {ct: set() for ct in types}
+        for ct in types:
+            free = self._free[ct]
+            for state in self.states.values():
+                if state.online and state.room(ct) > 0:
+                    free.add(state.id)
 
     def _refresh_free(self, state: AgentState, channel_type: str) -> None:
         types = [channel_type] if state.agent.capacities else list({channel_type, *self._free})
@@ -744,6 +743,28 @@ class Scheduler:
             state.used[pool] = max(0, state.used.get(pool, 0) - 1)
             self._refresh_free(state, ct)
         return agent_id
+
+    def sync_external(self, held: dict[tuple[str, str], int]) -> None:
+        """Take the store's count of open conversations per (agent, channel type).
+
+        What the store counts beyond the slots this scheduler holds belongs to another
+        worker: it counts against the agent's room here too.
+        """
+        pools: dict[tuple[str, str], int] = {}
+        for (agent_id, channel_type), n in held.items():
+            state = self.states.get(agent_id)
+            if state is not None:
+                key = (agent_id, state.pool(channel_type))
+                pools[key] = pools.get(key, 0) + n
+        for state in self.states.values():
+            external: dict[str, int] = {}
+            for (agent_id, pool), n in pools.items():
+                if agent_id == state.id and n > state.used.get(pool, 0):
+                    external[pool] = n - state.used.get(pool, 0)
+            if external != state.external:
+                state.external = external
+                for ct in list(self._free):
+                    self._refresh_free(state, ct)
 
     def hold(self, slot: str, conversation: str, agent_id: str, channel_type: str) -> None:
         """Count a slot found in the store at startup (an open conversation)."""

@@ -73,6 +73,9 @@ class IngestResult:
     state: str
     payload_conflict: bool = False  # same (channel, external_id), different content
     reopened: bool = False  # joined a resolved conversation, which is open again
+    # False when the assignment that came with the message was refused (the agent had
+    # no room any more: another worker filled it); the message was stored queued.
+    assigned: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,9 @@ class Store(Protocol):
         None when the conversation is not open (unknown or already resolved); "" when it
         was open but nobody held it.
         """
+
+    async def open_loads(self) -> dict[tuple[str, str], int]:
+        """Count open conversations per (agent, channel type), whoever assigned them."""
 
     async def accept(self, conversation_id: str, agent_id: str, at: float) -> bool:
         """Record that the agent took up the conversation's open assignments."""

@@ -208,6 +208,31 @@ def _v002(c: sqlite3.Connection) -> None:
     )
 
 
+@register(3, "scheduling: channel type per conversation, explain records, offer history")
+def _v003(c: sqlite3.Connection) -> None:
+    run_script(
+        c,
+        """
+        ALTER TABLE conversations ADD COLUMN channel_type TEXT NOT NULL DEFAULT '';
+        UPDATE conversations SET channel_type = COALESCE(
+            (SELECT m.channel_type FROM messages m WHERE m.conversation_id = conversations.id
+             ORDER BY m.ingested_at LIMIT 1), '');
+        CREATE INDEX conversations_agent ON conversations(agent_id, state);
+        ALTER TABLE assignments ADD COLUMN explain TEXT NOT NULL DEFAULT '';  -- JSON
+        CREATE TABLE assignment_history (
+            -- offers taken back: not accepted in time, or the agent went off line
+            id INTEGER PRIMARY KEY,
+            message_id TEXT NOT NULL REFERENCES messages(id),
+            agent_id TEXT NOT NULL,
+            assigned_at REAL NOT NULL,
+            ended_at REAL NOT NULL,
+            outcome TEXT NOT NULL            -- timeout | returned
+        );
+        CREATE INDEX assignment_history_message ON assignment_history(message_id);
+        """,
+    )
+
+
 def latest_version(migrations: Sequence[tuple[int, str, Migration]] | None = None) -> int:
     """Return the schema version the given (default: registered) migrations reach."""
     return len(MIGRATIONS if migrations is None else migrations)

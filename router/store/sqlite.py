@@ -334,6 +334,18 @@ class SqliteStore:
 
         return await self._run(unit)
 
+    async def open_loads(self) -> dict[tuple[str, str], int]:
+        """Count open conversations per (agent, channel type), whoever assigned them."""
+
+        def unit(c: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            rows = c.execute(
+                "SELECT agent_id, channel_type, COUNT(*) FROM conversations "
+                "WHERE state='open' AND agent_id IS NOT NULL GROUP BY agent_id, channel_type"
+            ).fetchall()
+            return {(r[0], r[1]): int(r[2]) for r in rows}
+
+        return await self._run(unit)
+
     async def accept(self, conversation_id: str, agent_id: str, at: float) -> bool:
         """Stamp accepted_at on the agent's open assignments in the conversation."""
 
@@ -710,8 +722,8 @@ def _insert_outbox(c: sqlite3.Connection, o: OutboxItem) -> None:
 def _insert_assignment(c: sqlite3.Connection, a: Assignment) -> None:
     c.execute(
         "INSERT INTO assignments(message_id, conversation_id, agent_id, queue, reason, "
-        "sla_deadline, assigned_at) "
-        "VALUES (?,?,?,?,?,?,?)",
+        "sla_deadline, assigned_at, explain) "
+        "VALUES (?,?,?,?,?,?,?,?)",
         (
             a.message_id,
             a.conversation_id,
@@ -720,8 +732,36 @@ def _insert_assignment(c: sqlite3.Connection, a: Assignment) -> None:
             a.reason,
             a.sla_deadline.timestamp(),
             a.assigned_at.timestamp(),
+            _dumps(a.explain) if a.explain else "",
         ),
     )
+
+
+def _has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool:
+    """Tell whether the agent may take one more conversation (checked in the transaction).
+
+    The scheduler in memory already checked; this is the check that holds when two
+    workers (or two daemons on one database) decide at the same time.
+    """
+    if a.capacity <= 0:
+        return True
+    row = c.execute(
+        "SELECT agent_id FROM conversations WHERE id=? AND state='open'", (conversation_id,)
+    ).fetchone()
+    if row is not None and row[0] == a.agent_id:
+        return True  # a follow-up joins the slot the conversation already holds
+    if a.pool == "*":
+        held = c.execute(
+            "SELECT COUNT(*) FROM conversations WHERE agent_id=? AND state='open' AND id!=?",
+            (a.agent_id, conversation_id),
+        ).fetchone()[0]
+    else:
+        held = c.execute(
+            "SELECT COUNT(*) FROM conversations WHERE agent_id=? AND state='open' AND id!=? "
+            "AND channel_type=?",
+            (a.agent_id, conversation_id, a.pool),
+        ).fetchone()[0]
+    return int(held) < a.capacity
 
 
 def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
@@ -744,18 +784,22 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         (contact_key, m.channel_type, m.contact_handle, m.contact_name, new.ingested_at),
     )
     cls = new.classification
-    agent_id = new.assignment.agent_id if new.assignment else None
     conversation_id = new.conversation_id
     reopened = False
     row = c.execute(
         "SELECT id, state, agent_id FROM conversations WHERE channel=? AND thread_key=?",
         (m.channel, new.thread_key),
     ).fetchone()
+    refused = new.assignment is not None and not _has_room(
+        c, new.assignment, row[0] if row is not None else conversation_id
+    )
+    assignment = None if refused else new.assignment
+    agent_id = assignment.agent_id if assignment else None
     if row is None:
         c.execute(
             "INSERT INTO conversations(id, channel, thread_key, contact_key, state, agent_id, "
             "label, severity, "
-            "opened_at, updated_at, respond_by) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "opened_at, updated_at, respond_by, channel_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 conversation_id,
                 m.channel,
@@ -768,6 +812,7 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
                 new.ingested_at,
                 new.ingested_at,
                 new.sla_deadline,
+                m.channel_type,
             ),
         )
     else:
@@ -796,7 +841,7 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
                 "severity=MIN(severity, ?) WHERE id=?",
                 (new.ingested_at, agent_id, cls.severity, conversation_id),
             )
-    state = MessageState.ASSIGNED if new.assignment else MessageState.QUEUED
+    state = MessageState.ASSIGNED if assignment else MessageState.QUEUED
     c.execute(
         "INSERT INTO messages(id, channel, channel_type, external_id, payload_sha256, "
         "conversation_id, contact_key, "
@@ -838,14 +883,13 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             "VALUES (?,?,?,?,?,?)",
             (new.message_id, att.name, att.mime_type, att.size, att.sha256, att.storage_ref),
         )
-    if new.assignment is not None:
-        assignment = new.assignment
+    if assignment is not None:
         if conversation_id != assignment.conversation_id:
             assignment.conversation_id = conversation_id
         _insert_assignment(c, assignment)
     for outbox in (new.outbox, *new.extra_outbox):
-        if outbox is None:
-            continue
+        if outbox is None or (refused and outbox is new.outbox):
+            continue  # no delivery for an assignment the store refused
         if conversation_id != new.conversation_id:
             # The payload names the conversation the message really joined.
             payload = dict(
@@ -854,7 +898,12 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             outbox = OutboxItem(**{**_outbox_fields(outbox), "payload": payload})
         _insert_outbox(c, outbox)
     return IngestResult(
-        new.message_id, conversation_id, duplicate=False, state=str(state), reopened=reopened
+        new.message_id,
+        conversation_id,
+        duplicate=False,
+        state=str(state),
+        reopened=reopened,
+        assigned=not refused,
     )
 
 
@@ -868,9 +917,11 @@ def _assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
     ).fetchone()
     if row is None:
         return False
-    c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
     # The message's own conversation, whatever the caller believed it to be.
     conversation_id = row[0]
+    if not _has_room(c, a, conversation_id):
+        return False
+    c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
     c.execute(
         "UPDATE conversations SET agent_id=?, updated_at=? WHERE id=?",
         (a.agent_id, a.assigned_at.timestamp(), conversation_id),
