@@ -255,8 +255,53 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if stored is None:
         print(f"no message {args.message_id}", file=sys.stderr)
         return EXIT_FAILURE
-    print(json.dumps(stored, indent=2, ensure_ascii=False, default=str))
+    if args.json:
+        print(json.dumps(stored, indent=2, ensure_ascii=False, default=str))
+    else:
+        print(render_explain(stored))
     return EXIT_OK
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def render_explain(stored: dict[str, Any]) -> str:
+    """Return why a message was labelled and routed as it was, for a human."""
+    cls = stored["classification"]
+    signals = ", ".join(s.get("kind", "?") for s in cls["signals"]) or "none"
+    lines = [
+        f"message {stored['id']} on {stored['channel']} ({stored['channel_type']}, "
+        f"{cls['language']}), ticket T-{stored['conversation_id']}, state {stored['state']}",
+        f"  classified {cls['label']} ({cls['confidence']:.2f}), severity {cls['severity']}, "
+        f"signals: {signals}",
+        f"  queue {stored['queue']}, respond by {_when(stored['sla_deadline'])}",
+    ]
+    for offer in stored.get("offer_history", []):
+        lines.append(
+            f"  offered to {offer['agent_id']} at {_when(offer['assigned_at'])}: "
+            f"{offer['outcome']} at {_when(offer['ended_at'])}"
+        )
+    a = stored.get("assignment")
+    if not a:
+        lines.append("  not assigned: waiting for an agent with room")
+        return "\n".join(lines)
+    accepted = f", accepted {_when(a['accepted_at'])}" if a.get("accepted_at") else ""
+    lines.append(f"  assigned to {a['agent_id']} at {_when(a['assigned_at'])}{accepted}")
+    lines.append(f"  why: {a['reason']}")
+    explain = a.get("explain")
+    if explain:
+        lines.append(
+            f"  rule {explain['rule']}; {len(explain['candidates'])} agents considered "
+            f"for {explain['label']} / {explain['language']} / {explain['channel_type']} "
+            f"in {explain['department']}:"
+        )
+        width = max(len(c["agent"]) for c in explain["candidates"])
+        for c in explain["candidates"]:
+            lines.append(f"    {c['agent'].ljust(width)}  {c['verdict']}")
+    return "\n".join(lines)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -409,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = with_config(sub.add_parser("explain", help="show a message's classification and routing"))
     e.add_argument("message_id")
+    e.add_argument("--json", action="store_true", help="print the stored record as JSON")
     e.set_defaults(fn=cmd_explain)
 
     k = with_config(

@@ -292,6 +292,12 @@ class OverflowStepConfig(_Frozen):
 class SchedulingConfig(_Frozen):
     """How the load-aware scheduler decides (see router/schedule.py)."""
 
+    # An assignment the agent has not accepted (accept action, or a reply) within this
+    # many seconds goes back to the queue and to someone else; 0 turns it off.
+    accept_timeout: float = Field(default=120.0, ge=0, le=86400)
+    # Adapter that receives SLA-breach events (a message still waiting at its deadline).
+    breach_target: str | None = Field(default=None, pattern=NAME_RE)
+    breach_address: str = "sla"
     complaint_streak_limit: int = Field(default=3, ge=0, le=1000)  # 0: no rotation
     # Slots kept free among complaint specialists for P0/P1 work ...
     urgent_reserve: int = Field(default=1, ge=0, le=100)
@@ -695,13 +701,16 @@ def _check_cross(loader: _Loader, config: Config, channels: list[Any], adapters:
             loader.add(
                 path, f"no agent serves queue {queue!r}; served: {', '.join(sorted(served))}"
             )
-    target = config.classifier.crisis.target
     configured = sorted({a.name for a in adapters})
-    if target is not None and target not in configured:
-        loader.add(
-            "classifier.crisis.target",
-            f"no adapter named {target!r}; configured: {', '.join(configured) or 'none'}",
-        )
+    for path, target in (
+        ("classifier.crisis.target", config.classifier.crisis.target),
+        ("scheduling.breach_target", config.scheduling.breach_target),
+    ):
+        if target is not None and target not in configured:
+            loader.add(
+                path, f"no adapter named {target!r}; configured: {', '.join(configured) or 'none'}"
+            )
+
     for key in ("escalation_queue", "triage_queue"):
         special = getattr(config.routing, key)
         if special is not None and config.agents and special not in served:

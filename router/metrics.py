@@ -66,6 +66,18 @@ class Metrics:
             ["queue", "how"],
             registry=r,
         )
+        self.taken_back = Counter(
+            "omnirouter_offers_taken_back_total",
+            "Assignments taken back from an agent: not accepted in time, or agent off line.",
+            ["why"],
+            registry=r,
+        )
+        self.sla_breaches = Counter(
+            "omnirouter_sla_breaches_total",
+            "Messages still waiting for an agent at their SLA deadline, by queue and label.",
+            ["queue", "label"],
+            registry=r,
+        )
         self.severity = Counter(
             "omnirouter_messages_severity_total",
             "Messages by severity P0-P3.",

@@ -197,6 +197,9 @@ class Agent:
     languages: frozenset[str] = frozenset()  # languages the agent takes; empty: all
     supervisor: bool = False  # takes overflow work whatever its skills
     shifts: tuple[Shift, ...] = ()  # empty: always in shift
+    # Whether the agent's tool sends accept actions; if not, work is held at once and
+    # no accept timeout applies (a file inbox cannot say "I took it").
+    accepts: bool = True
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ from router.drivers import AgentAction, Receipt, TicketStatus
 from router.metrics import Metrics
 from router.model import LABELS, Agent, Assignment, Classification, InboundMessage, Signal, new_ulid
 from router.outbox import Dispatcher
-from router.schedule import Decision, OverflowStep, Policy, Scheduler, Work
+from router.schedule import Decision, OverflowStep, Policy, Returned, Scheduler, Work
 from router.store import NewMessage, OutboxItem, Store
 
 log = structlog.get_logger("router.pipeline")
@@ -43,8 +43,13 @@ TICKET_PREFIX = "T-"
 CHANNEL_TARGET_PREFIX = "channel:"
 
 
+# Agent tools that cannot send actions back (so cannot accept an offer).
+NO_ACTIONS = frozenset({"inbox"})
+
+
 def agents_from_config(config: Config) -> list[Agent]:
     """Return the roster as scheduler agents."""
+    tool_types = {a.name: a.type for a in config.adapters}
     return [
         Agent(
             id=a.id,
@@ -59,6 +64,7 @@ def agents_from_config(config: Config) -> list[Agent]:
             languages=frozenset(k for k in a.skills if k not in LABELS),
             supervisor=a.supervisor,
             shifts=tuple(sh.to_shift() for sh in a.shifts),
+            accepts=tool_types.get(a.tool, "") not in NO_ACTIONS,
         )
         for a in config.agents
     ]
@@ -68,7 +74,7 @@ def policy_from_config(config: Config) -> Policy:
     """Return the scheduler's knobs from `[scheduling]`."""
     sc = config.scheduling
     return Policy(
-        accept_timeout=0.0,  # offers count as accepted on delivery (see README: gaps)
+        accept_timeout=sc.accept_timeout,
         complaint_streak_limit=sc.complaint_streak_limit,
         reserve_slack=sc.reserve_slack,
         urgent_reserve=sc.urgent_reserve,
@@ -126,8 +132,6 @@ class Pipeline:
         self.scheduler = Scheduler(
             agents_from_config(config), policy_from_config(config), explain=True
         )
-        # Channel name -> its type, for slots found in the store at restart.
-        self._channel_types = {c.name: c.type for c in config.channels}
         self._secret = b""
         self._token_mac: hmac.HMAC | None = None  # keyed with _token_key
         self._token_key = b""
@@ -182,22 +186,27 @@ class Pipeline:
             self._thread_of[conv.conversation_id] = key
             if conv.agent_id:
                 self.scheduler.hold(
-                    conv.conversation_id,
-                    conv.conversation_id,
-                    conv.agent_id,
-                    self._channel_types.get(conv.channel, "*"),
+                    conv.conversation_id, conv.conversation_id, conv.agent_id, conv.channel_type
                 )
+        timeout = self.scheduler.policy.accept_timeout
+        if timeout > 0:
+            # Offers not accepted before the stop: their clocks run from when they were made.
+            for message_id, _conv, agent_id, assigned_at in await self.store.pending_offers():
+                stored = await self.store.message(message_id)
+                if stored is not None and agent_id in self.scheduler.states:
+                    work = self._work_from_stored(stored)
+                    self.scheduler.restore_offer(work, agent_id, assigned_at + timeout)
+        excluded = await self.store.timed_out_agents()
         for q in snap.queued:
             self.scheduler.submit(
                 Work(
+                    excluded=excluded.get(q.message_id),
                     id=q.message_id,
                     slot=q.conversation_id,
                     conversation=q.conversation_id,
                     label=q.label,
                     severity=q.severity,
-                    channel_type=self._channel_types.get(
-                        self._thread_of.get(q.conversation_id, ("", ""))[0], "*"
-                    ),
+                    channel_type=q.channel_type,
                     language=q.language,
                     department=q.queue,
                     arrival=q.ingested_at,
@@ -227,7 +236,6 @@ class Pipeline:
             self.crisis = self._make_crisis(config)
         agents = agents_from_config(config)
         presence = await self.store.sync_agents(agents)
-        self._channel_types = {c.name: c.type for c in config.channels}
         self.scheduler.policy = policy_from_config(config)
         self.scheduler.set_roster(
             [replace(a, present=presence.get(a.id, a.present)) for a in agents]
@@ -638,9 +646,19 @@ class Pipeline:
         self.scheduler.sync_external(await self.store.open_loads())
 
     async def tick(self) -> None:
-        """Move time-driven detectors on (called about once a second by the daemon)."""
+        """Move time on (called about once a second by the daemon): accept timeouts, SLA
+        breaches and overflow, crisis detectors."""
+        now = self.clock()
+        async with self._drain_lock:
+            returned, breached = self.scheduler.tick(now)
+            for back in returned:
+                await self._take_back(back, now)
+        for work in breached:
+            await self._breach(work, now)
+        if returned or breached:
+            await self.drain_queues()
+            self._update_gauges()
         if self.crisis is not None:
-            now = self.clock()
             await self._emit_crisis(self.crisis.tick(now), now)
 
     async def _notify_on_duty(
@@ -687,10 +705,15 @@ class Pipeline:
         await self._send_now(items)
 
     def _alert_item(
-        self, target: str, alert: dict[str, Any], message_id: str, now: float
+        self,
+        target: str,
+        alert: dict[str, Any],
+        message_id: str,
+        now: float,
+        address: str | None = None,
     ) -> OutboxItem:
-        """An alert for the on-duty manager, sent through the crisis target adapter."""
-        address = self.config.classifier.crisis.address or "crisis"
+        """An alert for the on-duty manager, sent through the target adapter."""
+        address = address or self.config.classifier.crisis.address or "crisis"
         return OutboxItem(
             id=new_ulid(),
             target=target,
@@ -841,12 +864,8 @@ class Pipeline:
                 return "rejected"
             return "ok"
         if action.action == "accept":
-            return (
-                "ok"
-                if conversation_id
-                and await self.store.accept(conversation_id, action.agent_id, now)
-                else "rejected"
-            )
+            return "ok" if await self._accept(conversation_id, action.agent_id, now) else "rejected"
+
         if action.action == "resolve":
             key = self._thread_of.get(conversation_id) if conversation_id else None
             if key is None:
@@ -925,7 +944,82 @@ class Pipeline:
             created_at=now,
         )
         await self._send_now([item])
+        # Answering is taking the conversation up: no accept timeout after that.
+        await self._accept(conversation_id, action.agent_id, now)
         return "ok"
+
+    async def _accept(self, conversation_id: str, agent_id: str, now: float) -> bool:
+        """Record that the agent took the conversation up; False if it holds none."""
+        if not conversation_id or not await self.store.accept(conversation_id, agent_id, now):
+            return False
+        self.scheduler.accept_slot(conversation_id, agent_id)
+        return True
+
+    async def _take_back(self, back: Returned, now: float) -> None:
+        """Return an offer the agent let time out (or left by going off line) to the queue."""
+        work = back.work
+        ids = await self.store.withdraw_offer(work.id, back.agent_id, now, back.why)
+        if not ids:
+            # Accepted or resolved in the store meanwhile: it stays with the agent.
+            self.scheduler.withdraw(work.id)
+            if work.conversation in self._thread_of:
+                self.scheduler.hold(work.slot, work.conversation, back.agent_id, work.channel_type)
+            return
+        self.metrics.child(self.metrics.taken_back, back.why).inc()
+        log.warning(
+            f"assignment.{back.why}",
+            message_id=work.id,
+            ticket=TICKET_PREFIX + work.conversation,
+            agent=back.agent_id,
+            queue=work.department,
+        )
+        for message_id in ids:
+            if message_id == work.id:
+                continue  # the scheduler put this one back itself
+            stored = await self.store.message(message_id)
+            if stored is not None:
+                follow = self._work_from_stored(stored)
+                if back.why == "timeout":
+                    follow.excluded = {back.agent_id}
+                self.scheduler.submit(follow)
+
+    def _work_from_stored(self, stored: dict[str, Any]) -> Work:
+        """Return the scheduler's view of a stored message."""
+        return Work(
+            id=stored["id"],
+            slot=stored["conversation_id"],
+            conversation=stored["conversation_id"],
+            label=stored["label"],
+            severity=stored["severity"],
+            channel_type=stored["channel_type"],
+            language=stored["language"],
+            department=stored["queue"],
+            arrival=float(stored["ingested_at"]),
+            deadline=float(stored["sla_deadline"]),
+        )
+
+    async def _breach(self, work: Work, now: float) -> None:
+        """Report a message still waiting for an agent at its SLA deadline."""
+        self.metrics.child(self.metrics.sla_breaches, work.department, work.label).inc()
+        event = {
+            "kind": "sla_breach",
+            "message_id": work.id,
+            "ticket": TICKET_PREFIX + work.conversation,
+            "queue": work.department,
+            "label": work.label,
+            "severity": work.severity,
+            "language": work.language,
+            "channel_type": work.channel_type,
+            "waited_s": round(now - work.arrival, 3),
+            "deadline": datetime.fromtimestamp(work.deadline, UTC).isoformat(),
+            "overflow_level": work.level,
+        }
+        log.warning("sla.breach", **{k: v for k, v in event.items() if k != "kind"})
+        sc = self.config.scheduling
+        if sc.breach_target is not None:
+            await self._send_now(
+                [self._alert_item(sc.breach_target, event, work.id, now, sc.breach_address)]
+            )
 
     async def set_presence(self, agent_id: str, present: bool) -> bool:
         """Mark an agent present or away (ops API and agent actions); False if unknown."""
@@ -933,11 +1027,11 @@ class Pipeline:
             agent_id, present
         ):
             return False
-        for back in self.scheduler.set_presence(agent_id, present, self.clock()):
-            log.info("assignment.returned", message_id=back.work.id, agent=back.agent_id)
+        now = self.clock()
+        for back in self.scheduler.set_presence(agent_id, present, now):
+            await self._take_back(back, now)
         self._update_gauges()
-        if present:
-            await self.drain_queues()
+        await self.drain_queues()
         return True
 
     # -- views -------------------------------------------------------------------

@@ -292,7 +292,8 @@ class Scheduler:
     def _refresh_free(self, state: AgentState, channel_type: str) -> None:
         types = [channel_type] if state.agent.capacities else list({channel_type, *self._free})
         for ct in types:
-            free = self._free.setdefault(ct, set())
+            self._ensure_type(ct)
+            free = self._free[ct]
             if state.online and state.room(ct) > 0:
                 free.add(state.id)
             else:
@@ -314,6 +315,10 @@ class Scheduler:
             self._followups.add(work.id)
         if not work.breached:
             self._timer(work.deadline, "deadline", work.id)
+        elif work.level < len(self.policy.overflow):
+            # Back from an offer after its deadline: widening goes on where it stopped.
+            step = self.policy.overflow[work.level]
+            self._timer(work.deadline + step.after, "overflow", work.id)
         self._push(work)
 
     def _push(self, work: Work) -> None:
@@ -666,7 +671,7 @@ class Scheduler:
         self._slot_ct[work.slot] = ct
         self._note_open(work.slot, work.conversation, state.id)
         self.decisions += 1
-        if self.policy.accept_timeout > 0:
+        if self.policy.accept_timeout > 0 and state.agent.accepts:
             work.state = "offered"
             expires = now + self.policy.accept_timeout
             self._offers[work.id] = Offer(work, state.id, expires)
@@ -684,6 +689,24 @@ class Scheduler:
         del self._offers[message_id]
         offer.work.state = "held"
         return True
+
+    def accept_slot(self, slot: str, agent_id: str) -> list[str]:
+        """Accept every offer to the agent that rests on this slot; return their ids."""
+        ids = [m for m, o in self._offers.items() if o.work.slot == slot and o.agent_id == agent_id]
+        for message_id in ids:
+            self.accept(message_id, agent_id)
+        return ids
+
+    def restore_offer(self, work: Work, agent_id: str, expires: float) -> None:
+        """Track an offer found in the store at startup (its slot was hold()-ed)."""
+        state = self.states.get(agent_id)
+        if self.policy.accept_timeout <= 0 or work.id in self._offers:
+            return
+        if state is None or not state.agent.accepts:
+            return
+        work.state = "offered"
+        self._offers[work.id] = Offer(work, agent_id, expires)
+        self._timer(expires, "accept", work.id)
 
     def offer_of(self, message_id: str) -> Offer | None:
         """Return the outstanding offer of a message, if any."""
@@ -896,7 +919,7 @@ class Scheduler:
         if state.capacity(ct) <= 0:
             return f"takes no {ct}"
         if state.room(ct) <= 0:
-            return f"full: {state.used.get(ct, 0)}/{state.capacity(ct)} {ct}"
+            return f"full: {state.used.get(state.pool(ct), 0)}/{state.capacity(ct)} {ct}"
         if work.excluded and state.id in work.excluded:
             return "let this message time out before"
         if not self._eligible(state, work, now):

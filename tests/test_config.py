@@ -734,3 +734,62 @@ def test_config_error_accepts_plain_messages() -> None:
     exc = ConfigError("x.toml", ["something is wrong"])
     assert exc.errors == ["x.toml: something is wrong"]
     assert exc.issues[0].path == "" and exc.issues[0].line is None
+
+
+def test_scheduling_and_agent_errors_name_their_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        '[[adapters]]\ntype = "inbox"\nname = "desk"\n\n'
+        '[scheduling]\nbreach_target = "pager"\n\n'
+        '[[agents]]\nid = "a1"\ntool = "desk"\ncapacity = { chat = 0 }\n\n'
+        '[[agents]]\nid = "a2"\ntool = "desk"\n'
+        '[[agents.shifts]]\ndays = "mon-fry"\nstart = "09:00"\nend = "17:00"\n'
+        'tz = "Mars/Olympus"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    text = err.value.render()
+    assert "agents[0].capacity" in text and "at least one channel type" in text
+    assert "agents[1].shifts[0].days" in text and "'fry'" in text
+    assert "agents[1].shifts[0].tz" in text and "Mars/Olympus" in text
+
+
+def test_breach_target_must_name_an_adapter(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        '[[adapters]]\ntype = "inbox"\nname = "desk"\n\n[scheduling]\nbreach_target = "pager"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert "scheduling.breach_target: no adapter named 'pager'" in err.value.render()
+
+
+def test_agent_capacity_table_skills_and_shifts_reach_the_scheduler() -> None:
+    from router.config import build_config
+    from router.pipeline import agents_from_config
+
+    config = build_config(
+        {
+            "adapters": [{"type": "inbox", "name": "desk"}],
+            "agents": [
+                {
+                    "id": "bo",
+                    "tool": "desk",
+                    "capacity": {"chat": 3, "email": 5},
+                    "skills": ["complaint", "zh", "en"],
+                    "shifts": [
+                        {"days": "fri-mon", "start": "22:00", "end": "06:00", "tz": "Asia/Shanghai"}
+                    ],
+                }
+            ],
+        },
+        source="t.toml",
+    )
+    (bo,) = agents_from_config(config)
+    assert dict(bo.capacities) == {"chat": 3, "email": 5} and bo.capacity == 8
+    assert bo.classes == {"complaint"} and bo.languages == {"zh", "en"}
+    (shift,) = bo.shifts
+    assert shift.days == {4, 5, 6, 0} and (shift.start, shift.end) == (22 * 60, 6 * 60)
+    assert not bo.accepts  # a file inbox cannot send accept actions

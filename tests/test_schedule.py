@@ -627,16 +627,6 @@ def test_languages_overflow_step() -> None:
     assert run(s, 130) == {"z1": "en"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a breached message that is offered when its next overflow timer fires "
-        "loses that timer (tick() drops it as not waiting) and submit() re-arms only the "
-        "deadline timer, which is skipped for breached work; after the offer comes back "
-        "the message never widens further (here: never reaches the supervisor) and "
-        "next_wakeup() is None"
-    ),
-)
 def test_overflow_continues_after_a_breached_offer_comes_back() -> None:
     s = sched(
         agent("x", capacity=1, queues=("sales",)),
@@ -752,14 +742,6 @@ def test_explain_off_records_nothing() -> None:
     assert d.explain is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: _verdict reports `state.used.get(ct)` but an agent without a per-type "
-        "table counts its slots under the '*' pool, so a full pooled agent reads "
-        "'full: 0/1 chat'"
-    ),
-)
 def test_explain_full_verdict_of_a_pooled_agent_counts_its_slots() -> None:
     s = sched(agent("a", capacity=2), agent("p", capacity=1), explain=True)
     s.hold("busy", "busy", "p", "chat")

@@ -14,6 +14,8 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from router.drivers import AgentAction
 from router.model import Assignment
 from router.store import OutboxItem
@@ -154,5 +156,217 @@ async def test_store_refuses_an_assignment_beyond_capacity(tmp_path: Path) -> No
         assert not await h.store.assign(
             assignment(first.message_id, first.conversation_id), outbox(first.message_id + "x")
         )
+    finally:
+        await h.stop()
+
+
+# -- accept timeouts, presence and SLA breaches in the daemon's pipeline -----------------
+
+TEAM = [
+    {"id": "alice", "capacity": 2, "skills": ["en"]},
+    {"id": "bo", "capacity": 2, "skills": ["en"]},
+]
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0  # in the past: the outbox sends at once
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _timed_harness(tmp_path: Path, clock: Clock, **scheduling: object) -> Harness:
+    h = Harness(
+        tmp_path,
+        TEAM,
+        scheduling={"accept_timeout": 60, **scheduling},
+    )
+    h.clock = clock
+    return h
+
+
+@pytest.fixture
+def tools_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The recording tool stands in for a tool that sends accept actions (MQTT, webhook).
+    monkeypatch.setattr("router.pipeline.NO_ACTIONS", frozenset())
+
+
+def _history(db: Path, message_id: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as c:
+        return c.execute(
+            "SELECT agent_id, outcome FROM assignment_history WHERE message_id=? ORDER BY id",
+            (message_id,),
+        ).fetchall()
+
+
+async def test_unaccepted_offer_times_out_and_goes_to_someone_else(
+    tmp_path: Path, tools_accept: None
+) -> None:
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    try:
+        first = await pipeline.ingest(msg("How do I change my delivery address?", "dana"))
+        assert h.store is not None
+        stored = await h.store.message(first.message_id)
+        assert stored is not None and stored["state"] == "assigned"
+        slow = stored["assignment"]["agent_id"]
+        other = "bo" if slow == "alice" else "alice"
+
+        clock.now += 59
+        await pipeline.tick()
+        assert (await h.store.message(first.message_id))["assignment"]["agent_id"] == slow
+
+        clock.now += 2  # past the 60 s accept timeout
+        await pipeline.tick()
+        await h.settle()
+        again = await h.store.message(first.message_id)
+        assert again is not None and again["assignment"]["agent_id"] == other
+        assert _history(h.db, first.message_id) == [(slow, "timeout")]
+        delivered_to = [d.agent_id for d in h.tool.deliveries if d.kind == "assignment"]
+        assert delivered_to == [slow, other]
+
+        # The second agent does not answer either: the message must not go back to the
+        # first one (who let it time out); it waits.
+        clock.now += 61
+        await pipeline.tick()
+        waiting = await h.store.message(first.message_id)
+        assert waiting is not None and waiting["state"] == "queued"
+        assert _history(h.db, first.message_id) == [(slow, "timeout"), (other, "timeout")]
+        assert [w.id for w in pipeline.scheduler.waiting()] == [first.message_id]
+        assert pipeline.scheduler.waiting()[0].excluded == {slow, other}
+    finally:
+        await h.stop()
+
+
+async def test_accept_or_reply_stops_the_timeout(tmp_path: Path, tools_accept: None) -> None:
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    try:
+        r = await pipeline.ingest(msg("Can I pay by bank transfer?", "erin"))
+        assert h.store is not None
+        holder = (await h.store.message(r.message_id))["assignment"]["agent_id"]
+        clock.now += 30
+        assert (
+            await pipeline._apply(
+                AgentAction(agent_id=holder, action="accept", conversation_id=r.conversation_id)
+            )
+            == "ok"
+        )
+        clock.now += 600
+        await pipeline.tick()
+        stored = await h.store.message(r.message_id)
+        assert stored is not None and stored["assignment"]["agent_id"] == holder
+        assert stored["assignment"]["accepted_at"] == pytest.approx(clock.now - 600)
+        assert _history(h.db, r.message_id) == []
+    finally:
+        await h.stop()
+
+
+async def test_offer_clock_survives_a_restart(tmp_path: Path, tools_accept: None) -> None:
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    r = await pipeline.ingest(msg("Where can I find my invoice?", "fay"))
+    assert h.store is not None
+    slow = (await h.store.message(r.message_id))["assignment"]["agent_id"]
+    await h.stop()
+
+    clock.now += 90  # the offer expired while the daemon was down
+    h2 = _timed_harness(tmp_path, clock)
+    pipeline = await h2.start()
+    try:
+        await pipeline.tick()
+        assert h2.store is not None
+        stored = await h2.store.message(r.message_id)
+        assert stored is not None and stored["assignment"]["agent_id"] != slow
+        assert _history(h2.db, r.message_id) == [(slow, "timeout")]
+    finally:
+        await h2.stop()
+
+
+async def test_going_off_line_returns_unaccepted_work_only(
+    tmp_path: Path, tools_accept: None
+) -> None:
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    try:
+        pipeline.scheduler.set_presence("bo", False)  # alice gets both
+        a = await pipeline.ingest(msg("Question about my contract renewal", "gus"))
+        b = await pipeline.ingest(msg("Question about my latest bill", "hana"))
+        pipeline.scheduler.set_presence("bo", True)
+        assert h.store is not None
+        assert (
+            await pipeline._apply(
+                AgentAction(agent_id="alice", action="accept", conversation_id=a.conversation_id)
+            )
+            == "ok"
+        )
+        assert await pipeline.set_presence("alice", False)
+        kept = await h.store.message(a.message_id)
+        moved = await h.store.message(b.message_id)
+        assert kept is not None and kept["assignment"]["agent_id"] == "alice"
+        assert moved is not None and moved["assignment"]["agent_id"] == "bo"
+        assert _history(h.db, b.message_id) == [("alice", "returned")]
+    finally:
+        await h.stop()
+
+
+async def test_sla_breach_is_reported_once_to_the_target(tmp_path: Path) -> None:
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock, breach_target="rec", breach_address="sla-desk")
+    pipeline = await h.start()
+    try:
+        for agent in ("alice", "bo"):
+            assert await pipeline.set_presence(agent, False)
+        r = await pipeline.ingest(msg("What are your opening hours?", "ivy"))
+        assert r.state == "queued"
+        clock.now += 299
+        await pipeline.tick()
+        clock.now += 2  # past the 300 s inquiry SLA
+        await pipeline.tick()
+        clock.now += 10
+        await pipeline.tick()
+        await h.settle()
+        alerts = [d for d in h.tool.deliveries if d.kind == "alert"]
+        assert len(alerts) == 1 and alerts[0].address == "sla-desk"
+        alert = alerts[0].payload["alert"]
+        assert alert["kind"] == "sla_breach" and alert["message_id"] == r.message_id
+        assert alert["waited_s"] == pytest.approx(301, abs=0.01)
+        value = pipeline.metrics.sla_breaches.labels(queue="default", label="inquiry")
+        assert value._value.get() == 1
+    finally:
+        await h.stop()
+
+
+async def test_explain_names_every_candidate(tmp_path: Path) -> None:
+    from router.cli import render_explain
+
+    h = Harness(
+        tmp_path,
+        [
+            {"id": "alice", "capacity": 2, "skills": ["en"]},
+            {"id": "chen", "capacity": 2, "skills": ["zh"]},
+            {"id": "dora", "capacity": 2, "skills": ["en", "complaint"]},
+        ],
+    )
+    pipeline = await h.start()
+    try:
+        await pipeline.ingest(msg("How late are you open today?", "jo"))
+        r = await pipeline.ingest(msg("How do I reset my password?", "kim"))
+        assert h.store is not None
+        stored = await h.store.message(r.message_id)
+        assert stored is not None
+        verdicts = {c["agent"]: c["verdict"] for c in stored["assignment"]["explain"]["candidates"]}
+        assert verdicts["chen"] == "does not speak en"
+        assert verdicts["dora"] == "not skilled for inquiry"
+        assert verdicts[stored["assignment"]["agent_id"]].startswith("chosen")
+        text = render_explain(stored)
+        assert "does not speak en" in text and "not skilled for inquiry" in text
     finally:
         await h.stop()

@@ -90,6 +90,7 @@ class QueuedMessage:
     language: str
     sla_deadline: float
     ingested_at: float
+    channel_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ class OpenConversation:
     channel: str
     thread_key: str
     agent_id: str | None
+    channel_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,21 @@ class Store(Protocol):
         None when the conversation is not open (unknown or already resolved); "" when it
         was open but nobody held it.
         """
+
+    async def withdraw_offer(
+        self, message_id: str, agent_id: str, at: float, outcome: str
+    ) -> list[str]:
+        """Take back an assignment the agent has not accepted, with the conversation's other
+        unaccepted ones to that agent; return their message ids (queued again).
+
+        Empty when there was nothing to take back (accepted or resolved meanwhile).
+        """
+
+    async def pending_offers(self) -> list[tuple[str, str, str, float]]:
+        """Return (message id, conversation id, agent id, assigned at) of open offers."""
+
+    async def timed_out_agents(self) -> dict[str, set[str]]:
+        """Return, per queued message, the agents who let it time out."""
 
     async def open_loads(self) -> dict[tuple[str, str], int]:
         """Count open conversations per (agent, channel type), whoever assigned them."""

@@ -334,6 +334,73 @@ class SqliteStore:
 
         return await self._run(unit)
 
+    async def withdraw_offer(
+        self, message_id: str, agent_id: str, at: float, outcome: str
+    ) -> list[str]:
+        """Take back unaccepted assignments of the message's conversation from the agent."""
+
+        def unit(c: sqlite3.Connection) -> list[str]:
+            row = c.execute(
+                "SELECT conversation_id FROM assignments WHERE message_id=? AND agent_id=? "
+                "AND accepted_at IS NULL AND resolved_at IS NULL",
+                (message_id, agent_id),
+            ).fetchone()
+            if row is None:
+                return []
+            conversation_id = row[0]
+            rows = c.execute(
+                "SELECT message_id, assigned_at FROM assignments WHERE conversation_id=? "
+                "AND agent_id=? AND accepted_at IS NULL AND resolved_at IS NULL",
+                (conversation_id, agent_id),
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            c.executemany(
+                "INSERT INTO assignment_history(message_id, agent_id, assigned_at, ended_at, "
+                "outcome) VALUES (?,?,?,?,?)",
+                [(r[0], agent_id, r[1], at, outcome) for r in rows],
+            )
+            c.executemany("DELETE FROM assignments WHERE message_id=?", [(i,) for i in ids])
+            c.executemany(
+                "UPDATE messages SET state='queued' WHERE id=? AND state='assigned'",
+                [(i,) for i in ids],
+            )
+            c.execute(
+                "UPDATE conversations SET agent_id=NULL, updated_at=? WHERE id=? AND agent_id=?",
+                (at, conversation_id, agent_id),
+            )
+            return ids
+
+        return await self._run(unit)
+
+    async def pending_offers(self) -> list[tuple[str, str, str, float]]:
+        """Return (message id, conversation id, agent id, assigned at) of open offers."""
+
+        def unit(c: sqlite3.Connection) -> list[tuple[str, str, str, float]]:
+            rows = c.execute(
+                "SELECT a.message_id, a.conversation_id, a.agent_id, a.assigned_at "
+                "FROM assignments a JOIN conversations c ON c.id=a.conversation_id "
+                "WHERE a.accepted_at IS NULL AND a.resolved_at IS NULL AND c.state='open' "
+                "AND c.agent_id=a.agent_id ORDER BY a.assigned_at"
+            ).fetchall()
+            return [(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+        return await self._run(unit)
+
+    async def timed_out_agents(self) -> dict[str, set[str]]:
+        """Return, per queued message, the agents who let it time out."""
+
+        def unit(c: sqlite3.Connection) -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for mid, agent in c.execute(
+                "SELECT h.message_id, h.agent_id FROM assignment_history h "
+                "JOIN messages m ON m.id=h.message_id "
+                "WHERE m.state='queued' AND h.outcome='timeout'"
+            ):
+                out.setdefault(mid, set()).add(agent)
+            return out
+
+        return await self._run(unit)
+
     async def open_loads(self) -> dict[tuple[str, str], int]:
         """Count open conversations per (agent, channel type), whoever assigned them."""
 
@@ -547,7 +614,19 @@ class SqliteStore:
                 a = c.execute(
                     "SELECT * FROM assignments WHERE message_id=?", (message_id,)
                 ).fetchone()
-                out["assignment"] = dict(a) if a else None
+                assignment = dict(a) if a else None
+                if assignment is not None:
+                    raw_explain = assignment.get("explain") or ""
+                    assignment["explain"] = json.loads(raw_explain) if raw_explain else None
+                out["assignment"] = assignment
+                out["offer_history"] = [
+                    dict(r)
+                    for r in c.execute(
+                        "SELECT agent_id, assigned_at, ended_at, outcome FROM assignment_history "
+                        "WHERE message_id=? ORDER BY id",
+                        (message_id,),
+                    )
+                ]
                 out["attachments"] = [
                     dict(r)
                     for r in c.execute(
@@ -953,14 +1032,15 @@ def _snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapsh
     snap.open_conversations = [
         OpenConversation(*r)
         for r in c.execute(
-            "SELECT id, channel, thread_key, agent_id FROM conversations WHERE state='open'"
+            "SELECT id, channel, thread_key, agent_id, channel_type FROM conversations "
+            "WHERE state='open'"
         )
     ]
     snap.queued = [
         QueuedMessage(*r)
         for r in c.execute(
             "SELECT id, conversation_id, queue, label, severity, language, sla_deadline, "
-            "ingested_at "
+            "ingested_at, channel_type "
             "FROM messages WHERE state='queued' ORDER BY id"
         )
     ]
