@@ -9,13 +9,14 @@ once on the `least_loaded` baseline (router.sim.baselines.LeastLoaded: the same
 engine with a FIFO queue and fewest-open-conversations choice), each from a freshly
 built state, and the figures are printed side by side with the ratio ours / baseline.
 
-The state: `--agents` agents (chat 3 + email 5 slots each; skills: generalists,
-complaint specialists, inquiry/suggestion agents, a few complaint-only; languages zh,
-en or both; queue "default"), every slot held (`Scheduler.hold`, as the daemon does
-at startup with open conversations), then `--waiting` messages submitted: Poisson
-arrivals over the hour or so before `now`, 60 % inquiry / 30 % complaint / 10 %
-suggestion, a quarter of complaints P1 (7.5 % of all), zh/en half and half, chat 45 %
-/ email 55 %, deadline = arrival + the class's SLA (most are overdue: a backlog).
+The state: `--agents` agents (chat 3 + email 5 slots each; skills: a third take
+complaints (generalists, inquiry + complaint, complaint only), the rest inquiry +
+suggestion or inquiry only; languages zh, en or both; queue "default"), every slot
+held (`Scheduler.hold`, as the daemon does at startup with open conversations), then
+`--waiting` messages submitted: Poisson arrivals over the hour or so before `now`,
+60 % inquiry / 30 % complaint / 10 % suggestion, a quarter of complaints P1 (7.5 % of
+all), zh/en half and half, chat 45 % / email 55 %, deadline = arrival + the class's
+SLA (most are overdue: a backlog).
 
 Loops (all timed with perf_counter_ns around the scheduler calls only):
 
@@ -253,6 +254,8 @@ def steady_timeout(state: State, steps: int, max_seconds: float, seed: int) -> d
         held[i] = held[-1]
         held.pop()
         now += STEP
+        # Drawn before the clock starts: whether the agent ignores each of this step's
+        # first few offers (a step rarely makes more than two).
         ignore = [rng.random() < IGNORE_SHARE for _ in range(4)]
         t0 = perf()
         sched.release(slot)
@@ -260,7 +263,8 @@ def steady_timeout(state: State, steps: int, max_seconds: float, seed: int) -> d
         out = sched.dispatch(now)
         accepted = []
         for k, d in enumerate(out):
-            if not (ignore[k] if k < 4 else False) and sched.accept(d.work.id, d.agent_id):
+            ignored = k < len(ignore) and ignore[k]
+            if not ignored and sched.accept(d.work.id, d.agent_id):
                 accepted.append(d.work.slot)
         calls.append(perf() - t0)
         timeouts += len(returned)

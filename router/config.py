@@ -302,7 +302,7 @@ class SchedulingConfig(_Frozen):
     # Slots kept free among complaint specialists for P0/P1 work ...
     urgent_reserve: int = Field(default=1, ge=0, le=100)
     # ... until the waiting message has spent this share of its SLA.
-    reserve_slack: float = Field(default=0.5, ge=0, le=1)
+    reserve_slack: float = Field(default=0.75, ge=0, le=1)
     overflow: list[OverflowStepConfig] = Field(
         default_factory=lambda: [
             OverflowStepConfig(after=0, widen="departments"),

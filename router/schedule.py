@@ -19,6 +19,11 @@ How a decision is made:
   kept for complaints while a generalist can take an inquiry); then the most spare
   capacity, then the longest since their last assignment, so quick agents are not
   punished with all the work.
+* **Urgent reserve.** Where complaint specialists are a scarce pool (some agents for
+  the channel type cannot take complaints), non-urgent work leaves the pool's last
+  `urgent_reserve` slots free for P0/P1 work; a complaint may take one only once it
+  has spent `reserve_slack` of its SLA waiting and can still make its deadline (the
+  reserve is spent only on work it can save; later work waits for an ordinary slot).
 * **Slots.** Assigned-but-not-accepted work holds a slot as accepted work does. An
   offer not accepted within the accept timeout goes back to the queue (and never to
   the same agent again); an agent going off line gives back what it had not accepted.
@@ -64,7 +69,7 @@ class Policy:
     # agent without the skill can take other work, until that work is at risk.
     protected_labels: frozenset[str] = frozenset({"complaint"})
     # At-risk point, as a share of the message's SLA already spent waiting.
-    reserve_slack: float = 0.5
+    reserve_slack: float = 0.75
     # An agent who let an offer time out is offered work last for this long.
     unreliable_for: float = 1800.0
     # Slots per channel type that non-urgent work of a protected class leaves free
@@ -217,6 +222,8 @@ class Scheduler:
         self._timers: list[tuple[float, int, str, str]] = []  # (at, seq, kind, message id)
         self._seq = itertools.count()
         self._plain_cache: dict[tuple[str, str, str, str], bool] = {}
+        self._pool_cache: dict[tuple[str, str, str, str], int] = {}
+        self._any_shifts = False
         self._known_languages: set[str] = set()
         self.decisions = 0
         # Whether a timed-out message avoids the agent who let it time out (the
@@ -259,6 +266,7 @@ class Scheduler:
         for state in self.states.values():
             classes = state.agent.classes
             state.protected = bool(classes and classes & protected)
+        self._any_shifts = any(s.agent.shifts for s in self.states.values())
         self._known_languages = {lang for s in self.states.values() for lang in s.agent.languages}
         self._reindex()
 
@@ -279,6 +287,7 @@ class Scheduler:
 
     def _reindex(self) -> None:
         self._plain_cache.clear()
+        self._pool_cache.clear()
         types = set(self._free) | set(self._buckets_by_ct)
         for state in self.states.values():
             types.update(state.agent.capacities)
@@ -415,29 +424,34 @@ class Scheduler:
                 out.append(attached)
         blocked: set[tuple[str, str, str, str, int]] = set()
         while True:
-            best_key = None
-            best_head: tuple[Any, ...] | None = None
+            # One pass over the queues' heads, most urgent first: each head either gets
+            # an agent (then the free slots changed: look again) or blocks its queue
+            # for the rest of this call (nobody free may take the rest of it either).
+            heads: list[tuple[Any, ...]] = []
             for ct, free in self._free.items():
                 if not free:
                     continue
                 for key in self._buckets_by_ct.get(ct, ()):
-                    if key in blocked:
-                        continue
-                    head = self._head(key)
-                    if head is None:
-                        continue
-                    if best_head is None or head[:3] < best_head[:3]:
-                        best_key, best_head = key, head
-            if best_key is None or best_head is None:
+                    if key not in blocked:
+                        head = self._head(key)
+                        if head is not None:
+                            heads.append((*head[:3], key))
+            if not heads:
                 return out
-            work: Work = best_head[3]
-            decision = self._place(work, now)
-            if decision is None and work.excluded:
-                decision = self._place_behind(best_key, now)
-            if decision is None:
-                blocked.add(best_key)
-                continue
-            out.append(decision)
+            heads.sort()
+            for *_, key in heads:
+                if not self._free.get(key[2]):
+                    continue  # an earlier failed head's pick cannot empty it; skip anyway
+                work: Work = self._buckets[key][0][3]
+                decision = self._place(work, now)
+                if decision is None and work.excluded:
+                    decision = self._place_behind(key, now)
+                if decision is not None:
+                    out.append(decision)
+                    break
+                blocked.add(key)
+            else:
+                return out
 
     def _head(self, key: tuple[str, str, str, str, int]) -> tuple[Any, ...] | None:
         bucket = self._buckets[key]
@@ -451,7 +465,7 @@ class Scheduler:
 
     def _place_behind(self, key: tuple[str, str, str, str, int], now: float) -> Decision | None:
         """Look past a head that only its timed-out agents could take."""
-        for entry in heapq.nsmallest(64, self._buckets[key]):
+        for entry in _smallest(self._buckets[key], 64):
             work: Work = entry[3]
             if work.state != "waiting" or work.level != key[4] or entry[2] != work.seq:
                 continue
@@ -511,7 +525,20 @@ class Scheduler:
         # it): a follow-up an hour later is new work, routed on its merits.
         if last is not None and last in free and self._open.get(work.conversation):
             state = self.states[last]
-            if self._eligible(state, work, now):
+            limit = self.policy.complaint_streak_limit
+            rested = not (
+                limit
+                and work.label in self.policy.streak_labels
+                and state.streak >= limit
+                and any(
+                    s.streak < limit and self._eligible(s, work, now)
+                    for s in (self.states[i] for i in free)
+                    if s is not state
+                )
+            )
+            # Rotation outranks stickiness: at its complaint limit the holder passes the
+            # follow-up on when someone under the limit has room.
+            if rested and self._eligible(state, work, now):
                 return (
                     state,
                     "sticky",
@@ -524,9 +551,9 @@ class Scheduler:
         rule = "balance"
         policy = self.policy
         ct = work.channel_type
-        # Free slots among everyone eligible, before rotation or reliability narrow the
-        # choice: the urgent reserve is about the pool, not about who is preferred.
-        pool_room = sum(s.room(ct) for s in cands)
+        # The urgent reserve below counts free slots among everyone eligible, before
+        # rotation or reliability narrow the choice: it is about the pool.
+        eligible = cands
         limit = policy.complaint_streak_limit
         on_break = False
         if limit and work.label in policy.streak_labels:
@@ -557,16 +584,21 @@ class Scheduler:
                     self._timer(at_risk, "release", work.id)
                     return None
                 rule = "reserve-released"
+        takes_scarce = work.label in policy.protected_labels or all(s.protected for s in cands)
         if (
             policy.urgent_reserve
             and not work.urgent
-            and work.label in policy.protected_labels
-            and pool_room <= policy.urgent_reserve
-            and self._specialised(work)
+            and takes_scarce
+            and sum(s.room(ct) for s in eligible if s.protected) <= policy.urgent_reserve
+            and self._reserve_pool(work, now) > policy.urgent_reserve
         ):
             at_risk = work.arrival + policy.reserve_slack * (work.deadline - work.arrival)
             if now < at_risk:
                 self._timer(at_risk, "release", work.id)
+                return None
+            if now >= work.deadline:
+                # Only work the reserved slot can still save gets it: past its deadline
+                # this message waits for an ordinary slot (it is first in line for one).
                 return None
             rule = "reserve-released"
         best = max(
@@ -624,23 +656,28 @@ class Scheduler:
             self._plain_cache[key] = known
         return known
 
-    def _specialised(self, work: Work) -> bool:
-        """Tell whether some on-line agent for this channel type cannot take this class.
+    def _reserve_pool(self, work: Work, now: float) -> int:
+        """Return the capacity that keeps urgent slots for this work, or 0 for none.
 
-        Only then are the agents who can a scarce pool worth reserving slots in; in one
-        pool of generalists a reserved slot would only idle (and lengthen every wait).
+        That is the capacity of the on-line agents with a protected skill who may take
+        it, when they are a scarce pool: some on-line agent for the channel type lacks
+        the skill. In one pool of generalists a reserved slot would only idle (and
+        lengthen every wait); a pool no larger than the reserve is not reserved at all,
+        or the work it holds back would wait forever.
         """
-        key = ("\x00specialised", work.label, work.channel_type, "")
-        known = self._plain_cache.get(key)
+        ct = work.channel_type
+        key = (work.label, work.language, ct, work.department)
+        cacheable = not work.excluded and not self._any_shifts
+        known = self._pool_cache.get(key) if cacheable else None
         if known is None:
-            known = any(
-                s.online
-                and s.capacity(work.channel_type) > 0
-                and bool(s.agent.classes)
-                and work.label not in s.agent.classes
-                for s in self.states.values()
-            )
-            self._plain_cache[key] = known
+            online = [s for s in self.states.values() if s.online and s.capacity(ct) > 0]
+            known = 0
+            if any(not s.protected for s in online):
+                known = sum(
+                    s.capacity(ct) for s in online if s.protected and self._eligible(s, work, now)
+                )
+            if cacheable:
+                self._pool_cache[key] = known
         return known
 
     def _eligible_ignoring_room(self, state: AgentState, work: Work) -> bool:
@@ -939,6 +976,25 @@ class Scheduler:
             f"eligible, less spare room or assigned more recently "
             f"({state.room(ct)}/{state.capacity(ct)} {ct} free)"
         )
+
+
+def _smallest(heap: list[tuple[Any, ...]], k: int) -> Iterator[tuple[Any, ...]]:
+    """Yield a heap's k smallest entries in order, touching O(k log k) of it.
+
+    heapq.nsmallest reads the whole list: with a long queue behind a head only its
+    timed-out agents could take, that was most of a dispatch's cost.
+    """
+    if not heap:
+        return
+    frontier: list[tuple[tuple[Any, ...], int]] = [(heap[0][:3], 0)]
+    for _ in range(k):
+        if not frontier:
+            return
+        _, i = heapq.heappop(frontier)
+        yield heap[i]
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < len(heap):
+                heapq.heappush(frontier, (heap[child][:3], child))
 
 
 def _reason(rule: str, state: AgentState, work: Work) -> str:

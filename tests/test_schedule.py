@@ -706,6 +706,17 @@ def test_urgent_reserve_released_when_the_complaint_is_at_risk() -> None:
     assert (d.work.id, d.agent_id, d.rule) == ("c2", "s1", "reserve-released")
 
 
+def test_urgent_reserve_is_not_spent_on_a_complaint_past_its_deadline() -> None:
+    s = sched(*reserve_roster(), urgent_reserve=1, reserve_slack=0.5)
+    run(s, 0, work("c1", label="complaint", sla=120))
+    # Arrives already late (a restart, a slow channel): the reserved slot cannot save it.
+    assert run(s, 200, work("late", label="complaint", arrival=0, sla=120)) == {}
+    assert run(s, 201) == {}
+    # It is first in line for the next ordinary slot.
+    s.release("c1")
+    assert run(s, 202).keys() == {"late"}
+
+
 # --- 12. explain ----------------------------------------------------------------------
 
 
