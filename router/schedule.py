@@ -381,6 +381,12 @@ class Scheduler:
         returned: list[Returned] = []
         breached: list[Work] = []
         steps = self.policy.overflow
+        if self._any_shifts and self._offers:
+            # A shift that ended is like going off line: unaccepted work goes back.
+            for offer in list(self._offers.values()):
+                shifts = self.states[offer.agent_id].agent.shifts
+                if shifts and not any(sh.contains(now) for sh in shifts):
+                    returned.append(self._take_back(offer, "returned", now, exclude=False))
         while self._timers and self._timers[0][0] <= now:
             at, _, kind, message_id = heapq.heappop(self._timers)
             if not self._timer_live(kind, message_id, at):

@@ -494,6 +494,24 @@ def test_waiting_work_goes_out_when_the_shift_starts() -> None:
     assert run(s, utc(1, 9)) == {"m": "a"}
 
 
+def test_shift_end_returns_unaccepted_work_to_someone_on_shift() -> None:
+    s = sched(
+        agent("a-day", shifts=(DAY_SHIFT,)),
+        agent("b-late", shifts=(Shift(frozenset(range(7)), 16 * 60, 24 * 60, "UTC"),)),
+        accept_timeout=600.0,
+    )
+    s.set_presence("b-late", False)
+    assert run(s, utc(1, 16, 55), work("m", arrival=utc(1, 16, 55))) == {"m": "a-day"}
+    s.set_presence("b-late", True, utc(1, 16, 56))
+    assert run(s, utc(1, 16, 59)) == {}  # still a-day's, not accepted yet
+    returned, _ = s.tick(utc(1, 17))
+    assert [(r.work.id, r.agent_id, r.why) for r in returned] == [("m", "a-day", "returned")]
+    assert run(s, utc(1, 17)) == {"m": "b-late"}
+    # Accepted work is finished, shift or not: it is not taken back.
+    s.accept("m", "b-late")
+    assert s.tick(utc(2, 1))[0] == []
+
+
 def test_overnight_shift_covers_both_sides_of_midnight() -> None:
     monday_night = Shift(days=frozenset({0}), start=22 * 60, end=6 * 60, tz="UTC")
     a = agent("a", shifts=(monday_night,))
