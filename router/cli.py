@@ -172,12 +172,13 @@ def _admin_show(
 
 
 def _agents_table(reply: Any) -> list[str]:
-    rows = [f"{'AGENT':16} {'PRESENT':7} {'LOAD':>9}  {'TOOL':10} {'SKILLS':14} QUEUES"]
+    rows = [f"{'AGENT':16} {'PRESENT':7} {'LOAD':>9}  {'TOOL':10} {'SKILLS':22} QUEUES"]
     for a in reply.get("agents", []):
         load = f"{a['open_conversations']}/{a['capacity']}"
+        skills = ",".join([*a.get("classes", []), *a.get("languages", [])]) or "any"
         rows.append(
             f"{a['id']:16} {'yes' if a['present'] else 'no':7} {load:>9}  {a['tool']:10} "
-            f"{','.join(a['skills']) or '-':14} {','.join(a['queues'])}"
+            f"{skills:22} {','.join(a['queues'])}"
         )
     return rows
 

@@ -177,6 +177,30 @@ class SlaConfig(_Frozen):
     urgent: float = Field(default=30.0, gt=0)
 
 
+class RoutingRule(_Frozen):
+    """Sends matching messages to a queue (a department). Every listed condition must
+    hold; within one list any value matches; an empty list matches anything."""
+
+    queue: str
+    labels: list[str] = Field(default_factory=list)
+    signals: list[str] = Field(default_factory=list)  # e.g. legal_threat, amount_over_threshold
+    severities: list[Literal["P0", "P1", "P2", "P3"]] = Field(default_factory=list)
+    languages: list[str] = Field(default_factory=list)
+    channel_types: list[str] = Field(default_factory=list)
+
+    def matches(
+        self, label: str, severity: str, signals: Sequence[str], language: str, channel_type: str
+    ) -> bool:
+        """Tell whether a classified message meets every condition of the rule."""
+        return (
+            (not self.labels or label in self.labels)
+            and (not self.severities or severity in self.severities)
+            and (not self.signals or not set(self.signals).isdisjoint(signals))
+            and (not self.languages or language in self.languages)
+            and (not self.channel_types or channel_type in self.channel_types)
+        )
+
+
 class RoutingConfig(_Frozen):
     """Which queue a message joins."""
 
@@ -188,6 +212,9 @@ class RoutingConfig(_Frozen):
     # triage queue, when set, instead of being forced into a class's queue.
     triage_queue: str | None = None
     triage_threshold: float = Field(default=0.5, ge=0, le=1)
+    # Checked in order after the escalation queue and before triage and `queues`; the
+    # first rule that matches names the queue (department).
+    rules: list[RoutingRule] = Field(default_factory=list)
 
 
 class OutboxConfig(_Frozen):
@@ -342,10 +369,23 @@ class Config(_Frozen):
         p = Path(self.store.path)
         return p if p.is_absolute() else self.daemon.state_dir / p
 
-    def queue_for(self, label: str, severity: str, confidence: float = 1.0) -> str:
+    def queue_for(
+        self,
+        label: str,
+        severity: str,
+        confidence: float = 1.0,
+        *,
+        signals: Sequence[str] = (),
+        language: str = "",
+        channel_type: str = "",
+    ) -> str:
         """Return the queue a message of this label, severity and confidence joins."""
         if severity in ("P0", "P1") and self.routing.escalation_queue:
+            # Level 1 and 2 escalations go to the supervisors at once.
             return self.routing.escalation_queue
+        for rule in self.routing.rules:
+            if rule.matches(label, severity, signals, language, channel_type):
+                return rule.queue
         if self.routing.triage_queue and confidence < self.routing.triage_threshold:
             return self.routing.triage_queue
         return self.routing.queues.get(label, "default")
@@ -711,6 +751,18 @@ def _check_cross(loader: _Loader, config: Config, channels: list[Any], adapters:
                 path, f"no adapter named {target!r}; configured: {', '.join(configured) or 'none'}"
             )
 
+    for i, rule in enumerate(config.routing.rules):
+        if config.agents and rule.queue not in served:
+            loader.add(
+                f"routing.rules[{i}].queue",
+                f"no agent serves queue {rule.queue!r}; served: {', '.join(sorted(served))}",
+            )
+        for label in rule.labels:
+            if label not in LABELS:
+                loader.add(
+                    f"routing.rules[{i}].labels",
+                    f"unknown label {label!r}; known: {', '.join(LABELS)}",
+                )
     for key in ("escalation_queue", "triage_queue"):
         special = getattr(config.routing, key)
         if special is not None and config.agents and special not in served:

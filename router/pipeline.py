@@ -347,7 +347,14 @@ class Pipeline:
         )
         cls = self._with_repeat_contact(cls, f"{msg.channel_type}:{msg.contact_handle}", now)
         cls = self._with_severity_rules(cls)
-        queue = self.config.queue_for(cls.label, cls.severity, cls.confidence)
+        queue = self.config.queue_for(
+            cls.label,
+            cls.severity,
+            cls.confidence,
+            signals=[s.kind for s in cls.signals],
+            language=cls.language,
+            channel_type=msg.channel_type,
+        )
         deadline = now + self._sla_seconds(cls)
         known = self._threads.get(key)
         proposed = known or new_ulid()

@@ -23,6 +23,7 @@ from router.config import (
     OutboxConfig,
     OverflowStepConfig,
     RoutingConfig,
+    RoutingRule,
     SchedulingConfig,
     SeverityRule,
     ShiftConfig,
@@ -134,6 +135,7 @@ def test_example_has_no_placeholders_and_documents_every_option() -> None:
         ShiftConfig,
         SchedulingConfig,
         OverflowStepConfig,
+        RoutingRule,
     ]
     for registry in (CHANNELS, ADAPTERS):
         models.extend(load_driver(registry, name).config_model for name in registry)
@@ -141,9 +143,10 @@ def test_example_has_no_placeholders_and_documents_every_option() -> None:
     assert "\n[[classifier.severity_rules]]\n" in text
     assert "\n[[scheduling.overflow]]\n" in text
     assert "\n[[agents.shifts]]\n" in text
+    assert "\n[[routing.rules]]\n" in text
     for model in models:
         for field in model.model_fields:
-            if field in ("crisis", "severity_rules", "overflow", "shifts"):
+            if field in ("crisis", "severity_rules", "overflow", "shifts", "rules"):
                 continue  # tables of their own, checked through their models
             # Written as a setting or, for optional ones, as a commented-out example.
             assert re.search(rf"^#? ?{field} = ", text, re.MULTILINE), (
@@ -793,3 +796,49 @@ def test_agent_capacity_table_skills_and_shifts_reach_the_scheduler() -> None:
     (shift,) = bo.shifts
     assert shift.days == {4, 5, 6, 0} and (shift.start, shift.end) == (22 * 60, 6 * 60)
     assert not bo.accepts  # a file inbox cannot send accept actions
+
+
+def test_routing_rules_pick_the_department_in_order() -> None:
+    from router.config import build_config
+
+    config = build_config(
+        {
+            "adapters": [{"type": "inbox", "name": "desk"}],
+            "agents": [
+                {"id": "a", "tool": "desk", "queues": ["default", "legal", "billing", "sup"]}
+            ],
+            "routing": {
+                "escalation_queue": "sup",
+                "rules": [
+                    {"queue": "legal", "signals": ["legal_threat"]},
+                    {"queue": "billing", "signals": ["amount_over_threshold"], "languages": ["zh"]},
+                ],
+            },
+        },
+        source="t.toml",
+    )
+    assert config.queue_for("complaint", "P2", signals=["legal_threat"]) == "legal"
+    assert config.queue_for("inquiry", "P3", signals=["amount_over_threshold"], language="zh") == (
+        "billing"
+    )
+    # Every condition must hold: the language does not match.
+    assert config.queue_for("inquiry", "P3", signals=["amount_over_threshold"], language="en") == (
+        "default"
+    )
+    # Escalations (P0/P1) go to the escalation queue first, rules or not.
+    assert config.queue_for("complaint", "P1", signals=["legal_threat"]) == "sup"
+
+
+def test_routing_rule_queue_must_be_served(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        '[[adapters]]\ntype = "inbox"\nname = "desk"\n\n'
+        '[[agents]]\nid = "a"\ntool = "desk"\n\n'
+        '[[routing.rules]]\nqueue = "legal"\nlabels = ["rant"]\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    text = err.value.render()
+    assert "routing.rules[0].queue: no agent serves queue 'legal'" in text
+    assert "routing.rules[0].labels: unknown label 'rant'" in text

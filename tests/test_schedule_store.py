@@ -370,3 +370,49 @@ async def test_explain_names_every_candidate(tmp_path: Path) -> None:
         assert "does not speak en" in text and "not skilled for inquiry" in text
     finally:
         await h.stop()
+
+
+async def test_agents_view_and_table_show_capacity_skills_and_load(tmp_path: Path) -> None:
+    from router.cli import _agents_table
+
+    h = Harness(tmp_path, ROSTER)
+    pipeline = await h.start()
+    try:
+        await pipeline.ingest(msg("Where is my parcel? It is late.", "lee"))
+        view = {a["id"]: a for a in pipeline.agents_view()}
+        assert view["bo"]["capacities"] == {"web": 1, "sms": 3}
+        assert view["alice"]["languages"] == ["en"] and view["alice"]["classes"] == []
+        assert sum(a["open_conversations"] for a in view.values()) == 1
+        rows = _agents_table({"agents": list(view.values())})
+        assert rows[0].split()[:3] == ["AGENT", "PRESENT", "LOAD"]
+        bo = next(r for r in rows if r.startswith("bo "))
+        assert "/4" in bo and "en" in bo  # total capacity over its channel types
+    finally:
+        await h.stop()
+
+
+async def test_department_rule_routes_by_signal(tmp_path: Path) -> None:
+    h = Harness(
+        tmp_path,
+        [
+            {"id": "alice", "capacity": 2, "skills": ["en"]},
+            {"id": "lex", "capacity": 2, "skills": ["en"], "queues": ["legal"]},
+        ],
+        routing={"rules": [{"queue": "legal", "signals": ["legal_threat"]}]},
+    )
+    pipeline = await h.start()
+    try:
+        threat = await pipeline.ingest(
+            msg("Refund me or my lawyer will sue your company in court.", "max")
+        )
+        plain = await pipeline.ingest(msg("What time do you open on Saturday?", "ned"))
+        assert h.store is not None
+        stored = await h.store.message(threat.message_id)
+        assert stored is not None
+        assert "legal_threat" in {s["kind"] for s in stored["signals"]}
+        assert stored["queue"] == "legal" and stored["assignment"]["agent_id"] == "lex"
+        other = await h.store.message(plain.message_id)
+        assert other is not None and other["queue"] == "default"
+        assert other["assignment"]["agent_id"] == "alice"
+    finally:
+        await h.stop()
