@@ -43,8 +43,9 @@ TICKET_PREFIX = "T-"
 CHANNEL_TARGET_PREFIX = "channel:"
 
 
-# Agent tools that cannot send actions back (so cannot accept an offer).
-NO_ACTIONS = frozenset({"inbox"})
+# Agent tools that cannot send actions back (so cannot accept an offer): a file inbox,
+# and outgoing webhooks (see adapters/webhook.py). Their agents hold work at once.
+NO_ACTIONS = frozenset({"inbox", "webhook"})
 
 
 def agents_from_config(config: Config) -> list[Agent]:

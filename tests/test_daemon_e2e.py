@@ -289,6 +289,47 @@ async def test_mqtt_agent_delivery_resolve_and_queue(
         assert (await asyncio.to_thread(urls.agents))["alice"]["open_conversations"] == 1
 
 
+async def test_mqtt_offer_not_accepted_moves_to_the_other_agent(
+    tmp_path: Path, spawn: Callable[..., DaemonProcess], mosquitto: Mosquitto
+) -> None:
+    web_port, ops_port = ports()
+    urls = Urls(web_port, ops_port)
+    config = base_config(
+        tmp_path / "state",
+        web_port=web_port,
+        ops_port=ops_port,
+        adapters=mqtt_adapter(mosquitto),
+        agents=agents("desk", "alice", "bo", capacity=1),
+        extra="[scheduling]\naccept_timeout = 3.0\n",
+    )
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="e2e-agents") as sub:
+        await sub.subscribe(f"{PREFIX}/+/inbox", qos=1)
+        await asyncio.to_thread(spawn, config)
+        await apoll(lambda: urls.ready()[0] == 200, what="/readyz with the MQTT adapter connected")
+        status, posted, _ = await asyncio.to_thread(urls.post, INQUIRY, "slow@example.com")
+        assert status == 201 and posted["state"] == "assigned", posted
+        topic, first = await next_delivery(sub)
+        silent = topic.split("/")[-2]
+        other = "bo" if silent == "alice" else "alice"
+        # Nobody accepts: within the timeout and the once-a-second tick it moves on.
+        topic, second = await next_delivery(sub, within=10)
+        assert topic == f"{PREFIX}/{other}/inbox"
+        assert second["message"]["id"] == first["message"]["id"]
+        assert second["delivery_id"] != first["delivery_id"]
+        loads = await asyncio.to_thread(urls.agents)
+        assert (loads[silent]["open_conversations"], loads[other]["open_conversations"]) == (0, 1)
+        # The second agent accepts from its tool: the offer stays with it from then on.
+        await sub.publish(
+            f"{PREFIX}/{other}/actions",
+            json.dumps({"action": "accept", "conversation_id": second["conversation_id"]}),
+            qos=1,
+        )
+        with pytest.raises(TimeoutError):
+            await next_delivery(sub, within=5)
+        loads = await asyncio.to_thread(urls.agents)
+        assert loads[other]["open_conversations"] == 1
+
+
 # -- 2. webhook agent -------------------------------------------------------------------
 
 
