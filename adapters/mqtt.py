@@ -150,8 +150,8 @@ def parse_action(agent_id: str, payload: Any, *, max_bytes: int = 65536) -> Agen
         raise ActionError(f"{action} needs conversation_id or message_id")
     if action == "reply" and not (fields["conversation_id"] and fields["value"]):
         raise ActionError("reply needs conversation_id and a non-empty value")
-    if action == "presence" and fields["value"] not in ("on", "off"):
-        raise ActionError('presence needs value "on" or "off"')
+    if action == "presence" and fields["value"] not in ("on", "away", "off"):
+        raise ActionError('presence needs value "on", "away" or "off"')
     extra = {k: v for k, v in data.items() if k not in ("action", "agent_id", *_ACTION_FIELDS)}
     return AgentAction(
         agent_id=agent_id,

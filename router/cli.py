@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.set_defaults(fn=fn)
     pr = with_config(sub.add_parser("presence", help="set an agent on or off"))
     pr.add_argument("agent")
-    pr.add_argument("state", choices=["on", "off"])
+    pr.add_argument("state", choices=["on", "away", "off"])
     pr.add_argument("--ops-url")
     pr.set_defaults(fn=cmd_presence)
 

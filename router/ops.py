@@ -20,6 +20,7 @@ from aiohttp import web
 
 from router.drivers import DriverState
 from router.model import LABELS
+from router.pipeline import PRESENCE
 
 if TYPE_CHECKING:
     from router.daemon import Daemon
@@ -88,11 +89,11 @@ def build_app(daemon: Daemon) -> web.Application:
     async def presence(request: web.Request) -> web.Response:
         agent_id = request.match_info["agent_id"]
         state = request.match_info["state"]
-        if state not in ("on", "off"):
-            return _error(400, "bad_presence", "presence must be 'on' or 'off'")
-        if not await daemon.pipeline.set_presence(agent_id, state == "on"):
+        if state not in PRESENCE:
+            return _error(400, "bad_presence", "presence must be 'on', 'away' or 'off'")
+        if not await daemon.pipeline.set_presence(agent_id, state == "on", away=state == "away"):
             return _error(404, "unknown_agent", f"no agent with id {agent_id!r}")
-        return _json({"agent": agent_id, "present": state == "on"})
+        return _json({"agent": agent_id, "present": state == "on", "presence": state})
 
     async def dead_letters(request: web.Request) -> web.Response:
         try:

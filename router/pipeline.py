@@ -46,6 +46,9 @@ CHANNEL_TARGET_PREFIX = "channel:"
 # Agent tools that cannot send actions back (so cannot accept an offer): a file inbox,
 # and outgoing webhooks (see adapters/webhook.py). Their agents hold work at once.
 NO_ACTIONS = frozenset({"inbox", "webhook"})
+# Presence values agents and the ops API set: on line, away (no new work, keeps what it
+# has), off line (no new work, gives back what it had not accepted).
+PRESENCE = ("on", "away", "off")
 
 
 def agents_from_config(config: Config) -> list[Agent]:
@@ -865,9 +868,8 @@ class Pipeline:
             stored = await self.store.message(action.message_id)
             conversation_id = stored["conversation_id"] if stored else ""
         if action.action == "presence":
-            present = action.value == "on"
-            if action.value not in ("on", "off") or not await self.set_presence(
-                action.agent_id, present
+            if action.value not in PRESENCE or not await self.set_presence(
+                action.agent_id, action.value == "on", away=action.value == "away"
             ):
                 return "rejected"
             return "ok"
@@ -1029,14 +1031,15 @@ class Pipeline:
                 [self._alert_item(sc.breach_target, event, work.id, now, sc.breach_address)]
             )
 
-    async def set_presence(self, agent_id: str, present: bool) -> bool:
-        """Mark an agent present or away (ops API and agent actions); False if unknown."""
+    async def set_presence(self, agent_id: str, present: bool, *, away: bool = False) -> bool:
+        """Put an agent on line, away (no new work, keeps its offers) or off line (its
+        unaccepted offers go back); from the ops API and agent actions. False if unknown."""
         if agent_id not in self.scheduler.agents or not await self.store.set_presence(
             agent_id, present
         ):
             return False
         now = self.clock()
-        for back in self.scheduler.set_presence(agent_id, present, now):
+        for back in self.scheduler.set_presence(agent_id, present, now, away=away and not present):
             await self._take_back(back, now)
         self._update_gauges()
         await self.drain_queues()

@@ -270,16 +270,19 @@ class Scheduler:
         self._known_languages = {lang for s in self.states.values() for lang in s.agent.languages}
         self._reindex()
 
-    def set_presence(self, agent_id: str, online: bool, now: float = 0.0) -> list[Returned]:
+    def set_presence(
+        self, agent_id: str, online: bool, now: float = 0.0, *, away: bool = False
+    ) -> list[Returned]:
         """Turn an agent on or off line; off line returns the offers it had not accepted.
 
+        Away takes no new work either but keeps its offers (their accept clocks run on).
         Raises KeyError for an unknown agent.
         """
         state = self.states[agent_id]
         state.online = online
         state.agent = replace(state.agent, present=online)
         returned: list[Returned] = []
-        if not online:
+        if not online and not away:
             for offer in [o for o in self._offers.values() if o.agent_id == agent_id]:
                 returned.append(self._take_back(offer, "returned", now, exclude=False))
         self._reindex()

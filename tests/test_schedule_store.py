@@ -416,3 +416,36 @@ async def test_department_rule_routes_by_signal(tmp_path: Path) -> None:
         assert other["assignment"]["agent_id"] == "alice"
     finally:
         await h.stop()
+
+
+async def test_away_keeps_its_offers_off_line_gives_them_back(
+    tmp_path: Path, tools_accept: None
+) -> None:
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    try:
+        pipeline.scheduler.set_presence("bo", False)
+        r = await pipeline.ingest(msg("Do you ship to Norway?", "ola"))
+        pipeline.scheduler.set_presence("bo", True)
+        assert h.store is not None
+        assert (await h.store.message(r.message_id))["assignment"]["agent_id"] == "alice"
+        assert await pipeline._apply(AgentAction(agent_id="alice", action="presence", value="away"))
+        # Away: no new work for alice, but the offer stays hers.
+        other = await pipeline.ingest(msg("Do you ship to Chile?", "pia"))
+        assert (await h.store.message(other.message_id))["assignment"]["agent_id"] == "bo"
+        assert (await h.store.message(r.message_id))["assignment"]["agent_id"] == "alice"
+        # Off line: what she had not accepted goes to someone with room.
+        assert (
+            await pipeline._apply(AgentAction(agent_id="alice", action="presence", value="off"))
+            == "ok"
+        )
+        moved = await h.store.message(r.message_id)
+        assert moved is not None and moved["assignment"]["agent_id"] == "bo"
+        assert _history(h.db, r.message_id) == [("alice", "returned")]
+        assert (
+            await pipeline._apply(AgentAction(agent_id="alice", action="presence", value="nap"))
+            == "rejected"
+        )
+    finally:
+        await h.stop()

@@ -104,9 +104,11 @@ class RoundRobin(Scheduler):
         self._bound[work.id] = agent_id
         self._lines.setdefault(agent_id, deque()).append(work)
 
-    def set_presence(self, agent_id: str, online: bool, now: float = 0.0) -> list[Returned]:
+    def set_presence(
+        self, agent_id: str, online: bool, now: float = 0.0, *, away: bool = False
+    ) -> list[Returned]:
         """Rebind the line of an agent who goes off line."""
-        returned = super().set_presence(agent_id, online, now)
+        returned = super().set_presence(agent_id, online, now, away=away)
         if not online:
             line = self._lines.pop(agent_id, deque())
             for work in line:
