@@ -14,6 +14,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics import MetricWrapperBase
 
 # Ingest commits take about a millisecond; deliveries to a local broker a few.
+# Waits for an agent: seconds to an hour (the longest default SLA).
+_WAIT_BUCKETS = (0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 _LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -160,6 +162,14 @@ class Metrics:
             "Time from commit to the agent tool acknowledging the assignment.",
             ["target"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.wait_seconds = Histogram(
+            "omnirouter_assignment_wait_seconds",
+            "Time from a message's arrival to its assignment, by label and whether the "
+            "assignment came within its SLA.",
+            ["label", "within_sla"],
+            buckets=_WAIT_BUCKETS,
             registry=r,
         )
         self.task_restarts = Counter(

@@ -320,6 +320,7 @@ class Pipeline:
         m.child(m.severity, cls.severity).inc()
         if choice is not None:
             m.child(m.assigned, queue, "direct" if choice.new_slot else "sticky").inc()
+            m.child(m.wait_seconds, cls.label, "yes").observe(0.0)
         self._update_ingest_gauges(choice.agent.id if choice is not None else None, queue)
         # The canonical line: one per routed message, everything an operator asks about.
         log.info(
@@ -825,6 +826,8 @@ class Pipeline:
                 return None
             return False
         self.metrics.assigned.labels(queue=w.department, how="dequeued").inc()
+        within = "yes" if now <= w.deadline else "no"
+        self.metrics.child(self.metrics.wait_seconds, w.label, within).observe(now - w.arrival)
         self.dispatcher.submit(outbox)
         log.info(
             "message.routed",

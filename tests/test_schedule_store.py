@@ -228,6 +228,9 @@ async def test_unaccepted_offer_times_out_and_goes_to_someone_else(
         assert _history(h.db, first.message_id) == [(slow, "timeout")]
         delivered_to = [d.agent_id for d in h.tool.deliveries if d.kind == "assignment"]
         assert delivered_to == [slow, other]
+        # The wait the customer saw: 0 s to the first offer, 61 s to the second.
+        waits = pipeline.metrics.wait_seconds.labels(label="inquiry", within_sla="yes")
+        assert waits._sum.get() == pytest.approx(61.0)
 
         # The second agent does not answer either: the message must not go back to the
         # first one (who let it time out); it waits.
