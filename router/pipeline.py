@@ -1042,8 +1042,13 @@ class Pipeline:
         ):
             return False
         now = self.clock()
-        for back in self.scheduler.set_presence(agent_id, present, now, away=away and not present):
-            await self._take_back(back, now)
+        # Under the drain lock: a drain must not hand out a returned message before the
+        # store has it queued again (its assign would fail and drop it from memory).
+        async with self._drain_lock:
+            for back in self.scheduler.set_presence(
+                agent_id, present, now, away=away and not present
+            ):
+                await self._take_back(back, now)
         self._update_gauges()
         await self.drain_queues()
         return True

@@ -224,6 +224,7 @@ class Scheduler:
         self._plain_cache: dict[tuple[str, str, str, str], bool] = {}
         self._pool_cache: dict[tuple[str, str, str, str], int] = {}
         self._any_shifts = False
+        self._skill_sets: dict[tuple[str, str, str], set[str]] = {}
         self._known_languages: set[str] = set()
         self.decisions = 0
         # Whether a timed-out message avoids the agent who let it time out (the
@@ -268,6 +269,7 @@ class Scheduler:
             state.protected = bool(classes and classes & protected)
         self._any_shifts = any(s.agent.shifts for s in self.states.values())
         self._known_languages = {lang for s in self.states.values() for lang in s.agent.languages}
+        self._skill_sets.clear()
         self._reindex()
 
     def set_presence(
@@ -621,7 +623,26 @@ class Scheduler:
         """Return the agents who may take this message now and have a free slot for it."""
         self._ensure_type(work.channel_type)
         free = self._free[work.channel_type]
+        if not work.level and len(free) > 8:
+            # Many agents with room (a quiet hour, a big roster): narrow them by set
+            # intersection with the agents skilled for the message before the full check.
+            free = free & self._skilled_for(work)
         return [s for s in (self.states[i] for i in free) if self._eligible(s, work, now)]
+
+    def _skilled_for(self, work: Work) -> set[str]:
+        """Return the ids of agents whose class, language and department fit (cached)."""
+        lang = work.language if work.language in self._known_languages else ""
+        key = (work.label, lang, work.department)
+        found = self._skill_sets.get(key)
+        if found is None:
+            found = self._skill_sets[key] = {
+                s.id
+                for s in self.states.values()
+                if (not s.agent.classes or work.label in s.agent.classes)
+                and (not lang or not s.agent.languages or lang in s.agent.languages)
+                and work.department in s.agent.queues
+            }
+        return found
 
     def _eligible(self, state: AgentState, work: Work, now: float) -> bool:
         agent = state.agent
