@@ -318,10 +318,15 @@ def test_plan_sums_classes_and_compares_with_the_roster() -> None:
     assert nine["gap"] == 10 - nine["need"]
     assert rows[10]["on_shift"] == 0 and rows[10]["gap"] == -rows[10]["need"]
     assert any("assumed 300 s" in a for a in rows[10]["assumptions"])
+    # One shared pool: total load at the strictest target, never more than the split sum.
+    erlangs = 100 * 180 / HOUR + 6 * 600 / HOUR
+    assert nine["need_pooled"] == agents_needed(106 / HOUR, erlangs * HOUR / 106, 20)
+    assert nine["need_pooled"] <= nine["need"]
     assert rows[11] == {
         "hour": 11,
         "classes": {},
         "need": 0,
+        "need_pooled": 0,
         "on_shift": 0,
         "gap": 0,
         "assumptions": [],
@@ -498,7 +503,15 @@ def test_cli_staffing_from_a_trace(tmp_path: Path, capsys: pytest.CaptureFixture
     assert len(hours) == 24
     quiet, busy = hours[0], hours[1]
     for row in (quiet, busy):
-        assert set(row) == {"hour", "classes", "need", "on_shift", "gap", "assumptions"}
+        assert set(row) == {
+            "hour",
+            "classes",
+            "need",
+            "need_pooled",
+            "on_shift",
+            "gap",
+            "assumptions",
+        }
         assert set(row["classes"]) == {"inquiry"}
         assert row["on_shift"] == 20 and row["gap"] == 20 - row["need"]
     assert (
