@@ -564,7 +564,7 @@ def test_ops_admin_metrics_and_presence(
 
     # Presence off: new messages go to the other agent only.
     status, body, _ = urls.admin("POST", "/v1/agents/alice/presence/off")
-    assert status == 200 and body == {"agent": "alice", "present": False}
+    assert status == 200 and body == {"agent": "alice", "present": False, "presence": "off"}
     assert urls.agents()["alice"]["present"] is False
     receipts = []
     for i in range(2):
