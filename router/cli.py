@@ -295,13 +295,17 @@ def render_explain(stored: dict[str, Any]) -> str:
     explain = a.get("explain")
     if explain:
         lines.append(
-            f"  rule {explain['rule']}; {len(explain['candidates'])} agents considered "
+            f"  rule {explain['rule']}; "
+            f"{len(explain['candidates']) + sum(explain.get('others', {}).values())} agents "
+            "considered "
             f"for {explain['label']} / {explain['language']} / {explain['channel_type']} "
             f"in {explain['department']}:"
         )
         width = max(len(c["agent"]) for c in explain["candidates"])
         for c in explain["candidates"]:
             lines.append(f"    {c['agent'].ljust(width)}  {c['verdict']}")
+        for reason, count in sorted(explain.get("others", {}).items()):
+            lines.append(f"    and {count} more: {reason}")
     return "\n".join(lines)
 
 

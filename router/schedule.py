@@ -44,6 +44,9 @@ from typing import Any
 from router.model import Agent
 
 URGENT_SEVERITIES = ("P0", "P1")
+# Above this many agents, explain records count the plainly unavailable ones by reason.
+EXPLAIN_LIST_LIMIT = 50
+_PLAINLY_OUT = ("off line", "off shift", "full", "takes no")
 # Overflow widenings, applied in the order configured.
 WIDEN_DEPARTMENTS = "departments"  # any department's agents may take it
 WIDEN_LANGUAGES = "languages"  # agents who do not list its language may take it
@@ -958,11 +961,23 @@ class Scheduler:
         return iter(self.states.values())
 
     def _explain(self, work: Work, now: float, chosen: AgentState, rule: str) -> dict[str, Any]:
-        """Record every agent's verdict for this message (for `omnirouter explain`)."""
+        """Record every agent's verdict for this message (for `omnirouter explain`).
+
+        On a big roster the agents who were plainly out (off line, off shift, full, not
+        taking the channel type) are counted by reason instead of listed, so the record
+        stored with every assignment stays small.
+        """
         verdicts = []
+        others: dict[str, int] = {}
         ct = work.channel_type
+        big = len(self.states) > EXPLAIN_LIST_LIMIT
         for state in sorted(self.states.values(), key=lambda s: s.id):
-            verdicts.append({"agent": state.id, "verdict": self._verdict(state, work, now, chosen)})
+            verdict = self._verdict(state, work, now, chosen)
+            if big and verdict.startswith(_PLAINLY_OUT):
+                reason = verdict.split(":")[0]
+                others[reason] = others.get(reason, 0) + 1
+            else:
+                verdicts.append({"agent": state.id, "verdict": verdict})
         return {
             "rule": rule,
             "chosen": chosen.id,
@@ -972,6 +987,7 @@ class Scheduler:
             "department": work.department,
             "overflow_level": work.level,
             "candidates": verdicts,
+            "others": others,
         }
 
     def _verdict(self, state: AgentState, work: Work, now: float, chosen: AgentState) -> str:

@@ -959,3 +959,16 @@ def test_random_run_keeps_the_invariants(seed: int) -> None:
         assert all(a.id in (w.excluded or ()) for a in takers), (w.id, w.excluded)
     assert assignments >= 300
     assert timeouts > 0
+
+
+def test_explain_on_a_big_roster_counts_the_plainly_unavailable() -> None:
+    roster = [agent(f"busy{i:03d}", capacity=1) for i in range(60)]
+    roster += [agent("free", capacity=1), agent("fr-only", capacity=1, languages=("fr",))]
+    s = sched(*roster, explain=True)
+    for i in range(60):
+        s.hold(f"slot{i}", f"c{i}", f"busy{i:03d}", "chat")
+    (d,) = decide(s, 0, work("m", language="fr"))
+    assert d.explain is not None
+    listed = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    assert set(listed) == {"free", "fr-only"}
+    assert d.explain["others"] == {"full": 60}
