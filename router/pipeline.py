@@ -979,6 +979,10 @@ class Pipeline:
                 self.scheduler.hold(work.slot, work.conversation, back.agent_id, work.channel_type)
             return
         self.metrics.child(self.metrics.taken_back, back.why).inc()
+        agent = self.scheduler.agents.get(back.agent_id)
+        if agent is not None:
+            # Tell the agent's tool, so the offer leaves their list (they may be back).
+            await self._send_now([self._withdrawn_item(agent, work, ids, back.why, now)])
         log.warning(
             f"assignment.{back.why}",
             message_id=work.id,
@@ -995,6 +999,27 @@ class Pipeline:
                 if back.why == "timeout":
                     follow.excluded = {back.agent_id}
                 self.scheduler.submit(follow)
+
+    def _withdrawn_item(
+        self, agent: Agent, work: Work, message_ids: list[str], why: str, now: float
+    ) -> OutboxItem:
+        """A notice to the agent's tool that offers were taken back from them."""
+        return OutboxItem(
+            id=new_ulid(),
+            target=agent.tool,
+            agent_id=agent.id,
+            address=agent.address or agent.id,
+            kind="withdrawn",
+            payload={
+                "ticket": TICKET_PREFIX + work.conversation,
+                "conversation_id": work.conversation,
+                "message_ids": message_ids,
+                "reason": "not accepted in time" if why == "timeout" else "you went off line",
+            },
+            message_id=work.id,
+            next_attempt_at=now,
+            created_at=now,
+        )
 
     def _work_from_stored(self, stored: dict[str, Any]) -> Work:
         """Return the scheduler's view of a stored message."""

@@ -311,9 +311,15 @@ async def test_mqtt_offer_not_accepted_moves_to_the_other_agent(
         topic, first = await next_delivery(sub)
         silent = topic.split("/")[-2]
         other = "bo" if silent == "alice" else "alice"
-        # Nobody accepts: within the timeout and the once-a-second tick it moves on.
-        topic, second = await next_delivery(sub, within=10)
-        assert topic == f"{PREFIX}/{other}/inbox"
+        # Nobody accepts: within the timeout and the once-a-second tick it moves on, and
+        # the silent agent's tool is told it was taken back.
+        got = dict([await next_delivery(sub, within=10), await next_delivery(sub, within=10)])
+        assert set(got) == {f"{PREFIX}/{other}/inbox", f"{PREFIX}/{silent}/inbox"}
+        notice = got[f"{PREFIX}/{silent}/inbox"]
+        assert notice["kind"] == "withdrawn"
+        assert notice["message_ids"] == [first["message"]["id"]]
+        second = got[f"{PREFIX}/{other}/inbox"]
+        assert second["kind"] == "assignment"
         assert second["message"]["id"] == first["message"]["id"]
         assert second["delivery_id"] != first["delivery_id"]
         loads = await asyncio.to_thread(urls.agents)

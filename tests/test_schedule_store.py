@@ -228,6 +228,9 @@ async def test_unaccepted_offer_times_out_and_goes_to_someone_else(
         assert _history(h.db, first.message_id) == [(slow, "timeout")]
         delivered_to = [d.agent_id for d in h.tool.deliveries if d.kind == "assignment"]
         assert delivered_to == [slow, other]
+        (notice,) = [d for d in h.tool.deliveries if d.kind == "withdrawn"]
+        assert notice.agent_id == slow and notice.payload["message_ids"] == [first.message_id]
+        assert notice.payload["reason"] == "not accepted in time"
         # The wait the customer saw: 0 s to the first offer, 61 s to the second.
         waits = pipeline.metrics.wait_seconds.labels(label="inquiry", within_sla="yes")
         assert waits._sum.get() == pytest.approx(61.0)
