@@ -287,6 +287,10 @@ class AgentConfig(_Frozen):
     queues: list[str] = Field(default_factory=lambda: ["default"])  # departments
     present: bool = True
     supervisor: bool = False  # takes overflow work (see scheduling.overflow)
+    # Whether offers to this agent must be accepted (scheduling.accept_timeout). Unset:
+    # yes for tools that send actions (MQTT), no for the file inbox and webhooks; set
+    # it true for an agent whose tool accepts through the ops API instead.
+    accepts: bool | None = None
     shifts: list[ShiftConfig] = Field(default_factory=list)  # none: always in shift
 
     @field_validator("capacity")

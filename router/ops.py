@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from router.drivers import DriverState
+from router.drivers import AgentAction, DriverState
 from router.model import LABELS
 from router.pipeline import PRESENCE
 
@@ -151,7 +151,26 @@ def build_app(daemon: Daemon) -> web.Application:
             return _error(404, "unknown_message", f"no message with id {message_id!r}")
         return _json({"message_id": message_id, "label": label})
 
+    async def accept(request: web.Request) -> web.Response:
+        # {"agent": "alice"}: the agent takes up the message's conversation (for tools
+        # that cannot send actions themselves, e.g. a chat bot behind a webhook).
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not valid JSON")
+        agent = body.get("agent") if isinstance(body, dict) else None
+        if not isinstance(agent, str) or not 0 < len(agent) <= 64:
+            return _error(400, "invalid_agent", 'give the accepting agent: {"agent": "alice"}')
+        message_id = request.match_info["message_id"]
+        outcome = await daemon.pipeline.act(
+            AgentAction(agent_id=agent, action="accept", message_id=message_id)
+        )
+        if outcome != "ok":
+            return _error(409, "not_offered", f"{message_id!r} is not with {agent!r}")
+        return _json({"message_id": message_id, "agent": agent, "accepted": True})
+
     app.router.add_post("/v1/messages/{message_id}/label", admin(relabel))
+    app.router.add_post("/v1/messages/{message_id}/accept", admin(accept))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -68,7 +68,9 @@ def agents_from_config(config: Config) -> list[Agent]:
             languages=frozenset(k for k in a.skills if k not in LABELS),
             supervisor=a.supervisor,
             shifts=tuple(sh.to_shift() for sh in a.shifts),
-            accepts=tool_types.get(a.tool, "") not in NO_ACTIONS,
+            accepts=a.accepts
+            if a.accepts is not None
+            else tool_types.get(a.tool, "") not in NO_ACTIONS,
         )
         for a in config.agents
     ]
@@ -846,7 +848,11 @@ class Pipeline:
     # -- agent actions -----------------------------------------------------------
 
     async def on_action(self, action: AgentAction) -> None:
-        """Apply what an agent did in their tool."""
+        """Apply what an agent did in their tool (the adapters' action sink)."""
+        await self.act(action)
+
+    async def act(self, action: AgentAction) -> str:
+        """Apply an agent's action; return the outcome (ok, rejected, unsupported)."""
         await self._restored.wait()
         outcome = "ok"
         try:
@@ -863,6 +869,7 @@ class Pipeline:
                 conversation_id=action.conversation_id or None,
                 outcome=outcome,
             )
+        return outcome
 
     async def _apply(self, action: AgentAction) -> str:
         now = self.clock()
