@@ -8,6 +8,7 @@ nothing the scheduler says about itself).
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,72 @@ def test_cli_rejects_an_unknown_policy_and_a_bad_trace(tmp_path: Path) -> None:
     assert done.returncode == 2 and "unknown policy 'fastest'" in done.stderr
     done = _omnirouter("simulate", "--trace", str(trace), cwd=tmp_path)
     assert done.returncode == 2 and "config line" in done.stderr
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_traces_keep_the_invariants_for_every_policy(seed: int) -> None:
+    # Small hand-rolled worlds the generator does not make: agents joining late, going
+    # off and back on line, narrow skills, unknown languages, agents ignoring offers.
+    rng = random.Random(seed)
+    lines: list[dict[str, object]] = [
+        {
+            "type": "config",
+            "t": 0,
+            "sla": {"complaint": 120, "complaint_urgent": 30, "inquiry": 300, "suggestion": 3600},
+            "accept_timeout": 30,
+            "complaint_streak_limit": 2,
+        }
+    ]
+    agents = [f"a{i}" for i in range(6)]
+    events: list[dict[str, object]] = []
+    for i, agent_id in enumerate(agents):
+        events.append(
+            {
+                "type": "agent",
+                "t": 0.0 if i < 4 else rng.uniform(100, 2000),
+                "id": agent_id,
+                "skills": rng.sample(["inquiry", "complaint", "suggestion"], rng.randint(1, 3)),
+                "languages": rng.sample(["en", "zh"], rng.randint(1, 2)),
+                "capacity": {"chat": rng.randint(1, 3), "email": rng.randint(0, 4)},
+                "online": True,
+            }
+        )
+    for _ in range(12):
+        events.append(
+            {
+                "type": "presence",
+                "t": rng.uniform(2100, 5000),
+                "agent": rng.choice(agents),
+                "online": rng.random() < 0.5,
+            }
+        )
+    for n in range(250):
+        message: dict[str, object] = {
+            "type": "message",
+            "t": rng.uniform(0, 6000),
+            "id": f"m{n:04d}",
+            "class": rng.choice(["inquiry", "complaint", "suggestion"]),
+            "urgent": rng.random() < 0.1,
+            "channel_type": rng.choice(["chat", "chat", "email"]),
+            "lang": rng.choice(["en", "zh"]),
+            "conversation": f"c{rng.randrange(120):03d}",
+            "handle_time": rng.expovariate(1 / 200) + 1,
+        }
+        if rng.random() < 0.2:
+            message["ignored_by"] = rng.sample(agents, 2)
+        events.append(message)
+    events.sort(key=lambda e: float(e["t"]))  # type: ignore[arg-type]
+    # Everyone comes back on line at the end, so all work can drain.
+    tail = [{"type": "presence", "t": 6000.0, "agent": a, "online": True} for a in agents]
+    trace = [*lines, *events, *tail, {"type": "end", "t": 6000.0}]
+    for policy in POLICIES:
+        summary = run_and_summarise(trace, policy).summary
+        broken = [
+            f"{k}={summary[k]}"
+            for k in INVARIANT_COUNTERS
+            if summary[k] and k not in ("never_accepted", "skill_violations")
+        ]
+        assert broken == [], (policy, broken, summary["violations"][:3])
+        if policy == "omnirouter":
+            assert summary["reoffered_after_timeout"] == 0
+            assert summary["complaint_streak_violations"] == 0, summary["violations"][:3]

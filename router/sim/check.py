@@ -32,8 +32,9 @@ trusts the scheduler's own figures. Definitions:
   urgency; another class resets it). A violation is an assigned complaint that takes
   the run above ``complaint_streak_limit`` while another agent could have taken it
   without passing the limit itself: on line, with the skill and the language, free
-  capacity for the channel type, and a run below the limit. (When everyone with room
-  is at the limit there is nobody to rotate to.)
+  capacity for the channel type, a run below the limit, and not an agent who let this
+  very message time out (it may not be offered to them again). When everyone with room
+  is at the limit there is nobody to rotate to.
 - **utilisation** of an agent = handle time of the messages it completed / (capacity
   summed over its channel types * seconds on line from its declaration to the last
   event's ``t``). **utilisation_gini**: Gini coefficient over the agents with positive
@@ -331,6 +332,7 @@ class _Replay:
                 and lang in other.languages
                 and other.has_room(channel_type)
                 and other.streak < self.streak_limit
+                and (message["id"], other_id) not in self.timed_out
             ):
                 return True
         return False

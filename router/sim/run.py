@@ -78,6 +78,12 @@ def _agent(line: dict[str, Any]) -> Agent:
     )
 
 
+# After the last arrival the run drains for at most this long: a message whose every
+# eligible agent ignores it would otherwise cycle through timeouts for ever under a
+# policy that forgets who let it time out. What is left then counts as never accepted.
+DRAIN_LIMIT = 7 * 86400.0
+
+
 def simulate(
     trace: list[dict[str, Any]], policy: str = "omnirouter", *, seed: int = 0
 ) -> SimResult:
@@ -96,6 +102,7 @@ def simulate(
     spent = 0.0
     i = 1
     now = 0.0
+    last_t = max((float(line.get("t", 0.0)) for line in trace), default=0.0)
     while True:
         candidates = []
         if i < len(trace):
@@ -108,6 +115,8 @@ def simulate(
         if not candidates:
             break
         now = max(now, min(candidates))
+        if i >= len(trace) and now > last_t + DRAIN_LIMIT:
+            break
         while completions and completions[0][0] <= now:
             t, _, message_id, agent_id = heapq.heappop(completions)
             events.append({"t": t, "event": "completed", "message": message_id, "agent": agent_id})
