@@ -81,7 +81,7 @@ def _agent(line: dict[str, Any]) -> Agent:
 # After the last arrival the run drains for at most this long: a message whose every
 # eligible agent ignores it would otherwise cycle through timeouts for ever under a
 # policy that forgets who let it time out. What is left then counts as never accepted.
-DRAIN_LIMIT = 7 * 86400.0
+DRAIN_LIMIT = 86400.0
 
 
 def simulate(
