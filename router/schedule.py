@@ -13,7 +13,8 @@ How a decision is made:
   slot for the message's channel type, skilled in its class and language, serving its
   department, and not the agent who already let this message time out. Overflow steps
   widen the last three for work waiting past its deadline.
-* **Choice among the eligible.** The agent who has the conversation open (sticky);
+* **Choice among the eligible.** The agent who has the conversation open (sticky),
+  unless that agent is at its complaint streak limit and someone under it has room;
   else agents under their complaint streak limit (rotation), agents who have not let
   work time out lately, and agents without a scarce skill (a complaint specialist is
   kept for complaints while a generalist can take an inquiry); then the most spare
@@ -26,7 +27,8 @@ How a decision is made:
   reserve is spent only on work it can save; later work waits for an ordinary slot).
 * **Slots.** Assigned-but-not-accepted work holds a slot as accepted work does. An
   offer not accepted within the accept timeout goes back to the queue (and never to
-  the same agent again); an agent going off line gives back what it had not accepted.
+  the same agent again); an agent going off line, or whose shift ends, gives back what
+  it had not accepted (an agent set away keeps it).
 
 The daemon keys a slot by conversation (a follow-up joins the open conversation's
 slot); the simulator keys it by message. Either way `slot` names what holds capacity.
@@ -163,7 +165,9 @@ class Decision:
 
     work: Work
     agent: Agent
-    rule: str  # sticky | balance | rotation | reliability | reserve-released | overflow:…
+    # sticky | balance | rotation | rotation-break | reliability | reserve |
+    # reserve-released (the baselines name themselves: least_loaded, round_robin, random)
+    rule: str
     reason: str  # one line for logs and the routing record
     new_slot: bool = True
     explain: dict[str, Any] | None = None
