@@ -820,27 +820,25 @@ def _has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> boo
     """Tell whether the agent may take one more conversation (checked in the transaction).
 
     The scheduler in memory already checked; this is the check that holds when two
-    workers (or two daemons on one database) decide at the same time.
+    workers (or two daemons on one database) decide at the same time. One indexed
+    query: the agent's open conversations (of the pool), and whether this conversation
+    is already one of them (a follow-up joins the slot it holds).
     """
     if a.capacity <= 0:
         return True
-    row = c.execute(
-        "SELECT agent_id FROM conversations WHERE id=? AND state='open'", (conversation_id,)
-    ).fetchone()
-    if row is not None and row[0] == a.agent_id:
-        return True  # a follow-up joins the slot the conversation already holds
     if a.pool == "*":
-        held = c.execute(
-            "SELECT COUNT(*) FROM conversations WHERE agent_id=? AND state='open' AND id!=?",
-            (a.agent_id, conversation_id),
-        ).fetchone()[0]
+        held, joins = c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "WHERE agent_id=? AND state='open'",
+            (conversation_id, a.agent_id),
+        ).fetchone()
     else:
-        held = c.execute(
-            "SELECT COUNT(*) FROM conversations WHERE agent_id=? AND state='open' AND id!=? "
-            "AND channel_type=?",
-            (a.agent_id, conversation_id, a.pool),
-        ).fetchone()[0]
-    return int(held) < a.capacity
+        held, joins = c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "WHERE agent_id=? AND state='open' AND channel_type=?",
+            (conversation_id, a.agent_id, a.pool),
+        ).fetchone()
+    return bool(joins) or int(held) < a.capacity
 
 
 def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
