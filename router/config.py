@@ -330,6 +330,9 @@ class SchedulingConfig(_Frozen):
     breach_target: str | None = Field(default=None, pattern=NAME_RE)
     breach_address: str = "sla"
     complaint_streak_limit: int = Field(default=3, ge=0, le=1000)  # 0: no rotation
+    # Store every agent's verdict with each assignment (omnirouter explain). Costs CPU
+    # per message in proportion to the roster; off keeps only the one-line reason.
+    explain: bool = True
     # Slots kept free among complaint specialists for P0/P1 work ...
     urgent_reserve: int = Field(default=1, ge=0, le=100)
     # ... until the waiting message has spent this share of its SLA.

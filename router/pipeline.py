@@ -136,7 +136,9 @@ class Pipeline:
         # the daemon fills it as it starts channels.
         self.answering_channels: set[str] = set()
         self.scheduler = Scheduler(
-            agents_from_config(config), policy_from_config(config), explain=True
+            agents_from_config(config),
+            policy_from_config(config),
+            explain=config.scheduling.explain,
         )
         self._secret = b""
         self._token_mac: hmac.HMAC | None = None  # keyed with _token_key
@@ -243,6 +245,7 @@ class Pipeline:
         agents = agents_from_config(config)
         presence = await self.store.sync_agents(agents)
         self.scheduler.policy = policy_from_config(config)
+        self.scheduler.explain = config.scheduling.explain
         self.scheduler.set_roster(
             [replace(a, present=presence.get(a.id, a.present)) for a in agents]
         )

@@ -455,3 +455,20 @@ async def test_away_keeps_its_offers_off_line_gives_them_back(
         )
     finally:
         await h.stop()
+
+
+async def test_explain_off_keeps_only_the_reason(tmp_path: Path) -> None:
+    from router.cli import render_explain
+
+    h = Harness(tmp_path, TEAM, scheduling={"explain": False})
+    pipeline = await h.start()
+    try:
+        r = await pipeline.ingest(msg("Can I change my order?", "quinn"))
+        assert h.store is not None
+        stored = await h.store.message(r.message_id)
+        assert stored is not None and stored["assignment"]["explain"] is None
+        assert stored["assignment"]["reason"]
+        text = render_explain(stored)
+        assert "why:" in text and "agents considered" not in text
+    finally:
+        await h.stop()
