@@ -989,7 +989,8 @@ class Pipeline:
                 self.scheduler.hold(work.slot, work.conversation, back.agent_id, work.channel_type)
             return
         self.metrics.child(self.metrics.taken_back, back.why).inc()
-        agent = self.scheduler.agents.get(back.agent_id)
+        state = self.scheduler.states.get(back.agent_id)
+        agent = state.agent if state is not None else None
         if agent is not None:
             # Tell the agent's tool, so the offer leaves their list (they may be back).
             await self._send_now([self._withdrawn_item(agent, work, ids, back.why, now)])
@@ -1072,7 +1073,7 @@ class Pipeline:
     async def set_presence(self, agent_id: str, present: bool, *, away: bool = False) -> bool:
         """Put an agent on line, away (no new work, keeps its offers) or off line (its
         unaccepted offers go back); from the ops API and agent actions. False if unknown."""
-        if agent_id not in self.scheduler.agents or not await self.store.set_presence(
+        if agent_id not in self.scheduler.states or not await self.store.set_presence(
             agent_id, present
         ):
             return False
@@ -1144,9 +1145,12 @@ class Pipeline:
             return
         last = self._gauge_values
         if agent_id is not None:
-            a = self.scheduler.agents.get(agent_id)
-            if a is not None:
-                values = (self.scheduler.load.get(a.id, 0), a.capacity, 1 if a.present else 0)
+            # One agent's state, not the scheduler's roster-wide views (which build a
+            # dict of every agent on each call).
+            state = self.scheduler.states.get(agent_id)
+            if state is not None:
+                a = state.agent
+                values = (state.load, a.capacity, 1 if a.present else 0)
                 if last.get(a.id) != values:
                     m.child(m.agent_load, a.id).set(values[0])
                     m.child(m.agent_capacity, a.id).set(values[1])

@@ -223,6 +223,9 @@ class Scheduler:
         self._buckets_by_ct: dict[str, set[tuple[str, str, str, str, int]]] = {}
         self._waiting: dict[str, Work] = {}  # message id -> waiting work
         self._followups: set[str] = set()  # waiting work whose slot is held already
+        # department -> waiting count, kept as work comes and goes: the pipeline reads
+        # it per message, and counting a long backlog each time would cost O(backlog).
+        self._depth: dict[str, int] = {}
         self._by_slot: dict[str, set[str]] = {}  # slot -> its waiting message ids
         self._joined: dict[str, int] = {}  # slot -> follow-ups that joined it
         self._offers: dict[str, Offer] = {}  # message id -> outstanding offer
@@ -329,6 +332,7 @@ class Scheduler:
         work.seq = next(self._seq)
         work.state = "waiting"
         self._waiting[work.id] = work
+        self._depth[work.department] = self._depth.get(work.department, 0) + 1
         self._by_slot.setdefault(work.slot, set()).add(work.id)
         if work.slot in self.holder:
             # A follow-up of a held conversation: it joins the holder's slot as soon as
@@ -910,6 +914,11 @@ class Scheduler:
     def _unwait(self, work: Work) -> None:
         if self._waiting.pop(work.id, None) is None:
             return
+        left = self._depth[work.department] - 1
+        if left:
+            self._depth[work.department] = left
+        else:
+            del self._depth[work.department]
         ids = self._by_slot.get(work.slot)
         if ids is not None:
             ids.discard(work.id)
@@ -955,10 +964,7 @@ class Scheduler:
 
     def queue_depths(self) -> dict[str, int]:
         """Return the number of waiting messages per department (queue)."""
-        depths: dict[str, int] = {}
-        for w in self._waiting.values():
-            depths[w.department] = depths.get(w.department, 0) + 1
-        return depths
+        return dict(self._depth)
 
     def iter_states(self) -> Iterator[AgentState]:
         """Yield every agent's live state."""

@@ -847,6 +847,11 @@ def check_invariants(
             assert used <= state.capacity(ct), (state.id, pool, used)
     # Every live message is in exactly one state, and the engine agrees with it.
     waiting = {w.id for w in s.waiting()}
+    # Queue depths kept as work comes and goes agree with a recount.
+    recount: dict[str, int] = {}
+    for w in s.waiting():
+        recount[w.department] = recount.get(w.department, 0) + 1
+    assert s.queue_depths() == recount
     offers = {o.work.id: o for o in s.offers()}
     assert waiting <= set(live) and set(offers) <= set(live)
     for mid, w in live.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from router.model import Agent
@@ -136,7 +136,7 @@ def simulate(
                 if agent_id not in sched.states:
                     raise TraceError(f"line {i + 1}: presence of unknown agent {agent_id!r}")
                 online = bool(line["online"])
-                roster[agent_id] = _with_presence(roster[agent_id], online)
+                roster[agent_id] = replace(roster[agent_id], present=online)
                 for back in sched.set_presence(agent_id, online, now):
                     events.append(_event(now, "returned", back.work.id, back.agent_id))
             elif kind == "message":
@@ -192,12 +192,6 @@ def simulate(
         messages=len(messages),
         virtual_seconds=now,
     )
-
-
-def _with_presence(agent: Agent, online: bool) -> Agent:
-    from dataclasses import replace
-
-    return replace(agent, present=online)
 
 
 def _event(t: float, event: str, message_id: str, agent_id: str) -> dict[str, Any]:
