@@ -10,8 +10,6 @@ fsynced in a worker thread, new lines queue up and go out together in the next
 batch with a single fsync. That keeps the event loop free of disk latency and the
 fsync count per second bounded by the disk, not by the message rate.
 
-This module also owns `encode_delivery`, the body every adapter sends, because it
-is the one adapter with no optional dependency to import.
 """
 
 from __future__ import annotations
@@ -20,15 +18,18 @@ import asyncio
 import json
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from router.delivery import encode_delivery
 from router.drivers import (
+    AGENT_ID_RE,
+    NAME_RE,
     ActionSink,
+    AgentToolBase,
     Delivery,
     DriverContext,
     DriverState,
@@ -36,37 +37,8 @@ from router.drivers import (
     TransientError,
 )
 
-DELIVERY_SCHEMA = "omnirouter.delivery/1"
-# Envelope keys the adapters own; a payload that sets one is a bug upstream.
-ENVELOPE_KEYS = frozenset({"schema", "delivery_id", "kind", "agent_id", "attempt"})
-
-# Same patterns as router.config (not imported: the config loader imports adapters).
-# Agent ids double as file names, so this also keeps paths inside the inbox dir.
-AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 _SAFE_NAME = re.compile(AGENT_ID_RE)
 _READ_CHUNK = 1 << 20
-
-
-def encode_delivery(delivery: Delivery) -> bytes:
-    """Return the compact UTF-8 JSON body of a delivery (schema omnirouter.delivery/1)."""
-    clash = ENVELOPE_KEYS.intersection(delivery.payload)
-    if clash:
-        raise PermanentError(f"delivery payload must not set envelope keys {sorted(clash)}")
-    body: dict[str, Any] = {
-        "schema": DELIVERY_SCHEMA,
-        "delivery_id": delivery.id,
-        "kind": delivery.kind,
-        "agent_id": delivery.agent_id,
-        "attempt": delivery.attempt,
-        **delivery.payload,
-    }
-    try:
-        # allow_nan=False: NaN/Infinity are not JSON and would break strict parsers.
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise PermanentError(f"delivery payload is not JSON-serialisable: {exc}") from exc
-    return text.encode("utf-8")
 
 
 class Config(BaseModel):
@@ -243,20 +215,17 @@ def _consume_exception(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
-class InboxTool:
+class InboxTool(AgentToolBase):
     """Append each delivery as one JSON line to the agent's file, exactly once per delivery id."""
 
     config_model: ClassVar[type[Config]] = Config
+    sends_actions = False  # a file cannot say "I took it": its agents hold work at once
 
     def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
         """Prepare the tool; nothing touches the disk before the first delivery or run()."""
-        self.name = name
+        super().__init__(name, ctx)
         self.config = config
-        self.log = ctx.log
         self.dir = config.dir if config.dir is not None else ctx.state_dir / "inbox"
-        self.state = DriverState.STOPPED
-        self.last_error = ""
-        self.last_success: float | None = None
         self._files: dict[str, _AgentFile] = {}
         self._dir_ready = False
         self._stopped = False
@@ -300,7 +269,7 @@ class InboxTool:
         except TransientError as exc:
             self.last_error = str(exc)
             raise
-        self.last_success = time.time()
+        self._succeeded()
 
     async def stop(self) -> None:
         """Refuse new deliveries and wait for the writes in progress to reach the disk."""
@@ -315,9 +284,3 @@ class InboxTool:
         if not self.dir.is_dir():
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._dir_ready = True
-
-    def _set_state(self, state: DriverState) -> None:
-        """Change state and log the transition (not every call)."""
-        if state != self.state:
-            self.log.info("driver.state", old=str(self.state), new=str(state))
-            self.state = state

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import re
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +38,15 @@ from aiomqtt.exceptions import MqttConnectError  # not re-exported by aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from adapters.inbox import encode_delivery
+from router.actions import ActionError, parse_action
 from router.backoff import backoff_delay
+from router.delivery import encode_delivery
 from router.drivers import (
+    AGENT_ID_RE,
+    NAME_RE,
     ActionSink,
     AgentAction,
+    AgentToolBase,
     Delivery,
     DriverContext,
     DriverState,
@@ -53,17 +55,13 @@ from router.drivers import (
     TransientError,
 )
 
-ACTIONS = frozenset({"accept", "resolve", "presence", "reply"})
-_ACTION_FIELDS = ("conversation_id", "message_id", "value")
+__all__ = ["ActionError", "Config", "MqttTool", "parse_action"]
 
 # CONNACK codes meaning "these credentials will not work": v3.1.1 return codes 4
 # (bad user name or password) and 5 (not authorised), and their MQTT v5 / paho 2
 # reason codes 134 and 135. paho 2 reports v3.1.1 refusals as the v5 codes.
 AUTH_REFUSED_CODES = frozenset({4, 5, 134, 135})
 
-# Same patterns as router.config (not imported: the config loader imports adapters).
-AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 _AGENT_ID = re.compile(AGENT_ID_RE)
 # A topic segment of an address: anything but the separator, wildcards and NUL.
 _ADDRESS = re.compile(r"[^/+#\x00]+(?:/[^/+#\x00]+)*")
@@ -116,53 +114,6 @@ class Config(BaseModel):
         return self
 
 
-class ActionError(ValueError):
-    """An agent action payload that does not follow the schema (message names no body content)."""
-
-
-def parse_action(agent_id: str, payload: Any, *, max_bytes: int = 65536) -> AgentAction:
-    """Validate one action payload from agent_id's topic and return it as an AgentAction."""
-    if not isinstance(payload, bytes | bytearray):
-        raise ActionError("payload is not bytes")
-    if len(payload) > max_bytes:
-        raise ActionError(f"payload larger than {max_bytes} bytes")
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise ActionError("payload is not UTF-8 JSON") from None
-    if not isinstance(data, dict):
-        raise ActionError("payload is not a JSON object")
-    action = data.get("action")
-    if not isinstance(action, str) or action not in ACTIONS:
-        raise ActionError(f"action must be one of {sorted(ACTIONS)}")
-    if "agent_id" in data and data["agent_id"] != agent_id:
-        # The topic is what the broker's ACL binds to the agent's login; trust only it.
-        raise ActionError("agent_id in the body does not match the topic")
-    fields: dict[str, str] = {}
-    for key in _ACTION_FIELDS:
-        value = data.get(key)
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            raise ActionError(f"{key} must be a string")
-        fields[key] = value
-    if action in ("accept", "resolve") and not (fields["conversation_id"] or fields["message_id"]):
-        raise ActionError(f"{action} needs conversation_id or message_id")
-    if action == "reply" and not (fields["conversation_id"] and fields["value"]):
-        raise ActionError("reply needs conversation_id and a non-empty value")
-    if action == "presence" and fields["value"] not in ("on", "away", "off"):
-        raise ActionError('presence needs value "on", "away" or "off"')
-    extra = {k: v for k, v in data.items() if k not in ("action", "agent_id", *_ACTION_FIELDS)}
-    return AgentAction(
-        agent_id=agent_id,
-        action=action,
-        conversation_id=fields["conversation_id"],
-        message_id=fields["message_id"],
-        value=fields["value"],
-        extra=extra,
-    )
-
-
 @dataclass(slots=True)
 class _Session:
     """One live connection: the client and a future resolved when the connection ends."""
@@ -183,19 +134,16 @@ class _Session:
                 deadline.reschedule(0)  # in the past: expires on the loop's next iteration
 
 
-class MqttTool:
+class MqttTool(AgentToolBase):
     """Publish deliveries with QoS 1 and feed agent actions from the broker to the router."""
 
     config_model: ClassVar[type[Config]] = Config
+    sends_actions = True  # agents publish accept/resolve/reply/... on <prefix>/<agent>/actions
 
     def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
         """Prepare the tool; the connection is made by run()."""
-        self.name = name
+        super().__init__(name, ctx)
         self.config = config
-        self.log = ctx.log
-        self.state = DriverState.STOPPED
-        self.last_error = ""
-        self.last_success: float | None = None
         self.sleep: Callable[[float], Any] = asyncio.sleep  # injectable for tests
         self._session: _Session | None = None
         self._conn_task: asyncio.Task[None] | None = None
@@ -435,22 +383,9 @@ class MqttTool:
             ) from None
         except Exception as exc:
             raise _translate(exc) from exc
-        self.last_success = time.time()
+        self._succeeded()
 
     # -- helpers ---------------------------------------------------------------
-
-    def _set_state(self, state: DriverState, error: str = "") -> None:
-        """Change state and log the transition once (not every failed attempt)."""
-        if error:
-            self.last_error = error
-        if state == self.state:
-            return
-        old, self.state = self.state, state
-        level = {
-            DriverState.BAD_CREDENTIALS: self.log.error,
-            DriverState.TRANSIENT_DISCONNECT: self.log.warning,
-        }.get(state, self.log.info)
-        level("driver.state", old=str(old), new=str(state), error=error or None)
 
 
 def _connect_code(exc: MqttConnectError) -> int | None:

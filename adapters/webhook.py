@@ -25,10 +25,12 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from adapters.inbox import encode_delivery
 from router import __version__
+from router.delivery import encode_delivery
 from router.drivers import (
+    NAME_RE,
     ActionSink,
+    AgentToolBase,
     Delivery,
     DriverContext,
     DriverError,
@@ -45,7 +47,6 @@ MAX_RETRY_AFTER = 3600.0  # a peer asking for more than an hour is ignored down 
 _SNIPPET = 200  # at most this much of an error response body goes into the error message
 _READ_LIMIT = 64 * 1024  # response bodies are read up to this, only to keep the connection reusable
 
-NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"  # as router.config.NAME_RE (not imported: no cycle)
 _SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -157,19 +158,16 @@ class Config(BaseModel):
         return value
 
 
-class WebhookTool:
+class WebhookTool(AgentToolBase):
     """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy."""
 
     config_model: ClassVar[type[Config]] = Config
+    sends_actions = False  # outgoing only: its agents hold work at once
 
     def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
         """Prepare the tool; the HTTP session is created on first use."""
-        self.name = name
+        super().__init__(name, ctx)
         self.config = config
-        self.log = ctx.log
-        self.state = DriverState.STOPPED
-        self.last_error = ""
-        self.last_success: float | None = None
         self.clock: Callable[[], float] = time.time  # injectable for tests
         self._secret = config.secret.get_secret_value().encode("utf-8")
         self._session: aiohttp.ClientSession | None = None
@@ -219,7 +217,7 @@ class WebhookTool:
             error = self._translate(url, exc)
             self.last_error = str(error)
             raise error from None  # not `from exc`: its text may carry the full URL
-        self.last_success = time.time()
+        self._succeeded()
 
     async def stop(self) -> None:
         """Close the HTTP session; deliveries not yet answered stay in the outbox."""
@@ -299,12 +297,6 @@ class WebhookTool:
             # aiohttp refuses to build the request (e.g. conflicting auth): resending cannot help.
             return PermanentError(f"webhook {where}: request rejected before sending: {exc}")
         return TransientError(f"webhook {where}: unexpected {type(exc).__name__}")
-
-    def _set_state(self, state: DriverState) -> None:
-        """Change state and log the transition once."""
-        if state != self.state:
-            self.log.info("driver.state", old=str(self.state), new=str(state))
-            self.state = state
 
 
 def _retry_after(value: str | None, now: float) -> float:

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import time
 import unicodedata
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
@@ -29,6 +28,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.drivers import (
+    NAME_RE,
+    ChannelBase,
     DriverContext,
     DriverState,
     MessageSink,
@@ -37,8 +38,6 @@ from router.drivers import (
     TransientError,
 )
 from router.model import InboundMessage, new_ulid, utcnow
-
-NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"  # as router.config.NAME_RE (not imported: no cycle)
 
 MESSAGES_PATH = "/v1/messages"
 TICKETS_PATH = "/v1/tickets/"
@@ -109,19 +108,17 @@ class _Rejected(Exception):
         self.field = field
 
 
-class WebChannel:
+class WebChannel(ChannelBase):
     """Serve the web intake API on host:port and hand each valid message to the sink."""
 
     config_model: ClassVar[type[WebConfig]] = WebConfig
+    # Answers go back in the HTTP response and the ticket status; nothing is pushed.
+    answers_customers = False
 
     def __init__(self, name: str, config: WebConfig, ctx: DriverContext) -> None:
         """Prepare the channel; nothing listens until run()."""
-        self.name = name
+        super().__init__(name, ctx)
         self.config = config
-        self.log = ctx.log
-        self.state = DriverState.STOPPED
-        self.last_error = ""
-        self.last_success: float | None = None  # time.time() of the last committed message
         # Set while the listener accepts connections; cleared when it closes.
         self.started = asyncio.Event()
         self._tickets: TicketLookup = ctx.tickets
@@ -290,7 +287,7 @@ class WebChannel:
                 "this Idempotency-Key was already used with a different request body",
                 "Idempotency-Key",
             )
-        self.last_success = time.time()
+        self._succeeded()
         status_url = TICKETS_PATH + receipt.ticket
         answer: dict[str, Any] = {
             "ticket": receipt.ticket,
@@ -410,14 +407,6 @@ class WebChannel:
     async def _handle_unknown(self, request: web.Request) -> web.Response:
         """Answer 404 as JSON for any other path."""
         return _not_found()
-
-    # -- helpers -------------------------------------------------------------------
-
-    def _set_state(self, state: DriverState) -> None:
-        """Change state and log the transition once."""
-        if state != self.state:
-            self.log.info("driver.state", old=str(self.state), new=str(state))
-            self.state = state
 
 
 def _clean_text(value: object, field: str) -> str:

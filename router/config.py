@@ -42,18 +42,15 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from router.crisis import CrisisConfig
-from router.drivers import ADAPTERS, CHANNELS, load_driver
+from router.drivers import ADAPTERS, AGENT_ID_RE, CHANNELS, EXIT_CONFIG, NAME_RE, load_driver
 from router.logging import MIN_SECRET_LENGTH, mask_secrets, register_secret
 from router.model import LABELS, Shift
 
-AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 # Values copied from the example file and never edited: refuse to start on them
 # rather than run with a password everyone knows (mautrix's ForbiddenDefault).
 FORBIDDEN_PLACEHOLDERS = ("CHANGE_ME", "changeme", "<secret>")
 # The exit status of `omnirouter` for an unusable config; the systemd unit lists it
 # in RestartPreventExitStatus so a broken file does not cause a restart loop.
-EXIT_CONFIG = 11
 MASK = "***"
 # Keys an included (conf.d) file may set: the lists admins edit one entry at a time.
 INCLUDABLE = ("channels", "adapters", "agents")

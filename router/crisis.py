@@ -65,6 +65,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from router.drivers import NAME_RE
+
 __all__ = [
     "CrisisConfig",
     "CrisisDetector",
@@ -83,7 +85,6 @@ _Severity = Literal["P0", "P1", "P2", "P3"]
 RATE_KEY = "complaint_rate"
 # The adapter-name pattern of router.config.NAME_RE, repeated here because
 # router.config will import this module to mount CrisisConfig.
-_NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 _BUCKETS_PER_WINDOW = 30  # rate resolution: 10 s buckets for a 5 min window
 _MAX_BUCKET_RATIO = 288  # baseline_window / rate_window at most (24 h over 5 min)
 _MAX_OPEN_SUBJECT_ALERTS = 64  # at most this many same_subject alerts open at once
@@ -102,7 +103,7 @@ class CrisisConfig(BaseModel):
     enabled: bool = True
     # The adapter (by its `name`) that receives alerts; None: the events are only
     # recorded (metrics, log, ops API).
-    target: str | None = Field(default=None, pattern=_NAME_RE)
+    target: str | None = Field(default=None, pattern=NAME_RE)
     address: str = Field(default="", max_length=256)  # adapter-specific, like Agent.address
     # Which messages count: these labels, plus any message at one of `severities`
     # whatever its label (a safety threat phrased as a question still counts).

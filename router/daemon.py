@@ -20,9 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections import ChainMap
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +33,17 @@ from router.config import Config, ConfigError, load_config
 from router.drivers import (
     ADAPTERS,
     CHANNELS,
+    EXIT_CONFIG,
     AgentTool,
     Channel,
-    Delivery,
     DriverContext,
     DriverState,
-    Outbound,
-    TransientError,
     load_driver,
 )
 from router.metrics import Metrics
 from router.ops import build_app
 from router.outbox import Dispatcher
-from router.pipeline import CHANNEL_TARGET_PREFIX, Pipeline
+from router.pipeline import Pipeline
 from router.store import OutboxItem, Store
 from router.store.sqlite import SqliteStore
 
@@ -55,7 +51,7 @@ log = structlog.get_logger("router.daemon")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_BAD_CONFIG = 11  # the unit's RestartPreventExitStatus: restarting cannot fix it
+EXIT_BAD_CONFIG = EXIT_CONFIG  # the unit's RestartPreventExitStatus: restarting cannot fix it
 
 # A task that ran this long before failing is considered healthy again: its next
 # restart starts from the shortest backoff.
@@ -178,57 +174,6 @@ class Supervisor:
             await asyncio.wait(tasks, timeout=timeout)
 
 
-# -- answers to customers ---------------------------------------------------------
-
-
-class ChannelSender:
-    """Lets the outbox send acknowledgements and agent replies through a channel.
-
-    The outbox speaks to agent tools (`deliver(Delivery)`); this turns a delivery
-    into the channel's `Outbound` and finds the channel by name at each attempt,
-    so a channel restarted by a reload keeps receiving its pending sends.
-    """
-
-    def __init__(self, channel_name: str, channels: dict[str, Channel]) -> None:
-        self.name = CHANNEL_TARGET_PREFIX + channel_name
-        self.channel_name = channel_name
-        self._channels = channels
-        # Sending (SMTP) does not depend on the intake connection (IMAP): failures of
-        # the send itself decide the retries, so the outbox never holds these items.
-        self.state = DriverState.CONNECTED
-
-    async def deliver(self, delivery: Delivery) -> None:
-        """Send one acknowledgement or reply; raise the driver error taxonomy."""
-        channel = self._channels.get(self.channel_name)
-        send = getattr(channel, "send", None)
-        if send is None:
-            raise TransientError(f"channel {self.channel_name!r} is not running")
-        p = delivery.payload
-        respond_by = p.get("respond_by")
-        await send(
-            Outbound(
-                id=delivery.id,
-                channel=self.channel_name,
-                kind=delivery.kind,
-                conversation_id=str(p.get("conversation_id", "")),
-                ticket=str(p.get("ticket", "")),
-                to=delivery.address,
-                text=str(p.get("text", "")),
-                subject=str(p.get("subject", "")),
-                in_reply_to=str(p.get("in_reply_to", "")),
-                references=tuple(str(r) for r in p.get("references", ())),
-                respond_by=datetime.fromisoformat(respond_by) if respond_by else None,
-                attempt=delivery.attempt,
-                extra={
-                    k: p[k] for k in ("language", "contact_name", "conversation_hint") if p.get(k)
-                },
-            )
-        )
-
-    async def stop(self) -> None:
-        """Nothing to release: the channel owns its connections."""
-
-
 # -- the daemon -------------------------------------------------------------------
 
 
@@ -271,16 +216,13 @@ class Daemon:
         self.store: Store = open_store(config)
         self.tools: dict[str, AgentTool] = {}
         self.channels: dict[str, Channel] = {}
-        # Outbox targets for answers to customers ("channel:<name>"), kept for the
-        # daemon's life so a reload that restarts a channel does not strand its sends.
-        self.senders: dict[str, ChannelSender] = {}
         self._driver_configs: dict[tuple[str, str], Any] = {}
-        targets = ChainMap[str, Any](self.tools, self.senders)
         self.dispatcher = Dispatcher(
             self.store,
-            lambda: targets,
+            lambda: self.tools,
             config.outbox,
             self.metrics,
+            channels=lambda: self.channels,
             on_delivered=self._delivered,
         )
         self.pipeline = Pipeline(config, self.store, self.metrics, self.dispatcher)
@@ -305,7 +247,7 @@ class Daemon:
             self._start_tool(a)
         # Channels are registered (not run yet) before the outbox starts: its first scan
         # sends the acknowledgements and replies left pending by the previous run, and
-        # their targets ("channel:<name>") must exist by then or they are dead-lettered.
+        # their channels should exist by then (else those sends wait and retry).
         for c in cfg.channels:
             self._add_channel(c)
         self.supervisor.spawn("outbox", self.dispatcher.run)
@@ -357,9 +299,7 @@ class Daemon:
         channel: Channel = cls(section.name, section, self._ctx("channels", section.name))
         self.channels[section.name] = channel
         self._driver_configs[("channel", section.name)] = section
-        if callable(getattr(channel, "send", None)):
-            target = CHANNEL_TARGET_PREFIX + section.name
-            self.senders.setdefault(target, ChannelSender(section.name, self.channels))
+        if channel.answers_customers:
             self.pipeline.answering_channels.add(section.name)
 
     def _run_channel(self, name: str) -> None:
@@ -441,11 +381,10 @@ class Daemon:
                     "type": self._driver_configs[(kind, name)].type,
                     "state": str(d.state),
                 }
-                last_error = getattr(d, "last_error", "")
-                if last_error:
-                    info["last_error"] = last_error
-                last_success = getattr(d, "last_success", None)
-                if isinstance(last_success, int | float):
+                if d.last_error:
+                    info["last_error"] = d.last_error
+                last_success = d.last_success
+                if last_success is not None:
                     info["last_success"] = last_success
                     info["lag_s"] = round(max(0.0, time.time() - last_success), 3)
                 drivers[name] = info
@@ -471,9 +410,8 @@ class Daemon:
                     m.driver_up.labels(kind=kind, name=name, state=str(state)).set(
                         1 if d.state == state else 0
                     )
-                last_success = getattr(d, "last_success", None)
-                if isinstance(last_success, int | float):
-                    m.driver_last_success.labels(kind=kind, name=name).set(last_success)
+                if d.last_success is not None:
+                    m.driver_last_success.labels(kind=kind, name=name).set(d.last_success)
 
     # -- reload --------------------------------------------------------------------
 

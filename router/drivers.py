@@ -8,14 +8,40 @@ error and let the supervisor (channels) or the outbox (adapters) decide.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
+from router.delivery import Delivery as Delivery
+from router.delivery import Outbound as Outbound
+
+# Re-exported: a driver imports everything it deals in from this module.
+from router.errors import AuthFailed as AuthFailed
+from router.errors import DriverError as DriverError
+from router.errors import PermanentError as PermanentError
+from router.errors import RateLimited as RateLimited
+from router.errors import TimedOut as TimedOut
+from router.errors import TransientError as TransientError
 from router.model import InboundMessage
+
+# Names of channels and agent tools in the config (also metric labels and file names).
+NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+# Agent ids: they double as file names (inbox) and topic levels (MQTT), so no separators.
+AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# The exit code of a config error: systemd's RestartPreventExitStatus=11 stops a restart loop.
+EXIT_CONFIG = 11
+
+
+class Presence(StrEnum):
+    """What an agent says about taking work (agent tools, the ops API, the CLI)."""
+
+    ON = "on"  # on line: takes new work
+    AWAY = "away"  # no new work; keeps what it has, offers included
+    OFF = "off"  # off line: no new work; offers not yet accepted go back to the queue
 
 
 class DriverState(StrEnum):
@@ -26,72 +52,6 @@ class DriverState(StrEnum):
     CONNECTED = "connected"  # working
     TRANSIENT_DISCONNECT = "transient_disconnect"  # lost its peer, backing off before retrying
     BAD_CREDENTIALS = "bad_credentials"  # parked: retrying would only hammer the peer
-
-
-class DriverError(Exception):
-    """Base of the error taxonomy; the class decides what the caller does next."""
-
-
-class TransientError(DriverError):
-    """Back off and retry (connection refused, 5xx, broker gone)."""
-
-
-class TimedOut(TransientError):
-    """The peer did not answer in time; retry soon."""
-
-
-class RateLimited(TransientError):
-    """The peer asked us to slow down; obey its hint."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PermanentError(DriverError):
-    """Retrying cannot help (4xx, rejected recipient): dead-letter at once."""
-
-
-class AuthFailed(PermanentError):
-    """Credentials were refused: park the driver as bad_credentials and alert."""
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One outbox entry handed to an adapter. `id` is the idempotency key of the send."""
-
-    id: str
-    target: str  # adapter name from the config
-    agent_id: str
-    address: str  # agent's address in that tool (topic suffix, URL path, file name)
-    kind: str  # "assignment" for now; replies and alerts later
-    payload: dict[str, Any]
-    attempt: int = 1
-    created_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    """A message to a customer on their channel (acknowledgement, agent reply), from the outbox.
-
-    `id` is the idempotency key: every retry of this send carries it (email uses it to
-    derive one Message-ID, so a retried acknowledgement is recognisably the same mail).
-    """
-
-    id: str
-    channel: str  # configured channel name
-    kind: str  # "ack" | "reply"
-    conversation_id: str
-    ticket: str
-    to: str  # the contact handle on that channel (address, number, chat id)
-    text: str
-    subject: str = ""
-    # The customer message this answers: its external id and, for email, threading refs.
-    in_reply_to: str = ""
-    references: tuple[str, ...] = ()
-    respond_by: datetime | None = None  # acknowledgements promise this time
-    attempt: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +106,58 @@ async def _no_tickets(ticket: str, token: str) -> TicketStatus | None:
     return None
 
 
+class DriverBase:
+    """What every channel and agent tool shares: its name, context, health and capabilities.
+
+    Capabilities are declared on the driver class, so the core asks the class what it
+    can do instead of guessing from its type name.
+    """
+
+    # An agent tool that sends actions back (accept, resolve, reply, ...). Only then can
+    # its agents accept an offer, so only then do accept timeouts apply to them.
+    sends_actions: ClassVar[bool] = False
+    # A customer channel whose `send(Outbound)` answers customers (acks, agent replies).
+    answers_customers: ClassVar[bool] = False
+
+    def __init__(self, name: str, ctx: DriverContext) -> None:
+        """Start stopped, with no error and no success yet."""
+        self.name = name
+        self.ctx = ctx
+        self.log = ctx.log
+        self.state = DriverState.STOPPED
+        self.last_error = ""
+        self.last_success: float | None = None  # time.time() of the last piece of work done
+
+    def _set_state(self, state: DriverState, error: str = "") -> None:
+        """Change state and log the transition once (not every failed attempt)."""
+        if error:
+            self.last_error = error
+        if state == self.state:
+            return
+        old, self.state = self.state, state
+        level = {
+            DriverState.BAD_CREDENTIALS: self.log.error,
+            DriverState.TRANSIENT_DISCONNECT: self.log.warning,
+        }.get(state, self.log.info)
+        level("driver.state", old=str(old), new=str(state), error=error or None)
+
+    def _succeeded(self) -> None:
+        """Record that a piece of work went through (shown as last_success in /readyz)."""
+        self.last_success = time.time()
+
+
+class ChannelBase(DriverBase):
+    """Base of customer channels: a channel that answers customers overrides `send`."""
+
+    async def send(self, outbound: Outbound) -> None:
+        """Refuse: this channel cannot carry answers to customers."""
+        raise PermanentError(f"channel {self.name!r} cannot send to customers")
+
+
+class AgentToolBase(DriverBase):
+    """Base of agent tools (the outbox calls `deliver`; `run` may listen for actions)."""
+
+
 @dataclass(frozen=True, slots=True)
 class DriverContext:
     """Shared resources injected into every driver (no globals)."""
@@ -158,8 +170,8 @@ class DriverContext:
 class Channel(Protocol):
     """A customer-facing source. `run` lives until cancelled or until it fails.
 
-    A channel that can answer customers also has `async send(outbound: Outbound)`,
-    raising TransientError/PermanentError like an adapter's deliver(); the outbox
+    A channel whose class declares `answers_customers = True` implements `send`,
+    raising TransientError/PermanentError like an agent tool's deliver(); the outbox
     calls it for acknowledgements and relayed agent replies.
 
     Constructed as `cls(name, config, ctx)` where config is an instance of the
@@ -168,6 +180,12 @@ class Channel(Protocol):
 
     name: str
     state: DriverState
+    last_error: str
+    last_success: float | None
+    answers_customers: ClassVar[bool]
+
+    async def send(self, outbound: Outbound) -> None:
+        """Send an acknowledgement or reply to a customer (answering channels only)."""
 
     async def run(self, sink: MessageSink) -> None:
         """Take messages from the source and hand each to sink; ack only after sink returns."""
@@ -181,6 +199,9 @@ class AgentTool(Protocol):
 
     name: str
     state: DriverState
+    last_error: str
+    last_success: float | None
+    sends_actions: ClassVar[bool]
 
     async def run(self, actions: ActionSink) -> None:
         """Keep the connection alive (and listen for agent actions) until cancelled."""
@@ -203,6 +224,11 @@ ADAPTERS: dict[str, str] = {
     "mqtt": "adapters.mqtt:MqttTool",
     "webhook": "adapters.webhook:WebhookTool",
 }
+
+
+def tool_sends_actions(type_name: str) -> bool:
+    """Tell whether agent tools of this type send actions back (so offers can be accepted)."""
+    return bool(load_driver(ADAPTERS, type_name).sends_actions)
 
 
 def load_driver(registry: dict[str, str], type_name: str) -> Any:

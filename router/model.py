@@ -20,6 +20,16 @@ from zoneinfo import ZoneInfo
 
 LABELS: tuple[str, ...] = ("inquiry", "complaint", "suggestion")
 SEVERITIES: tuple[str, ...] = ("P0", "P1", "P2", "P3")
+# Severities the service standards call urgent (a 30-second first response).
+URGENT_SEVERITIES = frozenset({"P0", "P1"})
+# A ticket number is its conversation's id behind this prefix ("T-01J…").
+TICKET_PREFIX = "T-"
+
+
+def ticket_number(conversation_id: str) -> str:
+    """Return the customer-facing ticket number of a conversation."""
+    return TICKET_PREFIX + conversation_id
+
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ulid_lock = threading.Lock()

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from router.drivers import AgentAction, DriverState
+from router.drivers import AgentAction, DriverState, Presence
 from router.model import LABELS
-from router.pipeline import PRESENCE
 
 if TYPE_CHECKING:
     from router.daemon import Daemon
@@ -89,7 +88,7 @@ def build_app(daemon: Daemon) -> web.Application:
     async def presence(request: web.Request) -> web.Response:
         agent_id = request.match_info["agent_id"]
         state = request.match_info["state"]
-        if state not in PRESENCE:
+        if state not in tuple(Presence):
             return _error(400, "bad_presence", "presence must be 'on', 'away' or 'off'")
         if not await daemon.pipeline.set_presence(agent_id, state == "on", away=state == "away"):
             return _error(404, "unknown_agent", f"no agent with id {agent_id!r}")

@@ -21,7 +21,16 @@ import structlog
 
 from router.backoff import backoff_delay
 from router.config import OutboxConfig
-from router.drivers import AgentTool, Delivery, DriverState, PermanentError, RateLimited
+from router.delivery import AGENT_PAYLOADS, CUSTOMER_PAYLOADS, ChannelTarget, Outbound
+from router.drivers import (
+    AgentTool,
+    Channel,
+    Delivery,
+    DriverState,
+    PermanentError,
+    RateLimited,
+    TransientError,
+)
 from router.metrics import Metrics
 from router.store import OutboxItem, Store
 
@@ -44,12 +53,14 @@ class Dispatcher:
         config: OutboxConfig,
         metrics: Metrics,
         *,
+        channels: Callable[[], Mapping[str, Channel]] = dict,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_delivered: Callable[[OutboxItem], None] | None = None,
     ) -> None:
         self.store = store
         self.tools = tools
+        self.channels = channels
         self.config = config
         self.metrics = metrics
         self.clock = clock
@@ -166,28 +177,35 @@ class Dispatcher:
             self._room.set()
 
     async def _attempt(self, item: OutboxItem) -> None:
-        tool = self.tools().get(item.target)
+        target = item.target
+        tool = None if isinstance(target, ChannelTarget) else self.tools().get(target.name)
         attempt = item.attempts + 1
         if tool is not None and tool.state in (
             DriverState.CONNECTING,
             DriverState.TRANSIENT_DISCONNECT,
         ):
-            # Circuit open: do not spend an attempt on a target we know is down.
+            # Circuit open: do not spend an attempt on a target we know is down. (A channel's
+            # sends do not depend on its intake connection: their own failures decide.)
             self._retry_later(item, _TARGET_DOWN_RECHECK)
             return
-        delivery = Delivery(
-            id=item.id,
-            target=item.target,
-            agent_id=item.agent_id,
-            address=item.address,
-            kind=item.kind,
-            payload=item.payload,
-            attempt=attempt,
-        )
         try:
-            if tool is None:
-                raise PermanentError(f"no adapter named {item.target!r} is configured")
-            await tool.deliver(delivery)
+            if isinstance(target, ChannelTarget):
+                await self._send_to_customer(item, target.name, attempt)
+            elif tool is None:
+                raise PermanentError(f"no agent tool named {target.name!r} is configured")
+            elif not isinstance(item.payload, AGENT_PAYLOADS):
+                raise PermanentError(f"a {item.kind} cannot go to an agent tool")
+            else:
+                await tool.deliver(
+                    Delivery(
+                        id=item.id,
+                        target=target.name,
+                        agent_id=item.agent_id,
+                        address=item.address,
+                        payload=item.payload,
+                        attempt=attempt,
+                    )
+                )
         except asyncio.CancelledError:
             raise
         except PermanentError as exc:
@@ -203,11 +221,11 @@ class Dispatcher:
             )
             if isinstance(exc, RateLimited):
                 delay = max(delay, exc.retry_after)
-            self.metrics.deliveries.labels(target=item.target, result="retry").inc()
+            self.metrics.deliveries.labels(target=str(item.target), result="retry").inc()
             log.info(
                 "outbox.retry",
                 outbox_id=item.id,
-                target=item.target,
+                target=str(item.target),
                 attempt=attempt,
                 delay=round(delay, 3),
                 error=f"{type(exc).__name__}: {exc}",
@@ -228,21 +246,41 @@ class Dispatcher:
                 delay,
             )
         else:
-            self.metrics.child(self.metrics.deliveries, item.target, "ok").inc()
+            self.metrics.child(self.metrics.deliveries, str(item.target), "ok").inc()
             if self.on_delivered is not None:
                 self.on_delivered(item)
             self._mark_done(item.id)
+
+    async def _send_to_customer(self, item: OutboxItem, channel_name: str, attempt: int) -> None:
+        """Hand an acknowledgement or reply to the channel the customer wrote from."""
+        # Looked up at each attempt: a channel restarted by a reload keeps its pending sends.
+        channel = self.channels().get(channel_name)
+        if channel is None:
+            raise TransientError(f"channel {channel_name!r} is not running")
+        if not channel.answers_customers:
+            raise PermanentError(f"channel {channel_name!r} cannot send to customers")
+        if not isinstance(item.payload, CUSTOMER_PAYLOADS):
+            raise PermanentError(f"a {item.kind} cannot go to a customer")
+        await channel.send(
+            Outbound(
+                id=item.id,
+                channel=channel_name,
+                to=item.address,
+                payload=item.payload,
+                attempt=attempt,
+            )
+        )
 
     def _retry_later(self, item: OutboxItem, delay: float) -> None:
         self._schedule(item, delay)
 
     async def _dead(self, item: OutboxItem, attempt: int, reason: str) -> None:
-        self.metrics.deliveries.labels(target=item.target, result="dead").inc()
-        self.metrics.dead_letters.labels(target=item.target).inc()
+        self.metrics.deliveries.labels(target=str(item.target), result="dead").inc()
+        self.metrics.dead_letters.labels(target=str(item.target)).inc()
         log.warning(
             "outbox.dead_letter",
             outbox_id=item.id,
-            target=item.target,
+            target=str(item.target),
             attempts=attempt,
             reason=reason,
         )

@@ -367,7 +367,7 @@ def roster_on_shift(config: Config, day: date, tz: str = "UTC") -> dict[int, int
     """Return the configured roster's agents in shift per local hour of `day`."""
     # Imported here: the pipeline pulls in the scheduler, classifier and outbox, which
     # the pure staffing maths and the trace path do not need.
-    from router.pipeline import agents_from_config
+    from router.roster import agents_from_config
 
     return on_shift_counts(agents_from_config(config), day, tz)
 

@@ -13,9 +13,10 @@ import pytest
 import structlog
 
 from adapters import inbox as inbox_module
-from adapters.inbox import DELIVERY_SCHEMA, Config, InboxTool, encode_delivery
+from adapters.inbox import Config, InboxTool
 from router import config as router_config
 from router.backoff import backoff_ceiling, backoff_delay
+from router.delivery import DELIVERY_SCHEMA, AlertPayload, encode_delivery
 from router.drivers import (
     ADAPTERS,
     Delivery,
@@ -25,6 +26,7 @@ from router.drivers import (
     TransientError,
     load_driver,
 )
+from tests import payloads
 from tests.peers import wait_until
 
 
@@ -35,20 +37,12 @@ def make_ctx(tmp_path: Path) -> DriverContext:
 
 def make_delivery(n: int = 1, agent: str = "alice", **kw: Any) -> Delivery:
     """Return an assignment delivery shaped like the pipeline's."""
-    payload = {
-        "ticket": f"T-01J{n:04d}",
-        "conversation_id": f"c-{n}",
-        "message": {"id": f"m-{n}", "channel": "web", "text": "Grüße, 你好\nline two"},
-        "classification": {"label": "complaint", "confidence": 0.91},
-        "routing": {"agent_id": agent, "queue": "default"},
-    }
     fields: dict[str, Any] = {
         "id": f"d-{n}",
         "target": "inbox",
         "agent_id": agent,
         "address": "",
-        "kind": "assignment",
-        "payload": payload,
+        "payload": payloads.assignment(n, agent=agent),
     }
     fields.update(kw)
     return Delivery(**fields)
@@ -189,12 +183,12 @@ async def test_unwritable_dir_is_transient(tmp_path: Path) -> None:
 
 
 def test_payload_cannot_override_envelope_or_hold_non_json() -> None:
-    with pytest.raises(PermanentError, match="envelope"):
-        encode_delivery(make_delivery(1, payload={"delivery_id": "forged"}))
+    body = json.loads(encode_delivery(make_delivery(1, payload=AlertPayload({"kind": "x"}))))
+    assert body["delivery_id"] == "d-1" and body["alert"] == {"kind": "x"}
     with pytest.raises(PermanentError, match="JSON"):
-        encode_delivery(make_delivery(1, payload={"x": float("nan")}))
+        encode_delivery(make_delivery(1, payload=AlertPayload({"x": float("nan")})))
     with pytest.raises(PermanentError, match="JSON"):
-        encode_delivery(make_delivery(1, payload={"x": object()}))
+        encode_delivery(make_delivery(1, payload=AlertPayload({"x": object()})))
 
 
 def test_registry_and_config_model() -> None:

@@ -16,8 +16,8 @@ import structlog
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from adapters.inbox import encode_delivery
 from adapters.mqtt import ActionError, Config, MqttTool, parse_action
+from router.delivery import encode_delivery
 from router.drivers import (
     ADAPTERS,
     AgentAction,
@@ -29,7 +29,7 @@ from router.drivers import (
     TransientError,
     load_driver,
 )
-from tests import peers
+from tests import payloads, peers
 from tests.peers import Mosquitto, free_port, needs_mosquitto, self_signed_cert, wait_until
 
 # Fixtures from tests/peers.py, bound here so pytest finds them for this module.
@@ -45,8 +45,7 @@ def make_delivery(n: int = 1, agent: str = "alice", **kw: Any) -> Delivery:
         "target": "mq",
         "agent_id": agent,
         "address": "",
-        "kind": "assignment",
-        "payload": {"ticket": f"T-{n}", "message": {"text": f"hello {n} — 你好"}},
+        "payload": payloads.assignment(n, agent=agent, text=f"hello {n} — 你好"),
     }
     fields.update(kw)
     return Delivery(**fields)
@@ -443,7 +442,7 @@ async def test_throughput_concurrent_qos1(mosquitto: Mosquitto, tmp_path: Path) 
     """Measure concurrent QoS 1 deliveries/s (run: pytest -m slow -s tests/test_adapter_mqtt.py)."""
     count, concurrency = 5000, 256
     tool = make_tool(mosquitto, tmp_path)
-    payload = {"ticket": "T-1", "message": {"text": "x" * 600}}
+    payload = payloads.assignment(1, text="x" * 600)
     deliveries = [make_delivery(i, agent=f"a{i % 50}", payload=payload) for i in range(count)]
     gate = asyncio.Semaphore(concurrency)
 

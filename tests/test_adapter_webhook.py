@@ -15,9 +15,9 @@ import structlog
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from adapters.inbox import encode_delivery
 from adapters.webhook import Config, WebhookTool, safe_url, sign, verify_signature
 from router import __version__
+from router.delivery import encode_delivery
 from router.drivers import (
     ADAPTERS,
     Delivery,
@@ -29,7 +29,7 @@ from router.drivers import (
     TransientError,
     load_driver,
 )
-from tests import peers
+from tests import payloads, peers
 from tests.peers import WEBHOOK_SECRET, WebhookReceiver, free_port, wait_until
 
 # Fixture from tests/peers.py, bound here so pytest finds it for this module.
@@ -43,8 +43,7 @@ def make_delivery(n: int = 1, agent: str = "alice", **kw: Any) -> Delivery:
         "target": "hook",
         "agent_id": agent,
         "address": "",
-        "kind": "assignment",
-        "payload": {"ticket": f"T-{n}", "message": {"text": "Grüße 你好"}},
+        "payload": payloads.assignment(n, agent=agent, text="Grüße 你好"),
     }
     fields.update(kw)
     return Delivery(**fields)

@@ -771,11 +771,10 @@ skills = ["en"]
         await again.deliver(
             Delivery(
                 id=item.id,
-                target=item.target,
+                target=item.target.name,
                 agent_id=item.agent_id,
                 address=item.address,
-                kind=item.kind,
-                payload=item.payload,
+                payload=item.payload,  # type: ignore[arg-type]
                 attempt=2,
             )
         )

@@ -24,6 +24,7 @@ import structlog
 
 from channels.email import EmailChannel, EmailConfig
 from channels.email.smtp import message_id_for
+from router.delivery import AckPayload, ReplyPayload
 from router.drivers import (
     CHANNELS,
     AuthFailed,
@@ -481,12 +482,11 @@ async def test_starttls_required_but_not_offered_parks(dovecot: Dovecot, tmp_pat
 
 
 def outbound(**overrides: Any) -> Outbound:
-    """Return an acknowledgement for a customer mail."""
+    """Return an acknowledgement (or, with kind="reply", a reply) for a customer mail."""
     values: dict[str, Any] = {
         "id": "ob-01HZX",
         "channel": "support",
         "kind": "ack",
-        "conversation_id": "01HZX",
         "ticket": "T-01HZX",
         "to": "carol@example.com",
         "text": "",
@@ -494,9 +494,29 @@ def outbound(**overrides: Any) -> Outbound:
         "in_reply_to": "<m1@example.com>",
         "references": ("<m0@example.com>",),
         "respond_by": datetime(2025, 1, 2, 15, 30, tzinfo=UTC),
+        "language": "",
+        "attempt": 1,
     }
     values.update(overrides)
-    return Outbound(**values)
+    common = {
+        "conversation_id": values["ticket"].removeprefix("T-"),
+        "subject": values["subject"],
+        "language": values["language"],
+        "in_reply_to": values["in_reply_to"],
+        "references": tuple(values["references"]),
+    }
+    payload: AckPayload | ReplyPayload
+    if values["kind"] == "ack":
+        payload = AckPayload(respond_by=values["respond_by"].isoformat(), **common)
+    else:
+        payload = ReplyPayload(text=values["text"], **common)
+    return Outbound(
+        id=values["id"],
+        channel=values["channel"],
+        to=values["to"],
+        payload=payload,
+        attempt=values["attempt"],
+    )
 
 
 def smtp_channel(tmp_path: Path, port: int, **smtp: Any) -> EmailChannel:
@@ -548,7 +568,7 @@ async def test_ack_in_chinese_and_reply_without_auto_submitted(
     smtp_sink: SmtpServer, tmp_path: Path
 ) -> None:
     channel = smtp_channel(tmp_path, smtp_sink.port)
-    await channel.send(outbound(subject="回复: 订单问题", extra={"language": "zh"}))
+    await channel.send(outbound(subject="回复: 订单问题", language="zh"))
     msg = received(smtp_sink)
     assert msg["Subject"] == "Re: 订单问题 [#T-01HZX]"
     assert "工单号为 T-01HZX" in msg.get_content() and "2025年01月02日 15:30" in msg.get_content()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from router.config import OutboxConfig
+from router.delivery import ToolTarget
 from router.drivers import (
     ActionSink,
     Delivery,
@@ -24,6 +25,7 @@ from router.model import new_ulid
 from router.outbox import Dispatcher
 from router.store import OutboxItem
 from router.store.sqlite import SqliteStore
+from tests import payloads
 
 
 class ScriptedTool:
@@ -61,11 +63,10 @@ def item(target: str = "t") -> OutboxItem:
     now = time.time()
     return OutboxItem(
         id=new_ulid(),
-        target=target,
+        target=ToolTarget(target),
         agent_id="alice",
         address="alice",
-        kind="assignment",
-        payload={"ticket": "T-1"},
+        payload=payloads.assignment(1),
         message_id=new_ulid(),
         next_attempt_at=now,
         created_at=now,
@@ -191,7 +192,7 @@ async def test_unknown_target_is_a_dead_letter_with_a_reason(store: SqliteStore)
     await wait_for(lambda: d.backlog == 0)
     await stop(task)
     [dead] = await store.dead_letters()
-    assert "no adapter named 'gone'" in dead.reason
+    assert "no agent tool named 'gone'" in dead.reason
 
 
 async def test_items_left_in_the_store_are_found_by_the_scan(store: SqliteStore) -> None:

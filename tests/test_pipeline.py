@@ -7,8 +7,10 @@ everything between a channel's hand-over and the tool's deliver() call is real.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,34 +18,61 @@ from typing import Any
 import pytest
 
 from router.config import build_config
-from router.drivers import ActionSink, AgentAction, Delivery, DriverState
+from router.delivery import encode_delivery, payload_to_dict
+from router.drivers import ActionSink, AgentAction, Delivery, DriverState, Outbound
 from router.metrics import Metrics
 from router.model import InboundMessage, new_ulid
 from router.outbox import Dispatcher
 from router.pipeline import Pipeline
 from router.store.sqlite import SqliteStore
+from tests.schema_check import validate_delivery
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A send as it went out: its wire body (a dict), checked against the committed schema."""
+
+    id: str
+    kind: str
+    agent_id: str
+    address: str
+    payload: dict[str, Any]
 
 
 class RecordingTool:
-    """An agent tool that keeps what it was given."""
+    """An agent tool (or, as `send`, an answering channel) that keeps what it was given."""
+
+    sends_actions = False
+    answers_customers = True
 
     def __init__(self) -> None:
         self.name = "rec"
         self.state = DriverState.CONNECTED
-        self.deliveries: list[Delivery] = []
+        self.last_error = ""
+        self.last_success: float | None = None
+        self.deliveries: list[Seen] = []
         self.arrived = asyncio.Event()
 
     async def run(self, actions: ActionSink) -> None:
         await asyncio.Event().wait()
 
     async def deliver(self, delivery: Delivery) -> None:
-        self.deliveries.append(delivery)
+        body = json.loads(encode_delivery(delivery))
+        validate_delivery(body)
+        self.deliveries.append(
+            Seen(delivery.id, delivery.kind, delivery.agent_id, delivery.address, body)
+        )
+        self.arrived.set()
+
+    async def send(self, outbound: Outbound) -> None:
+        body = payload_to_dict(outbound.payload)
+        self.deliveries.append(Seen(outbound.id, outbound.kind, "", outbound.to, body))
         self.arrived.set()
 
     async def stop(self) -> None:
         self.state = DriverState.STOPPED
 
-    def for_agent(self, agent_id: str) -> list[Delivery]:
+    def for_agent(self, agent_id: str) -> list[Seen]:
         return [d for d in self.deliveries if d.agent_id == agent_id]
 
 
@@ -319,8 +348,10 @@ class AnsweringHarness(Harness):
         self.store = SqliteStore(self.db)
         await self.store.open()
         metrics = Metrics()
-        targets = {"rec": self.tool, "channel:mail": self.sent}
-        dispatcher = Dispatcher(self.store, lambda: targets, self.config.outbox, metrics)
+        tools, channels = {"rec": self.tool}, {"mail": self.sent}
+        dispatcher = Dispatcher(
+            self.store, lambda: tools, self.config.outbox, metrics, channels=lambda: channels
+        )
         self.pipeline = Pipeline(self.config, self.store, metrics, dispatcher)
         self.pipeline.answering_channels.add("mail")
         self._task = asyncio.create_task(dispatcher.run())
@@ -513,8 +544,8 @@ async def test_restart_primes_the_crisis_baseline_from_the_store(tmp_path: Path)
     h2.clock = lambda: now[0]
     p2 = await h2.start()
     try:
-        assert p2.crisis is not None
-        baseline = p2.crisis.rate()[2]
+        assert p2.core.crisis is not None
+        baseline = p2.core.crisis.rate()[2]
         # 60 complaints in the hour before: 60/h, above the default floor of 20/h.
         assert baseline == pytest.approx(60.0, rel=0.05)
     finally:

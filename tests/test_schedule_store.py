@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from router.delivery import ToolTarget
 from router.drivers import AgentAction
 from router.model import Assignment
 from router.store import OutboxItem
+from tests import payloads
 from tests.test_pipeline import Harness, msg
 
 # alice: 2 conversations of any type; bo: one web conversation at a time.
@@ -132,11 +134,10 @@ async def test_store_refuses_an_assignment_beyond_capacity(tmp_path: Path) -> No
         def outbox(message_id: str) -> OutboxItem:
             return OutboxItem(
                 id=f"o-{message_id}",
-                target="rec",
+                target=ToolTarget("rec"),
                 agent_id="bo",
                 address="",
-                kind="assignment",
-                payload={},
+                payload=payloads.assignment(1, agent="bo", message_id=message_id),
                 message_id=message_id,
                 next_attempt_at=0.0,
                 created_at=0.0,
@@ -190,8 +191,8 @@ def _timed_harness(tmp_path: Path, clock: Clock, **scheduling: object) -> Harnes
 
 @pytest.fixture
 def tools_accept(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The recording tool stands in for a tool that sends accept actions (MQTT, webhook).
-    monkeypatch.setattr("router.pipeline.NO_ACTIONS", frozenset())
+    # The recording tool stands in for a tool that sends accept actions (MQTT).
+    monkeypatch.setattr("adapters.inbox.InboxTool.sends_actions", True)
 
 
 def _history(db: Path, message_id: str) -> list[tuple[str, str]]:
@@ -258,7 +259,7 @@ async def test_accept_or_reply_stops_the_timeout(tmp_path: Path, tools_accept: N
         holder = (await h.store.message(r.message_id))["assignment"]["agent_id"]
         clock.now += 30
         assert (
-            await pipeline._apply(
+            await pipeline.act(
                 AgentAction(agent_id=holder, action="accept", conversation_id=r.conversation_id)
             )
             == "ok"
@@ -308,7 +309,7 @@ async def test_going_off_line_returns_unaccepted_work_only(
         pipeline.scheduler.set_presence("bo", True)
         assert h.store is not None
         assert (
-            await pipeline._apply(
+            await pipeline.act(
                 AgentAction(agent_id="alice", action="accept", conversation_id=a.conversation_id)
             )
             == "ok"
@@ -436,21 +437,21 @@ async def test_away_keeps_its_offers_off_line_gives_them_back(
         pipeline.scheduler.set_presence("bo", True)
         assert h.store is not None
         assert (await h.store.message(r.message_id))["assignment"]["agent_id"] == "alice"
-        assert await pipeline._apply(AgentAction(agent_id="alice", action="presence", value="away"))
+        assert await pipeline.act(AgentAction(agent_id="alice", action="presence", value="away"))
         # Away: no new work for alice, but the offer stays hers.
         other = await pipeline.ingest(msg("Do you ship to Chile?", "pia"))
         assert (await h.store.message(other.message_id))["assignment"]["agent_id"] == "bo"
         assert (await h.store.message(r.message_id))["assignment"]["agent_id"] == "alice"
         # Off line: what she had not accepted goes to someone with room.
         assert (
-            await pipeline._apply(AgentAction(agent_id="alice", action="presence", value="off"))
+            await pipeline.act(AgentAction(agent_id="alice", action="presence", value="off"))
             == "ok"
         )
         moved = await h.store.message(r.message_id)
         assert moved is not None and moved["assignment"]["agent_id"] == "bo"
         assert _history(h.db, r.message_id) == [("alice", "returned")]
         assert (
-            await pipeline._apply(AgentAction(agent_id="alice", action="presence", value="nap"))
+            await pipeline.act(AgentAction(agent_id="alice", action="presence", value="nap"))
             == "rejected"
         )
     finally:

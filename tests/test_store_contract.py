@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from router.delivery import ToolTarget, payload_to_dict
 from router.model import Agent, Assignment, Classification, InboundMessage, Signal, new_ulid
 from router.store import NewMessage, OutboxItem, Store
 from router.store.migrations import latest_version
 from router.store.sqlite import SqliteStore
+from tests import payloads
 
 T0 = 1_700_000_000.0  # a fixed "now" so windows and orderings are exact
 HOUR = 3600.0
@@ -124,15 +126,15 @@ def outbox_item(
     next_attempt_at: float = T0,
     created_at: float = T0,
     item_id: str | None = None,
-    kind: str = "deliver",
 ) -> OutboxItem:
     return OutboxItem(
         id=item_id or new_ulid(),
-        target="webhook:ops",
+        target=ToolTarget("ops"),
         agent_id=agent_id,
         address=f"{agent_id}@agents.example",
-        kind=kind,
-        payload={"message_id": message_id, "conversation_id": conversation_id, "text": "héllo"},
+        payload=payloads.assignment(
+            1, agent=agent_id, conversation_id=conversation_id, message_id=message_id, text="héllo"
+        ),
         message_id=message_id,
         next_attempt_at=next_attempt_at,
         created_at=created_at,
@@ -442,7 +444,9 @@ async def test_follow_up_outbox_payload_names_the_joined_conversation(store: Sto
     assert result.conversation_id == first.conversation_id
     items = await all_outbox(store)
     assert len(items) == 1
-    assert items[0].payload["conversation_id"] == first.conversation_id
+    assert items[0].payload.conversation_id == first.conversation_id
+    assert payload_to_dict(items[0].payload)["ticket"] == "T-" + first.conversation_id
+    assert result.outbox == (items[0],)  # what was committed is what the caller sends
     stored = await store.message(follow.message_id)
     assert stored is not None
     assert stored["assignment"]["conversation_id"] == first.conversation_id
@@ -746,12 +750,12 @@ async def test_outbox_dead_and_dead_letters_newest_first(store: Store) -> None:
     assert first.dead_at == pytest.approx(T0 + 100)
     assert first.created_at == pytest.approx(a.created_at)
     assert (first.target, first.agent_id, first.kind, first.message_id) == (
-        a.target,
+        str(a.target),
         a.agent_id,
         a.kind,
         a.message_id,
     )
-    assert first.payload == a.payload
+    assert first.payload == payload_to_dict(a.payload)  # listed as its wire body
     assert [d.id for d in await store.dead_letters(limit=1)] == [c.id]
     await store.outbox_dead("unknown", 1, "x", T0)  # nothing to move, no error
     assert await store.delivery_counts() == {"pending": 1, "dead": 2}

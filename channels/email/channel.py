@@ -41,6 +41,7 @@ from channels.email.smtp import build_message, send_message
 from router.backoff import backoff_delay
 from router.drivers import (
     AuthFailed,
+    ChannelBase,
     DriverContext,
     DriverState,
     MessageSink,
@@ -51,19 +52,16 @@ from router.drivers import (
 from router.model import Attachment, InboundMessage
 
 
-class EmailChannel:
+class EmailChannel(ChannelBase):
     """One mailbox: IMAP in, SMTP out. Constructed as `EmailChannel(name, config, ctx)`."""
 
     config_model: ClassVar[type[EmailConfig]] = EmailConfig
+    answers_customers = True  # acknowledgements and agent replies go out by SMTP
 
     def __init__(self, name: str, config: EmailConfig, ctx: DriverContext) -> None:
         """Prepare the channel; nothing connects until run() or send()."""
-        self.name = name
+        super().__init__(name, ctx)
         self.config = config
-        self.log = ctx.log
-        self.state = DriverState.STOPPED
-        self.last_error = ""
-        self.last_success: float | None = None  # time.time() of the last completed sync
         self.directory = Path(ctx.state_dir) / "email" / name
         self.mail_state = MailState(self.directory)
         # Counters for metrics and tests.
@@ -164,7 +162,7 @@ class EmailChannel:
         self._set_state(DriverState.CONNECTED)
         while not self._stop.is_set():
             await self._sync(session, sink)
-            self.last_success = time.time()
+            self._succeeded()
             self.synced.set()
             if self._stop.is_set():
                 return
@@ -302,7 +300,7 @@ class EmailChannel:
         hint = self.mail_state.hint_for(parent) if parent else None
         # The pipeline passes the thread along: the acknowledgement may be sent before
         # this channel has recorded the customer's mail it answers.
-        hint = hint or str(outbound.extra.get("conversation_hint") or "") or None
+        hint = hint or outbound.payload.conversation_hint or None
         if hint:
             await asyncio.to_thread(self.mail_state.remember, str(msg["Message-ID"]), hint)
         self.log.info(
@@ -328,16 +326,3 @@ class EmailChannel:
         with contextlib.suppress(OSError):
             os.chmod(self.directory, 0o700)
         self.mail_state.load()
-
-    def _set_state(self, state: DriverState, error: str = "") -> None:
-        """Change state and log the transition once (not every failed attempt)."""
-        if error:
-            self.last_error = error
-        if state == self.state:
-            return
-        old, self.state = self.state, state
-        level = {
-            DriverState.BAD_CREDENTIALS: self.log.error,
-            DriverState.TRANSIENT_DISCONNECT: self.log.warning,
-        }.get(state, self.log.info)
-        level("driver.state", old=str(old), new=str(state), error=error or None)

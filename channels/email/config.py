@@ -21,8 +21,8 @@ from channels.email.normalise import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_TEXT_CHARS,
 )
+from router.drivers import NAME_RE
 
-NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"  # as router.config.NAME_RE (not imported: no cycle)
 _ADDRESS_RE = (
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$"
 )

@@ -64,12 +64,12 @@ def reply_subject(subject: str, ticket: str) -> str:
 
 def pick_language(outbound: Outbound, default: Language) -> Language:
     """Return "zh" or "en": the outbound's hint, else CJK in what the customer wrote."""
-    lang = str(outbound.extra.get("language") or "")
+    lang = outbound.language
     if lang == "zh":
         return "zh"
     if lang == "en":
         return "en"
-    if _CJK.search(outbound.subject) or _CJK.search(str(outbound.extra.get("customer_text", ""))):
+    if _CJK.search(outbound.subject):
         return "zh"
     return default
 
@@ -126,7 +126,7 @@ def build_message(outbound: Outbound, smtp: SmtpSettings, ack: AckSettings) -> E
         msg["X-Auto-Response-Suppress"] = "All"
         msg["Precedence"] = "auto_reply"
         lang = pick_language(outbound, ack.default_language)
-        name = one_line(str(outbound.extra.get("contact_name", "")), 100)
+        name = one_line(outbound.payload.contact_name, 100)
         body = ack.templates[lang].format(
             ticket=one_line(outbound.ticket, 80),
             respond_by=format_respond_by(outbound.respond_by, ack.timezone, lang),

@@ -8,9 +8,11 @@ change is committed, so a caller may acknowledge its source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from router.model import Agent, Assignment, Classification, InboundMessage
+from router.delivery import Payload, Target
+from router.model import Agent, Assignment, Classification, InboundMessage, Signal
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,15 +20,19 @@ class OutboxItem:
     """One pending send; `id` is the idempotency key every retry carries."""
 
     id: str
-    target: str
-    agent_id: str
-    address: str
-    kind: str
-    payload: dict[str, Any]
-    message_id: str
+    target: Target  # an agent tool or the customer's channel
+    agent_id: str  # the agent it is for ("" for a customer send; the alert address)
+    address: str  # the recipient's address in that tool or channel
+    payload: Payload
+    message_id: str  # the message that caused it ("" when none)
     attempts: int = 0
     next_attempt_at: float = 0.0
     created_at: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        """Return the payload's kind (assignment, withdrawn, alert, ack, reply)."""
+        return self.payload.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,9 @@ class IngestResult:
     # False when the assignment that came with the message was refused (the agent had
     # no room any more: another worker filled it); the message was stored queued.
     assigned: bool = True
+    # The sends committed with the message, as written: their payloads name the
+    # conversation the message really joined. The caller hands these to the outbox.
+    outbox: tuple[OutboxItem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,67 @@ class QueuedMessage:
     sla_deadline: float
     ingested_at: float
     channel_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A committed message with everything its first delivery had (contact name included)."""
+
+    message_id: str
+    conversation_id: str
+    inbound: InboundMessage
+    classification: Classification
+    queue: str
+    state: str
+    ingested_at: float
+    sla_deadline: float
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> StoredMessage:
+        """Build from the dict `Store.message` returns."""
+        received = row.get("received_at")
+        contact_key = str(row.get("contact_key") or "")
+        signals = tuple(
+            Signal(
+                s["kind"],
+                s.get("evidence", ""),
+                start=(s.get("span") or (-1, -1))[0],
+                end=(s.get("span") or (-1, -1))[1],
+                value=s.get("value"),
+            )
+            for s in row.get("signals") or []
+        )
+        return cls(
+            message_id=row["id"],
+            conversation_id=row["conversation_id"],
+            inbound=InboundMessage(
+                channel=row.get("channel", ""),
+                channel_type=row.get("channel_type", ""),
+                external_id=row.get("external_id", ""),
+                contact_handle=row.get("contact_handle") or contact_key.partition(":")[2],
+                contact_name=row.get("contact_name") or "",
+                text=row.get("text", ""),
+                subject=row.get("subject") or "",
+                received_at=datetime.fromtimestamp(received, UTC)
+                if isinstance(received, int | float)
+                else None,
+                reply_ref=row.get("reply_ref") or "",
+                thread_refs=tuple(row.get("thread_refs") or ()),
+            ),
+            classification=Classification(
+                label=row.get("label", "inquiry"),
+                confidence=float(row.get("confidence") or 0.0),
+                scores=row.get("scores") or {},
+                severity=row.get("severity", "P3"),
+                signals=signals,
+                language=row.get("language", ""),
+                model_version=row.get("model_version", ""),
+            ),
+            queue=row.get("queue", ""),
+            state=row.get("state", ""),
+            ingested_at=float(row.get("ingested_at") or 0.0),
+            sla_deadline=float(row.get("sla_deadline") or 0.0),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +291,9 @@ class Store(Protocol):
         (the routing row as a dict, or None) and "attachments" (list of dicts). Never the
         raw payload.
         """
+
+    async def stored_message(self, message_id: str) -> StoredMessage | None:
+        """Return one message rebuilt as the router first routed it (None when unknown)."""
 
     async def delivery_counts(self) -> dict[str, int]:
         """Return how many outbox items are pending and dead (for metrics and tests)."""

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from router.delivery import payload_from_dict, payload_to_dict, target_from_str
 from router.model import Agent, Assignment, MessageState
 from router.store import (
     DeadLetter,
@@ -43,6 +44,7 @@ from router.store import (
     OutboxItem,
     QueuedMessage,
     Snapshot,
+    StoredMessage,
     TicketView,
 )
 from router.store.migrations import migrate
@@ -589,6 +591,11 @@ class SqliteStore:
 
         return await self._run(unit)
 
+    async def stored_message(self, message_id: str) -> StoredMessage | None:
+        """Return one message as the router rebuilds it (a queued message's delivery)."""
+        row = await self.message(message_id)
+        return None if row is None else StoredMessage.from_row(row)
+
     async def message(self, message_id: str) -> dict[str, Any] | None:
         """Return one message with classification and routing."""
 
@@ -601,6 +608,11 @@ class SqliteStore:
                 out = {k: row[k] for k in row.keys() if k != "raw"}
                 for k in ("scores", "signals", "features", "thread_refs"):  # JSON, decoded
                     out[k] = json.loads(out[k])
+                contact = c.execute(
+                    "SELECT handle, name FROM contacts WHERE key=?", (out["contact_key"],)
+                ).fetchone()
+                out["contact_handle"] = contact["handle"] if contact else ""
+                out["contact_name"] = contact["name"] if contact else ""
                 out["classification"] = {
                     "label": out["label"],
                     "confidence": out["confidence"],
@@ -785,11 +797,11 @@ def _insert_outbox(c: sqlite3.Connection, o: OutboxItem) -> None:
         "created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
         (
             o.id,
-            o.target,
+            str(o.target),
             o.agent_id,
             o.address,
             o.kind,
-            _dumps(o.payload),
+            _dumps(payload_to_dict(o.payload)),
             o.message_id,
             o.attempts,
             o.next_attempt_at,
@@ -964,16 +976,18 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         if conversation_id != assignment.conversation_id:
             assignment.conversation_id = conversation_id
         _insert_assignment(c, assignment)
+    committed: list[OutboxItem] = []
     for outbox in (new.outbox, *new.extra_outbox):
         if outbox is None or (refused and outbox is new.outbox):
             continue  # no delivery for an assignment the store refused
         if conversation_id != new.conversation_id:
-            # The payload names the conversation the message really joined.
-            payload = dict(
-                outbox.payload, conversation_id=conversation_id, ticket=f"T-{conversation_id}"
+            # The payload names the conversation the message really joined; decided here,
+            # in the commit, before anything is encoded.
+            outbox = dataclasses.replace(
+                outbox, payload=outbox.payload.with_conversation(conversation_id)
             )
-            outbox = OutboxItem(**{**_outbox_fields(outbox), "payload": payload})
         _insert_outbox(c, outbox)
+        committed.append(outbox)
     return IngestResult(
         new.message_id,
         conversation_id,
@@ -981,11 +995,8 @@ def _ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         state=str(state),
         reopened=reopened,
         assigned=not refused,
+        outbox=tuple(committed),
     )
-
-
-def _outbox_fields(o: OutboxItem) -> dict[str, Any]:
-    return {f: getattr(o, f) for f in OutboxItem.__dataclass_fields__}
 
 
 def _assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
@@ -1013,11 +1024,10 @@ def _assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
 def _outbox_item(r: tuple[Any, ...]) -> OutboxItem:
     return OutboxItem(
         id=r[0],
-        target=r[1],
+        target=target_from_str(r[1]),
         agent_id=r[2],
         address=r[3],
-        kind=r[4],
-        payload=json.loads(r[5]),
+        payload=payload_from_dict(r[4], json.loads(r[5])),
         message_id=r[6],
         attempts=r[7],
         next_attempt_at=r[8],

@@ -1,0 +1,377 @@
+"""Intake: one customer message, classified, placed and committed, in one straight walk.
+
+`Intake.ingest` is the channels' sink. It returns a `Receipt` only after the message,
+its routing decision and every send it causes (the agent's delivery, the customer's
+acknowledgement) are committed in one transaction; only then may a channel
+acknowledge its source. Classification and placement happen *before* the commit, in
+memory, so a message is never stored without its route.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+import structlog
+
+from router.alerts import Alerts
+from router.classify import RuleClassifier, severity_for
+from router.config import Config
+from router.core import Classifier, Core
+from router.delivery import ChannelTarget, ToolTarget, ack_payload, assignment_payload
+from router.drivers import Receipt
+from router.model import (
+    URGENT_SEVERITIES,
+    Assignment,
+    Classification,
+    InboundMessage,
+    Signal,
+    new_ulid,
+    ticket_number,
+)
+from router.schedule import Decision, Work
+from router.store import IngestResult, NewMessage, OutboxItem
+from router.threads import ThreadKey, thread_key
+
+log = structlog.get_logger("router.pipeline")
+
+
+def make_classifier(config: Config) -> Classifier:
+    """Return the classifier the config asks for (the trained model by default)."""
+    c = config.classifier
+    vip = frozenset(c.vip_contacts)
+    if c.model == "rules":
+        return RuleClassifier(amount_threshold=c.amount_threshold, vip_contacts=vip)
+    from router.intent import ModelClassifier
+
+    return ModelClassifier(
+        amount_threshold=c.amount_threshold, vip_contacts=vip, model_path=c.model_path
+    )
+
+
+def make_assignment(
+    core: Core,
+    choice: Decision,
+    conversation_id: str,
+    reason: str,
+    now: float,
+) -> Assignment:
+    """Return the routing record of a decision, with the capacity the store re-checks."""
+    work = choice.work
+    ct = work.channel_type
+    state = core.scheduler.states.get(choice.agent.id)
+    # A new slot is checked against the agent's capacity in the commit itself, so two
+    # workers cannot overfill an agent; a sticky follow-up takes no new slot.
+    check = state is not None and choice.new_slot
+    return Assignment(
+        message_id=work.id,
+        conversation_id=conversation_id,
+        agent_id=choice.agent.id,
+        queue=work.department,
+        reason=reason,
+        sla_deadline=datetime.fromtimestamp(work.deadline, UTC),
+        assigned_at=datetime.fromtimestamp(now, UTC),
+        channel_type=ct,
+        capacity=state.capacity(ct) if check and state is not None else 0,
+        pool=state.pool(ct) if check and state is not None else "*",
+        explain=choice.explain,
+    )
+
+
+def log_routed(
+    msg: InboundMessage,
+    message_id: str,
+    conversation_id: str,
+    cls: Classification,
+    queue: str,
+    choice: Decision | None,
+    state: str,
+    *,
+    waited: float = 0.0,
+    commit_ms: float | None = None,
+) -> None:
+    """Emit the canonical line: one per routed message, everything an operator asks about.
+
+    The same fields whether the message was placed on arrival or later from a queue.
+    """
+    log.info(
+        "message.routed",
+        message_id=message_id,
+        ticket=ticket_number(conversation_id),
+        channel=msg.channel,
+        channel_type=msg.channel_type,
+        label=cls.label,
+        confidence=round(cls.confidence, 3),
+        severity=cls.severity,
+        signals=[s.kind for s in cls.signals] or None,
+        language=cls.language,
+        queue=queue,
+        agent=choice.agent.id if choice else None,
+        sticky=bool(choice and not choice.new_slot),
+        rule=choice.rule if choice else None,
+        waited_s=round(waited, 3),
+        state=state,
+        text=msg.text,
+        commit_ms=commit_ms,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """What one ingest decided: the receipt for the channel and how it was routed."""
+
+    receipt: Receipt
+    cls: Classification
+    queue: str
+    choice: Decision | None  # None: queued (or a duplicate)
+
+
+class Intake:
+    """Takes customer messages in; the sink every channel hands its messages to."""
+
+    def __init__(self, core: Core, alerts: Alerts) -> None:
+        """Work on the shared core."""
+        self.core = core
+        self.alerts = alerts
+        # "<channel type>:<handle>" -> times of recent contacts (repeat-contact signal).
+        self.recent: dict[str, deque[float]] = {}
+
+    async def ingest(self, msg: InboundMessage) -> Receipt:
+        """Classify, route and commit one message; return only after the commit."""
+        started = time.perf_counter()
+        key = (msg.channel, thread_key(msg))
+        core = self.core
+        m = core.metrics
+        try:
+            async with core.threads.lock(key):
+                routed = await self._route(msg, key)
+        except Exception:
+            m.child(m.ingest_errors, msg.channel).inc()
+            raise
+        elapsed = time.perf_counter() - started
+        receipt, cls, queue, choice = routed.receipt, routed.cls, routed.queue, routed.choice
+        if receipt.duplicate:
+            m.child(m.duplicates, msg.channel).inc()
+            log.info(
+                "message.duplicate",
+                channel=msg.channel,
+                ticket=receipt.ticket,
+                message_id=receipt.message_id,
+                payload_conflict=receipt.payload_conflict,
+            )
+            return receipt
+        m.ingest_seconds.observe(elapsed)
+        m.child(m.ingested, msg.channel, cls.label).inc()
+        m.child(m.severity, cls.severity).inc()
+        if choice is not None:
+            m.child(m.assigned, queue, "direct" if choice.new_slot else "sticky").inc()
+            m.child(m.wait_seconds, cls.label, "yes").observe(0.0)
+        core.gauges.routed(m, choice.agent.id if choice is not None else None, queue)
+        log_routed(
+            msg,
+            receipt.message_id,
+            receipt.conversation_id,
+            cls,
+            queue,
+            choice,
+            receipt.state,
+            commit_ms=round(elapsed * 1000, 2),
+        )
+        return receipt
+
+    async def _route(self, msg: InboundMessage, key: ThreadKey) -> Routed:
+        """Walk one message through classify → place → commit → outbox (thread lock held)."""
+        core = self.core
+        now = core.clock()
+        contact_key = f"{msg.channel_type}:{msg.contact_handle}"
+        cls = self.classify(msg, contact_key, now)
+        queue = core.config.queue_for(
+            cls.label,
+            cls.severity,
+            cls.confidence,
+            signals=[s.kind for s in cls.signals],
+            language=cls.language,
+            channel_type=msg.channel_type,
+        )
+        deadline = now + self.sla_seconds(cls)
+        known = core.threads.conversation(key)
+        proposed = known or new_ulid()
+        message_id = new_ulid()
+        work = Work(
+            id=message_id,
+            slot=proposed,
+            conversation=proposed,
+            label=cls.label,
+            severity=cls.severity,
+            channel_type=msg.channel_type,
+            language=cls.language,
+            department=queue,
+            arrival=now,
+            deadline=deadline,
+        )
+        choice = core.scheduler.place(work, now)
+        new = self._new_message(msg, key[1], cls, queue, message_id, proposed, known, work, choice)
+        try:
+            result = await core.store.ingest(new)
+        except BaseException:
+            if choice is not None:
+                core.scheduler.undo(choice, requeue=False)
+            raise
+        if result.duplicate:
+            if choice is not None:
+                core.scheduler.undo(choice, requeue=False)
+            return Routed(self._receipt(result, duplicate=True), cls, queue, None)
+        if choice is not None and not result.assigned:
+            # Another worker filled the agent meanwhile: the message waits instead, and
+            # this scheduler learns what the others hold.
+            core.scheduler.undo(choice, requeue=False)
+            choice = None
+            core.scheduler.sync_external(await core.store.open_loads())
+        conversation_id = result.conversation_id
+        if conversation_id != proposed:
+            # The store joined a resolved conversation of this thread and reopened it.
+            if choice is not None:
+                core.scheduler.move_slot(proposed, conversation_id)
+            work.slot = work.conversation = conversation_id
+        core.threads.opened(key, conversation_id)
+        self.recent.setdefault(contact_key, deque()).append(now)
+        # The sends exactly as committed (the store named their conversation).
+        for item in result.outbox:
+            core.dispatcher.submit(item)
+        if choice is None:
+            core.scheduler.submit(work)
+        if cls.severity == "P0":
+            await self.alerts.urgent(message_id, conversation_id, msg, cls, queue, now)
+        if core.crisis is not None:
+            events = core.crisis.observe(
+                message_id, contact_key, cls.label, cls.severity, msg.text, msg.subject, now
+            )
+            await self.alerts.crisis(events, now)
+        return Routed(self._receipt(result), cls, queue, choice)
+
+    def _new_message(
+        self,
+        msg: InboundMessage,
+        thread: str,
+        cls: Classification,
+        queue: str,
+        message_id: str,
+        conversation_id: str,
+        known: str | None,
+        work: Work,
+        choice: Decision | None,
+    ) -> NewMessage:
+        """Return everything one ingest commits: message, routing and the sends it causes."""
+        core = self.core
+        now = work.arrival
+        assignment: Assignment | None = None
+        delivery: OutboxItem | None = None
+        if choice is not None:
+            agent = choice.agent
+            assignment = make_assignment(core, choice, conversation_id, choice.reason, now)
+            delivery = OutboxItem(
+                id=new_ulid(),
+                target=ToolTarget(agent.tool),
+                agent_id=agent.id,
+                address=agent.address or agent.id,
+                payload=assignment_payload(msg, cls, assignment, now),
+                message_id=message_id,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        # A new conversation on a channel that can answer gets a written acknowledgement
+        # with its ticket number, committed with the message (service standards).
+        acks: tuple[OutboxItem, ...] = ()
+        if known is None and msg.channel in core.answering_channels:
+            acks = (
+                OutboxItem(
+                    id=new_ulid(),
+                    target=ChannelTarget(msg.channel),
+                    agent_id="",
+                    address=msg.contact_handle,
+                    payload=ack_payload(msg, conversation_id, cls.language, work.deadline),
+                    message_id="",
+                    next_attempt_at=now,
+                    created_at=now,
+                ),
+            )
+        return NewMessage(
+            message_id=message_id,
+            inbound=msg,
+            conversation_id=conversation_id,
+            thread_key=thread,
+            classification=cls,
+            queue=queue,
+            sla_deadline=work.deadline,
+            ingested_at=now,
+            assignment=assignment,
+            outbox=delivery,
+            extra_outbox=acks,
+        )
+
+    def _receipt(self, result: IngestResult, *, duplicate: bool = False) -> Receipt:
+        ticket = ticket_number(result.conversation_id)
+        return Receipt(
+            result.message_id,
+            result.conversation_id,
+            ticket,
+            self.core.tickets.status_token(ticket),
+            result.state,
+            duplicate=duplicate,
+            payload_conflict=result.payload_conflict if duplicate else False,
+        )
+
+    # -- classification ------------------------------------------------------------
+
+    def classify(self, msg: InboundMessage, contact_key: str, now: float) -> Classification:
+        """Return the classifier's verdict with repeat contacts and severity rules applied."""
+        core = self.core
+        cls = core.classifier.classify(
+            msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
+        )
+        cls = self._with_repeat_contact(cls, contact_key, now)
+        return self._with_severity_rules(cls)
+
+    def _with_repeat_contact(
+        self, cls: Classification, contact_key: str, now: float
+    ) -> Classification:
+        c = self.core.config.classifier
+        window = c.repeat_contact_window
+        times = self.recent.get(contact_key)
+        if times is None:
+            return cls
+        while times and times[0] < now - window:
+            times.popleft()
+        if not times:
+            del self.recent[contact_key]
+            return cls
+        count = len(times) + 1  # this message included
+        if count < c.repeat_contact_count:
+            return cls
+        signals = (
+            *cls.signals,
+            Signal(
+                "repeat_contact", f"{count} contacts within {window / 3600:g} h", value=float(count)
+            ),
+        )
+        return replace(cls, signals=signals, severity=severity_for(cls.label, signals))
+
+    def _with_severity_rules(self, cls: Classification) -> Classification:
+        """Apply the operator's severity rules (first match wins) over the built-in table."""
+        kinds = {s.kind for s in cls.signals}
+        for rule in self.core.config.classifier.severity_rules:
+            if rule.labels and cls.label not in rule.labels:
+                continue
+            if rule.signals and kinds.isdisjoint(rule.signals):
+                continue
+            return replace(cls, severity=rule.severity)
+        return cls
+
+    def sla_seconds(self, cls: Classification) -> float:
+        """Return seconds to first response for this verdict (urgent overrides the class)."""
+        sla = self.core.config.sla
+        if cls.severity in URGENT_SEVERITIES:
+            return sla.urgent
+        return float(getattr(sla, cls.label, sla.inquiry))

@@ -1,0 +1,61 @@
+"""Tickets as customers see them: numbers, status tokens, and the status a token unlocks."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from datetime import UTC, datetime
+
+from router.drivers import TicketStatus
+from router.model import TICKET_PREFIX
+from router.store import Store
+
+
+class Tickets:
+    """Issues and checks status tokens (HMAC under the installation secret)."""
+
+    def __init__(self, store: Store) -> None:
+        """Start without a key: `load_secret` reads it from the store."""
+        self.store = store
+        self._secret = b""
+        self._mac: hmac.HMAC | None = None
+
+    async def load_secret(self) -> None:
+        """Read the installation secret (created by the store's first migration)."""
+        self._secret = await self.store.secret()
+        # Keyed once: copying a keyed HMAC is cheaper than keying one per ticket, and
+        # unlike hmac.digest() it does not give up the GIL for a few bytes of input.
+        self._mac = hmac.new(self._secret, digestmod="sha256")
+
+    def status_token(self, ticket: str) -> str:
+        """Return the token that lets a customer read this ticket."""
+        if self._mac is None:
+            self._mac = hmac.new(self._secret, digestmod="sha256")
+        mac = self._mac.copy()
+        mac.update(ticket.encode())
+        return base64.urlsafe_b64encode(mac.digest()[:18]).decode().rstrip("=")
+
+    def token_matches(self, ticket: str, token: str) -> bool:
+        """Tell whether the token was issued for this ticket (constant time)."""
+        return ticket.startswith(TICKET_PREFIX) and hmac.compare_digest(
+            self.status_token(ticket).encode(), token.encode("utf-8", "replace")
+        )
+
+    async def status(self, ticket: str, token: str) -> TicketStatus | None:
+        """Return a ticket's status when the token matches; None otherwise (same for unknown)."""
+        if not self.token_matches(ticket, token):
+            return None
+        view = await self.store.ticket(ticket[len(TICKET_PREFIX) :])
+        if view is None:
+            return None
+        return TicketStatus(
+            ticket=view.ticket,
+            state=view.state,
+            label=view.label,
+            severity=view.severity,
+            opened_at=datetime.fromtimestamp(view.opened_at, UTC),
+            respond_by=datetime.fromtimestamp(view.respond_by, UTC),
+            assigned=view.assigned,
+            messages=view.messages,
+            resolved_at=datetime.fromtimestamp(view.resolved_at, UTC) if view.resolved_at else None,
+        )
