@@ -20,6 +20,14 @@ from zoneinfo import ZoneInfo
 
 LABELS: tuple[str, ...] = ("inquiry", "complaint", "suggestion")
 SEVERITIES: tuple[str, ...] = ("P0", "P1", "P2", "P3")
+# A ticket number is the conversation id behind this prefix ("T-01J…"); ids are the key.
+TICKET_PREFIX = "T-"
+
+
+def ticket_number(conversation_id: str) -> str:
+    """Return the customer-facing ticket number of a conversation."""
+    return TICKET_PREFIX + conversation_id
+
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ulid_lock = threading.Lock()

@@ -1,0 +1,304 @@
+"""The SQLite writer engine: one thread that commits whatever is queued as soon as it is free.
+
+Why a thread of our own rather than a connection per call: SQLite allows one writer
+at a time, and an fsync per message would cap ingest at the disk's sync rate. The
+writer takes every unit of work queued since its last commit, runs them in one
+transaction, commits once, and wakes all the waiting coroutines with one loop
+callback. Under load the batches grow by themselves; at rest a single unit is
+committed at once (no timer, no idle CPU).
+
+One bad unit fails alone: when a unit raises, the batch is rolled back and run again
+with each unit inside its own SAVEPOINT. Units are plain functions of the database
+(no effects outside it), so running one again gives the same outcome. The savepoints
+are kept off the fast path because they cost more than the rest of an ingest unit:
+every page a unit touches is first copied to SQLite's statement sub-journal.
+
+Deferred units (`defer`) have nobody waiting for them: they ride along with the next
+commit instead of paying an fsync of their own, or are committed alone once the writer
+has had nothing else to do for a moment.
+
+The engine knows nothing of the schema: the queries live in `router.store.queries`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Unit = Callable[[sqlite3.Connection], Any]
+# A unit and the future its caller awaits (None: nobody waits, e.g. a deferred unit).
+Job = tuple[Unit, "asyncio.Future[Any] | None"]
+Result = tuple["asyncio.Future[Any] | None", bool, Any]
+
+_MAX_BATCH = 512
+_STOP = object()
+_DEFERRED = object()  # wakes the writer: deferred units are waiting
+# How long deferred units wait for a commit to ride along with before committing alone.
+_DEFERRED_IDLE = 0.1
+
+
+class Writer:
+    """Owns the connection and the thread that commits queued units in batches."""
+
+    def __init__(
+        self, path: Path, *, synchronous: str, prepare: Callable[[sqlite3.Connection], None]
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.prepare = prepare  # runs once on the new connection before any unit (migrations)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._deferred: queue.SimpleQueue[Unit] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self.batches = 0  # commits made, for the benchmark's batch-size figure
+        self.units = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, run `prepare`, and start the writer thread."""
+        if self.thread is not None:
+            raise RuntimeError("store is already open")
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        ready: asyncio.Future[None] = self._loop.create_future()
+        thread = threading.Thread(
+            target=self._main, args=(ready,), name="sqlite-writer", daemon=True
+        )
+        self.thread = thread
+        thread.start()
+        try:
+            await ready
+        except BaseException:
+            # Migration or connect failed: the writer has exited; leave the store closed so
+            # later calls fail at once instead of queueing work nobody will run.
+            await asyncio.to_thread(thread.join)
+            self.thread = None
+            raise
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        if self.thread is None:
+            return
+        self._closing = True  # new calls fail at once; queued ones still commit
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self.thread.join)
+        self.thread = None
+        self._fail_leftovers(RuntimeError("store is closed"))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the writer thread runs (the watchdog checks it)."""
+        return self.thread is not None and self.thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new units are taken (open and not closing)."""
+        return self.thread is not None and not self._closing
+
+    # -- submitting --------------------------------------------------------------
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a unit in the next batch and return its result once committed."""
+        if not self.accepting:
+            raise RuntimeError("store is not open")
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, fut))
+        return await fut
+
+    def defer(self, fn: Unit) -> None:
+        """Queue a unit nobody waits for; it commits with the next batch."""
+        if not self.accepting:
+            raise RuntimeError("store is not open")
+        self._deferred.put(fn)
+        self._queue.put(_DEFERRED)
+
+    # -- the thread --------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def _main(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connect()
+            self.prepare(conn)
+        except BaseException as exc:  # report any failure to open() rather than dying silently
+            if conn is not None:
+                conn.close()
+            loop.call_soon_threadsafe(_set_exception, ready, exc)
+            return
+        loop.call_soon_threadsafe(_set_result, ready, None)
+        try:
+            stopping = False
+            while not stopping:
+                batch, stopping = self._collect(self._queue.get())
+                if not batch and not stopping:
+                    # Only deferred units: give them a moment to ride with real work.
+                    deadline = time.monotonic() + _DEFERRED_IDLE
+                    while not batch and not stopping:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        try:
+                            item = self._queue.get(timeout=remaining)
+                        except queue.Empty:
+                            break
+                        batch, stopping = self._collect(item)
+                batch[:0] = [(fn, None) for fn in self._take_deferred()]
+                if batch:
+                    self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _collect(self, first: Any) -> tuple[list[Job], bool]:
+        """Return the units queued from `first` on (at most _MAX_BATCH), and whether to stop."""
+        batch: list[Job] = []
+        stopping = first is _STOP
+        if not stopping and first is not _DEFERRED:
+            batch.append(first)
+        while len(batch) < _MAX_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stopping = True
+            elif item is not _DEFERRED:
+                batch.append(item)
+        return batch, stopping
+
+    def _take_deferred(self) -> list[Unit]:
+        """Return every deferred unit waiting, and forget them."""
+        units: list[Unit] = []
+        while True:
+            try:
+                units.append(self._deferred.get_nowait())
+            except queue.Empty:
+                return units
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
+        """Commit a batch in one transaction; a unit that raises fails alone."""
+        try:
+            results = _run_fast(conn, batch)
+        except _UnitFailed as failed:
+            results = (
+                _run_isolated(conn, batch)
+                if len(batch) > 1
+                else [(batch[0][1], False, failed.error)]
+            )
+        except Exception as exc:  # the commit itself failed (disk full, I/O): nothing is durable
+            results = [(fut, False, exc) for _, fut in batch]
+        self.batches += 1
+        self.units += sum(1 for _, fut in batch if fut is not None)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_settle, results)
+
+    def _fail_leftovers(self, exc: BaseException) -> None:
+        """Fail units still queued after the writer stopped (nobody will run them)."""
+        leftovers: list[Result] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item is not _DEFERRED:
+                leftovers.append((item[1], False, exc))
+        if leftovers:
+            _settle(leftovers)
+
+
+class _UnitFailed(Exception):
+    """A unit raised in the fast path: the batch is run again with savepoints."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _run_fast(conn: sqlite3.Connection, batch: list[Job]) -> list[Result]:
+    """Run every unit in one transaction without savepoints; raise _UnitFailed if one raises."""
+    results: list[Result] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn, fut in batch:
+            try:
+                value = fn(conn)
+            except Exception as exc:
+                raise _UnitFailed(exc) from exc
+            results.append((fut, True, value))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return results
+
+
+def _run_isolated(conn: sqlite3.Connection, batch: list[Job]) -> list[Result]:
+    """Run the batch again, each unit inside a SAVEPOINT, so a failing one fails alone."""
+    results: list[Result] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for fn, fut in batch:
+            conn.execute("SAVEPOINT unit")
+            try:
+                value = fn(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO unit")
+                conn.execute("RELEASE unit")
+                results.append((fut, False, exc))
+            else:
+                conn.execute("RELEASE unit")
+                results.append((fut, True, value))
+        conn.execute("COMMIT")
+    except Exception as exc:  # the commit itself failed (disk full, I/O): nothing is durable
+        _rollback(conn)
+        results = [(fut, False, exc) for _, fut in batch]
+    return results
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any (a failed statement may have ended it)."""
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def _settle(results: list[Result]) -> None:
+    """Hand each waiting caller its unit's result (runs on the event loop)."""
+    for fut, ok, value in results:
+        if fut is None:  # nobody waits for it (deferred units)
+            continue
+        if fut.done():  # the caller was cancelled; the unit still ran (or failed) as committed
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
