@@ -133,6 +133,10 @@ class Snapshot:
 class Store(Protocol):
     """Durable state. Every method is one committed transaction."""
 
+    @property
+    def pending_deletes(self) -> int:
+        """Count delivered outbox items whose delete is not committed yet (stop reports it)."""
+
     async def open(self) -> None:
         """Open the database and bring its schema to the latest migration."""
 
@@ -192,7 +196,7 @@ class Store(Protocol):
         """Return pending outbox items due at or before now, oldest first."""
 
     async def outbox_done(self, ids: list[str]) -> None:
-        """Delete sent items."""
+        """Delete sent items; the delete may commit later, but is never silently dropped."""
 
     async def outbox_retry(
         self, item_id: str, attempts: int, next_attempt_at: float, error: str

@@ -162,7 +162,12 @@ class SqliteStore:
         if not self.writer.accepting:
             raise RuntimeError("store is not open")
         if ids:
-            self.writer.defer(functools.partial(q.delete_outbox, ids=list(ids)))
+            self.writer.defer(functools.partial(q.delete_outbox, ids=list(ids)), len(ids))
+
+    @property
+    def pending_deletes(self) -> int:
+        """Count delivered outbox items whose delete is not committed yet (stop reports it)."""
+        return self.writer.deferred_pending
 
     async def outbox_retry(
         self, item_id: str, attempts: int, next_attempt_at: float, error: str

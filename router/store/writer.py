@@ -15,7 +15,11 @@ every page a unit touches is first copied to SQLite's statement sub-journal.
 
 Deferred units (`defer`) have nobody waiting for them: they ride along with the next
 commit instead of paying an fsync of their own, or are committed alone once the writer
-has had nothing else to do for a moment.
+has had nothing else to do for a moment. A batch that fails never drops them silently:
+when the database could not take the write (the commit failed, or the unit met a full,
+read-only, locked or failing database) they stay queued for the next batch; a unit that
+raises anything else is a bug, logged with its traceback. `deferred_pending` counts what
+they stand for until it is committed, so a stop can say what is not durable.
 
 The engine knows nothing of the schema: the queries live in `router.store.queries`.
 """
@@ -30,6 +34,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import structlog
+
+log = structlog.get_logger("router.store")
 
 T = TypeVar("T")
 Unit = Callable[[sqlite3.Connection], Any]
@@ -54,7 +62,12 @@ class Writer:
         self.synchronous = synchronous
         self.prepare = prepare  # runs once on the new connection before any unit (migrations)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._deferred: queue.SimpleQueue[Unit] = queue.SimpleQueue()
+        # Deferred units with how many items each stands for (reported until committed).
+        self._deferred: queue.SimpleQueue[tuple[Unit, int]] = queue.SimpleQueue()
+        self._deferred_lock = threading.Lock()
+        self._deferred_pending = 0
+        # The connection class; tests inject faults (a failing COMMIT) through it.
+        self.connection_factory: type[sqlite3.Connection] = sqlite3.Connection
         self.thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -115,17 +128,29 @@ class Writer:
         self._queue.put((fn, fut))
         return await fut
 
-    def defer(self, fn: Unit) -> None:
-        """Queue a unit nobody waits for; it commits with the next batch."""
+    def defer(self, fn: Unit, size: int = 1) -> None:
+        """Queue a unit nobody waits for, standing for `size` items; it commits with a batch."""
         if not self.accepting:
             raise RuntimeError("store is not open")
-        self._deferred.put(fn)
+        with self._deferred_lock:
+            self._deferred_pending += size
+        self._deferred.put((fn, size))
         self._queue.put(_DEFERRED)
+
+    @property
+    def deferred_pending(self) -> int:
+        """Count the items deferred units stand for that are not committed yet."""
+        return self._deferred_pending
 
     # -- the thread --------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            factory=self.connection_factory,
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -161,9 +186,9 @@ class Writer:
                         except queue.Empty:
                             break
                         batch, stopping = self._collect(item)
-                batch[:0] = [(fn, None) for fn in self._take_deferred()]
-                if batch:
-                    self._run_batch(conn, batch)
+                deferred = self._take_deferred()
+                if batch or deferred:
+                    self._run_batch(conn, batch, deferred)
         finally:
             conn.close()
 
@@ -184,17 +209,21 @@ class Writer:
                 batch.append(item)
         return batch, stopping
 
-    def _take_deferred(self) -> list[Unit]:
-        """Return every deferred unit waiting, and forget them."""
-        units: list[Unit] = []
+    def _take_deferred(self) -> list[tuple[Unit, int]]:
+        """Return every deferred unit waiting (with its size), and forget them."""
+        units: list[tuple[Unit, int]] = []
         while True:
             try:
                 units.append(self._deferred.get_nowait())
             except queue.Empty:
                 return units
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
-        """Commit a batch in one transaction; a unit that raises fails alone."""
+    def _run_batch(
+        self, conn: sqlite3.Connection, awaited: list[Job], deferred: list[tuple[Unit, int]]
+    ) -> None:
+        """Commit deferred and awaited units in one transaction; a unit that raises fails alone."""
+        batch: list[Job] = [(fn, None) for fn, _ in deferred]
+        batch += awaited
         try:
             results = _run_fast(conn, batch)
         except _UnitFailed as failed:
@@ -205,10 +234,30 @@ class Writer:
             )
         except Exception as exc:  # the commit itself failed (disk full, I/O): nothing is durable
             results = [(fut, False, exc) for _, fut in batch]
+        if deferred:
+            self._settle_deferred(deferred, results)
         self.batches += 1
-        self.units += sum(1 for _, fut in batch if fut is not None)
+        self.units += len(awaited)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_settle, results)
+
+    def _settle_deferred(self, deferred: list[tuple[Unit, int]], results: list[Result]) -> None:
+        """Count committed deferred units; queue failed ones again (results start with them)."""
+        committed = 0
+        for (fn, size), (_, ok, error) in zip(deferred, results, strict=False):
+            if ok:
+                committed += size
+            elif isinstance(error, sqlite3.OperationalError):
+                # The database could not take the write now (full, read-only, locked, I/O):
+                # keep the unit for the next batch rather than lose it.
+                self._deferred.put((fn, size))
+            else:
+                # A bug in the unit: running it again fails the same way. Say so loudly;
+                # its items stay counted as not committed.
+                log.error("store.deferred_unit_failed", size=size, exc_info=error)
+        if committed:
+            with self._deferred_lock:
+                self._deferred_pending -= committed
 
     def _fail_leftovers(self, exc: BaseException) -> None:
         """Fail units still queued after the writer stopped (nobody will run them)."""
