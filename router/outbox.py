@@ -6,7 +6,9 @@ process). Each send carries the item id as its idempotency key. A transient fail
 is retried with capped exponential backoff and full jitter; a permanent one, or the
 last allowed attempt, moves the item to the dead letters. While a target is known
 to be down the items wait without spending attempts (a simple circuit breaker), so
-a broker outage does not turn a backlog into dead letters.
+a broker outage does not turn a backlog into dead letters. Likewise while the store
+cannot record an attempt's outcome (full disk): attempts it could not record are not
+spent, and items wait until the store is back.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from router.backoff import backoff_delay
 from router.config import OutboxConfig
 from router.drivers import AgentTool, Delivery, DriverState, PermanentError, RateLimited
 from router.metrics import Metrics
-from router.store import OutboxItem, Store
+from router.store import OutboxItem, Store, StoreCondition, StoreUnavailable
 
 log = structlog.get_logger("router.outbox")
 
 # How long an item waits while its target is disconnected before being looked at again.
 _TARGET_DOWN_RECHECK = 1.0
+# How long an item waits while the store cannot record outcomes before being looked at again.
+_STORE_DOWN_RECHECK = 1.0
 # How many sent ids to remember (far more than can be in flight between a read and
 # the commit of their delete).
 _SENT_MEMORY = 50_000
@@ -152,6 +156,8 @@ class Dispatcher:
                         self.submit(item)
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable:
+                pass  # the store logs its condition once; the next scan tries again
             except Exception as exc:  # the store hiccuped; the next scan tries again
                 log.warning("outbox.scan_failed", error=str(exc))
             finally:
@@ -174,6 +180,10 @@ class Dispatcher:
         ):
             # Circuit open: do not spend an attempt on a target we know is down.
             self._retry_later(item, _TARGET_DOWN_RECHECK)
+            return
+        if self.store.condition is not StoreCondition.OK:
+            # The outcome could not be recorded: an attempt now would be spent for nothing.
+            self._retry_later(item, _STORE_DOWN_RECHECK)
             return
         delivery = Delivery(
             id=item.id,
@@ -214,6 +224,11 @@ class Dispatcher:
             )
             try:
                 await self.store.outbox_retry(item.id, attempt, self.clock() + delay, str(exc))
+            except StoreUnavailable:
+                # Not recorded, so not spent: the item waits with the attempts the store knows
+                # (the store logs its condition once; no line per item here).
+                self._retry_later(item, _STORE_DOWN_RECHECK)
+                return
             except Exception as store_exc:
                 # Kept in memory; after a restart the scan finds it in the store.
                 log.warning("outbox.retry_not_recorded", outbox_id=item.id, error=str(store_exc))
@@ -237,6 +252,18 @@ class Dispatcher:
         self._schedule(item, delay)
 
     async def _dead(self, item: OutboxItem, attempt: int, reason: str) -> None:
+        # Runs inside a send task nobody awaits: an exception escaping here would only
+        # surface as "Task exception was never retrieved".
+        try:
+            await self.store.outbox_dead(item.id, attempt, reason, self.clock())
+        except StoreUnavailable:
+            # Not recorded, so not spent: try again once the store is back.
+            self._retry_later(item, _STORE_DOWN_RECHECK)
+            return
+        except Exception as exc:  # still in the outbox: the scan finds it again
+            log.warning("outbox.dead_not_recorded", outbox_id=item.id, error=str(exc))
+            self._forget(item.id)
+            return
         self.metrics.deliveries.labels(target=item.target, result="dead").inc()
         self.metrics.dead_letters.labels(target=item.target).inc()
         log.warning(
@@ -246,10 +273,7 @@ class Dispatcher:
             attempts=attempt,
             reason=reason,
         )
-        try:
-            await self.store.outbox_dead(item.id, attempt, reason, self.clock())
-        finally:
-            self._forget(item.id)
+        self._forget(item.id)
 
     def _mark_done(self, item_id: str) -> None:
         # Deletes are batched: many sends finishing together cost one store call.

@@ -49,6 +49,16 @@ def secret(c: sqlite3.Connection) -> bytes:
     return bytes.fromhex(c.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0])
 
 
+def write_probe(c: sqlite3.Connection) -> None:
+    """Write a page and take it back: fails as a real write would on a full or failing disk."""
+    page_size = c.execute("PRAGMA page_size").fetchone()[0]
+    c.execute(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES ('write_probe', zeroblob(?))",
+        (page_size,),
+    )
+    c.execute("DELETE FROM meta WHERE key='write_probe'")
+
+
 def set_presence(c: sqlite3.Connection, agent_id: str, present: bool) -> bool:
     """Store an agent's presence; False for an unknown agent."""
     cur = c.execute("UPDATE agents SET present=? WHERE id=?", (int(present), agent_id))

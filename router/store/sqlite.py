@@ -9,6 +9,12 @@ Deleting delivered outbox items (`outbox_done`) is deferred: the ids ride along 
 the next commit instead of paying an fsync of their own, or are committed alone once
 the writer has had nothing else to do for a moment. A delete lost in a crash only
 makes the outbox send the item again under the same delivery id (receivers dedupe).
+
+Health: `condition` (ok | full | readonly | failing, a `router.store.StoreCondition`)
+says whether the store can commit; a call that meets a full, read-only or failing
+database raises `router.store.StoreUnavailable` (answer 503 with its `retry_after`).
+The condition returns to ok at the next committed write; while it is not ok the
+writer tries a small one itself about once a second.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from router.store import (
     NewMessage,
     OutboxItem,
     Snapshot,
+    StoreCondition,
     TicketView,
 )
 from router.store import queries as q
@@ -46,7 +53,9 @@ class SqliteStore:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self.raw_max_bytes = raw_max_bytes
-        self.writer = Writer(self.path, synchronous=self.synchronous, prepare=self._prepare)
+        self.writer = Writer(
+            self.path, synchronous=self.synchronous, prepare=self._prepare, probe=q.write_probe
+        )
         self._secret: bytes | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -68,6 +77,11 @@ class SqliteStore:
     async def close(self) -> None:
         """Commit what is queued, then stop the writer."""
         await self.writer.close()
+
+    @property
+    def condition(self) -> StoreCondition:
+        """Return whether the store can commit now (see `router.store.StoreCondition`)."""
+        return self.writer.condition
 
     @property
     def alive(self) -> bool:

@@ -21,6 +21,13 @@ read-only, locked or failing database) they stay queued for the next batch; a un
 raises anything else is a bug, logged with its traceback. `deferred_pending` counts what
 they stand for until it is committed, so a stop can say what is not durable.
 
+The database's own state is one `condition` (ok, full, readonly, failing): a unit or a
+commit that meets SQLITE_FULL, SQLITE_READONLY, an I/O error or a lock held elsewhere
+fails with `StoreUnavailable` and sets it; the next batch that commits a write sets it
+back to ok. Each change is logged once, without a traceback. While it is not ok, a
+small write (`probe`) rides along (or runs alone) about once a second, so the store
+recovers within seconds even when callers hold their writes until it does.
+
 The engine knows nothing of the schema: the queries live in `router.store.queries`.
 """
 
@@ -37,6 +44,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from router.store import StoreCondition, StoreUnavailable
+
 log = structlog.get_logger("router.store")
 
 T = TypeVar("T")
@@ -50,17 +59,40 @@ _STOP = object()
 _DEFERRED = object()  # wakes the writer: deferred units are waiting
 # How long deferred units wait for a commit to ride along with before committing alone.
 _DEFERRED_IDLE = 0.1
+# How long an idle writer waits before probing a store that is not ok.
+_PROBE_INTERVAL = 1.0
+# SQLite's primary result codes that are the database's state, not the unit's fault.
+_CONDITIONS = {
+    sqlite3.SQLITE_FULL: StoreCondition.FULL,
+    sqlite3.SQLITE_READONLY: StoreCondition.READONLY,
+    sqlite3.SQLITE_IOERR: StoreCondition.FAILING,
+    sqlite3.SQLITE_CANTOPEN: StoreCondition.FAILING,
+    sqlite3.SQLITE_BUSY: StoreCondition.FAILING,
+    sqlite3.SQLITE_LOCKED: StoreCondition.FAILING,
+    sqlite3.SQLITE_CORRUPT: StoreCondition.FAILING,
+    sqlite3.SQLITE_NOTADB: StoreCondition.FAILING,
+    sqlite3.SQLITE_PROTOCOL: StoreCondition.FAILING,
+}
 
 
 class Writer:
     """Owns the connection and the thread that commits queued units in batches."""
 
     def __init__(
-        self, path: Path, *, synchronous: str, prepare: Callable[[sqlite3.Connection], None]
+        self,
+        path: Path,
+        *,
+        synchronous: str,
+        prepare: Callable[[sqlite3.Connection], None],
+        probe: Unit,
     ) -> None:
         self.path = path
         self.synchronous = synchronous
         self.prepare = prepare  # runs once on the new connection before any unit (migrations)
+        self.probe = probe  # a small write that tells whether the store can commit again
+        self._condition = StoreCondition.OK
+        self._down_since = 0.0
+        self._next_probe = 0.0  # when the writer next tries a write while not ok
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Deferred units with how many items each stands for (reported until committed).
         self._deferred: queue.SimpleQueue[tuple[Unit, int]] = queue.SimpleQueue()
@@ -111,6 +143,11 @@ class Writer:
     def alive(self) -> bool:
         """Whether the writer thread runs (the watchdog checks it)."""
         return self.thread is not None and self.thread.is_alive()
+
+    @property
+    def condition(self) -> StoreCondition:
+        """Return whether the database can commit (set by the last batch that tried)."""
+        return self._condition
 
     @property
     def accepting(self) -> bool:
@@ -173,8 +210,12 @@ class Writer:
         try:
             stopping = False
             while not stopping:
-                batch, stopping = self._collect(self._queue.get())
-                if not batch and not stopping:
+                try:
+                    first = self._queue.get(timeout=self._probe_wait())
+                except queue.Empty:
+                    first = None  # time to probe a store that is not ok
+                batch, stopping = self._collect(first)
+                if first is _DEFERRED and not batch and not stopping:
                     # Only deferred units: give them a moment to ride with real work.
                     deadline = time.monotonic() + _DEFERRED_IDLE
                     while not batch and not stopping:
@@ -187,16 +228,27 @@ class Writer:
                             break
                         batch, stopping = self._collect(item)
                 deferred = self._take_deferred()
+                if self._probe_wait() == 0.0:
+                    # Reads alone never clear the condition, and they may keep the writer
+                    # busy: a small write rides along about once a second until one commits.
+                    self._next_probe = time.monotonic() + _PROBE_INTERVAL
+                    batch.append((self.probe, None))
                 if batch or deferred:
                     self._run_batch(conn, batch, deferred)
         finally:
             conn.close()
 
+    def _probe_wait(self) -> float | None:
+        """Return how long until the next probe (None: the store is ok, no probe due)."""
+        if self._condition is StoreCondition.OK:
+            return None
+        return max(0.0, self._next_probe - time.monotonic())
+
     def _collect(self, first: Any) -> tuple[list[Job], bool]:
         """Return the units queued from `first` on (at most _MAX_BATCH), and whether to stop."""
         batch: list[Job] = []
         stopping = first is _STOP
-        if not stopping and first is not _DEFERRED:
+        if first is not None and not stopping and first is not _DEFERRED:
             batch.append(first)
         while len(batch) < _MAX_BATCH:
             try:
@@ -224,6 +276,7 @@ class Writer:
         """Commit deferred and awaited units in one transaction; a unit that raises fails alone."""
         batch: list[Job] = [(fn, None) for fn, _ in deferred]
         batch += awaited
+        changes = conn.total_changes
         try:
             results = _run_fast(conn, batch)
         except _UnitFailed as failed:
@@ -234,10 +287,11 @@ class Writer:
             )
         except Exception as exc:  # the commit itself failed (disk full, I/O): nothing is durable
             results = [(fut, False, exc) for _, fut in batch]
+        self._update_condition(results, conn.total_changes != changes)
         if deferred:
             self._settle_deferred(deferred, results)
         self.batches += 1
-        self.units += len(awaited)
+        self.units += sum(1 for _, fut in awaited if fut is not None)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_settle, results)
 
@@ -247,7 +301,7 @@ class Writer:
         for (fn, size), (_, ok, error) in zip(deferred, results, strict=False):
             if ok:
                 committed += size
-            elif isinstance(error, sqlite3.OperationalError):
+            elif isinstance(error, StoreUnavailable):
                 # The database could not take the write now (full, read-only, locked, I/O):
                 # keep the unit for the next batch rather than lose it.
                 self._deferred.put((fn, size))
@@ -258,6 +312,46 @@ class Writer:
         if committed:
             with self._deferred_lock:
                 self._deferred_pending -= committed
+
+    def _update_condition(self, results: list[Result], wrote: bool) -> None:
+        """Turn the database's own failures into StoreUnavailable and track the condition."""
+        first: tuple[StoreCondition, Exception] | None = None
+        committed = False
+        for i, (fut, ok, value) in enumerate(results):
+            if ok:
+                committed = True
+                continue
+            condition = condition_of(value)
+            if condition is None:
+                continue
+            if first is None:
+                first = (condition, value)
+            unavailable = StoreUnavailable(condition, str(value))
+            unavailable.__cause__ = value
+            results[i] = (fut, False, unavailable)
+        if first is not None:
+            self._set_condition(*first)
+        elif committed and wrote:
+            self._set_condition(StoreCondition.OK, None)
+
+    def _set_condition(self, condition: StoreCondition, error: Exception | None) -> None:
+        """Record the condition; log only a change (a full disk fails every unit)."""
+        previous = self._condition
+        if condition is previous:
+            return
+        self._condition = condition
+        now = time.monotonic()
+        if condition is StoreCondition.OK:
+            log.info(
+                "store.recovered", previous=str(previous), after=round(now - self._down_since, 1)
+            )
+            return
+        if previous is StoreCondition.OK:
+            self._down_since = now
+            self._next_probe = now + _PROBE_INTERVAL
+        log.warning(
+            "store.unavailable", condition=str(condition), previous=str(previous), error=str(error)
+        )
 
     def _fail_leftovers(self, exc: BaseException) -> None:
         """Fail units still queued after the writer stopped (nobody will run them)."""
@@ -271,6 +365,16 @@ class Writer:
                 leftovers.append((item[1], False, exc))
         if leftovers:
             _settle(leftovers)
+
+
+def condition_of(exc: BaseException) -> StoreCondition | None:
+    """Return the store condition an error reveals, or None when it is the unit's own."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)  # absent on errors raised by hand
+    if code is None:
+        return None
+    return _CONDITIONS.get(code & 0xFF)
 
 
 class _UnitFailed(Exception):
