@@ -136,7 +136,7 @@ async def run_once(
     await dispatcher.drain(10)
     batches0, units0 = store.batches, store.units
 
-    writer = store._thread
+    writer = store.writer.thread
     assert writer is not None
     loop_ident = threading.get_ident()
     r0 = resource.getrusage(resource.RUSAGE_SELF)

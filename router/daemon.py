@@ -556,12 +556,19 @@ class Daemon:
                 await asyncio.wait_for(tool.stop(), max(0.1, deadline - time.monotonic()))
         if self._ops_runner is not None:
             await self._ops_runner.cleanup()
-        counts = await self.store.delivery_counts()
+        try:
+            counts = await self.store.delivery_counts()
+        except Exception as exc:  # a full or failing store must not keep the stop from finishing
+            counts = {}
+            log.warning("daemon.counts_unavailable", error=str(exc))
         await self.store.close()
+        # Sent items whose delete never committed go out again after a restart: not drained.
+        undeleted = self.store.pending_deletes
         log.info(
             "daemon.stopped",
-            outbox_drained=drained,
+            outbox_drained=drained and undeleted == 0,
             outbox_pending=counts.get("pending"),
+            outbox_undeleted=undeleted,
             dead_letters=counts.get("dead"),
         )
         self.notifier.close()

@@ -6,7 +6,9 @@ process). Each send carries the item id as its idempotency key. A transient fail
 is retried with capped exponential backoff and full jitter; a permanent one, or the
 last allowed attempt, moves the item to the dead letters. While a target is known
 to be down the items wait without spending attempts (a simple circuit breaker), so
-a broker outage does not turn a backlog into dead letters.
+a broker outage does not turn a backlog into dead letters. Likewise while the store
+cannot record an attempt's outcome (full disk): attempts it could not record are not
+spent, and items wait until the store is back.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from router.drivers import (
     TransientError,
 )
 from router.metrics import Metrics
-from router.store import OutboxItem, Store
+from router.store import OutboxItem, Store, StoreCondition, StoreUnavailable
 
 log = structlog.get_logger("router.outbox")
 
 # How long an item waits while its target is disconnected before being looked at again.
 _TARGET_DOWN_RECHECK = 1.0
+# How long an item waits while the store cannot record outcomes before being looked at again.
+_STORE_DOWN_RECHECK = 1.0
 # How many sent ids to remember (far more than can be in flight between a read and
 # the commit of their delete).
 _SENT_MEMORY = 50_000
@@ -163,6 +167,8 @@ class Dispatcher:
                         self.submit(item)
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable:
+                pass  # the store logs its condition once; the next scan tries again
             except Exception as exc:  # the store hiccuped; the next scan tries again
                 log.warning("outbox.scan_failed", error=str(exc))
             finally:
@@ -187,6 +193,10 @@ class Dispatcher:
             # Circuit open: do not spend an attempt on a target we know is down. (A channel's
             # sends do not depend on its intake connection: their own failures decide.)
             self._retry_later(item, _TARGET_DOWN_RECHECK)
+            return
+        if self.store.condition is not StoreCondition.OK:
+            # The outcome could not be recorded: an attempt now would be spent for nothing.
+            self._retry_later(item, _STORE_DOWN_RECHECK)
             return
         try:
             if isinstance(target, ChannelTarget):
@@ -232,6 +242,11 @@ class Dispatcher:
             )
             try:
                 await self.store.outbox_retry(item.id, attempt, self.clock() + delay, str(exc))
+            except StoreUnavailable:
+                # Not recorded, so not spent: the item waits with the attempts the store knows
+                # (the store logs its condition once; no line per item here).
+                self._retry_later(item, _STORE_DOWN_RECHECK)
+                return
             except Exception as store_exc:
                 # Kept in memory; after a restart the scan finds it in the store.
                 log.warning("outbox.retry_not_recorded", outbox_id=item.id, error=str(store_exc))
@@ -275,6 +290,18 @@ class Dispatcher:
         self._schedule(item, delay)
 
     async def _dead(self, item: OutboxItem, attempt: int, reason: str) -> None:
+        # Runs inside a send task nobody awaits: an exception escaping here would only
+        # surface as "Task exception was never retrieved".
+        try:
+            await self.store.outbox_dead(item.id, attempt, reason, self.clock())
+        except StoreUnavailable:
+            # Not recorded, so not spent: try again once the store is back.
+            self._retry_later(item, _STORE_DOWN_RECHECK)
+            return
+        except Exception as exc:  # still in the outbox: the scan finds it again
+            log.warning("outbox.dead_not_recorded", outbox_id=item.id, error=str(exc))
+            self._forget(item.id)
+            return
         self.metrics.deliveries.labels(target=str(item.target), result="dead").inc()
         self.metrics.dead_letters.labels(target=str(item.target)).inc()
         log.warning(
@@ -284,10 +311,7 @@ class Dispatcher:
             attempts=attempt,
             reason=reason,
         )
-        try:
-            await self.store.outbox_dead(item.id, attempt, reason, self.clock())
-        finally:
-            self._forget(item.id)
+        self._forget(item.id)
 
     def _mark_done(self, item_id: str) -> None:
         # Deletes are batched: many sends finishing together cost one store call.

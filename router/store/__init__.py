@@ -3,16 +3,48 @@
 Backends (SQLite now, PostgreSQL later) implement `Store`; `tests/test_store_contract.py`
 runs one suite against each. Each method is one transaction: when it returns, the
 change is committed, so a caller may acknowledge its source.
+
+When the store cannot commit because of its own state (disk full, read-only, I/O
+errors, a lock held elsewhere), a method raises `StoreUnavailable` and
+`Store.condition` names the state (`StoreCondition`) until a write commits again; the
+backend logs one line per change of condition, not one per failure, and finds its way
+back by itself when the cause goes away. Callers answer cheaply meanwhile: HTTP intake
+a 503 with `Retry-After: StoreUnavailable.retry_after` (it may check `condition`
+before doing any work), mail intake leaves the message unacknowledged, the outbox
+holds items without spending attempts it could not record.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 from router.delivery import Payload, Target
 from router.model import Agent, Assignment, Classification, InboundMessage, Signal
+
+
+class StoreCondition(StrEnum):
+    """Whether the store can commit: one health condition for intake, outbox and health checks."""
+
+    OK = "ok"  # the last write committed
+    FULL = "full"  # the disk (or the database's page limit) is full
+    READONLY = "readonly"  # the file or its directory became read-only
+    FAILING = "failing"  # I/O errors, a lock held elsewhere too long, or a damaged file
+
+
+class StoreUnavailable(Exception):
+    """The store cannot commit now (see `condition`); nothing was written, try again later.
+
+    The backend's own error is the `__cause__`. `retry_after` is a hint in seconds (the
+    store retries by itself about once a second while it is not ok).
+    """
+
+    def __init__(self, condition: StoreCondition, detail: str, retry_after: float = 2.0) -> None:
+        super().__init__(f"store {condition}: {detail}")
+        self.condition = condition
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +233,15 @@ class Snapshot:
 
 
 class Store(Protocol):
-    """Durable state. Every method is one committed transaction."""
+    """Durable state. Every method is one committed transaction (or `StoreUnavailable`)."""
+
+    @property
+    def condition(self) -> StoreCondition:
+        """Return whether the store can commit now."""
+
+    @property
+    def pending_deletes(self) -> int:
+        """Count delivered outbox items whose delete is not committed yet (stop reports it)."""
 
     async def open(self) -> None:
         """Open the database and bring its schema to the latest migration."""
@@ -262,7 +302,7 @@ class Store(Protocol):
         """Return pending outbox items due at or before now, oldest first."""
 
     async def outbox_done(self, ids: list[str]) -> None:
-        """Delete sent items."""
+        """Delete sent items; the delete may commit later, but is never silently dropped."""
 
     async def outbox_retry(
         self, item_id: str, attempts: int, next_attempt_at: float, error: str

@@ -1,0 +1,723 @@
+"""The SQL of the SQLite store: one function per unit of work, and the row mapping.
+
+Every function here takes the writer's connection and runs inside the transaction the
+writer (`router.store.writer`) opened: no commits, no effects outside the database, so
+a unit can be run again with the same outcome. The store deals in conversation ids;
+a ticket number is made only where a customer-facing record needs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from typing import Any
+
+from router.delivery import payload_from_dict, payload_to_dict, target_from_str
+from router.model import Agent, Assignment, MessageState, ticket_number
+from router.store import (
+    DeadLetter,
+    IngestResult,
+    NewMessage,
+    OpenConversation,
+    OutboxItem,
+    QueuedMessage,
+    Snapshot,
+    TicketView,
+)
+
+_DELETE_CHUNK = 500  # ids per DELETE statement (SQLite's bound-parameter limit is higher)
+_OUTBOX_COLUMNS = (
+    "id, target, agent_id, address, kind, payload, message_id, attempts, next_attempt_at, "
+    "created_at"
+)
+
+# Built once: json.dumps with non-default arguments builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_dumps = _ENCODER.encode
+
+
+# -- small reads and writes ------------------------------------------------------
+
+
+def ping(c: sqlite3.Connection) -> bool:
+    """Return True when a trivial query answers."""
+    return bool(c.execute("SELECT 1").fetchone()[0] == 1)
+
+
+def secret(c: sqlite3.Connection) -> bytes:
+    """Return the installation secret created by the first migration."""
+    return bytes.fromhex(c.execute("SELECT value FROM meta WHERE key='secret'").fetchone()[0])
+
+
+def write_probe(c: sqlite3.Connection) -> None:
+    """Write a page and take it back: fails as a real write would on a full or failing disk."""
+    page_size = c.execute("PRAGMA page_size").fetchone()[0]
+    c.execute(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES ('write_probe', zeroblob(?))",
+        (page_size,),
+    )
+    c.execute("DELETE FROM meta WHERE key='write_probe'")
+
+
+def set_presence(c: sqlite3.Connection, agent_id: str, present: bool) -> bool:
+    """Store an agent's presence; False for an unknown agent."""
+    cur = c.execute("UPDATE agents SET present=? WHERE id=?", (int(present), agent_id))
+    return cur.rowcount > 0
+
+
+def due_outbox(c: sqlite3.Connection, now: float, limit: int) -> list[OutboxItem]:
+    """Return pending outbox items due now, oldest first."""
+    return [
+        outbox_item(r)
+        for r in c.execute(
+            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE next_attempt_at<=? "
+            "ORDER BY next_attempt_at, id LIMIT ?",
+            (now, limit),
+        )
+    ]
+
+
+def outbox_retry(
+    c: sqlite3.Connection, item_id: str, attempts: int, next_attempt_at: float, error: str
+) -> None:
+    """Record a failed attempt."""
+    c.execute(
+        "UPDATE outbox SET attempts=?, next_attempt_at=?, last_error=? WHERE id=?",
+        (attempts, next_attempt_at, error[:500], item_id),
+    )
+
+
+def dead_letters(c: sqlite3.Connection, limit: int) -> list[DeadLetter]:
+    """List dead letters, newest first."""
+    rows = c.execute(
+        "SELECT id, target, agent_id, kind, message_id, attempts, reason, created_at, "
+        "dead_at, payload "
+        "FROM dead_letters ORDER BY dead_at DESC, id DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [
+        DeadLetter(
+            id=r[0],
+            target=r[1],
+            agent_id=r[2],
+            kind=r[3],
+            message_id=r[4],
+            attempts=r[5],
+            reason=r[6],
+            created_at=r[7],
+            dead_at=r[8],
+            payload=json.loads(r[9]),
+        )
+        for r in rows
+    ]
+
+
+# -- units with more to them -----------------------------------------------------
+
+
+def resolve_conversation(c: sqlite3.Connection, conversation_id: str, at: float) -> str | None:
+    """Close an open conversation and its messages; return the agent who held it."""
+    row = c.execute(
+        "SELECT agent_id FROM conversations WHERE id=? AND state='open'", (conversation_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    c.execute(
+        "UPDATE conversations SET state='resolved', resolved_at=?, updated_at=? WHERE id=?",
+        (at, at, conversation_id),
+    )
+    c.execute(
+        "UPDATE messages SET state='resolved' WHERE conversation_id=? AND state!='resolved'",
+        (conversation_id,),
+    )
+    c.execute(
+        "UPDATE assignments SET resolved_at=? WHERE conversation_id=? AND resolved_at IS NULL",
+        (at, conversation_id),
+    )
+    return str(row[0]) if row[0] is not None else ""
+
+
+def withdraw_offer(
+    c: sqlite3.Connection, message_id: str, agent_id: str, at: float, outcome: str
+) -> list[str]:
+    """Take back unaccepted assignments of the message's conversation from the agent."""
+    row = c.execute(
+        "SELECT conversation_id FROM assignments WHERE message_id=? AND agent_id=? "
+        "AND accepted_at IS NULL AND resolved_at IS NULL",
+        (message_id, agent_id),
+    ).fetchone()
+    if row is None:
+        return []
+    conversation_id = row[0]
+    rows = c.execute(
+        "SELECT message_id, assigned_at FROM assignments WHERE conversation_id=? "
+        "AND agent_id=? AND accepted_at IS NULL AND resolved_at IS NULL",
+        (conversation_id, agent_id),
+    ).fetchall()
+    ids = [r[0] for r in rows]
+    c.executemany(
+        "INSERT INTO assignment_history(message_id, agent_id, assigned_at, ended_at, "
+        "outcome) VALUES (?,?,?,?,?)",
+        [(r[0], agent_id, r[1], at, outcome) for r in rows],
+    )
+    c.executemany("DELETE FROM assignments WHERE message_id=?", [(i,) for i in ids])
+    c.executemany(
+        "UPDATE messages SET state='queued' WHERE id=? AND state='assigned'",
+        [(i,) for i in ids],
+    )
+    c.execute(
+        "UPDATE conversations SET agent_id=NULL, updated_at=? WHERE id=? AND agent_id=?",
+        (at, conversation_id, agent_id),
+    )
+    return ids
+
+
+def pending_offers(c: sqlite3.Connection) -> list[tuple[str, str, str, float]]:
+    """Return (message id, conversation id, agent id, assigned at) of open offers."""
+    rows = c.execute(
+        "SELECT a.message_id, a.conversation_id, a.agent_id, a.assigned_at "
+        "FROM assignments a JOIN conversations c ON c.id=a.conversation_id "
+        "WHERE a.accepted_at IS NULL AND a.resolved_at IS NULL AND c.state='open' "
+        "AND c.agent_id=a.agent_id ORDER BY a.assigned_at"
+    ).fetchall()
+    return [(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+
+def timed_out_agents(c: sqlite3.Connection) -> dict[str, set[str]]:
+    """Return, per queued message, the agents who let it time out."""
+    out: dict[str, set[str]] = {}
+    for mid, agent in c.execute(
+        "SELECT h.message_id, h.agent_id FROM assignment_history h "
+        "JOIN messages m ON m.id=h.message_id "
+        "WHERE m.state='queued' AND h.outcome='timeout'"
+    ):
+        out.setdefault(mid, set()).add(agent)
+    return out
+
+
+def open_loads(c: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """Count open conversations per (agent, channel type), whoever assigned them."""
+    rows = c.execute(
+        "SELECT agent_id, channel_type, COUNT(*) FROM conversations "
+        "WHERE state='open' AND agent_id IS NOT NULL GROUP BY agent_id, channel_type"
+    ).fetchall()
+    return {(r[0], r[1]): int(r[2]) for r in rows}
+
+
+def accept(c: sqlite3.Connection, conversation_id: str, agent_id: str, at: float) -> bool:
+    """Stamp accepted_at on the agent's open assignments in the conversation."""
+    cur = c.execute(
+        "UPDATE assignments SET accepted_at=? WHERE conversation_id=? AND agent_id=? "
+        "AND accepted_at IS NULL AND resolved_at IS NULL",
+        (at, conversation_id, agent_id),
+    )
+    return cur.rowcount > 0
+
+
+def sync_agents(c: sqlite3.Connection, agents: list[Agent]) -> dict[str, bool]:
+    """Upsert the roster from config; an agent's stored presence outlives restarts."""
+    for a in agents:
+        c.execute(
+            "INSERT INTO agents(id, name, capacity, tool, present) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(id) DO UPDATE SET name=excluded.name, capacity=excluded.capacity, "
+            "tool=excluded.tool",
+            (a.id, a.name, a.capacity, a.tool, int(a.present)),
+        )
+    ids = [a.id for a in agents]
+    rows = c.execute(
+        f"SELECT id, present FROM agents WHERE id IN ({','.join('?' * len(ids))})", ids
+    ).fetchall()
+    return {r[0]: bool(r[1]) for r in rows}
+
+
+def outbox_dead(c: sqlite3.Connection, item_id: str, attempts: int, reason: str, at: float) -> None:
+    """Move an outbox item to dead_letters."""
+    c.execute(
+        "INSERT OR REPLACE INTO dead_letters(id, target, agent_id, address, kind, "
+        "payload, message_id, "
+        "attempts, reason, created_at, dead_at) SELECT id, target, agent_id, address, "
+        "kind, payload, "
+        "message_id, ?, ?, created_at, ? FROM outbox WHERE id=?",
+        (attempts, reason[:1000], at, item_id),
+    )
+    c.execute("DELETE FROM outbox WHERE id=?", (item_id,))
+
+
+def replay_dead_letters(c: sqlite3.Connection, ids: list[str] | None, at: float) -> int:
+    """Move dead letters back to the outbox with a fresh attempt count."""
+    where, args = (
+        ("", ()) if ids is None else (f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
+    )
+    c.execute(
+        "INSERT OR IGNORE INTO outbox(id, target, agent_id, address, kind, payload, "
+        "message_id, attempts, "
+        "next_attempt_at, created_at) SELECT id, target, agent_id, address, kind, "
+        "payload, message_id, 0, ?, "
+        f"created_at FROM dead_letters {where}",
+        (at, *args),
+    )
+    return c.execute(f"DELETE FROM dead_letters {where}", args).rowcount
+
+
+def ticket(c: sqlite3.Connection, conversation_id: str) -> TicketView | None:
+    """Return the customer-visible status of a ticket."""
+    row = c.execute(
+        "SELECT id, state, label, severity, opened_at, respond_by, agent_id, resolved_at, "
+        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id=conversations.id) "
+        "FROM conversations WHERE id=?",
+        (conversation_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    cid, state, label, severity, opened, respond_by, agent, resolved, count = row
+    return TicketView(
+        ticket=ticket_number(cid),
+        state=state if state == "resolved" else ("assigned" if agent else "queued"),
+        label=label,
+        severity=severity,
+        opened_at=opened,
+        respond_by=respond_by,
+        assigned=agent is not None,
+        messages=count,
+        resolved_at=resolved,
+    )
+
+
+def message(c: sqlite3.Connection, message_id: str) -> dict[str, Any] | None:
+    """Return one message with classification and routing."""
+    c.row_factory = sqlite3.Row
+    try:
+        row = c.execute("SELECT * FROM messages WHERE id=?", (message_id,)).fetchone()
+        if row is None:
+            return None
+        out = {k: row[k] for k in row.keys() if k != "raw"}
+        for k in ("scores", "signals", "features", "thread_refs"):  # JSON, decoded
+            out[k] = json.loads(out[k])
+        contact = c.execute(
+            "SELECT handle, name FROM contacts WHERE key=?", (out["contact_key"],)
+        ).fetchone()
+        out["contact_handle"] = contact["handle"] if contact else ""
+        out["contact_name"] = contact["name"] if contact else ""
+        out["classification"] = {
+            "label": out["label"],
+            "confidence": out["confidence"],
+            "scores": out["scores"],
+            "severity": out["severity"],
+            "signals": out["signals"],
+            "language": out["language"],
+            "model_version": out["model_version"],
+            "features": out["features"],
+        }
+        a = c.execute("SELECT * FROM assignments WHERE message_id=?", (message_id,)).fetchone()
+        assignment = dict(a) if a else None
+        if assignment is not None:
+            raw_explain = assignment.get("explain") or ""
+            assignment["explain"] = json.loads(raw_explain) if raw_explain else None
+        out["assignment"] = assignment
+        out["offer_history"] = [
+            dict(r)
+            for r in c.execute(
+                "SELECT agent_id, assigned_at, ended_at, outcome FROM assignment_history "
+                "WHERE message_id=? ORDER BY id",
+                (message_id,),
+            )
+        ]
+        out["attachments"] = [
+            dict(r)
+            for r in c.execute(
+                "SELECT name, mime_type, size, sha256, storage_ref FROM attachments "
+                "WHERE message_id=? ORDER BY rowid",
+                (message_id,),
+            )
+        ]
+        return out
+    finally:
+        c.row_factory = None
+
+
+def delivery_counts(c: sqlite3.Connection) -> dict[str, int]:
+    """Return pending and dead outbox counts."""
+    pending = c.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    dead = c.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+    return {"pending": pending, "dead": dead}
+
+
+def count_messages(c: sqlite3.Connection, labels: list[str], since: float, until: float) -> int:
+    """Count messages with one of these labels ingested in [since, until)."""
+    if not labels:
+        return 0
+    marks = ",".join("?" * len(labels))
+    row = c.execute(
+        f"SELECT COUNT(*) FROM messages WHERE label IN ({marks}) "
+        "AND ingested_at >= ? AND ingested_at < ?",
+        (*labels, since, until),
+    ).fetchone()
+    return int(row[0])
+
+
+def enqueue_outbox(c: sqlite3.Connection, items: list[OutboxItem]) -> None:
+    """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
+    for item in items:
+        insert_outbox(c, item)
+
+
+def record_correction(
+    c: sqlite3.Connection, message_id: str, label: str, agent_id: str, at: float
+) -> bool:
+    """Store an agent's relabelling of a message; False for an unknown message."""
+    row = c.execute("SELECT label FROM messages WHERE id=?", (message_id,)).fetchone()
+    if row is None:
+        return False
+    c.execute(
+        "INSERT INTO corrections(message_id, label, previous_label, agent_id, at) "
+        "VALUES (?,?,?,?,?)",
+        (message_id, label, row[0], agent_id, at),
+    )
+    return True
+
+
+def corrections(c: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Return the latest correction per message as training records (text, label, lang)."""
+    rows = c.execute(
+        "SELECT m.id, m.subject, m.text, m.language, k.label, k.previous_label, "
+        "k.agent_id, k.at FROM corrections k JOIN messages m ON m.id = k.message_id "
+        "WHERE k.id = (SELECT MAX(id) FROM corrections WHERE message_id = k.message_id) "
+        "ORDER BY k.id"
+    ).fetchall()
+    return [
+        {
+            "id": r[0],
+            "text": f"{r[1]}\n{r[2]}" if r[1] else r[2],
+            "lang": r[3],
+            "label": r[4],
+            "previous_label": r[5],
+            "agent_id": r[6],
+            "at": r[7],
+            "source": "correction",
+        }
+        for r in rows
+    ]
+
+
+def reply_context(c: sqlite3.Connection, conversation_id: str) -> dict[str, Any] | None:
+    """Return where an answer in this conversation goes: channel, contact, subject, refs."""
+    row = c.execute(
+        "SELECT m.id, m.channel, m.channel_type, ct.handle, ct.name, m.subject, "
+        "m.reply_ref, m.thread_refs, m.language, cv.agent_id, cv.state, cv.thread_key "
+        "FROM messages m "
+        "JOIN contacts ct ON ct.key = m.contact_key "
+        "JOIN conversations cv ON cv.id = m.conversation_id "
+        "WHERE m.conversation_id=? ORDER BY m.id DESC LIMIT 1",
+        (conversation_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return {
+        "message_id": row[0],
+        "channel": row[1],
+        "channel_type": row[2],
+        "handle": row[3],
+        "name": row[4],
+        "subject": row[5],
+        "reply_ref": row[6],
+        "thread_refs": json.loads(row[7] or "[]"),
+        "language": row[8],
+        "agent_id": row[9],
+        "state": row[10],
+        "thread_key": row[11],
+    }
+
+
+# -- shared pieces and row mapping ----------------------------------------------
+
+
+def delete_outbox(c: sqlite3.Connection, ids: list[str]) -> None:
+    """Delete delivered outbox items."""
+    for start in range(0, len(ids), _DELETE_CHUNK):
+        chunk = ids[start : start + _DELETE_CHUNK]
+        c.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
+
+def insert_outbox(c: sqlite3.Connection, o: OutboxItem) -> None:
+    """Insert one pending send."""
+    c.execute(
+        "INSERT INTO outbox(id, target, agent_id, address, kind, payload, message_id, attempts, "
+        "next_attempt_at, "
+        "created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            o.id,
+            str(o.target),
+            o.agent_id,
+            o.address,
+            o.kind,
+            _dumps(payload_to_dict(o.payload)),
+            o.message_id,
+            o.attempts,
+            o.next_attempt_at,
+            o.created_at,
+        ),
+    )
+
+
+def insert_assignment(c: sqlite3.Connection, a: Assignment) -> None:
+    """Insert one routing decision."""
+    c.execute(
+        "INSERT INTO assignments(message_id, conversation_id, agent_id, queue, reason, "
+        "sla_deadline, assigned_at, explain) "
+        "VALUES (?,?,?,?,?,?,?,?)",
+        (
+            a.message_id,
+            a.conversation_id,
+            a.agent_id,
+            a.queue,
+            a.reason,
+            a.sla_deadline.timestamp(),
+            a.assigned_at.timestamp(),
+            _dumps(a.explain) if a.explain else "",
+        ),
+    )
+
+
+def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool:
+    """Tell whether the agent may take one more conversation (checked in the transaction).
+
+    The scheduler in memory already checked; this is the check that holds when two
+    workers (or two daemons on one database) decide at the same time. One indexed
+    query: the agent's open conversations (of the pool), and whether this conversation
+    is already one of them (a follow-up joins the slot it holds).
+    """
+    if a.capacity <= 0:
+        return True
+    if a.pool == "*":
+        held, joins = c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "WHERE agent_id=? AND state='open'",
+            (conversation_id, a.agent_id),
+        ).fetchone()
+    else:
+        held, joins = c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "WHERE agent_id=? AND state='open' AND channel_type=?",
+            (conversation_id, a.agent_id, a.pool),
+        ).fetchone()
+    return bool(joins) or int(held) < a.capacity
+
+
+def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
+    """Commit a message with its contact, conversation, assignment and outbox items."""
+    m = new.inbound
+    dup = c.execute(
+        "SELECT id, conversation_id, state, payload_sha256 FROM messages WHERE channel=? AND "
+        "external_id=?",
+        (m.channel, m.external_id),
+    ).fetchone()
+    if dup is not None:
+        conflict = bool(m.payload_sha256 and dup[3] and m.payload_sha256 != dup[3])
+        return IngestResult(dup[0], dup[1], duplicate=True, state=dup[2], payload_conflict=conflict)
+
+    contact_key = f"{m.channel_type}:{m.contact_handle}"
+    c.execute(
+        # A known contact is rewritten only when a new, different name comes with it.
+        "INSERT INTO contacts(key, channel_type, handle, name, created_at) VALUES (?,?,?,?,?) "
+        "ON CONFLICT(key) DO UPDATE SET name=excluded.name "
+        "WHERE excluded.name!='' AND excluded.name!=contacts.name",
+        (contact_key, m.channel_type, m.contact_handle, m.contact_name, new.ingested_at),
+    )
+    cls = new.classification
+    conversation_id = new.conversation_id
+    reopened = False
+    row = c.execute(
+        "SELECT id, state, agent_id FROM conversations WHERE channel=? AND thread_key=?",
+        (m.channel, new.thread_key),
+    ).fetchone()
+    refused = new.assignment is not None and not has_room(
+        c, new.assignment, row[0] if row is not None else conversation_id
+    )
+    assignment = None if refused else new.assignment
+    agent_id = assignment.agent_id if assignment else None
+    if row is None:
+        c.execute(
+            "INSERT INTO conversations(id, channel, thread_key, contact_key, state, agent_id, "
+            "label, severity, "
+            "opened_at, updated_at, respond_by, channel_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                conversation_id,
+                m.channel,
+                new.thread_key,
+                contact_key,
+                "open",
+                agent_id,
+                cls.label,
+                cls.severity,
+                new.ingested_at,
+                new.ingested_at,
+                new.sla_deadline,
+                m.channel_type,
+            ),
+        )
+    else:
+        conversation_id = row[0]
+        reopened = row[1] != "open"
+        if reopened:
+            # A reopened ticket starts afresh: the new message's holder (or none), label,
+            # severity and response deadline; the old ones belong to the resolved episode.
+            c.execute(
+                "UPDATE conversations SET state='open', resolved_at=NULL, updated_at=?, "
+                "agent_id=?, label=?, severity=?, respond_by=? WHERE id=?",
+                (
+                    new.ingested_at,
+                    agent_id,
+                    cls.label,
+                    cls.severity,
+                    new.sla_deadline,
+                    conversation_id,
+                ),
+            )
+        else:
+            # A follow-up keeps the conversation's holder unless the caller assigned anew,
+            # and can only raise its severity (P0 < P3).
+            c.execute(
+                "UPDATE conversations SET updated_at=?, agent_id=COALESCE(?, agent_id), "
+                "severity=MIN(severity, ?) WHERE id=?",
+                (new.ingested_at, agent_id, cls.severity, conversation_id),
+            )
+    state = MessageState.ASSIGNED if assignment else MessageState.QUEUED
+    c.execute(
+        "INSERT INTO messages(id, channel, channel_type, external_id, payload_sha256, "
+        "conversation_id, contact_key, "
+        "subject, text, language, received_at, ingested_at, label, confidence, scores, severity, "
+        "signals, "
+        "model_version, features, queue, sla_deadline, state, raw, reply_ref, thread_refs) VALUES "
+        "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            new.message_id,
+            m.channel,
+            m.channel_type,
+            m.external_id,
+            m.payload_sha256,
+            conversation_id,
+            contact_key,
+            m.subject,
+            m.text,
+            cls.language,
+            m.received_at.timestamp() if m.received_at else new.ingested_at,
+            new.ingested_at,
+            cls.label,
+            cls.confidence,
+            _dumps(cls.scores),
+            cls.severity,
+            _dumps([s.to_dict() for s in cls.signals]),
+            cls.model_version,
+            _dumps(cls.features),
+            new.queue,
+            new.sla_deadline,
+            str(state),
+            raw or None,
+            m.reply_ref,
+            _dumps(list(m.thread_refs)),
+        ),
+    )
+    for att in m.attachments:
+        c.execute(
+            "INSERT INTO attachments(message_id, name, mime_type, size, sha256, storage_ref) "
+            "VALUES (?,?,?,?,?,?)",
+            (new.message_id, att.name, att.mime_type, att.size, att.sha256, att.storage_ref),
+        )
+    if assignment is not None:
+        if conversation_id != assignment.conversation_id:
+            assignment.conversation_id = conversation_id
+        insert_assignment(c, assignment)
+    committed: list[OutboxItem] = []
+    for outbox in (new.outbox, *new.extra_outbox):
+        if outbox is None or (refused and outbox is new.outbox):
+            continue  # no delivery for an assignment the store refused
+        if conversation_id != new.conversation_id:
+            # The payload names the conversation the message really joined; decided here,
+            # in the commit, before anything is encoded.
+            outbox = dataclasses.replace(
+                outbox, payload=outbox.payload.with_conversation(conversation_id)
+            )
+        insert_outbox(c, outbox)
+        committed.append(outbox)
+    return IngestResult(
+        new.message_id,
+        conversation_id,
+        duplicate=False,
+        state=str(state),
+        reopened=reopened,
+        assigned=not refused,
+        outbox=tuple(committed),
+    )
+
+
+def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
+    """Assign a queued message and queue its delivery; False when it is not queued."""
+    row = c.execute(
+        "SELECT conversation_id FROM messages WHERE id=? AND state='queued'", (a.message_id,)
+    ).fetchone()
+    if row is None:
+        return False
+    # The message's own conversation, whatever the caller believed it to be.
+    conversation_id = row[0]
+    if not has_room(c, a, conversation_id):
+        return False
+    c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
+    c.execute(
+        "UPDATE conversations SET agent_id=?, updated_at=? WHERE id=?",
+        (a.agent_id, a.assigned_at.timestamp(), conversation_id),
+    )
+    if a.conversation_id != conversation_id:
+        a = dataclasses.replace(a, conversation_id=conversation_id)
+    insert_assignment(c, a)
+    insert_outbox(c, outbox)
+    return True
+
+
+def outbox_item(r: tuple[Any, ...]) -> OutboxItem:
+    """Map an outbox row (in `_OUTBOX_COLUMNS` order) to an item."""
+    return OutboxItem(
+        id=r[0],
+        target=target_from_str(r[1]),
+        agent_id=r[2],
+        address=r[3],
+        payload=payload_from_dict(r[4], json.loads(r[5])),
+        message_id=r[6],
+        attempts=r[7],
+        next_attempt_at=r[8],
+        created_at=r[9],
+    )
+
+
+def snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapshot:
+    """Load what the router keeps in memory."""
+    snap = Snapshot()
+    snap.open_conversations = [
+        OpenConversation(*r)
+        for r in c.execute(
+            "SELECT id, channel, thread_key, agent_id, channel_type FROM conversations "
+            "WHERE state='open'"
+        )
+    ]
+    snap.queued = [
+        QueuedMessage(*r)
+        for r in c.execute(
+            "SELECT id, conversation_id, queue, label, severity, language, sla_deadline, "
+            "ingested_at, channel_type "
+            "FROM messages WHERE state='queued' ORDER BY id"
+        )
+    ]
+    snap.pending_outbox = [
+        outbox_item(r)
+        for r in c.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY next_attempt_at, id")
+    ]
+    snap.recent_contacts = [
+        (r[0], r[1])
+        for r in c.execute(
+            "SELECT contact_key, ingested_at FROM messages WHERE ingested_at>=? ORDER BY "
+            "ingested_at",
+            (now - repeat_window,),
+        )
+    ]
+    snap.presence = {r[0]: bool(r[1]) for r in c.execute("SELECT id, present FROM agents")}
+    return snap
