@@ -14,7 +14,10 @@ names the reason). What it does, in order:
   quoted replies and signatures removed; the full body stays in the raw payload.
 * Charsets: the declared one, then gb18030 for gb2312/gbk (its superset), then
   utf-8, gb18030, big5 and latin-1; the first strict decode wins, otherwise the
-  candidate with the fewest replacement characters. Output never holds surrogates.
+  candidate with the fewest replacement characters. A declared charset (outside the
+  often-confused Chinese labels) that decodes all but a few bad sequences wins over
+  any guess, its bad bytes replaced. UTF-7 and HZ are decoded although their bytes
+  are ASCII. Output never holds surrogates.
 * Attachments: sanitised names, size, sha256, inline flag; their bytes are returned
   only when within the size cap (the channel stores them).
 * Noise (auto-replies, bounces, lists) sets `noise_reason`; such mail is not routed.
@@ -163,13 +166,17 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
     Otherwise every strict decode among the declared charset, its superset, utf-8,
     gb18030 and big5 competes, and the most plausible text wins (valid UTF-8 first,
     then the fewest characters that are neither common simplified nor traditional
-    Chinese). Without any strict decode, the fewest replacement characters win.
+    Chinese). Before that contest, a declared charset outside the Chinese family (or
+    UTF-8 when none is declared) that decodes all but a few bad sequences wins with
+    them replaced. Without any strict decode, the fewest replacement characters win.
     Never raises; the result has no surrogates.
     """
-    if data.isascii():
-        return _clean(data.decode("ascii"))
     label = (declared or "").strip().strip("\"'").lower()
     codec = _codec_name(label)
+    if data.isascii():
+        # UTF-7 and HZ spell their non-ASCII text in ASCII bytes: only they change it.
+        seven_bit = _try(data, codec) if codec and codec in _SEVEN_BIT else None
+        return seven_bit if seven_bit is not None else _clean(data.decode("ascii"))
     superset = _SUPERSETS.get(label) or (_SUPERSETS.get(codec) if codec else None)
     permissive = label in _PERMISSIVE or (codec or "").replace("_", "-") in _PERMISSIVE
     utf8 = _try(data, "utf-8")
@@ -186,6 +193,14 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
             first = (_oddness(text), -1, text)
             if first[0] == 0:
                 return text
+    # A declared charset (UTF-8 when none is) that decodes all but a few bad sequences
+    # beats any guess: one corrupt byte must not turn Cyrillic into Chinese. The Chinese
+    # labels are left to the contest below, as senders often mix them up.
+    lenient = superset or codec or "utf-8"
+    if not permissive and lenient not in _GUESSED:
+        text = _nearly(data, lenient)
+        if text is not None:
+            return text
     candidates = [c for c in (superset, codec) if c and c in _CONTESTED]
     ordered = list(dict.fromkeys([*candidates, *_FALLBACKS]))
     strict_ok: list[tuple[int, int, str]] = [first] if first else []
@@ -212,6 +227,30 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
 _CONTESTED = frozenset(
     {"gb18030", "gbk", "gb2312", "big5", "big5hkscs", "cp950", "hz", "utf-8", "ascii"}
 )
+
+
+# The Chinese family: labels senders often get wrong within it, so their text is guessed.
+_GUESSED = _CONTESTED - {"utf-8", "ascii"}
+# Charsets whose encoded form is all ASCII.
+_SEVEN_BIT = frozenset({"utf-7", "hz"})
+
+
+def _nearly(data: bytes, codec: str) -> str | None:
+    """Return data decoded with replacement when all but a few sequences are valid, else None.
+
+    A few means at most 3 bad sequences or 1 in 100 characters; and the valid non-ASCII
+    characters must outnumber the bad ones twice, so that mostly-ASCII text with a few
+    bytes of another charset is not taken for a damaged copy of this one.
+    """
+    try:
+        text = data.decode(codec, errors="replace")
+    except Exception:  # a codec that fails in another way
+        return None
+    bad = text.count("\ufffd")
+    good = sum(1 for ch in text if ch >= "\x80") - bad
+    if bad <= max(3, len(text) // 100) and good >= 2 * bad:
+        return _clean(text)
+    return None
 
 
 def _try(data: bytes, codec: str) -> str | None:
