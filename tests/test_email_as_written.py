@@ -6,7 +6,14 @@ and the channel's last-line guard are pure.
 
 from __future__ import annotations
 
-from channels.email.normalise import decode_bytes, normalise
+from datetime import UTC, datetime
+
+from channels.email.channel import guard_text
+from channels.email.config import AckSettings, SmtpSettings
+from channels.email.normalise import decode_bytes, decode_header_value, normalise
+from channels.email.smtp import build_message
+from router.drivers import Outbound
+from router.model import Attachment, InboundMessage
 
 CYRILLIC = "Здравствуйте, мой заказ 4711 не пришёл. Подскажите, пожалуйста, когда он будет?"
 
@@ -61,3 +68,85 @@ def test_utf7_subject_and_body_are_decoded() -> None:
     assert parsed.text == "Grüße, Carol"
     assert decode_bytes(b"Gr+APwA3w-e", "UTF-7") == "Grüße"
     assert decode_bytes(b"Gr+APwA3w-e", "utf-8") == "Gr+APwA3w-e"  # only under its label
+
+
+# -- raw 8-bit bytes inside encoded words ------------------------------------------------
+
+
+def no_escape(value: str) -> bool:
+    """Tell whether value holds neither a lone surrogate nor one spelt out as text."""
+    return "\\ud" not in value.lower() and not any("\ud800" <= c <= "\udfff" for c in value)
+
+
+def test_raw_latin1_byte_inside_a_q_word_reads_as_written() -> None:
+    # Before the fix: the subject was stored as "Gr\\udcfc\\udcdfe" (spelt-out escapes).
+    raw = mail(b"Subject: =?ISO-8859-1?Q?Gr\xfc\xdfe_aus_M=FCnchen?=\r\nContent-Type: text/plain")
+    parsed = normalise(raw)
+    assert parsed.subject == "Grüße aus München"
+    raw = mail(b"Subject: Re: =?utf-8?q?Gr\xc3\xbc\xc3\x9fe?= \xe4\xbd\xa0\xe5\xa5\xbd")
+    assert normalise(raw).subject == "Re: Grüße 你好"
+    name = b"From: =?iso-8859-1?q?J=FCrgen_M\xfcller?= <jm@example.com>\r\n"
+    assert normalise(name + b"Subject: x\r\n\r\nhi\r\n").from_name == "Jürgen Müller"
+
+
+def test_header_text_around_encoded_words_is_kept_as_it_was() -> None:
+    assert decode_header_value("Größe =?utf-8?q?und?= 中") == "Größe und 中"
+    assert decode_header_value("C:\\users =?utf-8?q?x?= 中") == "C:\\users x 中"
+    assert decode_header_value("\udcce\udcd2\udcb5\udcc4") == "我的"  # raw GBK, no word
+
+
+def test_the_channel_guard_leaves_no_surrogate_in_any_text_field() -> None:
+    bad = "Gr\udcfc\udcdfe \\udcfc"
+    message = InboundMessage(
+        channel="support",
+        channel_type="email",
+        external_id="1:1",
+        contact_handle="carol@example.com",
+        contact_name=bad,
+        text=bad,
+        subject=bad,
+        conversation_hint=bad,
+        reply_ref=bad,
+        thread_refs=(bad,),
+        attachments=(Attachment(name=bad, mime_type=bad, size=1, sha256="0" * 64),),
+    )
+    guarded = guard_text(message)
+    for value in (
+        guarded.contact_name,
+        guarded.subject,
+        guarded.conversation_hint,
+        guarded.reply_ref,
+        *guarded.thread_refs,
+        guarded.attachments[0].name,
+        guarded.attachments[0].mime_type,
+    ):
+        assert value == "Gr\ufffd\ufffde \ufffd"
+    # A body is decoded from bytes, never spelt out: a customer's "\\udcfc" there is kept.
+    assert guarded.text == "Gr\ufffd\ufffde \\udcfc"
+    assert guarded.external_id == "1:1" and guarded.contact_handle == "carol@example.com"
+
+
+def test_the_acknowledgement_never_echoes_an_escaped_byte() -> None:
+    # Rows stored before the fix hold spelt-out escapes; a future bug could hold real ones.
+    smtp = SmtpSettings(host="127.0.0.1", from_address="support@shop.test", tls="none")
+    for subject in ("Gr\\udcfc\\udcdfe", "Gr\udcfc\udcdfe"):
+        outbound = Outbound(
+            id="ob-1",
+            channel="support",
+            kind="ack",
+            conversation_id="01HZX",
+            ticket="T-01HZX",
+            to="carol@example.com",
+            text="",
+            subject=subject,
+            in_reply_to="<m1@example.com>",
+            references=(),
+            respond_by=datetime(2025, 1, 2, 15, 30, tzinfo=UTC),
+            extra={"contact_name": "J\udcfcrgen"},
+        )
+        msg = build_message(outbound, smtp, AckSettings())
+        assert str(msg["Subject"]) == "Re: Gr\ufffd\ufffde [#T-01HZX]"
+        wire = msg.as_bytes()  # would raise on a lone surrogate
+        assert no_escape(wire.decode("utf-8", "replace"))
+        body = msg.get_body(("plain",))
+        assert body is not None and no_escape(str(body.get_content()))

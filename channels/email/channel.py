@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import time
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 from channels.email.config import EmailConfig
 from channels.email.cursor import MailState, atomic_write, conversation_hint, dedupe_key
 from channels.email.imap import UID_BATCH, ImapSession
-from channels.email.normalise import NormalisedMail, normalise
+from channels.email.normalise import NormalisedMail, no_surrogates, normalise
 from channels.email.smtp import build_message, send_message
 from router.backoff import backoff_delay
 from router.drivers import (
@@ -211,7 +212,10 @@ class EmailChannel:
         """Route one normalised mail through the sink, or record why it is not routed."""
         key = dedupe_key(mail)
         external_id = f"{uidvalidity}:{uid}"
-        fields: dict[str, Any] = {"uid": uid, "message_id": mail.message_id or None}
+        fields: dict[str, Any] = {
+            "uid": uid,
+            "message_id": no_surrogates(mail.message_id, header=True) or None,
+        }
         if self.mail_state.seen(key):
             self.duplicates += 1
             self.log.info("email.duplicate", **fields)
@@ -244,6 +248,7 @@ class EmailChannel:
             reply_ref=mail.message_id,
             thread_refs=mail.references,
         )
+        message = guard_text(message)
         try:
             receipt = await sink(message)
         except asyncio.CancelledError:
@@ -341,3 +346,30 @@ class EmailChannel:
             DriverState.TRANSIENT_DISCONNECT: self.log.warning,
         }.get(state, self.log.info)
         level("driver.state", old=str(old), new=str(state), error=error or None)
+
+
+def guard_text(message: InboundMessage) -> InboundMessage:
+    """Return message with no lone surrogate in any text field (the last line of defence).
+
+    The normaliser already gives clean text; this guard makes sure that no escaped raw
+    byte ("\\udcfc") reaches the store, a log, an agent or a customer's acknowledgement
+    even if a future parsing path lets one through.
+    """
+    return dataclasses.replace(
+        message,
+        contact_handle=no_surrogates(message.contact_handle, header=True),
+        contact_name=no_surrogates(message.contact_name, header=True),
+        text=no_surrogates(message.text),
+        subject=no_surrogates(message.subject, header=True),
+        conversation_hint=no_surrogates(message.conversation_hint, header=True),
+        reply_ref=no_surrogates(message.reply_ref, header=True),
+        thread_refs=tuple(no_surrogates(r, header=True) for r in message.thread_refs),
+        attachments=tuple(
+            dataclasses.replace(
+                a,
+                name=no_surrogates(a.name, header=True),
+                mime_type=no_surrogates(a.mime_type, header=True),
+            )
+            for a in message.attachments
+        ),
+    )

@@ -74,6 +74,8 @@ _LINE_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Bidi overrides/isolates: they disguise file names ("invoice\u202efdp.exe").
 _BIDI = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
+_ESCAPES = re.compile("[\udc80-\udcff]")  # bytes 0x80-0xff kept by "surrogateescape"
+_ESCAPE_TEXT = re.compile(r"\\ud[89a-f][0-9a-f]{2}", re.I)  # a surrogate spelt out
 
 # Charsets whose superset decodes more of what real senders write under that label.
 _SUPERSETS = {
@@ -307,6 +309,17 @@ def _common(ch: str) -> bool:
     return 0xA440 <= value <= 0xC67E or 0xA140 <= value <= 0xA3BF
 
 
+def no_surrogates(value: str, *, header: bool = False) -> str:
+    """Return value with lone surrogates replaced (the last guard before a store or a peer).
+
+    With `header`, "\\udc80"-style text is replaced too: that is how raw header bytes
+    were spelt out before this guard existed (rows stored then may still hold it).
+    """
+    if header and "\\" in value:
+        value = _ESCAPE_TEXT.sub("\ufffd", value)
+    return _SURROGATES.sub("\ufffd", value)
+
+
 def _clean(text: str) -> str:
     """Drop what cannot be stored as UTF-8 (lone surrogates) and NULs."""
     if "\x00" in text:
@@ -339,19 +352,50 @@ def decode_header_value(value: str | None) -> str:
     value = str(value)
     # Folding: CRLF, bare CR and bare LF followed by whitespace are all unfolded here.
     value = re.sub(r"\r\n|\r|\n", "", value)
+    # The parser keeps raw 8-bit header bytes as surrogate escapes, and decode_header
+    # would spell those out as "\\udcfc" text. Each becomes the code point of its byte,
+    # which decode_header hands on as that byte: inside an encoded word it is decoded
+    # in the word's charset, outside one the run of raw bytes is guessed.
+    raw8 = bool(_ESCAPES.search(value))
+    if raw8:
+        value = _ESCAPES.sub(lambda m: chr(ord(m.group()) - 0xDC00), value)
+    # decode_header turns the text between encoded words into bytes with
+    # raw-unicode-escape: code points above 255 come back from that codec only.
+    wide = any(ord(ch) > 0xFF for ch in value)
     try:
         parts = email.header.decode_header(value)
     except Exception:
         parts = [(value, None)]
     out: list[str] = []
     for chunk, charset in parts:
-        if isinstance(chunk, bytes):
+        if isinstance(chunk, str):  # no encoded word at all
+            out.append(_from_raw8(chunk) if raw8 else _clean(chunk))
+        elif charset or raw8:
             out.append(decode_bytes(chunk, charset))
         else:
-            out.append(_from_surrogateescape(chunk))
+            out.append(_between_words(chunk, wide))
     text = "".join(out)
     text = _LINE_CONTROLS.sub(" ", text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _from_raw8(text: str) -> str:
+    """Decode header text whose code points below 256 stand for raw bytes."""
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return _clean(text)
+    return decode_bytes(raw, None)
+
+
+def _between_words(chunk: bytes, wide: bool) -> str:
+    """Return the text decode_header found between encoded words, as it was."""
+    if wide:
+        try:
+            return _clean(chunk.decode("raw-unicode-escape"))
+        except UnicodeDecodeError:  # a literal backslash-u that was not an escape
+            pass
+    return _clean(chunk.decode("latin-1"))
 
 
 def _from_surrogateescape(text: str) -> str:
