@@ -150,3 +150,89 @@ def test_the_acknowledgement_never_echoes_an_escaped_byte() -> None:
         assert no_escape(wire.decode("utf-8", "replace"))
         body = msg.get_body(("plain",))
         assert body is not None and no_escape(str(body.get_content()))
+
+
+# -- which parts are text, which are attachments ------------------------------------------
+
+
+def multipart(content_type: bytes, *parts: bytes, boundary: bytes = b"b1") -> bytes:
+    """Return a mail whose body is the given raw parts (headers, blank line, body each)."""
+    body = b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts)
+    return mail(b"Subject: parts\r\nMIME-Version: 1.0\r\n" + content_type, body + b"--b1--\r\n")
+
+
+def test_named_text_part_without_disposition_is_the_body() -> None:
+    # Before the fix: taken for an attachment, so the message was routed with no text.
+    raw = mail(
+        b'Subject: order\r\nContent-Type: text/plain; charset=utf-8; name="note.txt"',
+        b"My order 4711 has not arrived.\r\n",
+    )
+    parsed = normalise(raw)
+    assert parsed.text == "My order 4711 has not arrived."
+    assert parsed.body_source == "plain" and parsed.attachments == ()
+
+
+def test_attached_text_is_the_body_only_when_there_is_no_other_text() -> None:
+    note = b'Content-Type: text/plain; name="log.txt"\r\nContent-Disposition: attachment\r\n\r\n'
+    alone = multipart(b"Content-Type: multipart/mixed; boundary=b1", note + b"error 42\r\n")
+    parsed = normalise(alone)
+    assert parsed.text == "error 42" and parsed.body_source == "attachment"
+    assert [a.name for a in parsed.attachments] == ["log.txt"]
+    both = multipart(
+        b"Content-Type: multipart/mixed; boundary=b1",
+        b"Content-Type: text/plain\r\n\r\nSee the log.\r\n",
+        note + b"error 42\r\n",
+    )
+    parsed = normalise(both)
+    assert parsed.text == "See the log." and [a.name for a in parsed.attachments] == ["log.txt"]
+
+
+def test_inline_html_with_a_file_name_next_to_plain_text_is_kept() -> None:
+    # Before the fix: neither in the text nor among the attachments.
+    raw = multipart(
+        b"Content-Type: multipart/mixed; boundary=b1",
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\nThe invoice is below.\r\n",
+        b'Content-Type: text/html; charset=utf-8\r\nContent-Disposition: inline; filename="inv'
+        b'oice.html"\r\n\r\n<p>Invoice 4711: 20 EUR</p>\r\n',
+        b"Content-Type: text/html\r\n\r\n<p>unnamed, outside an alternative</p>\r\n",
+    )
+    parsed = normalise(raw)
+    assert parsed.text == "The invoice is below."
+    assert [(a.name, a.mime_type, a.inline) for a in parsed.attachments] == [
+        ("invoice.html", "text/html", True),
+        ("attachment-3.html", "text/html", False),
+    ]
+    assert (parsed.attachments[0].data or b"").strip() == b"<p>Invoice 4711: 20 EUR</p>"
+
+
+def test_html_alternative_of_the_plain_text_is_not_an_attachment() -> None:
+    raw = multipart(
+        b"Content-Type: multipart/alternative; boundary=b1",
+        b"Content-Type: text/plain\r\n\r\nHello\r\n",
+        b"Content-Type: text/html\r\n\r\n<p>Hello</p>\r\n",
+    )
+    parsed = normalise(raw)
+    assert parsed.text == "Hello" and parsed.attachments == ()
+
+
+def test_content_type_missing_its_semicolon() -> None:
+    # Before the fix: one attachment typed "multipart/mixed\tboundary=b1", no text.
+    raw = multipart(
+        b"Content-Type: multipart/mixed\tboundary=b1",
+        b"Content-Type: text/plain charset=iso-8859-1\r\n\r\nGr\xfc\xdfe, Carol\r\n",
+        b'Content-Type: application/pdf\tname="a.pdf"\r\nContent-Disposition: attachment\r\n\r\n'
+        b"%PDF-1.4\r\n",
+        b"Content-Type: image/png;;\r\nContent-Disposition: attachment\r\n\r\nx\r\n",
+        b"Content-Type: ;x=1\r\nContent-Disposition: attachment\r\n\r\ny\r\n",
+    )
+    parsed = normalise(raw)
+    assert parsed.text == "Grüße, Carol"
+    assert [(a.name, a.mime_type) for a in parsed.attachments] == [
+        ("a.pdf", "application/pdf"),
+        ("attachment-3.png", "image/png"),
+        ("attachment-4.txt", "text/plain"),  # no type at all: the RFC's default
+    ]
+    folded = mail(
+        b"Subject: x\r\nContent-Type: text/plain\r\n\tcharset=koi8-r", "Привет".encode("koi8-r")
+    )
+    assert normalise(folded).text == "Привет"

@@ -10,16 +10,20 @@ names the reason). What it does, in order:
 * Headers are decoded from their raw form (RFC 2047 words and raw 8-bit bytes) with
   the tolerant charset decoder below, so a GBK subject without encoded words works.
 * Body: text/plain preferred, else HTML converted to text by `html.parser` (scripts,
-  styles and head dropped, nothing fetched), else nothing. The routed `text` has
-  quoted replies and signatures removed; the full body stays in the raw payload.
+  styles and head dropped, nothing fetched), else attached plain text, else nothing.
+  A text part is body text unless its disposition says attachment (a `name=` alone
+  does not). The routed `text` has quoted replies and signatures removed; the full
+  body stays in the raw payload.
 * Charsets: the declared one, then gb18030 for gb2312/gbk (its superset), then
   utf-8, gb18030, big5 and latin-1; the first strict decode wins, otherwise the
   candidate with the fewest replacement characters. A declared charset (outside the
   often-confused Chinese labels) that decodes all but a few bad sequences wins over
   any guess, its bad bytes replaced. UTF-7 and HZ are decoded although their bytes
   are ASCII. Output never holds surrogates.
-* Attachments: sanitised names, size, sha256, inline flag; their bytes are returned
-  only when within the size cap (the channel stores them).
+* Attachments: sanitised names, a clean `type/subtype`, size, sha256, inline flag;
+  their bytes are returned only when within the size cap (the channel stores them).
+  Nothing vanishes: HTML that is not the body and not merely the alternative of the
+  plain text is kept as an attachment.
 * Noise (auto-replies, bounces, lists) sets `noise_reason`; such mail is not routed.
 * Threading: Message-ID, In-Reply-To, References and a `[#T-…]` ticket token.
 """
@@ -131,7 +135,7 @@ class NormalisedMail:
     truncated: bool
     size: int  # bytes of the raw mail as received (before any cut)
     sha256: str  # of the raw bytes handed in
-    body_source: str  # "plain" | "html" | "none" | "fallback"
+    body_source: str  # "plain" | "html" | "attachment" | "none" | "fallback"
     defects: tuple[str, ...] = field(default=())
 
     @property
@@ -643,13 +647,38 @@ def sanitise_filename(name: str, fallback: str = "attachment") -> str:
 # -- MIME walking -------------------------------------------------------------------------
 
 
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+# "type/subtype name=value": a Content-Type whose ";" before a parameter is missing.
+_NO_SEMICOLON = re.compile(r"^(\s*[\w!#$&^.+-]+/[\w!#$&^.+-]+)\s+(?=[\w.-]+\s*=)")
+_NO_SEMICOLON_RAW = re.compile(
+    rb"(?im)^(content-type:[ \t]*[\w!#$&^.+-]+/[\w!#$&^.+-]+)(?=(?:\r?\n)?[ \t]+[\w.-]+[ \t]*=)"
+)
+
+
 def _content_type(part: Message) -> str:
-    """Return the part's content type, lower-case; text/plain when unreadable."""
+    """Return the part's content type as a clean `type/subtype`, lower-case.
+
+    text/plain when unreadable (the RFC's default); application/octet-stream when
+    what it declares does not start with a type/subtype.
+    """
     try:
-        ctype = part.get_content_type()
+        ctype = str(part.get_content_type()).lower()
     except Exception:
         return "text/plain"
-    return str(ctype).lower()[:100]
+    # A missing ";" leaves the parameters glued on ("multipart/mixed\tboundary=…").
+    match = _MIME_TYPE.match(ctype)
+    return match.group() if match else "application/octet-stream"
+
+
+def _repair_content_type(part: Message) -> None:
+    """Put back the ";" a part's Content-Type lacks, so its parameters (charset) are read."""
+    raw = _raw_header(part, "Content-Type")
+    if raw is None or not _NO_SEMICOLON.match(raw):
+        return
+    try:
+        part.replace_header("Content-Type", _NO_SEMICOLON.sub(r"\1; ", raw, count=1))
+    except Exception:  # the header is kept as it was; its type is still cleaned
+        pass
 
 
 def _param(part: Message, name: str) -> str | None:
@@ -711,54 +740,102 @@ class _Walk:
 
     plain: list[str] = field(default_factory=list)
     html: list[str] = field(default_factory=list)
+    attached_text: list[str] = field(default_factory=list)  # text/plain attachments
     attachments: list[ParsedAttachment] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     leaves: int = 0
 
 
+def _leaves(msg: Message) -> list[tuple[Message, bool]]:
+    """Return every leaf part in document order, and whether a multipart/alternative holds it."""
+    out: list[tuple[Message, bool]] = []
+    stack: list[tuple[Message, bool]] = [(msg, False)]
+    while stack:
+        part, in_alternative = stack.pop()
+        if not part.is_multipart():
+            out.append((part, in_alternative))
+            continue
+        inside = in_alternative or _content_type(part) == "multipart/alternative"
+        children = part.get_payload()
+        if isinstance(children, list):
+            stack.extend((c, inside) for c in reversed(children) if isinstance(c, Message))
+    return out
+
+
 def _walk(msg: Message, max_attachment_bytes: int, truncated: bool, defects: list[str]) -> _Walk:
-    """Collect body candidates and attachments from every leaf part."""
+    """Collect body candidates and attachments from every leaf part.
+
+    text/plain and text/html are body text unless their disposition says attachment
+    (a `name=` alone does not). Nothing is dropped: an HTML part that does not become
+    the body is kept as an attachment when it has a file name or stands outside a
+    multipart/alternative (where it would only repeat the plain text).
+    """
     out = _Walk(defects=defects)
-    leaves = [p for p in msg.walk() if not p.is_multipart()]
+    leaves = _leaves(msg)
     if len(leaves) > MAX_PARTS:
         out.defects.append(f"too_many_parts:{len(leaves)}")
         leaves = leaves[:MAX_PARTS]
-    last = leaves[-1] if leaves else None
-    for index, part in enumerate(leaves):
+    last = leaves[-1][0] if leaves else None
+    found: list[tuple[int, ParsedAttachment]] = []
+    spare_html: list[tuple[int, ParsedAttachment]] = []  # attachments if plain text wins
+    for index, (part, in_alternative) in enumerate(leaves):
+        _repair_content_type(part)
         ctype = _content_type(part)
         disposition = _disposition(part)
         name = _filename(part)
         if ctype.startswith("message/") and ctype != "message/rfc822":
             continue
-        is_body = (
-            ctype in ("text/plain", "text/html")
-            and disposition != "attachment"
-            and not (name and disposition != "inline")
-        )
-        if is_body:
-            text = decode_bytes(_payload(part), _param(part, "charset"))
-            (out.plain if ctype == "text/plain" else out.html).append(text)
-            continue
-        data = _payload(part)
-        content_id = _message_ids(_raw_header(part, "Content-ID"), 1)
-        inline = disposition == "inline" or (not disposition and bool(content_id))
-        ext = _EXTENSIONS.get(ctype, ".bin")
-        fallback = f"{'inline' if inline else 'attachment'}-{index + 1}{ext}"
         complete = not (truncated and part is last)
-        keep = complete and len(data) <= max_attachment_bytes
-        out.attachments.append(
-            ParsedAttachment(
-                name=sanitise_filename(name, fallback),
-                mime_type=ctype,
-                size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                inline=inline,
-                content_id=content_id[0] if content_id else "",
-                complete=complete,
-                data=data if keep else None,
-            )
+        text_part = ctype in ("text/plain", "text/html")
+        if text_part and disposition != "attachment":
+            text = decode_bytes(_payload(part), _param(part, "charset"))
+            if ctype == "text/plain":
+                out.plain.append(text)
+                continue
+            out.html.append(text)
+            if in_alternative and not name:
+                continue  # another rendering of the plain text, not content of its own
+        attachment = _attachment(
+            part, index, ctype, disposition, name, complete, max_attachment_bytes
         )
+        if text_part and disposition != "attachment":
+            spare_html.append((index, attachment))
+            continue
+        if ctype == "text/plain" and complete:
+            out.attached_text.append(decode_bytes(_payload(part), _param(part, "charset")))
+        found.append((index, attachment))
+    if any(t.strip() for t in out.plain):
+        found.extend(spare_html)
+    out.attachments = [a for _, a in sorted(found, key=lambda pair: pair[0])]
     return out
+
+
+def _attachment(
+    part: Message,
+    index: int,
+    ctype: str,
+    disposition: str,
+    name: str,
+    complete: bool,
+    max_attachment_bytes: int,
+) -> ParsedAttachment:
+    """Describe one leaf part as an attachment; its bytes only within the cap."""
+    data = _payload(part)
+    content_id = _message_ids(_raw_header(part, "Content-ID"), 1)
+    inline = disposition == "inline" or (not disposition and bool(content_id))
+    ext = _EXTENSIONS.get(ctype, ".bin")
+    fallback = f"{'inline' if inline else 'attachment'}-{index + 1}{ext}"
+    keep = complete and len(data) <= max_attachment_bytes
+    return ParsedAttachment(
+        name=sanitise_filename(name, fallback),
+        mime_type=ctype,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        inline=inline,
+        content_id=content_id[0] if content_id else "",
+        complete=complete,
+        data=data if keep else None,
+    )
 
 
 def _parse(raw: bytes, compat: bool) -> Message:
@@ -768,16 +845,18 @@ def _parse(raw: bytes, compat: bool) -> Message:
 
 
 def _sanitise_raw(raw: bytes) -> bytes:
-    """Turn bare CR line ends in the header block into CRLF (some MTAs emit them)."""
+    """Repair the header block: bare CR line ends become CRLF (some MTAs emit them), and
+    a Content-Type missing its ";" gets it back (else a multipart is read as one leaf)."""
     end = raw.find(b"\r\n\r\n")
     end2 = raw.find(b"\n\n")
     ends = [e for e in (end, end2) if e >= 0]
     head_end = min(ends) if ends else len(raw)
     head = raw[:head_end]
-    if b"\r" not in head.replace(b"\r\n", b""):
-        return raw
-    head = re.sub(rb"\r(?!\n)", b"\r\n", head)
-    return head + raw[head_end:]
+    fixed = head
+    if b"\r" in head.replace(b"\r\n", b""):
+        fixed = re.sub(rb"\r(?!\n)", b"\r\n", fixed)
+    fixed = _NO_SEMICOLON_RAW.sub(rb"\1;", fixed, count=1)
+    return raw if fixed == head else fixed + raw[head_end:]
 
 
 def normalise(
@@ -838,6 +917,9 @@ def _normalise(
         full, source = "\n\n".join(t for t in walked.plain if t.strip()), "plain"
     elif walked.html:
         full, source = "\n\n".join(html_to_text(h) for h in walked.html), "html"
+    elif any(t.strip() for t in walked.attached_text):
+        # Only attached text: read it as the body too, an agent must not get nothing.
+        full, source = "\n\n".join(t for t in walked.attached_text if t.strip()), "attachment"
     else:
         full, source = "", "none"
     full = fold_whitespace(full)[: max_text_chars * 4]
