@@ -1,15 +1,20 @@
 """Mail reads as its sender wrote it (issue 13): the defects found with malformed mail.
 
-Every fixture is a minimal mail built here. No I/O: the normaliser, the SMTP builder
-and the channel's last-line guard are pure.
+Every fixture is a minimal mail built here. No server: the normaliser, the SMTP
+builder and the channel's last-line guard are pure; the journal writes to tmp_path.
+The same mail through Dovecot and aiosmtpd: tests/test_email_e2e.py (raw 8-bit
+subject) and tests/test_email_channel.py (reused Message-ID).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 from channels.email.channel import guard_text
 from channels.email.config import AckSettings, SmtpSettings
+from channels.email.cursor import JOURNAL_FILE, MailState, conversation_hint, dedupe_key
 from channels.email.normalise import decode_bytes, decode_header_value, normalise
 from channels.email.smtp import build_message
 from router.drivers import Outbound
@@ -236,3 +241,61 @@ def test_content_type_missing_its_semicolon() -> None:
         b"Subject: x\r\nContent-Type: text/plain\r\n\tcharset=koi8-r", "Привет".encode("koi8-r")
     )
     assert normalise(folded).text == "Привет"
+
+
+# -- deduplication on the Message-ID and the content --------------------------------------
+
+
+def test_dedupe_key_is_the_message_id_and_a_digest_of_what_was_written() -> None:
+    base = mail(b"Subject: order\r\nContent-Type: text/plain", b"Where is order 1?\r\n")
+    same = b"Received: from mx2 by imap; Tue, 14 May 2024\r\nX-Spam: no\r\n" + base
+    other = base.replace(b"order 1", b"order 2")
+    key = dedupe_key(normalise(base))
+    assert key.startswith("<m1@example.com>#") and len(key.partition("#")[2]) == 16
+    assert dedupe_key(normalise(same)) == key  # a server re-adding headers: same mail
+    assert dedupe_key(normalise(other)) != key
+    later = base.replace(b"08:20:30", b"09:20:30")  # a template sent again later
+    assert dedupe_key(normalise(later)) != key
+
+
+def test_journal_tells_a_reused_message_id_from_a_redelivery(tmp_path: Path) -> None:
+    state = MailState(tmp_path)
+    state.load()
+    first = normalise(mail(b"Subject: a", b"first\r\n"))
+    second = normalise(mail(b"Subject: a", b"second\r\n"))
+    state.remember(dedupe_key(first), conversation_hint(first, state), "T-1")
+    assert state.seen(dedupe_key(first)) and not state.reused(dedupe_key(first))
+    assert not state.seen(dedupe_key(second)) and state.reused(dedupe_key(second))
+    # Threading still finds the conversation by the Message-ID alone.
+    assert state.hint_for("<m1@example.com>") == "<m1@example.com>"
+    state.remember(dedupe_key(second), "other-thread")
+    assert state.hint_for("<m1@example.com>") == "<m1@example.com>"  # the first mail's
+    reloaded = MailState(tmp_path)
+    reloaded.load()
+    assert reloaded.seen(dedupe_key(first)) and reloaded.seen(dedupe_key(second))
+    assert reloaded.hint_for("<m1@example.com>") == "<m1@example.com>"
+
+
+def test_old_journal_lines_and_sent_mail_keep_matching_any_content(tmp_path: Path) -> None:
+    # A journal written before content keys: a redelivery after the upgrade is still
+    # recognised (so is, as before, a different mail under that Message-ID).
+    lines = [{"k": "<m1@example.com>", "h": "<m1@example.com>", "t": "T-1"}]
+    (tmp_path / JOURNAL_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    state = MailState(tmp_path)
+    state.load()
+    assert state.seen(dedupe_key(normalise(mail(b"Subject: a"))))
+    state.remember("<ack-1@shop.test>", "<m1@example.com>")  # a mail we sent
+    ours = mail(b"Subject: a").replace(b"<m1@example.com>", b"<ack-1@shop.test>")
+    assert state.seen(dedupe_key(normalise(ours)))
+    # Compaction keeps every kind of line as it was.
+    for n in range(4):
+        fresh = normalise(mail(b"Subject: a").replace(b"<m1@", b"<n%d@" % n))
+        state.remember(dedupe_key(fresh), f"<n{n}@example.com>")
+    state._compact()
+    assert len((tmp_path / JOURNAL_FILE).read_text().splitlines()) == 7  # 6 mails, 1 ticket
+    again = MailState(tmp_path)
+    again.load()
+    assert again.seen(dedupe_key(normalise(ours)))
+    assert again.hint_for("<n3@example.com>") == "<n3@example.com>"
+    assert again.seen(dedupe_key(normalise(mail(b"Subject: a").replace(b"<m1@", b"<n3@"))))
+    assert not again.seen(dedupe_key(normalise(mail(b"Subject: b").replace(b"<m1@", b"<n3@"))))

@@ -9,13 +9,16 @@ backoff), syncs every message above the cursor in UID order, then waits in IDLE
 
 so nothing on the server and no cursor moves before the commit. A crash anywhere
 makes the message be fetched again: the journal recognises it (also under a new
-UIDVALIDITY, by Message-ID or raw sha256), and the store's (channel, external_id)
-uniqueness catches a commit whose journal line was lost.
+UIDVALIDITY, by Message-ID plus a digest of its content, or by raw sha256 when it has
+no Message-ID), and the store's (channel, external_id) uniqueness catches a commit
+whose journal line was lost.
 
 external_id is `"{UIDVALIDITY}:{UID}"`: unique per mailbox folder and cheap to
 re-derive. The Message-ID is not part of it (a missing or reused Message-ID must not
 merge two mails in the store); it is kept in the raw mail and in the journal, which
-is where the duplicate check across UIDVALIDITY changes happens.
+is where the duplicate check across UIDVALIDITY changes happens. A different mail
+under a Message-ID seen before is routed as a new mail and logged once
+(`email.message_id_reused`, without its text).
 
 Noise (auto-replies, bounces, lists) and mail without a usable sender are not
 routed: the store has no place for "recorded, not routed" messages yet. They are
@@ -220,6 +223,9 @@ class EmailChannel:
             self.duplicates += 1
             self.log.info("email.duplicate", **fields)
             return
+        if self.mail_state.reused(key):
+            # Broken mailers and templates reuse Message-IDs: a different mail is a new one.
+            self.log.warning("email.message_id_reused", digest=key.rpartition("#")[2], **fields)
         if mail.noise_reason or mail.reject_reason:
             reason = mail.noise_reason or mail.reject_reason
             if mail.noise_reason:

@@ -139,6 +139,23 @@ class NormalisedMail:
     defects: tuple[str, ...] = field(default=())
 
     @property
+    def content_digest(self) -> str:
+        """Return a sha256 of what the sender wrote: sender, date, subject, body, attachments.
+
+        Unlike `sha256` it does not change when a server re-adds headers (Received,
+        X-…) to a mail it delivers again; unlike the Message-ID it tells apart two
+        different mails that reuse one.
+        """
+        digest = hashlib.sha256()
+        date = self.received_at.isoformat() if self.received_at else ""
+        for value in (self.from_address, date, self.subject, self.full_text):
+            data = value.encode("utf-8", "surrogatepass")
+            digest.update(b"%d:" % len(data) + data)  # length-prefixed: no field runs into the next
+        for att in self.attachments:
+            digest.update(att.sha256.encode("ascii"))
+        return digest.hexdigest()
+
+    @property
     def thread_root(self) -> str:
         """Return the first Message-ID of the thread this mail belongs to (may be its own)."""
         if self.references:
