@@ -8,9 +8,14 @@ subject) and tests/test_email_channel.py (reused Message-ID).
 
 from __future__ import annotations
 
+import base64
 import json
+import quopri
 from datetime import UTC, datetime
 from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from channels.email.channel import guard_text
 from channels.email.config import AckSettings, SmtpSettings
@@ -90,6 +95,10 @@ def test_raw_latin1_byte_inside_a_q_word_reads_as_written() -> None:
     assert parsed.subject == "Grüße aus München"
     raw = mail(b"Subject: Re: =?utf-8?q?Gr\xc3\xbc\xc3\x9fe?= \xe4\xbd\xa0\xe5\xa5\xbd")
     assert normalise(raw).subject == "Re: Grüße 你好"
+    # Found by the property below: raw byte 0x85 (in UTF-8 "υ") is NEL to str.splitlines.
+    raw = mail(b"Subject: =?utf-8?Q?" + "ευχαριστώ".encode() + b"?=")
+    assert normalise(raw).subject == "ευχαριστώ"
+    assert normalise(mail(b"Subject: \xcf\x85 \x00x")).subject == "υ x"
     name = b"From: =?iso-8859-1?q?J=FCrgen_M\xfcller?= <jm@example.com>\r\n"
     assert normalise(name + b"Subject: x\r\n\r\nhi\r\n").from_name == "Jürgen Müller"
 
@@ -299,3 +308,101 @@ def test_old_journal_lines_and_sent_mail_keep_matching_any_content(tmp_path: Pat
     assert again.hint_for("<n3@example.com>") == "<n3@example.com>"
     assert again.seen(dedupe_key(normalise(mail(b"Subject: a").replace(b"<m1@", b"<n3@"))))
     assert not again.seen(dedupe_key(normalise(mail(b"Subject: b").replace(b"<m1@", b"<n3@"))))
+
+
+# -- property: declared and actual charsets mixed, raw 8-bit headers, encoded words -------
+
+# Words per script, and the charsets that can carry them. Words, not random code points:
+# the round trip is asserted on text a person writes (the decoder weighs plausibility).
+_SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
+    "latin": (
+        ["Grüße", "Größe", "café", "naïve", "Bestellung", "reçu", "año", "order", "4711"],
+        ["utf-8", "utf-7", "iso-8859-1", "iso-8859-15", "windows-1252"],
+    ),
+    "cyrillic": (
+        ["Здравствуйте", "заказ", "пришёл", "спасибо", "где", "мой", "4711"],
+        ["utf-8", "utf-7", "koi8-r", "windows-1251", "iso-8859-5"],
+    ),
+    "greek": (["Καλημέρα", "παραγγελία", "ευχαριστώ", "4711"], ["utf-8", "iso-8859-7"]),
+    "simplified": (
+        ["您好", "订单", "退款", "请问", "没有", "收到", "4711"],
+        ["utf-8", "gbk", "gb18030"],
+    ),
+    "traditional": (["您好", "訂單", "請問", "退款", "收到", "4711"], ["utf-8", "big5"]),
+}
+_WRONG_LABELS = ["utf-8", "us-ascii", "iso-8859-1", "gbk", "big5", "utf-7", "koi8-r", "bogus", ""]
+
+
+def _q_word(data: bytes, charset: str, raw8: bool) -> bytes:
+    """Return an RFC 2047 Q word; with raw8, 8-bit bytes stay raw as old mailers left them."""
+    out = b""
+    for byte in data:
+        if (chr(byte).isalnum() and byte < 0x80) or (raw8 and byte >= 0x80):
+            out += bytes([byte])
+        else:
+            out += b"=%02X" % byte
+    return b"=?" + charset.encode() + b"?Q?" + out + b"?="
+
+
+@st.composite
+def charset_mails(draw: st.DrawFn) -> tuple[bytes, str, str, bool]:
+    """Draw (raw mail, subject text, body text, whether every label told the truth)."""
+    words, charsets = _SCRIPTS[draw(st.sampled_from(sorted(_SCRIPTS)))]
+    actual = draw(st.sampled_from(charsets))
+    right = draw(st.booleans())
+    declared = actual if right else draw(st.sampled_from(_WRONG_LABELS))
+    subject = " ".join(draw(st.lists(st.sampled_from(words), min_size=1, max_size=6)))
+    body = " ".join(draw(st.lists(st.sampled_from(words), min_size=1, max_size=40)))
+    encoded = subject.encode(actual)
+    form = draw(st.sampled_from(["q", "q-raw8", "b", "raw8", "split"]))
+    if form == "q":
+        header = _q_word(encoded, declared or actual, raw8=False)
+    elif form == "q-raw8":
+        header = _q_word(encoded, declared or actual, raw8=True)
+    elif form == "b":
+        header = b"=?" + (declared or actual).encode() + b"?B?" + base64.b64encode(encoded) + b"?="
+    elif form == "raw8":  # no encoded word: no label at all, only UTF-8 can be trusted
+        header = encoded
+        right = right and actual == "utf-8"
+    else:  # a word per word of the subject, folded; the space between words is ignored
+        pieces = subject.split(" ")
+        header = b"\r\n ".join(
+            _q_word(
+                (w if i == len(pieces) - 1 else w + " ").encode(actual),
+                declared or actual,
+                raw8=draw(st.booleans()),
+            )
+            for i, w in enumerate(pieces)
+        )
+    cte = draw(st.sampled_from(["8bit", "base64", "quoted-printable"]))
+    payload = body.encode(actual)
+    if cte == "base64":
+        payload = base64.encodebytes(payload)
+    elif cte == "quoted-printable":
+        payload = quopri.encodestring(payload)
+    label = f"; charset={declared}" if declared else ""
+    raw = mail(
+        b"Subject: " + header + b"\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain" + label.encode() + b"\r\n"
+        b"Content-Transfer-Encoding: " + cte.encode(),
+        payload + b"\r\n",
+    )
+    if draw(st.booleans()):  # raw 8-bit bytes in a header the sender did not label
+        raw = raw.replace(b"From: Carol", b"From: " + draw(st.sampled_from(words)).encode(actual))
+    return raw, subject, body, right and declared == actual
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(charset_mails())
+def test_mixed_charsets_never_raise_never_leak_and_round_trip(
+    case: tuple[bytes, str, str, bool],
+) -> None:
+    raw, subject, body, truthful = case
+    parsed = normalise(raw)
+    headers = [parsed.subject, parsed.from_name, parsed.from_address, parsed.message_id]
+    for value in (*headers, parsed.text, parsed.full_text, *(a.name for a in parsed.attachments)):
+        value.encode("utf-8")  # raises on a lone surrogate
+    assert all(no_escape(v) for v in headers)
+    if truthful:
+        assert parsed.subject == subject
+        assert parsed.text == body

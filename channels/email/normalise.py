@@ -379,7 +379,10 @@ def decode_header_value(value: str | None) -> str:
     # in the word's charset, outside one the run of raw bytes is guessed.
     raw8 = bool(_ESCAPES.search(value))
     if raw8:
-        value = _ESCAPES.sub(lambda m: chr(ord(m.group()) - 0xDC00), value)
+        # Except 0x85: as U+0085 (NEL) it would split the line, and an encoded word with
+        # it, inside decode_header. NUL stands in for it (a real NUL becomes a space,
+        # as any control does below).
+        value = _ESCAPES.sub(_escape_to_byte, value.replace("\x00", " "))
     # decode_header turns the text between encoded words into bytes with
     # raw-unicode-escape: code points above 255 come back from that codec only.
     wide = any(ord(ch) > 0xFF for ch in value)
@@ -392,7 +395,7 @@ def decode_header_value(value: str | None) -> str:
         if isinstance(chunk, str):  # no encoded word at all
             out.append(_from_raw8(chunk) if raw8 else _clean(chunk))
         elif charset or raw8:
-            out.append(decode_bytes(chunk, charset))
+            out.append(decode_bytes(chunk.replace(b"\x00", b"\x85") if raw8 else chunk, charset))
         else:
             out.append(_between_words(chunk, wide))
     text = "".join(out)
@@ -400,10 +403,16 @@ def decode_header_value(value: str | None) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _escape_to_byte(match: re.Match[str]) -> str:
+    """Return the code point standing for one surrogate-escaped byte (NUL for 0x85)."""
+    byte = ord(match.group()) - 0xDC00
+    return "\x00" if byte == 0x85 else chr(byte)
+
+
 def _from_raw8(text: str) -> str:
-    """Decode header text whose code points below 256 stand for raw bytes."""
+    """Decode header text whose code points below 256 stand for raw bytes (NUL for 0x85)."""
     try:
-        raw = text.encode("latin-1")
+        raw = text.encode("latin-1").replace(b"\x00", b"\x85")
     except UnicodeEncodeError:
         return _clean(text)
     return decode_bytes(raw, None)
