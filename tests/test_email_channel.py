@@ -663,3 +663,47 @@ async def test_a_reply_to_our_ack_joins_the_conversation(
         await append(dovecot, mail(2, subject="Re: thanks", In_Reply_To=ack_id))
         stored = await sink.wait_for(2)
     assert sink.ticket_of(stored[1]) == ticket
+
+
+# -- a Message-ID reused by a different mail (issue 13) -----------------------------------
+
+
+async def test_reused_message_id_is_a_new_mail_but_a_redelivery_is_not(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    # Before the fix the journal keyed mail by Message-ID alone: the second mail,
+    # a different text under the first one's Message-ID, was dropped as a duplicate.
+    msg = email.message_from_bytes(mail(1), policy=email.policy.default)
+    del msg["Message-ID"]
+    msg["Message-ID"] = "<template@example.com>"
+    first = msg.as_bytes()
+    second = first.replace(b"My order 1 has not arrived.", b"Please cancel order 2.")
+    # The same mail delivered again by a server that added a header of its own.
+    again = b"Received: from mx2.example.com by imap.shop.test; Tue, 14 May 2024\r\n" + first
+    follow_up = mail(4, In_Reply_To="<template@example.com>")
+    await append(dovecot, first, second, again)
+    sink = RecordingSink()
+    with structlog.testing.capture_logs() as logs:
+        async with running(config(dovecot), tmp_path, sink) as channel:
+            await sink.wait_for(2)
+            await wait_until(lambda: channel.duplicates == 1)
+            await append(dovecot, follow_up)
+            await sink.wait_for(3)
+    assert [m.text for m in sink.stored] == [
+        "My order 1 has not arrived.",
+        "Please cancel order 2.",
+        "My order 4 has not arrived.",
+    ]
+    assert len(sink.calls) == 3  # the redelivery never reached the sink
+    # The follow-up quoting the Message-ID joins the first mail's conversation.
+    assert sink.ticket_of(sink.stored[2]) == sink.ticket_of(sink.stored[0])
+    (reuse,) = [e for e in logs if e["event"] == "email.message_id_reused"]
+    assert reuse["log_level"] == "warning"
+    assert reuse["message_id"] == "<template@example.com>" and reuse["uid"] == 2
+    assert "cancel" not in json.dumps(reuse)  # no message text in the log
+
+    # A renumbered folder: all four are recognised, nothing is routed twice.
+    dovecot.uidvalidity_reset()
+    async with running(config(dovecot), tmp_path, sink) as channel:
+        await wait_until(lambda: channel.duplicates == 4)
+    assert len(sink.calls) == 3

@@ -670,3 +670,40 @@ def test_auto_replies_are_neither_routed_nor_answered(
     assert not db.rows("SELECT 1 FROM contacts WHERE handle=?", "dave@example.org")
     text = metrics(ops)
     assert metric_value(text, "omnirouter_deliveries_total", target=TARGET, result="ok") == 2
+
+
+# -- 6. raw 8-bit bytes in an encoded word (issue 13) --------------------------------------
+
+
+def test_raw_8bit_subject_is_stored_and_acknowledged_as_written(
+    tmp_path: Path, spawn: Callable[[str], DaemonProcess], dovecot: Dovecot, smtp: SmtpServer
+) -> None:
+    # An old mailer's ISO-8859-1 Q word carrying raw 8-bit bytes instead of =FC/=DF.
+    # Before the fix the store and the acknowledgement said "Gr\udcfc\udcdfe".
+    state = tmp_path / "state"
+    db = Db(state)
+    sink = sink_of(smtp)
+    config, ops = email_config(state, dovecot, smtp.port)
+    d = spawn(config)
+    poll(lambda: ready(ops), what="/readyz with IMAP connected")
+    msg_id = f"<{secrets.token_hex(8)}@example.com>"
+    raw = (
+        f"From: =?iso-8859-1?q?J=FCrgen?= <{CUSTOMER}>\r\nTo: {SUPPORT}\r\n"
+        f"Message-ID: {msg_id}\r\nDate: {email.utils.formatdate(usegmt=True)}\r\n"
+        "Subject: =?ISO-8859-1?Q?Gr\xfc\xdfe_aus_Wien?=\r\n"
+        "Content-Type: text/plain; charset=iso-8859-1\r\n\r\n"
+        "Meine Bestellung ist nicht angekommen.\r\n"
+    ).encode("latin-1")
+    append(dovecot, raw)
+
+    (delivery,) = poll(lambda: inbox_lines(state), what="the delivery to alice's inbox")
+    assert delivery["message"]["subject"] == "Grüße aus Wien"
+    stored = db.rows("SELECT subject FROM messages WHERE channel=?", CHANNEL)
+    assert stored == [("Grüße aus Wien",)]
+    (ack,) = poll(sink.mails, within=15, what="the acknowledgement")
+    assert ack["In-Reply-To"] == msg_id
+    assert str(ack["Subject"]).startswith("Re: Grüße aus Wien [#T-"), ack["Subject"]
+    _, _, wire = sink.messages[0]
+    assert b"\\udc" not in wire.lower()
+    for text in (str(ack["Subject"]), body_text(ack), d.log_text()):
+        assert "\\udc" not in text.lower() and not re.search("[\ud800-\udfff]", text)

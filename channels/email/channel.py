@@ -9,13 +9,16 @@ backoff), syncs every message above the cursor in UID order, then waits in IDLE
 
 so nothing on the server and no cursor moves before the commit. A crash anywhere
 makes the message be fetched again: the journal recognises it (also under a new
-UIDVALIDITY, by Message-ID or raw sha256), and the store's (channel, external_id)
-uniqueness catches a commit whose journal line was lost.
+UIDVALIDITY, by Message-ID plus a digest of its content, or by raw sha256 when it has
+no Message-ID), and the store's (channel, external_id) uniqueness catches a commit
+whose journal line was lost.
 
 external_id is `"{UIDVALIDITY}:{UID}"`: unique per mailbox folder and cheap to
 re-derive. The Message-ID is not part of it (a missing or reused Message-ID must not
 merge two mails in the store); it is kept in the raw mail and in the journal, which
-is where the duplicate check across UIDVALIDITY changes happens.
+is where the duplicate check across UIDVALIDITY changes happens. A different mail
+under a Message-ID seen before is routed as a new mail and logged once
+(`email.message_id_reused`, without its text).
 
 Noise (auto-replies, bounces, lists) and mail without a usable sender are not
 routed: the store has no place for "recorded, not routed" messages yet. They are
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import time
@@ -36,7 +40,7 @@ from typing import Any, ClassVar
 from channels.email.config import EmailConfig
 from channels.email.cursor import MailState, atomic_write, conversation_hint, dedupe_key
 from channels.email.imap import UID_BATCH, ImapSession
-from channels.email.normalise import NormalisedMail, normalise
+from channels.email.normalise import NormalisedMail, no_surrogates, normalise
 from channels.email.smtp import build_message, send_message
 from router.backoff import backoff_delay
 from router.drivers import (
@@ -209,11 +213,17 @@ class EmailChannel(ChannelBase):
         """Route one normalised mail through the sink, or record why it is not routed."""
         key = dedupe_key(mail)
         external_id = f"{uidvalidity}:{uid}"
-        fields: dict[str, Any] = {"uid": uid, "message_id": mail.message_id or None}
+        fields: dict[str, Any] = {
+            "uid": uid,
+            "message_id": no_surrogates(mail.message_id, header=True) or None,
+        }
         if self.mail_state.seen(key):
             self.duplicates += 1
             self.log.info("email.duplicate", **fields)
             return
+        if self.mail_state.reused(key):
+            # Broken mailers and templates reuse Message-IDs: a different mail is a new one.
+            self.log.warning("email.message_id_reused", digest=key.rpartition("#")[2], **fields)
         if mail.noise_reason or mail.reject_reason:
             reason = mail.noise_reason or mail.reject_reason
             if mail.noise_reason:
@@ -242,6 +252,7 @@ class EmailChannel(ChannelBase):
             reply_ref=mail.message_id,
             thread_refs=mail.references,
         )
+        message = guard_text(message)
         try:
             receipt = await sink(message)
         except asyncio.CancelledError:
@@ -326,3 +337,30 @@ class EmailChannel(ChannelBase):
         with contextlib.suppress(OSError):
             os.chmod(self.directory, 0o700)
         self.mail_state.load()
+
+
+def guard_text(message: InboundMessage) -> InboundMessage:
+    """Return message with no lone surrogate in any text field (the last line of defence).
+
+    The normaliser already gives clean text; this guard makes sure that no escaped raw
+    byte ("\\udcfc") reaches the store, a log, an agent or a customer's acknowledgement
+    even if a future parsing path lets one through.
+    """
+    return dataclasses.replace(
+        message,
+        contact_handle=no_surrogates(message.contact_handle, header=True),
+        contact_name=no_surrogates(message.contact_name, header=True),
+        text=no_surrogates(message.text),
+        subject=no_surrogates(message.subject, header=True),
+        conversation_hint=no_surrogates(message.conversation_hint, header=True),
+        reply_ref=no_surrogates(message.reply_ref, header=True),
+        thread_refs=tuple(no_surrogates(r, header=True) for r in message.thread_refs),
+        attachments=tuple(
+            dataclasses.replace(
+                a,
+                name=no_surrogates(a.name, header=True),
+                mime_type=no_surrogates(a.mime_type, header=True),
+            )
+            for a in message.attachments
+        ),
+    )

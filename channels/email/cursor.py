@@ -3,13 +3,20 @@
 * `cursor.json`: UIDVALIDITY and the last UID whose message is committed. Written
   atomically (temp file, fsync, rename, fsync of the directory), so a crash leaves
   either the old or the new cursor, never half of one.
-* `journal.jsonl`: one line per committed mail: its dedupe key (Message-ID, or the
-  sha256 of the raw mail when it has none), the conversation hint it was given and
-  its ticket. It serves two purposes: a mail seen again under a new UIDVALIDITY
-  (the server renumbered the folder) is recognised and not routed twice, and a
+* `journal.jsonl`: one line per committed mail: its dedupe key, the conversation hint
+  it was given and its ticket. The key is `<message-id>#<digest>`, the digest being
+  the first 16 hex digits of the mail's content digest (sender, date, subject, body,
+  attachments), or `sha256:<raw sha256>` for a mail without a Message-ID. It serves
+  two purposes: a mail seen again (under a new UIDVALIDITY, or after a crash) is
+  recognised and not routed twice, even if the server re-added headers; and a
   follow-up finds the conversation of the mail it answers (by In-Reply-To,
-  References or a `[#T-…]` ticket token). Bounded: when it holds more than twice
-  `max_entries` lines it is rewritten with the newest `max_entries`.
+  References or a `[#T-…]` ticket token), through the Message-ID part of the key.
+  A *different* mail reusing a Message-ID (broken mailers, templates, forgeries)
+  has another key: it is routed, and the channel logs the reuse. Lines written
+  before content keys existed, and lines for mail we sent, hold a bare Message-ID:
+  any mail under that Message-ID counts as seen, as it always did. Bounded: when it
+  holds more than twice `max_entries` lines it is rewritten with the newest
+  `max_entries`.
 
 Order on commit (the channel does it): sink returns → journal line (fsync) →
 after-commit IMAP actions → cursor. A crash anywhere in between makes the mail be
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -60,9 +68,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+DIGEST_CHARS = 16  # of the content digest in a dedupe key: 64 bits, enough per Message-ID
+_CONTENT_KEY = re.compile(rf"^(<[^<>]*>)#[0-9a-f]{{{DIGEST_CHARS}}}$")
+
+
 def dedupe_key(mail: NormalisedMail) -> str:
-    """Return the key that identifies a mail across UIDVALIDITY changes."""
-    return mail.message_id or f"sha256:{mail.sha256}"
+    """Return the key that identifies a mail across UIDVALIDITY changes and redeliveries."""
+    if mail.message_id:
+        return f"{mail.message_id}#{mail.content_digest[:DIGEST_CHARS]}"
+    return f"sha256:{mail.sha256}"
 
 
 class MailState:
@@ -74,8 +88,10 @@ class MailState:
         self.max_entries = max_entries
         self.uidvalidity: int | None = None
         self.last_uid = 0
-        # dedupe key or "ticket:T-…" -> conversation hint; insertion order = age
+        # dedupe key, Message-ID or "ticket:T-…" -> conversation hint; insertion order = age
         self._hints: OrderedDict[str, str] = OrderedDict()
+        # Bare Message-IDs that stand for a whole mail (old journal lines, mail we sent).
+        self._whole: set[str] = set()
         self._journal_lines = 0
 
     # -- loading ----------------------------------------------------------------
@@ -90,6 +106,7 @@ class MailState:
             self.last_uid = int(data.get("last_uid", 0))
         journal = self.directory / JOURNAL_FILE
         self._hints.clear()
+        self._whole.clear()
         self._journal_lines = 0
         if journal.exists():
             with journal.open("rb") as f:
@@ -107,6 +124,13 @@ class MailState:
         """Apply one journal entry to the in-memory maps."""
         key, hint, ticket = str(entry.get("k", "")), str(entry.get("h", "")), entry.get("t")
         if key:
+            match = _CONTENT_KEY.match(key)
+            if match:
+                # Follow-ups quote the Message-ID alone: it leads to the conversation of
+                # the first mail that used it.
+                self._hints.setdefault(match.group(1), hint)
+            elif key.startswith("<"):
+                self._whole.add(key)
             self._hints[key] = hint
             self._hints.move_to_end(key)
         if ticket and f"ticket:{ticket}" not in self._hints:
@@ -116,7 +140,8 @@ class MailState:
     def _trim(self) -> None:
         """Forget the oldest entries beyond max_entries."""
         while len(self._hints) > self.max_entries:
-            self._hints.popitem(last=False)
+            key, _ = self._hints.popitem(last=False)
+            self._whole.discard(key)
 
     # -- cursor -----------------------------------------------------------------
 
@@ -146,7 +171,17 @@ class MailState:
 
     def seen(self, key: str) -> bool:
         """Tell whether a mail with this dedupe key was committed before."""
-        return bool(key) and key in self._hints
+        if not key:
+            return False
+        if key in self._hints:
+            return True
+        match = _CONTENT_KEY.match(key)
+        return bool(match) and match.group(1) in self._whole
+
+    def reused(self, key: str) -> bool:
+        """Tell whether another mail with the Message-ID of this dedupe key was seen."""
+        match = _CONTENT_KEY.match(key)
+        return bool(match) and match.group(1) in self._hints and key not in self._hints
 
     def hint_for(self, key: str) -> str | None:
         """Return the conversation hint recorded for a Message-ID or "ticket:T-…"."""
@@ -180,6 +215,8 @@ class MailState:
         for key, hint in self._hints.items():
             if key.startswith("ticket:"):
                 continue
+            if key.startswith("<") and key not in self._whole and not _CONTENT_KEY.match(key):
+                continue  # a Message-ID alone: re-derived from the content keys written
             lines.append(json.dumps({"k": key, "h": hint}, ensure_ascii=False))
         for ticket, hint in tickets.items():
             lines.append(json.dumps({"k": "", "h": hint, "t": ticket}, ensure_ascii=False))

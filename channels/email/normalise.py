@@ -10,13 +10,20 @@ names the reason). What it does, in order:
 * Headers are decoded from their raw form (RFC 2047 words and raw 8-bit bytes) with
   the tolerant charset decoder below, so a GBK subject without encoded words works.
 * Body: text/plain preferred, else HTML converted to text by `html.parser` (scripts,
-  styles and head dropped, nothing fetched), else nothing. The routed `text` has
-  quoted replies and signatures removed; the full body stays in the raw payload.
+  styles and head dropped, nothing fetched), else attached plain text, else nothing.
+  A text part is body text unless its disposition says attachment (a `name=` alone
+  does not). The routed `text` has quoted replies and signatures removed; the full
+  body stays in the raw payload.
 * Charsets: the declared one, then gb18030 for gb2312/gbk (its superset), then
   utf-8, gb18030, big5 and latin-1; the first strict decode wins, otherwise the
-  candidate with the fewest replacement characters. Output never holds surrogates.
-* Attachments: sanitised names, size, sha256, inline flag; their bytes are returned
-  only when within the size cap (the channel stores them).
+  candidate with the fewest replacement characters. A declared charset (outside the
+  often-confused Chinese labels) that decodes all but a few bad sequences wins over
+  any guess, its bad bytes replaced. UTF-7 and HZ are decoded although their bytes
+  are ASCII. Output never holds surrogates.
+* Attachments: sanitised names, a clean `type/subtype`, size, sha256, inline flag;
+  their bytes are returned only when within the size cap (the channel stores them).
+  Nothing vanishes: HTML that is not the body and not merely the alternative of the
+  plain text is kept as an attachment.
 * Noise (auto-replies, bounces, lists) sets `noise_reason`; such mail is not routed.
 * Threading: Message-ID, In-Reply-To, References and a `[#T-…]` ticket token.
 """
@@ -71,6 +78,8 @@ _LINE_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Bidi overrides/isolates: they disguise file names ("invoice\u202efdp.exe").
 _BIDI = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
+_ESCAPES = re.compile("[\udc80-\udcff]")  # bytes 0x80-0xff kept by "surrogateescape"
+_ESCAPE_TEXT = re.compile(r"\\ud[89a-f][0-9a-f]{2}", re.I)  # a surrogate spelt out
 
 # Charsets whose superset decodes more of what real senders write under that label.
 _SUPERSETS = {
@@ -126,8 +135,25 @@ class NormalisedMail:
     truncated: bool
     size: int  # bytes of the raw mail as received (before any cut)
     sha256: str  # of the raw bytes handed in
-    body_source: str  # "plain" | "html" | "none" | "fallback"
+    body_source: str  # "plain" | "html" | "attachment" | "none" | "fallback"
     defects: tuple[str, ...] = field(default=())
+
+    @property
+    def content_digest(self) -> str:
+        """Return a sha256 of what the sender wrote: sender, date, subject, body, attachments.
+
+        Unlike `sha256` it does not change when a server re-adds headers (Received,
+        X-…) to a mail it delivers again; unlike the Message-ID it tells apart two
+        different mails that reuse one.
+        """
+        digest = hashlib.sha256()
+        date = self.received_at.isoformat() if self.received_at else ""
+        for value in (self.from_address, date, self.subject, self.full_text):
+            data = value.encode("utf-8", "surrogatepass")
+            digest.update(b"%d:" % len(data) + data)  # length-prefixed: no field runs into the next
+        for att in self.attachments:
+            digest.update(att.sha256.encode("ascii"))
+        return digest.hexdigest()
 
     @property
     def thread_root(self) -> str:
@@ -163,13 +189,17 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
     Otherwise every strict decode among the declared charset, its superset, utf-8,
     gb18030 and big5 competes, and the most plausible text wins (valid UTF-8 first,
     then the fewest characters that are neither common simplified nor traditional
-    Chinese). Without any strict decode, the fewest replacement characters win.
+    Chinese). Before that contest, a declared charset outside the Chinese family (or
+    UTF-8 when none is declared) that decodes all but a few bad sequences wins with
+    them replaced. Without any strict decode, the fewest replacement characters win.
     Never raises; the result has no surrogates.
     """
-    if data.isascii():
-        return _clean(data.decode("ascii"))
     label = (declared or "").strip().strip("\"'").lower()
     codec = _codec_name(label)
+    if data.isascii():
+        # UTF-7 and HZ spell their non-ASCII text in ASCII bytes: only they change it.
+        seven_bit = _try(data, codec) if codec and codec in _SEVEN_BIT else None
+        return seven_bit if seven_bit is not None else _clean(data.decode("ascii"))
     superset = _SUPERSETS.get(label) or (_SUPERSETS.get(codec) if codec else None)
     permissive = label in _PERMISSIVE or (codec or "").replace("_", "-") in _PERMISSIVE
     utf8 = _try(data, "utf-8")
@@ -186,6 +216,14 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
             first = (_oddness(text), -1, text)
             if first[0] == 0:
                 return text
+    # A declared charset (UTF-8 when none is) that decodes all but a few bad sequences
+    # beats any guess: one corrupt byte must not turn Cyrillic into Chinese. The Chinese
+    # labels are left to the contest below, as senders often mix them up.
+    lenient = superset or codec or "utf-8"
+    if not permissive and lenient not in _GUESSED:
+        text = _nearly(data, lenient)
+        if text is not None:
+            return text
     candidates = [c for c in (superset, codec) if c and c in _CONTESTED]
     ordered = list(dict.fromkeys([*candidates, *_FALLBACKS]))
     strict_ok: list[tuple[int, int, str]] = [first] if first else []
@@ -212,6 +250,30 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
 _CONTESTED = frozenset(
     {"gb18030", "gbk", "gb2312", "big5", "big5hkscs", "cp950", "hz", "utf-8", "ascii"}
 )
+
+
+# The Chinese family: labels senders often get wrong within it, so their text is guessed.
+_GUESSED = _CONTESTED - {"utf-8", "ascii"}
+# Charsets whose encoded form is all ASCII.
+_SEVEN_BIT = frozenset({"utf-7", "hz"})
+
+
+def _nearly(data: bytes, codec: str) -> str | None:
+    """Return data decoded with replacement when all but a few sequences are valid, else None.
+
+    A few means at most 3 bad sequences or 1 in 100 characters; and the valid non-ASCII
+    characters must outnumber the bad ones twice, so that mostly-ASCII text with a few
+    bytes of another charset is not taken for a damaged copy of this one.
+    """
+    try:
+        text = data.decode(codec, errors="replace")
+    except Exception:  # a codec that fails in another way
+        return None
+    bad = text.count("\ufffd")
+    good = sum(1 for ch in text if ch >= "\x80") - bad
+    if bad <= max(3, len(text) // 100) and good >= 2 * bad:
+        return _clean(text)
+    return None
 
 
 def _try(data: bytes, codec: str) -> str | None:
@@ -268,6 +330,17 @@ def _common(ch: str) -> bool:
     return 0xA440 <= value <= 0xC67E or 0xA140 <= value <= 0xA3BF
 
 
+def no_surrogates(value: str, *, header: bool = False) -> str:
+    """Return value with lone surrogates replaced (the last guard before a store or a peer).
+
+    With `header`, "\\udc80"-style text is replaced too: that is how raw header bytes
+    were spelt out before this guard existed (rows stored then may still hold it).
+    """
+    if header and "\\" in value:
+        value = _ESCAPE_TEXT.sub("\ufffd", value)
+    return _SURROGATES.sub("\ufffd", value)
+
+
 def _clean(text: str) -> str:
     """Drop what cannot be stored as UTF-8 (lone surrogates) and NULs."""
     if "\x00" in text:
@@ -300,19 +373,59 @@ def decode_header_value(value: str | None) -> str:
     value = str(value)
     # Folding: CRLF, bare CR and bare LF followed by whitespace are all unfolded here.
     value = re.sub(r"\r\n|\r|\n", "", value)
+    # The parser keeps raw 8-bit header bytes as surrogate escapes, and decode_header
+    # would spell those out as "\\udcfc" text. Each becomes the code point of its byte,
+    # which decode_header hands on as that byte: inside an encoded word it is decoded
+    # in the word's charset, outside one the run of raw bytes is guessed.
+    raw8 = bool(_ESCAPES.search(value))
+    if raw8:
+        # Except 0x85: as U+0085 (NEL) it would split the line, and an encoded word with
+        # it, inside decode_header. NUL stands in for it (a real NUL becomes a space,
+        # as any control does below).
+        value = _ESCAPES.sub(_escape_to_byte, value.replace("\x00", " "))
+    # decode_header turns the text between encoded words into bytes with
+    # raw-unicode-escape: code points above 255 come back from that codec only.
+    wide = any(ord(ch) > 0xFF for ch in value)
     try:
         parts = email.header.decode_header(value)
     except Exception:
         parts = [(value, None)]
     out: list[str] = []
     for chunk, charset in parts:
-        if isinstance(chunk, bytes):
-            out.append(decode_bytes(chunk, charset))
+        if isinstance(chunk, str):  # no encoded word at all
+            out.append(_from_raw8(chunk) if raw8 else _clean(chunk))
+        elif charset or raw8:
+            out.append(decode_bytes(chunk.replace(b"\x00", b"\x85") if raw8 else chunk, charset))
         else:
-            out.append(_from_surrogateescape(chunk))
+            out.append(_between_words(chunk, wide))
     text = "".join(out)
     text = _LINE_CONTROLS.sub(" ", text)
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _escape_to_byte(match: re.Match[str]) -> str:
+    """Return the code point standing for one surrogate-escaped byte (NUL for 0x85)."""
+    byte = ord(match.group()) - 0xDC00
+    return "\x00" if byte == 0x85 else chr(byte)
+
+
+def _from_raw8(text: str) -> str:
+    """Decode header text whose code points below 256 stand for raw bytes (NUL for 0x85)."""
+    try:
+        raw = text.encode("latin-1").replace(b"\x00", b"\x85")
+    except UnicodeEncodeError:
+        return _clean(text)
+    return decode_bytes(raw, None)
+
+
+def _between_words(chunk: bytes, wide: bool) -> str:
+    """Return the text decode_header found between encoded words, as it was."""
+    if wide:
+        try:
+            return _clean(chunk.decode("raw-unicode-escape"))
+        except UnicodeDecodeError:  # a literal backslash-u that was not an escape
+            pass
+    return _clean(chunk.decode("latin-1"))
 
 
 def _from_surrogateescape(text: str) -> str:
@@ -560,13 +673,38 @@ def sanitise_filename(name: str, fallback: str = "attachment") -> str:
 # -- MIME walking -------------------------------------------------------------------------
 
 
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+# "type/subtype name=value": a Content-Type whose ";" before a parameter is missing.
+_NO_SEMICOLON = re.compile(r"^(\s*[\w!#$&^.+-]+/[\w!#$&^.+-]+)\s+(?=[\w.-]+\s*=)")
+_NO_SEMICOLON_RAW = re.compile(
+    rb"(?im)^(content-type:[ \t]*[\w!#$&^.+-]+/[\w!#$&^.+-]+)(?=(?:\r?\n)?[ \t]+[\w.-]+[ \t]*=)"
+)
+
+
 def _content_type(part: Message) -> str:
-    """Return the part's content type, lower-case; text/plain when unreadable."""
+    """Return the part's content type as a clean `type/subtype`, lower-case.
+
+    text/plain when unreadable (the RFC's default); application/octet-stream when
+    what it declares does not start with a type/subtype.
+    """
     try:
-        ctype = part.get_content_type()
+        ctype = str(part.get_content_type()).lower()
     except Exception:
         return "text/plain"
-    return str(ctype).lower()[:100]
+    # A missing ";" leaves the parameters glued on ("multipart/mixed\tboundary=…").
+    match = _MIME_TYPE.match(ctype)
+    return match.group() if match else "application/octet-stream"
+
+
+def _repair_content_type(part: Message) -> None:
+    """Put back the ";" a part's Content-Type lacks, so its parameters (charset) are read."""
+    raw = _raw_header(part, "Content-Type")
+    if raw is None or not _NO_SEMICOLON.match(raw):
+        return
+    try:
+        part.replace_header("Content-Type", _NO_SEMICOLON.sub(r"\1; ", raw, count=1))
+    except Exception:  # the header is kept as it was; its type is still cleaned
+        pass
 
 
 def _param(part: Message, name: str) -> str | None:
@@ -628,54 +766,102 @@ class _Walk:
 
     plain: list[str] = field(default_factory=list)
     html: list[str] = field(default_factory=list)
+    attached_text: list[str] = field(default_factory=list)  # text/plain attachments
     attachments: list[ParsedAttachment] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     leaves: int = 0
 
 
+def _leaves(msg: Message) -> list[tuple[Message, bool]]:
+    """Return every leaf part in document order, and whether a multipart/alternative holds it."""
+    out: list[tuple[Message, bool]] = []
+    stack: list[tuple[Message, bool]] = [(msg, False)]
+    while stack:
+        part, in_alternative = stack.pop()
+        if not part.is_multipart():
+            out.append((part, in_alternative))
+            continue
+        inside = in_alternative or _content_type(part) == "multipart/alternative"
+        children = part.get_payload()
+        if isinstance(children, list):
+            stack.extend((c, inside) for c in reversed(children) if isinstance(c, Message))
+    return out
+
+
 def _walk(msg: Message, max_attachment_bytes: int, truncated: bool, defects: list[str]) -> _Walk:
-    """Collect body candidates and attachments from every leaf part."""
+    """Collect body candidates and attachments from every leaf part.
+
+    text/plain and text/html are body text unless their disposition says attachment
+    (a `name=` alone does not). Nothing is dropped: an HTML part that does not become
+    the body is kept as an attachment when it has a file name or stands outside a
+    multipart/alternative (where it would only repeat the plain text).
+    """
     out = _Walk(defects=defects)
-    leaves = [p for p in msg.walk() if not p.is_multipart()]
+    leaves = _leaves(msg)
     if len(leaves) > MAX_PARTS:
         out.defects.append(f"too_many_parts:{len(leaves)}")
         leaves = leaves[:MAX_PARTS]
-    last = leaves[-1] if leaves else None
-    for index, part in enumerate(leaves):
+    last = leaves[-1][0] if leaves else None
+    found: list[tuple[int, ParsedAttachment]] = []
+    spare_html: list[tuple[int, ParsedAttachment]] = []  # attachments if plain text wins
+    for index, (part, in_alternative) in enumerate(leaves):
+        _repair_content_type(part)
         ctype = _content_type(part)
         disposition = _disposition(part)
         name = _filename(part)
         if ctype.startswith("message/") and ctype != "message/rfc822":
             continue
-        is_body = (
-            ctype in ("text/plain", "text/html")
-            and disposition != "attachment"
-            and not (name and disposition != "inline")
-        )
-        if is_body:
-            text = decode_bytes(_payload(part), _param(part, "charset"))
-            (out.plain if ctype == "text/plain" else out.html).append(text)
-            continue
-        data = _payload(part)
-        content_id = _message_ids(_raw_header(part, "Content-ID"), 1)
-        inline = disposition == "inline" or (not disposition and bool(content_id))
-        ext = _EXTENSIONS.get(ctype, ".bin")
-        fallback = f"{'inline' if inline else 'attachment'}-{index + 1}{ext}"
         complete = not (truncated and part is last)
-        keep = complete and len(data) <= max_attachment_bytes
-        out.attachments.append(
-            ParsedAttachment(
-                name=sanitise_filename(name, fallback),
-                mime_type=ctype,
-                size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                inline=inline,
-                content_id=content_id[0] if content_id else "",
-                complete=complete,
-                data=data if keep else None,
-            )
+        text_part = ctype in ("text/plain", "text/html")
+        if text_part and disposition != "attachment":
+            text = decode_bytes(_payload(part), _param(part, "charset"))
+            if ctype == "text/plain":
+                out.plain.append(text)
+                continue
+            out.html.append(text)
+            if in_alternative and not name:
+                continue  # another rendering of the plain text, not content of its own
+        attachment = _attachment(
+            part, index, ctype, disposition, name, complete, max_attachment_bytes
         )
+        if text_part and disposition != "attachment":
+            spare_html.append((index, attachment))
+            continue
+        if ctype == "text/plain" and complete:
+            out.attached_text.append(decode_bytes(_payload(part), _param(part, "charset")))
+        found.append((index, attachment))
+    if any(t.strip() for t in out.plain):
+        found.extend(spare_html)
+    out.attachments = [a for _, a in sorted(found, key=lambda pair: pair[0])]
     return out
+
+
+def _attachment(
+    part: Message,
+    index: int,
+    ctype: str,
+    disposition: str,
+    name: str,
+    complete: bool,
+    max_attachment_bytes: int,
+) -> ParsedAttachment:
+    """Describe one leaf part as an attachment; its bytes only within the cap."""
+    data = _payload(part)
+    content_id = _message_ids(_raw_header(part, "Content-ID"), 1)
+    inline = disposition == "inline" or (not disposition and bool(content_id))
+    ext = _EXTENSIONS.get(ctype, ".bin")
+    fallback = f"{'inline' if inline else 'attachment'}-{index + 1}{ext}"
+    keep = complete and len(data) <= max_attachment_bytes
+    return ParsedAttachment(
+        name=sanitise_filename(name, fallback),
+        mime_type=ctype,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        inline=inline,
+        content_id=content_id[0] if content_id else "",
+        complete=complete,
+        data=data if keep else None,
+    )
 
 
 def _parse(raw: bytes, compat: bool) -> Message:
@@ -685,16 +871,18 @@ def _parse(raw: bytes, compat: bool) -> Message:
 
 
 def _sanitise_raw(raw: bytes) -> bytes:
-    """Turn bare CR line ends in the header block into CRLF (some MTAs emit them)."""
+    """Repair the header block: bare CR line ends become CRLF (some MTAs emit them), and
+    a Content-Type missing its ";" gets it back (else a multipart is read as one leaf)."""
     end = raw.find(b"\r\n\r\n")
     end2 = raw.find(b"\n\n")
     ends = [e for e in (end, end2) if e >= 0]
     head_end = min(ends) if ends else len(raw)
     head = raw[:head_end]
-    if b"\r" not in head.replace(b"\r\n", b""):
-        return raw
-    head = re.sub(rb"\r(?!\n)", b"\r\n", head)
-    return head + raw[head_end:]
+    fixed = head
+    if b"\r" in head.replace(b"\r\n", b""):
+        fixed = re.sub(rb"\r(?!\n)", b"\r\n", fixed)
+    fixed = _NO_SEMICOLON_RAW.sub(rb"\1;", fixed, count=1)
+    return raw if fixed == head else fixed + raw[head_end:]
 
 
 def normalise(
@@ -755,6 +943,9 @@ def _normalise(
         full, source = "\n\n".join(t for t in walked.plain if t.strip()), "plain"
     elif walked.html:
         full, source = "\n\n".join(html_to_text(h) for h in walked.html), "html"
+    elif any(t.strip() for t in walked.attached_text):
+        # Only attached text: read it as the body too, an agent must not get nothing.
+        full, source = "\n\n".join(t for t in walked.attached_text if t.strip()), "attachment"
     else:
         full, source = "", "none"
     full = fold_whitespace(full)[: max_text_chars * 4]

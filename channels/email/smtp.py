@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 import aiosmtplib
 
 from channels.email.config import AckSettings, Language, SmtpSettings
+from channels.email.normalise import no_surrogates
 from router.drivers import AuthFailed, Outbound, PermanentError, TimedOut, TransientError
 
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
@@ -37,7 +38,9 @@ MAX_REFERENCES = 20
 
 def one_line(value: str, limit: int = 500) -> str:
     """Fold a header value onto one line: controls (CR, LF, NUL, …) become one space."""
-    return _CONTROLS.sub(" ", value).strip()[:limit]
+    # The customer's subject and name come from the store: never echo an escaped raw
+    # byte (a lone surrogate, or one spelt out as "\\udcfc") back to them.
+    return _CONTROLS.sub(" ", no_surrogates(value, header=True)).strip()[:limit]
 
 
 def message_id_for(outbound_id: str, domain: str) -> str:
@@ -86,7 +89,13 @@ def format_respond_by(when: datetime | None, zone: str, lang: str) -> str:
 
 def _recipient(to: str) -> str:
     """Return the recipient address, or raise PermanentError if it is not one plain address."""
-    if to != to.strip() or _CONTROLS.search(to) or not _RECIPIENT.match(to) or len(to) > 254:
+    if (
+        to != to.strip()
+        or _CONTROLS.search(to)
+        or not _RECIPIENT.match(to)
+        or len(to) > 254
+        or to != no_surrogates(to)
+    ):
         raise PermanentError(f"email: recipient {one_line(to, 80)!r} is not a single valid address")
     return to
 
@@ -135,7 +144,7 @@ def build_message(outbound: Outbound, smtp: SmtpSettings, ack: AckSettings) -> E
         )
     else:
         body = outbound.text
-    body = body.replace("\r\n", "\n").replace("\r", "\n")
+    body = no_surrogates(body).replace("\r\n", "\n").replace("\r", "\n")
     msg.set_content(body, charset="utf-8", cte="quoted-printable")
     return msg
 
