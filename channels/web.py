@@ -20,6 +20,8 @@ import dataclasses
 import hashlib
 import json
 import re
+import sqlite3
+import time
 import unicodedata
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
@@ -37,7 +39,9 @@ from router.drivers import (
     TicketStatus,
     TransientError,
 )
+from router.http import GuardedRunner, HttpLimits, new_app, start_site
 from router.model import InboundMessage, new_ulid, utcnow
+from router.store import StoreUnavailable
 
 MESSAGES_PATH = "/v1/messages"
 TICKETS_PATH = "/v1/tickets/"
@@ -51,6 +55,12 @@ MAX_TOKEN_CHARS = 512
 LANGUAGES = frozenset({"zh", "en"})
 RETRY_AFTER_SINK = "1"  # the store hiccuped: retry soon with the same Idempotency-Key
 RETRY_AFTER_STOPPING = "5"  # the daemon is restarting or draining
+RETRY_AFTER_STORE = "10"  # the store cannot write (disk full, read-only): an operator must act
+# While the store is out, one request per this many seconds tries it; the others get a
+# 503 at once, so retrying clients cost almost nothing until it is back.
+STORE_PROBE_INTERVAL = 1.0
+# sqlite3 error texts that mean the store cannot write at all, as opposed to a hiccup.
+_STORE_OUTAGE_REASONS = ("full", "readonly", "read-only", "disk i/o")
 # How long runner.cleanup() waits for handlers still running. stop() has already
 # waited for every request that reached the sink, so what is left are requests still
 # being read or answered 503: a short grace keeps a stop under load from idling for
@@ -95,6 +105,10 @@ class WebConfig(BaseModel):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_text_chars: int = Field(default=10_000, ge=1, le=1_000_000)
     max_subject_chars: int = Field(default=300, ge=1, le=10_000)
+    # Seconds a client has to send the request head, and again the body (slow-loris).
+    read_timeout: float = Field(default=10.0, gt=0, le=300)
+    # Open connections at once; when full, idle ones are evicted, else new ones closed.
+    max_connections: int = Field(default=512, ge=1, le=100_000)
 
 
 class _Rejected(Exception):
@@ -131,6 +145,9 @@ class WebChannel(ChannelBase):
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set while the store cannot write; requests before _store_probe_at get a 503.
+        self._store_outage: str | None = None
+        self._store_probe_at = 0.0
 
     @property
     def bound_port(self) -> int | None:
@@ -141,7 +158,7 @@ class WebChannel(ChannelBase):
         """Listen until stop() has drained the channel or the task is cancelled.
 
         Returns at once after stop(); the supervisor builds a new instance to serve again.
-        A port that cannot be bound raises TransientError.
+        A port that cannot be bound raises router.http.ListenError (a TransientError).
         """
         if self._stopping:
             return
@@ -150,29 +167,31 @@ class WebChannel(ChannelBase):
         self._done.clear()
         self._sink = sink
         self._set_state(DriverState.CONNECTING)
-        app = web.Application(client_max_size=self.config.max_body_bytes)
+        limits = HttpLimits(
+            read_timeout=self.config.read_timeout,
+            max_connections=self.config.max_connections,
+            max_body_bytes=self.config.max_body_bytes,
+        )
+        app = new_app(limits)
         app.router.add_route("*", MESSAGES_PATH, self._handle_messages)
         app.router.add_route("*", TICKETS_PATH + "{ticket}", self._handle_ticket)
         app.router.add_route("*", HEALTH_PATH, self._handle_health)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
-        # No access log: it would hold ?token= status tokens, and one line per request
-        # is the pipeline's job (it logs each routed message once).
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE
+        # No access log (see router.http): one line per request is the pipeline's job
+        # (it logs each routed message once).
+        runner = GuardedRunner(
+            app, name=f"web:{self.name}", limits=limits, shutdown_timeout=_SHUTDOWN_GRACE
         )
         try:
             await runner.setup()
-            site = web.TCPSite(runner, self.config.host, self.config.port)
             try:
-                await site.start()
-            except OSError as exc:
-                self.last_error = (
-                    f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
+                self._port = await start_site(
+                    runner, self.config.host, self.config.port, f"web {self.name}"
                 )
+            except TransientError as exc:  # a ListenError: the port is taken or not ours
+                self.last_error = str(exc)
                 self._set_state(DriverState.TRANSIENT_DISCONNECT)
-                raise TransientError(f"web {self.name}: {self.last_error}") from None
-            address = runner.addresses[0]
-            self._port = int(address[1])
+                raise
             self.started.set()
             self._set_state(DriverState.CONNECTED)
             self.log.info("web.listening", host=self.config.host, port=self._port)
@@ -241,16 +260,18 @@ class WebChannel(ChannelBase):
                 f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters",
                 "Idempotency-Key",
             )
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _too_large(config.max_body_bytes) from None
+        # Already read by router.http's middleware (within read_timeout and the size cap).
+        body = await request.read()
         try:
             # Decoded strictly here rather than by json.loads(bytes), which would also
             # take UTF-16/32 and encoded surrogates ("surrogatepass").
-            document = json.loads(body.decode("utf-8"))
+            document = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
         except UnicodeDecodeError:
             raise _Rejected(400, "invalid_encoding", "the body is not valid UTF-8") from None
+        except _DuplicateKey as exc:
+            raise _Rejected(
+                400, "duplicate_field", "a key appears more than once", _field_name(exc.key)
+            ) from None
         except (ValueError, RecursionError):
             raise _Rejected(400, "invalid_json", "the body is not valid JSON") from None
         fields = self._validate(document)
@@ -273,13 +294,27 @@ class WebChannel(ChannelBase):
         sink = self._sink
         if sink is None:  # pragma: no cover  (handlers only run inside run())
             raise RuntimeError("no sink")
+        if self._store_outage is not None:
+            now = time.monotonic()
+            if now < self._store_probe_at:
+                return _unavailable(
+                    "the message cannot be stored now; retry later", RETRY_AFTER_STORE
+                )
+            self._store_probe_at = now + STORE_PROBE_INTERVAL  # this request is the probe
         try:
             receipt = await sink(message)
         except Exception as exc:
             # Not committed (or not known to be): the client retries with the same key.
+            if _is_store_outage(exc):
+                self._store_down(exc)
+                return _unavailable(
+                    "the message cannot be stored now; retry later", RETRY_AFTER_STORE
+                )
             self.last_error = f"sink failed: {type(exc).__name__}"
             self.log.error("web.sink_failed", error=type(exc).__name__, exc_info=True)
             return _unavailable("the message could not be stored; retry", RETRY_AFTER_SINK)
+        if self._store_outage is not None:
+            self._store_up()
         if receipt.payload_conflict:
             raise _Rejected(
                 422,
@@ -316,8 +351,8 @@ class WebChannel(ChannelBase):
             raise _Rejected(400, "invalid_field", "text must not be blank", "text")
         if len(text) > self.config.max_text_chars:
             raise _Rejected(
-                400,
-                "invalid_field",
+                422,
+                "too_long",
                 f"text must be at most {self.config.max_text_chars} characters",
                 "text",
             )
@@ -339,7 +374,14 @@ class WebChannel(ChannelBase):
                 400, "invalid_field", "contact.handle must not be blank", "contact.handle"
             )
         name = _clean_line(contact.get("name"), "contact.name", MAX_NAME_CHARS)
-        subject = _clean_line(document.get("subject"), "subject", self.config.max_subject_chars)
+        subject = _clean_line(document.get("subject"), "subject", None)
+        if len(subject) > self.config.max_subject_chars:
+            raise _Rejected(
+                422,
+                "too_long",
+                f"subject must be at most {self.config.max_subject_chars} characters",
+                "subject",
+            )
         conversation = document.get("conversation")
         conversation = (
             ""
@@ -408,6 +450,22 @@ class WebChannel(ChannelBase):
         """Answer 404 as JSON for any other path."""
         return _not_found()
 
+    # -- helpers -------------------------------------------------------------------
+
+    def _store_down(self, exc: BaseException) -> None:
+        """Answer 503 without trying the store until the next probe; log the outage once."""
+        self._store_probe_at = time.monotonic() + STORE_PROBE_INTERVAL
+        if self._store_outage is None:
+            self._store_outage = f"{type(exc).__name__}: {exc}"
+            self.last_error = f"store unavailable: {self._store_outage}"
+            self.log.error("web.store_unavailable", error=self._store_outage)
+
+    def _store_up(self) -> None:
+        """Log that the store writes again (once)."""
+        self.log.info("web.store_recovered", error=self._store_outage)
+        self._store_outage = None
+        self.last_error = ""
+
 
 def _clean_text(value: object, field: str) -> str:
     """Return multi-line text without control characters (TAB and LF kept), NFC, stripped."""
@@ -421,7 +479,7 @@ def _clean_text(value: object, field: str) -> str:
     return value.strip()
 
 
-def _clean_line(value: object, field: str, limit: int) -> str:
+def _clean_line(value: object, field: str, limit: int | None) -> str:
     """Return a one-line optional field (null: ""), controls removed, NFC, stripped, bounded."""
     if value is None:
         return ""
@@ -431,7 +489,7 @@ def _clean_line(value: object, field: str, limit: int) -> str:
     if not value.isascii():
         value = _nfc(value, field)
     value = value.strip()
-    if len(value) > limit:
+    if limit is not None and len(value) > limit:
         raise _Rejected(400, "invalid_field", f"{field} must be at most {limit} characters", field)
     return value
 
@@ -457,6 +515,39 @@ def _nfc(value: str, field: str) -> str:
     if unicodedata.is_normalized("NFC", value):
         return value
     return unicodedata.normalize("NFC", value)
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object in the body names a key twice (json.loads would keep the last)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object's dict; raise _DuplicateKey if a key repeats (object_pairs_hook)."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
+def _is_store_outage(exc: BaseException) -> bool:
+    """Return whether exc means the store cannot write at all (disk full, read-only, I/O).
+
+    Those last until an operator acts, unlike a locked database or a passing failure.
+    """
+    if isinstance(exc, StoreUnavailable):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return any(reason in text for reason in _STORE_OUTAGE_REASONS)
+    return False
 
 
 def _field_name(key: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import ipaddress
 import os
 import re
 import tomllib
@@ -135,6 +136,14 @@ class OpsConfig(_Frozen):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8081, ge=0, le=65535)
+    # A host other than loopback exposes /metrics (no authentication) and the admin
+    # endpoints to the network: refused unless this says it is meant.
+    allow_public: bool = False
+    # Seconds a client has to send the request head, and again the body (slow-loris).
+    read_timeout: float = Field(default=10.0, gt=0, le=300)
+    # Open connections at once, separate from every channel's, so health stays visible
+    # through a flood on another port; when full, idle ones are evicted.
+    max_connections: int = Field(default=32, ge=1, le=10_000)
     # Unset: a random token is written to <state_dir>/admin-token on first start.
     admin_token: str | None = Field(default=None, min_length=16, json_schema_extra={"secret": True})
 
@@ -776,6 +785,13 @@ def _check_cross(loader: _Loader, config: Config, channels: list[Any], adapters:
             )
     if config.daemon.shutdown_timeout < 1 and channels:
         loader.add("daemon.shutdown_timeout", "must leave at least 1 s to drain channels")
+    if config.ops.enabled and not config.ops.allow_public and not _is_loopback(config.ops.host):
+        loader.add(
+            "ops.host",
+            f"{config.ops.host!r} is not a loopback address: /metrics has no authentication "
+            "and the admin API would be reachable from the network; set ops.allow_public = "
+            "true if that is meant",
+        )
     # Listeners that would fight over one address: fail here, not at bind time.
     listeners: dict[tuple[str, int], str] = {}
     if config.ops.enabled and config.ops.port:
@@ -789,6 +805,16 @@ def _check_cross(loader: _Loader, config: Config, channels: list[Any], adapters:
             loader.add(f"channels[{i}].port", f"{host}:{port} is already used by {other}")
         else:
             listeners[(host, port)] = f"channels[{i}].port"
+
+
+def _is_loopback(host: str) -> bool:
+    """Return whether host names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _build(raw: dict[str, Any], loader: _Loader, source: str) -> Config:

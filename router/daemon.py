@@ -40,6 +40,8 @@ from router.drivers import (
     DriverState,
     load_driver,
 )
+from router.http import AcceptErrorLog, GuardedRunner, HttpLimits, ListenError, start_site
+from router.logging import register_secret
 from router.metrics import Metrics
 from router.ops import build_app
 from router.outbox import Dispatcher
@@ -119,6 +121,7 @@ class Supervisor:
         self.rng = rng or random.Random()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, int] = {}
+        self.errors: dict[str, Exception] = {}  # each task's last failure
         self.backoff_base = 0.5
         self.backoff_cap = 30.0
 
@@ -144,6 +147,7 @@ class Supervisor:
                 delay = backoff_delay(failures, self.backoff_base, self.backoff_cap, self.rng)
                 failures += 1
                 self.failures[name] = failures
+                self.errors[name] = exc
                 self.metrics.task_restarts.labels(task=name).inc()
                 log.error(
                     "task.failed",
@@ -183,14 +187,16 @@ def ensure_admin_token(config: Config) -> str:
         return config.ops.admin_token
     path = config.daemon.state_dir / "admin-token"
     try:
-        return path.read_text().strip()
+        token = path.read_text().strip()
     except FileNotFoundError:
         token = secrets.token_urlsafe(32)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
-        return token
+    # Not from the config, so config loading did not register it: mask it in logs too.
+    register_secret(token)
+    return token
 
 
 def open_store(config: Config) -> Store:
@@ -256,7 +262,7 @@ class Daemon:
             await self._start_ops()
         for c in cfg.channels:
             self._run_channel(c.name)
-        await self._wait_channels_listening()
+        await self._wait_channels_listening(fail_on_listen_error=True)
         interval = watchdog_interval()
         if interval is not None:
             self.supervisor.spawn("watchdog", lambda: self._watchdog(interval))
@@ -307,28 +313,36 @@ class Daemon:
         channel = self.channels[name]
         self.supervisor.spawn(f"channel:{name}", lambda: channel.run(self.pipeline.ingest))
 
-    async def _wait_channels_listening(self, timeout: float = 10.0) -> None:
+    async def _wait_channels_listening(
+        self, timeout: float = 10.0, *, fail_on_listen_error: bool = False
+    ) -> None:
         # READY=1 should mean "accepting messages": wait for each channel to connect.
+        # At start a port that cannot be bound fails the start (exit 1) instead of being
+        # retried for ever behind READY=1: it is most likely a second instance.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(c.state == DriverState.CONNECTED for c in self.channels.values()):
                 return
+            if fail_on_listen_error:
+                for name in self.channels:
+                    error = self.supervisor.errors.get(f"channel:{name}")
+                    if isinstance(error, ListenError):
+                        raise error
             await asyncio.sleep(0.01)
         log.warning(
             "daemon.channels_not_ready", states={n: str(c.state) for n, c in self.channels.items()}
         )
 
     async def _start_ops(self) -> None:
-        app = build_app(self)
-        self._ops_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._ops_runner.setup()
-        site = web.TCPSite(
-            self._ops_runner, self.config.ops.host, self.config.ops.port, reuse_address=True
+        ops = self.config.ops
+        if ops.allow_public:
+            log.warning("ops.public", host=ops.host, port=ops.port)
+        limits = HttpLimits(read_timeout=ops.read_timeout, max_connections=ops.max_connections)
+        self._ops_runner = GuardedRunner(
+            build_app(self), name="ops", limits=limits, shutdown_timeout=60.0
         )
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.ops_port = sockets[0].getsockname()[1] if sockets else self.config.ops.port
+        await self._ops_runner.setup()
+        self.ops_port = await start_site(self._ops_runner, ops.host, ops.port, "ops API")
 
     def _delivered(self, item: OutboxItem) -> None:
         if item.created_at:
@@ -602,6 +616,7 @@ async def run_daemon(config: Config, config_path: Path | None) -> int:
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    loop.set_exception_handler(AcceptErrorLog())
     try:
         await daemon.start()
     except Exception as exc:

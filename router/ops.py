@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from router.drivers import AgentAction, DriverState, Presence
+from router.http import HttpLimits, new_app
 from router.model import LABELS
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 def build_app(daemon: Daemon) -> web.Application:
     """Return the ops application bound to a running daemon."""
-    app = web.Application(client_max_size=16 * 1024)
+    # JSON errors, body read timeout, no Server banner: see router.http.
+    app = new_app(HttpLimits(read_timeout=daemon.config.ops.read_timeout, max_body_bytes=16 * 1024))
 
     def admin(handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -105,7 +107,7 @@ def build_app(daemon: Daemon) -> web.Application:
     async def replay_dead_letters(request: web.Request) -> web.Response:
         # {"ids": [...]} or {"all": true}: move dead letters back to the outbox and send now.
         try:
-            body = await request.json() if request.can_read_body else {}
+            body = await request.json() if request.body_exists else {}
         except ValueError:
             return _error(400, "invalid_json", "the body is not valid JSON")
         if not isinstance(body, dict):

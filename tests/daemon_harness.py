@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,21 @@ class DaemonProcess:
     """One `omnirouter run -c FILE` process with a private notify socket."""
 
     def __init__(
-        self, workdir: Path, config_text: str, *, env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        config_text: str,
+        *,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        """Write the config; preexec_fn runs in the child before exec (e.g. setrlimit)."""
         self.workdir = workdir
         self.config_path = workdir / "omnirouter.toml"
         self.config_path.write_text(config_text)
         self.log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
         self.notify_path = workdir / f"notify-{time.monotonic_ns()}.sock"
         self.env = {**os.environ, **(env or {})}
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self.notifications: list[dict[str, str]] = []
         self._sock: socket.socket | None = None
@@ -103,6 +111,7 @@ class DaemonProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=self.preexec_fn,
         )
         if wait_ready:
             self.wait_notification("READY", timeout=timeout)

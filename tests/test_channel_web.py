@@ -285,7 +285,6 @@ async def test_same_key_with_different_payload_is_422(site: Any, pipeline: FakeP
         ({"contact": {"handle": "a@b.c"}}, "missing_field", "text"),
         ({**MESSAGE, "text": " \n\t "}, "invalid_field", "text"),
         ({**MESSAGE, "text": "\x00\x01 "}, "invalid_field", "text"),
-        ({**MESSAGE, "text": "x" * 501}, "invalid_field", "text"),
         ({**MESSAGE, "text": 42}, "invalid_field", "text"),
         ({**MESSAGE, "text": None}, "invalid_field", "text"),
         ({**MESSAGE, "text": ["a"]}, "invalid_field", "text"),
@@ -299,7 +298,6 @@ async def test_same_key_with_different_payload_is_422(site: Any, pipeline: FakeP
         ({**MESSAGE, "contact": {"handle": "a", "name": True}}, "invalid_field", "contact.name"),
         ({**MESSAGE, "contact": {"handle": "a", "email": "x"}}, "unknown_field", "contact.email"),
         ({**MESSAGE, "subject": 1}, "invalid_field", "subject"),
-        ({**MESSAGE, "subject": "s" * 301}, "invalid_field", "subject"),
         ({**MESSAGE, "conversation": {}}, "invalid_field", "conversation"),
         ({**MESSAGE, "conversation": "c" * 201}, "invalid_field", "conversation"),
         ({**MESSAGE, "language": "fr"}, "invalid_field", "language"),
@@ -318,6 +316,64 @@ async def test_invalid_bodies_are_400_naming_the_field(
     assert status == 400
     assert answer["error"]["code"] == code
     assert answer["error"].get("field") == field
+    assert pipeline.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "limit"),
+    [
+        ({**MESSAGE, "text": "x" * 501}, "text", 500),
+        ({**MESSAGE, "text": "x" * 500 + "\u00e9"}, "text", 500),
+        ({**MESSAGE, "subject": "s" * 301}, "subject", 300),
+    ],
+    ids=["text", "text-non-ascii", "subject"],
+)
+async def test_over_long_text_and_subject_are_422(
+    site: Any, pipeline: FakePipeline, body: Any, field: str, limit: int
+) -> None:
+    """Text or subject over its configured limit is a 422 naming it, as the example config says.
+
+    Fails on the code before this test: both were 400 invalid_field.
+    """
+    _, url, session = site
+    status, answer, _ = await post(session, url, body, key="k-long")
+    assert status == 422
+    assert answer["error"] == {
+        "code": "too_long",
+        "message": f"{field} must be at most {limit} characters",
+        "field": field,
+    }
+    assert pipeline.calls == []
+
+
+def test_example_config_promises_what_the_channel_answers() -> None:
+    """The example config and the channel README name the status over-long text gets."""
+    repo = Path(__file__).resolve().parents[1]
+    example = (repo / "config" / "omnirouter.example.toml").read_text()
+    assert "Longer text and subjects are refused with 422." in example
+    assert "| 422 | text or subject over" in (repo / "channels" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"text": "a", "text": "b", "contact": {"handle": "h"}}', "text"),
+        (b'{"text": "a", "contact": {"handle": "h", "handle": "i"}}', "handle"),
+    ],
+    ids=["top", "nested"],
+)
+async def test_duplicate_keys_are_400_naming_the_key(
+    site: Any, pipeline: FakePipeline, raw: bytes, field: str
+) -> None:
+    """A key given twice is refused (json.loads kept the last one silently before this)."""
+    _, url, session = site
+    status, answer, _ = await post(session, url, raw=raw)
+    assert status == 400
+    assert answer["error"] == {
+        "code": "duplicate_field",
+        "message": "a key appears more than once",
+        "field": field,
+    }
     assert pipeline.calls == []
 
 
@@ -768,7 +824,7 @@ async def test_random_bodies_never_5xx_and_only_valid_messages_reach_the_sink(
             assert len(pipeline.calls) == before + 1
             assert answer["ticket"].startswith("T-")
         else:
-            assert resp.status in (400, 413), answer
+            assert resp.status in (400, 413, 422), answer
             assert len(pipeline.calls) == before
     for message in pipeline.calls[before:]:
         _assert_valid(message)

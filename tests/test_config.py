@@ -225,6 +225,23 @@ def test_out_of_range_port_names_file_line_path_and_value(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "ops.example.com"])
+def test_public_ops_host_needs_an_explicit_opt_in(tmp_path: Path, host: str) -> None:
+    """A non-loopback ops.host is refused (it was accepted silently) unless allow_public."""
+    path = write(tmp_path, f'[ops]\nhost = "{host}"\n')
+    [error] = errors_of(path)
+    assert error.startswith(f"{path} line 2: ops.host: {host!r} is not a loopback address")
+    assert "ops.allow_public = true" in error
+    path.write_text(f'[ops]\nhost = "{host}"\nallow_public = true\n', encoding="utf-8")
+    assert load_config(path).ops.host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.53", "::1", "localhost"])
+def test_loopback_ops_host_needs_no_opt_in(tmp_path: Path, host: str) -> None:
+    """Loopback addresses are fine as they are."""
+    assert load_config(write(tmp_path, f'[ops]\nhost = "{host}"\n')).ops.host == host
+
+
 def test_unknown_key_is_rejected_with_its_path_and_a_suggestion(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -22,6 +22,7 @@ from channels.email.config import AckSettings, SmtpSettings
 from channels.email.cursor import JOURNAL_FILE, MailState, conversation_hint, dedupe_key
 from channels.email.normalise import decode_bytes, decode_header_value, normalise
 from channels.email.smtp import build_message
+from router.delivery import AckPayload
 from router.drivers import Outbound
 from router.model import Attachment, InboundMessage
 
@@ -147,16 +148,15 @@ def test_the_acknowledgement_never_echoes_an_escaped_byte() -> None:
         outbound = Outbound(
             id="ob-1",
             channel="support",
-            kind="ack",
-            conversation_id="01HZX",
-            ticket="T-01HZX",
             to="carol@example.com",
-            text="",
-            subject=subject,
-            in_reply_to="<m1@example.com>",
-            references=(),
-            respond_by=datetime(2025, 1, 2, 15, 30, tzinfo=UTC),
-            extra={"contact_name": "J\udcfcrgen"},
+            payload=AckPayload(
+                conversation_id="01HZX",
+                subject=subject,
+                respond_by=datetime(2025, 1, 2, 15, 30, tzinfo=UTC).isoformat(),
+                language="",
+                contact_name="J\udcfcrgen",
+                in_reply_to="<m1@example.com>",
+            ),
         )
         msg = build_message(outbound, smtp, AckSettings())
         assert str(msg["Subject"]) == "Re: Gr\ufffd\ufffde [#T-01HZX]"

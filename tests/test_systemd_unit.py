@@ -119,5 +119,8 @@ def test_unit_has_required_directives() -> None:
     assert directives.get("DynamicUser") == ["yes"] or directives.get("User"), (
         "the service must not run as root: set DynamicUser=yes or User="
     )
+    # Room above every listener's default connection cap (web 512 + ops 32), which the
+    # 1,024 default left too little of (issue 13: idle clients took the listeners down).
+    assert int(single("LimitNOFILE")) >= 4096
     # The daemon reaches brokers and webhooks; a blanket deny would cut it off.
     assert "any" not in " ".join(directives.get("IPAddressDeny", [])).split()
