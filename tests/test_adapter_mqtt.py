@@ -411,10 +411,18 @@ def test_parse_action_schema() -> None:
         b'{"action":"accept","conversation_id":5}',
         b'{"action":"accept","conversation_id":"c","agent_id":"bob"}',
         b'{"action":"accept","conversation_id":"' + b"x" * 70000 + b'"}',
+        b'{"action":"relabel","message_id":"m1","value":"nonsense"}',
+        b'{"action":"relabel","value":"complaint"}',
     ]
     for payload in bad_payloads:
         with pytest.raises(ActionError):
             parse_action("alice", payload)
+
+
+def test_relabel_is_an_action_agents_can_send() -> None:
+    # README documents relabel as an agent action; the MQTT tool refused it before.
+    got = parse_action("alice", b'{"action":"relabel","message_id":"m1","value":"complaint"}')
+    assert (got.action, got.message_id, got.value) == ("relabel", "m1", "complaint")
 
 
 def test_config_defaults_and_bounds() -> None:

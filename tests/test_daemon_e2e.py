@@ -28,6 +28,7 @@ import pytest
 from tests import peers
 from tests.daemon_harness import REPO, DaemonProcess, base_config, http, ports
 from tests.peers import Mosquitto, WebhookReceiver, free_port
+from tests.schema_check import validate_delivery
 
 mosquitto = peers.mosquitto
 
@@ -129,7 +130,9 @@ def inbox_lines(state_dir: Path) -> list[dict[str, Any]]:
     for path in sorted(inbox.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
-                out.append(json.loads(line))
+                body = json.loads(line)
+                validate_delivery(body)  # every delivery the daemon writes follows the schema
+                out.append(body)
     return out
 
 
@@ -212,7 +215,9 @@ async def next_delivery(client: aiomqtt.Client, within: float = 10.0) -> tuple[s
     async with asyncio.timeout(within):
         async for message in client.messages:
             assert isinstance(message.payload, bytes)
-            return message.topic.value, json.loads(message.payload)
+            body = json.loads(message.payload)
+            validate_delivery(body)
+            return message.topic.value, body
     raise AssertionError("message stream ended")
 
 

@@ -208,6 +208,55 @@ async def test_nobody_goes_over_capacity_and_the_queue_drains_on_resolve(h: Harn
     assert sum(h.pipeline.scheduler.queue_depths().values()) == 1
 
 
+async def test_a_queued_message_reaches_its_agent_with_everything_it_had(tmp_path: Path) -> None:
+    # The delivery of a message placed later is rebuilt from the store: it used to lose
+    # the customer's name (the stored row had none).
+    h = Harness(tmp_path, [{"id": "alice", "capacity": 1}])
+    p = await h.start()
+    try:
+        first = await p.ingest(msg("Where is my order?", "dana"))
+        waiting = InboundMessage(
+            channel="web",
+            channel_type="web",
+            external_id=new_ulid(),
+            contact_handle="wei@example.com",
+            contact_name="张伟",
+            subject="订单",
+            text="请问我的订单什么时候发货？",
+            payload_sha256="x",
+        )
+        queued = await p.ingest(waiting)
+        assert queued.state == "queued"
+        await p.on_action(AgentAction("alice", "resolve", conversation_id=first.conversation_id))
+        await h.settle()
+        [late] = [d for d in h.tool.deliveries if d.payload["message"]["id"] == queued.message_id]
+        message = late.payload["message"]
+        assert message["contact"] == {"handle": "wei@example.com", "name": "张伟"}
+        assert (message["subject"], message["text"]) == ("订单", waiting.text)
+        assert late.payload["ticket"] == queued.ticket
+        assert late.payload["classification"]["label"] in ("inquiry", "complaint", "suggestion")
+    finally:
+        await h.stop()
+
+
+async def test_a_reopened_conversation_is_named_in_the_agents_delivery(h: Harness) -> None:
+    # The store joins a follow-up to its thread's resolved conversation and reopens it; the
+    # delivery must name that conversation, not the id proposed before the commit.
+    assert h.pipeline is not None
+    first = await h.pipeline.ingest(msg("Where is my order?", "dana", thread="t9"))
+    holder = h.pipeline.scheduler.holder[first.conversation_id]
+    await h.pipeline.on_action(
+        AgentAction(holder, "resolve", conversation_id=first.conversation_id)
+    )
+    again = await h.pipeline.ingest(msg("It still has not come.", "dana", thread="t9"))
+    await h.settle()
+    assert again.conversation_id == first.conversation_id
+    last = h.tool.deliveries[-1]
+    assert last.payload["message"]["id"] == again.message_id
+    assert last.payload["conversation_id"] == first.conversation_id
+    assert last.payload["ticket"] == first.ticket
+
+
 async def test_only_the_holder_may_resolve(h: Harness) -> None:
     assert h.pipeline is not None
     r = await h.pipeline.ingest(msg("Where is my order?", "dana"))
