@@ -1,4 +1,4 @@
-"""Tests for the trained intent model, router/intent.py.
+"""Tests for the trained intent model, the router/intent package.
 
 Every example text here was written for these tests; none is taken from the
 training pool. The test that needs the pool is skipped when it is not there.
