@@ -15,7 +15,6 @@ import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Sequence
 from itertools import compress, repeat
 from operator import and_, ge, gt, mul, or_
 from pathlib import Path
@@ -65,13 +64,6 @@ _PREFIX_CRC = {G_SHAPE: zlib.crc32(b"shape:"), G_LEX: zlib.crc32(b"lex:")}
 _MARKS = ("q", "neg", "mine", "you", "past")  # the style marks, in extract's order
 
 
-def _softmax(logits: Sequence[float]) -> list[float]:
-    top = max(logits)
-    exp = [math.exp(v - top) for v in logits]
-    norm = sum(exp)
-    return [e / norm for e in exp]
-
-
 class IntentModel:
     """Weights of the hashed-feature softmax regression, a temperature and a version."""
 
@@ -89,8 +81,8 @@ class IntentModel:
         # Lookup tables for `predict_hits`, derived from `weights` (which must not
         # change after construction). `_slots` maps a model index to its slot, a
         # position in `_w` (the weights towards each label) and `_margins` (what
-        # predict_features ranks explanations by: the weight towards a label
-        # minus the mean of the others). Memos of known feature names (without
+        # explanations are ranked by: the weight towards a label minus the mean
+        # of the others). Memos of known feature names (without
         # their group prefix) map to slots, -1 for a rule or cue feature the model
         # does not know. Read-only but for the memos, whose entries are set
         # atomically, and all str -> int, which the garbage collector skips.
@@ -109,7 +101,8 @@ class IntentModel:
             total = sum(w)
             for b in range(_NL):
                 self._w[b].append(w[b])
-                # The expression of predict_features, so contributions are bit-identical.
+                # The expression of the reference scoring (tests/test_intent.py), so
+                # contributions are bit-identical to it.
                 self._margins[b].append(w[b] - (total - w[b]) / (_NL - 1))
         digest.update(struct.pack("<f", temperature))
         self.version = f"intent-1+{digest.hexdigest()[:10]}"
@@ -126,31 +119,6 @@ class IntentModel:
                 z[1] += w[1] * x
                 z[2] += w[2] * x
         return z
-
-    def predict_features(
-        self, feats: FeatureList, *, explain: int = 5
-    ) -> tuple[str, float, dict[str, float], list[tuple[str, float]]]:
-        """Return label, confidence, scores and top features for a feature list."""
-        z = self.logits(feats)
-        t = self.temperature
-        probs = _softmax([v / t for v in z])
-        best = max(range(_NL), key=probs.__getitem__)
-        scores = {label: probs[i] for i, label in enumerate(LABELS)}
-        top: list[tuple[str, float]] = []
-        if explain:
-            contrib: dict[str, float] = {}
-            get = self.weights.get
-            for idx, x, name in feats:
-                w = get(idx)
-                if w is None or name == "bias":
-                    continue
-                others = (sum(w) - w[best]) / (_NL - 1)
-                c = x * (w[best] - others)
-                if c > 0:
-                    contrib[name] = contrib.get(name, 0.0) + c
-            ranked = sorted(contrib.items(), key=lambda kv: (-kv[1], kv[0]))[:explain]
-            top = [(name, round(c, 4)) for name, c in ranked]
-        return LABELS[best], probs[best], scores, top
 
     def _lookup(self, group: int, name: str, key: str, memo: dict[str, int]) -> int:
         """Memoise and return the slot of feature `name` (memo key `key`), -1 if unknown."""
@@ -220,17 +188,20 @@ class IntentModel:
     def predict_hits(
         self, text: str, hits: dict[str, tuple[str, float]], *, subject: str = "", explain: int = 5
     ) -> tuple[str, float, dict[str, float], list[tuple[str, float]]]:
-        """Return `predict_features(extract(text, hits, subject=subject), explain=explain)`.
+        """Return label, confidence, scores and top features for a message and its cue hits.
 
-        The same result, bit for bit, computed faster (this is the ingest hot
-        path): no feature list is built, feature names are looked up in memos
-        instead of being hashed each time, features the model has no weights for
-        are dropped before sorting (they add nothing), the rule group is memoised
-        by its inputs, and names are built only for the features explained. The
+        The result is, bit for bit, that of scoring `extract(text, hits,
+        subject=subject)`: `logits`, a softmax at `temperature`, and the
+        `explain` features with the largest value x (weight towards the top
+        label - mean of the others), ties by name, the bias left out. That
+        reference lives in tests/test_intent.py, which pins the two together.
+        It is computed faster here (this is the ingest hot path): no feature
+        list is built, feature names are looked up in memos instead of being
+        hashed each time, features the model has no weights for are dropped
+        before sorting (they add nothing), the rule group is memoised by its
+        inputs, and names are built only for the features explained. The
         logits add the known features one by one in extract's order, so the
-        float sums are those of `logits`. One
-        difference: a text whose only tokens are punctuation (".") makes extract
-        divide by zero; here it simply has no lexical features.
+        float sums are those of `logits`.
         """
         # Bounded memos: the n-grams a long-running daemon meets are not. (Replaced,
         # not cleared, so that a call running meanwhile keeps consistent tables.)
@@ -311,7 +282,7 @@ class IntentModel:
                 lex_found, found = self._known(G_LEX, lex)
                 slots += found
                 xs += repeat(1.0 / math.sqrt(len(lex)), len(found))
-        # -- scoring (as logits, _softmax and predict_features), feature by feature
+        # -- scoring (as logits and the reference softmax), feature by feature
         w0, w1, w2 = self._w
         z0 = z1 = z2 = 0.0
         for slot, x in zip(slots, xs, strict=True):
