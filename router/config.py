@@ -86,8 +86,6 @@ class ConfigIssue:
 class ConfigError(Exception):
     """A configuration that cannot be used; `issues` lists each problem with its place."""
 
-    exit_code = EXIT_CONFIG
-
     def __init__(self, source: str, errors: Sequence[ConfigIssue | str]) -> None:
         """Keep the issues; plain strings are taken as messages about the whole file."""
         self.source = source

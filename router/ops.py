@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from router.drivers import AgentAction, DriverState
+from router.drivers import AgentAction
 from router.model import LABELS
 from router.pipeline import PRESENCE
 
@@ -196,8 +196,3 @@ def dead_letter_view(d: Any) -> dict[str, Any]:
         "created_at": d.created_at,
         "dead_at": d.dead_at,
     }
-
-
-def driver_ready(state: DriverState) -> bool:
-    """Return whether a driver in this state counts as ready."""
-    return state == DriverState.CONNECTED
