@@ -101,7 +101,7 @@ class WebConfig(BaseModel):
     type: Literal["web"]
     name: str = Field(pattern=NAME_RE)
     host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
-    port: int = Field(default=8090, ge=0, le=65535)  # 0: an ephemeral port (tests)
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: an ephemeral port (tests)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_text_chars: int = Field(default=10_000, ge=1, le=1_000_000)
     max_subject_chars: int = Field(default=300, ge=1, le=10_000)

@@ -43,7 +43,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from router.crisis import CrisisConfig
-from router.drivers import ADAPTERS, AGENT_ID_RE, CHANNELS, EXIT_CONFIG, NAME_RE, load_driver
+from router.drivers import ADAPTERS, AGENT_ID_RE, CHANNELS, NAME_RE, load_driver
 from router.logging import MIN_SECRET_LENGTH, mask_secrets, register_secret
 from router.model import LABELS, Shift
 
@@ -83,8 +83,6 @@ class ConfigIssue:
 
 class ConfigError(Exception):
     """A configuration that cannot be used; `issues` lists each problem with its place."""
-
-    exit_code = EXIT_CONFIG
 
     def __init__(self, source: str, errors: Sequence[ConfigIssue | str]) -> None:
         """Keep the issues; plain strings are taken as messages about the whole file."""

@@ -41,7 +41,7 @@ from router.drivers import (
     load_driver,
 )
 from router.http import AcceptErrorLog, GuardedRunner, HttpLimits, ListenError, start_site
-from router.logging import register_secret
+from router.logging import register_secret, set_verbosity
 from router.metrics import Metrics
 from router.ops import build_app
 from router.outbox import Dispatcher
@@ -475,6 +475,11 @@ class Daemon:
         ]
         if needs_restart:
             log.warning("config.reload_needs_restart", sections=needs_restart)
+        # Logging settings apply in place; the stream and format the CLI chose stay.
+        verbosity = (new.daemon.log_level, new.daemon.log_bodies)
+        if verbosity != (old.daemon.log_level, old.daemon.log_bodies):
+            log.info("config.logging_changed", log_level=verbosity[0], log_bodies=verbosity[1])
+            set_verbosity(new.daemon.log_level, log_bodies=new.daemon.log_bodies)
         # Adapters first, so channels never route to a tool that is gone.
         await self._swap(
             "adapter",

@@ -1,9 +1,11 @@
 """Structured logging: one JSON object per line under systemd, pretty output on a TTY.
 
 Call `configure_logging` once in the synchronous preinit (CLI → config → logging).
-Calling it again (SIGHUP, tests) takes effect at once, even for loggers that are
-already cached (`cache_logger_on_first_use`), because every setting lives in one
-module-level `_state` that the processors and the writer read on each event.
+Calling it again (tests) takes effect at once, even for loggers that are already
+cached (`cache_logger_on_first_use`), because every setting lives in one
+module-level `_state` that the processors and the writer read on each event. On
+SIGHUP the daemon calls `set_verbosity`, which changes only the level and body
+logging: the stream and format chosen at start (`--log-format`) stay.
 
 JSON lines start with `timestamp` (ISO 8601, UTC, `Z`), `level`, `logger`, `event`,
 then bound and contextvars fields; an exception becomes a string field `exception`.
@@ -52,6 +54,7 @@ __all__ = [
     "mask_secrets",
     "redact_event",
     "register_secret",
+    "set_verbosity",
 ]
 
 LEVELS: dict[str, int] = {
@@ -401,13 +404,15 @@ def configure_logging(
     json: bool | None = None,
     stream: TextIO | None = None,
     log_bodies: bool = False,
+    cache: bool = True,
 ) -> None:
-    """Configure structlog and stdlib logging: JSON lines unless the stream is a TTY."""
+    """Configure structlog and stdlib logging: JSON lines unless the stream is a TTY.
+
+    `cache=False` is for tests that run daemon code in process: a logger cached under
+    this configuration would keep it, and blind later tests' `capture_logs`.
+    """
     global _handler
-    try:
-        min_level = LEVELS[level.lower()]
-    except KeyError:
-        raise ValueError(f"unknown log level {level!r}; known: {', '.join(LEVELS)}") from None
+    min_level = _level_number(level)
     out = stream if stream is not None else sys.stdout
     isatty = getattr(out, "isatty", None)
     tty = bool(isatty()) if callable(isatty) else False
@@ -440,7 +445,7 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         context_class=dict,
         logger_factory=_logger_factory,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
 
     # Third-party libraries log through stdlib: same pipeline, WARNING and above only.
@@ -451,6 +456,28 @@ def configure_logging(
     root.addHandler(_handler)
     if root.level == logging.NOTSET or root.level > _handler.level:
         root.setLevel(_handler.level)
+
+
+def set_verbosity(level: str, *, log_bodies: bool) -> None:
+    """Change the level and body logging in place (a reload); stream and format stay."""
+    min_level = _level_number(level)
+    with _state.lock:
+        _state.min_level = min_level
+        _state.log_bodies = log_bodies
+    if _handler is not None:
+        # Third-party libraries: WARNING and above, or less if the level asks for less.
+        _handler.setLevel(max(logging.WARNING, min_level))
+        root = logging.getLogger()
+        if root.level == logging.NOTSET or root.level > _handler.level:
+            root.setLevel(_handler.level)
+
+
+def _level_number(level: str) -> int:
+    """Return the stdlib number of a level name; raise ValueError for an unknown one."""
+    try:
+        return LEVELS[level.lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}; known: {', '.join(LEVELS)}") from None
 
 
 def get_logger(name: str | None = None, **bound: Any) -> Any:

@@ -75,13 +75,6 @@ class MessageState(StrEnum):
     RESOLVED = "resolved"  # the conversation it belongs to was closed
 
 
-class ConversationState(StrEnum):
-    """A conversation (ticket) is open until an agent resolves it."""
-
-    OPEN = "open"
-    RESOLVED = "resolved"
-
-
 @dataclass(frozen=True, slots=True)
 class Attachment:
     """A file that came with a message; the bytes live elsewhere (storage_ref)."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from router.drivers import AgentAction, DriverState, Presence
+from router.drivers import AgentAction, Presence
 from router.http import HttpLimits, new_app
 from router.model import LABELS
 
@@ -197,8 +197,3 @@ def dead_letter_view(d: Any) -> dict[str, Any]:
         "created_at": d.created_at,
         "dead_at": d.dead_at,
     }
-
-
-def driver_ready(state: DriverState) -> bool:
-    """Return whether a driver in this state counts as ready."""
-    return state == DriverState.CONNECTED

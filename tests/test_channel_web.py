@@ -24,6 +24,7 @@ from multidict import CIMultiDictProxy
 from pydantic import ValidationError
 
 from channels.web import WebChannel, WebConfig
+from router.config import load_config
 from router.drivers import (
     CHANNELS,
     DriverContext,
@@ -172,12 +173,19 @@ def test_registry_loads_the_channel_and_its_config_model() -> None:
     cls = load_driver(CHANNELS, "web")
     assert cls is WebChannel
     config = cls.config_model.model_validate({"type": "web", "name": "site"})
-    assert (config.host, config.port, config.max_body_bytes) == ("127.0.0.1", 8090, 65536)
+    assert (config.host, config.port, config.max_body_bytes) == ("127.0.0.1", 8080, 65536)
     assert (config.max_text_chars, config.max_subject_chars) == (10_000, 300)
     with pytest.raises(ValidationError):
         WebConfig(type="web", name="site", port=70000)
     with pytest.raises(ValidationError):
         WebConfig.model_validate({"type": "web", "name": "site", "colour": "red"})
+
+
+def test_default_port_is_the_embedded_and_documented_one() -> None:
+    """A web channel without `port` listens where the embedded defaults and README say."""
+    (embedded,) = [c for c in load_config(None).channels if c.type == "web"]
+    bare = WebConfig.model_validate({"type": "web", "name": "site"})
+    assert bare.port == embedded.port == 8080
 
 
 async def test_port_in_use_is_a_transient_error(pipeline: FakePipeline, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 import structlog
 
 from channels.email import EmailChannel, EmailConfig
+from channels.email.imap import ImapSession
 from channels.email.smtp import message_id_for
 from router.delivery import AckPayload, ReplyPayload
 from router.drivers import (
@@ -240,12 +241,36 @@ async def test_idle_delivers_a_new_mail_quickly(dovecot: Dovecot, tmp_path: Path
     assert sink.stored[0].text == "My order 7 has not arrived."
 
 
-async def test_polling_without_idle(dovecot: Dovecot, tmp_path: Path) -> None:
+async def test_polling_without_idle(
+    dovecot: Dovecot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dovecot offers IDLE, so a mail arriving proves nothing by itself: check that
+    # no IDLE command goes out and that the folder is searched every poll_interval.
+    idles: list[float] = []
+    searches: list[float] = []
+    idle_start = aioimaplib.IMAP4.idle_start
+    new_uids = ImapSession.new_uids
+
+    async def spy_idle_start(client: aioimaplib.IMAP4, timeout: float = 1740.0) -> Any:
+        idles.append(timeout)
+        return await idle_start(client, timeout=timeout)
+
+    async def spy_new_uids(session: ImapSession, after: int, *args: Any) -> Any:
+        searches.append(time.monotonic())
+        return await new_uids(session, after, *args)
+
+    monkeypatch.setattr(aioimaplib.IMAP4, "idle_start", spy_idle_start)
+    monkeypatch.setattr(ImapSession, "new_uids", spy_new_uids)
     sink = RecordingSink()
-    async with running(config(dovecot, idle=False, poll_interval=0.1), tmp_path, sink) as ch:
+    cfg = config(dovecot, idle=False, poll_interval=0.1, idle_renew=30)
+    async with running(cfg, tmp_path, sink) as ch:
         await asyncio.wait_for(ch.synced.wait(), 10)
         await append(dovecot, mail(1))
         await sink.wait_for(1)
+        # Polling searches the folder every poll_interval (0.1 s), new mail or not.
+        seen = len(searches)
+        await wait_until(lambda: len(searches) >= seen + 3, within=5)
+    assert idles == []
 
 
 async def test_noise_and_senderless_mail_are_not_routed_but_passed(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from channels.email.normalise import (
@@ -465,8 +465,60 @@ def test_random_mime_trees_never_raise(raw: bytes, cap: int) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=256), st.sampled_from(["gbk", "big5", "utf-8", "x", "hex", None]))
-def test_decode_bytes_always_gives_utf8(data: bytes, declared: str | None) -> None:
-    decode_bytes(data, declared).encode("utf-8")
+def test_decode_bytes_gives_storable_text_for_any_bytes(data: bytes, declared: str | None) -> None:
+    text = decode_bytes(data, declared)
+    text.encode("utf-8")  # no lone surrogates
+    assert "\x00" not in text
+
+
+# UTF-8 under a label that is missing, unknown, a byte transform, Chinese or permissive
+# (mislabelled mail): valid UTF-8 wins over all of them.
+UTF8_LABELS = [None, "utf-8", "UTF8", "us-ascii", "gbk", "gb2312", "big5", "x", "hex", "latin-1"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200), st.sampled_from(UTF8_LABELS))
+def test_decode_bytes_gives_back_utf8_text(text: str, declared: str | None) -> None:
+    assert decode_bytes(text.encode("utf-8"), declared) == text.replace("\x00", "")
+
+
+# Phrases of common characters (GB2312 and Big5 level 1), as customers write them.
+HANS = ["我的订单", "还没有到", "请尽快处理", "退款", "客服", "谢谢", "质量太差了", "什么时候发货"]
+HANT = ["請問", "我的訂單", "何時到", "退款", "客服", "謝謝", "品質太差", "什麼時候出貨"]
+GLUE = ["，", "。", "？", "！", " ", "Order 12", "ok"]
+
+
+def _phrases(words: list[str]) -> st.SearchStrategy[str]:
+    """Return texts made of `words` and punctuation, at least one word."""
+    pieces = st.lists(st.sampled_from(words + GLUE), max_size=12)
+    return st.tuples(st.sampled_from(words), pieces).map(lambda wp: wp[0] + "".join(wp[1]))
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """Tell whether bytes also decode as UTF-8 (then UTF-8 wins, by design)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.tuples(
+            _phrases(HANS),
+            st.sampled_from(["gbk", "gb18030"]),
+            st.sampled_from([None, "gbk", "gb2312", "GB18030", "x-gbk"]),
+        ),
+        st.tuples(_phrases(HANT), st.just("big5"), st.sampled_from(["big5", "x-big5"])),
+    )
+)
+def test_decode_bytes_gives_back_gbk_and_big5_text(case: tuple[str, str, str | None]) -> None:
+    text, charset, declared = case
+    data = text.encode(charset)
+    assume(not _valid_utf8(data))
+    assert decode_bytes(data, declared) == text
 
 
 @settings(max_examples=200, deadline=None)

@@ -48,7 +48,7 @@ def logs() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     level = root.level
     stream = io.StringIO()
-    configure_logging("debug", stream=stream, json=True)
+    configure_logging("debug", stream=stream, json=True, cache=False)
     yield stream
     clear_secrets()
     if rlog._handler is not None:

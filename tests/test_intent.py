@@ -1,4 +1,4 @@
-"""Tests for the trained intent model, router/intent.py.
+"""Tests for the trained intent model, the router/intent package.
 
 Every example text here was written for these tests; none is taken from the
 training pool. The test that needs the pool is skipped when it is not there.
@@ -7,11 +7,15 @@ training pool. The test that needs the pool is skipped when it is not there.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from functools import cache
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.classify import RuleClassifier
 from router.intent import (
@@ -20,6 +24,7 @@ from router.intent import (
     ModelClassifier,
     eval_command,
     evaluate,
+    extract,
     read_records,
     sample_weights,
     source_group,
@@ -307,3 +312,110 @@ def test_punctuation_only_texts_are_classified_and_trainable() -> None:
         cls = clf.classify(text)
         assert cls.label in LABELS and 0 <= cls.confidence <= 1
         extract(text, {})  # the training path must not divide by zero either
+
+
+# -- predict_hits against the feature extractor it mirrors ------------------------------------
+def reference_predict(
+    model: IntentModel, text: str, hits: dict[str, tuple[str, float]], subject: str = ""
+) -> tuple[str, float, dict[str, float], list[tuple[str, float]]]:
+    """Score `extract`'s feature list plainly: logits, softmax at temperature, top 5 reasons."""
+    feats = extract(text, hits, subject=subject)
+    z = model.logits(feats)
+    scaled = [v / model.temperature for v in z]
+    peak = max(scaled)
+    exp = [math.exp(v - peak) for v in scaled]
+    probs = [e / sum(exp) for e in exp]
+    best = max(range(len(LABELS)), key=probs.__getitem__)
+    contrib: dict[str, float] = {}
+    for idx, x, name in feats:
+        w = model.weights.get(idx)
+        if w is None or name == "bias":
+            continue
+        c = x * (w[best] - (sum(w) - w[best]) / (len(LABELS) - 1))
+        if c > 0:
+            contrib[name] = contrib.get(name, 0.0) + c
+    ranked = sorted(contrib.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    top = [(name, round(c, 4)) for name, c in ranked]
+    return LABELS[best], probs[best], dict(zip(LABELS, probs, strict=True)), top
+
+
+@cache
+def _pinned_models() -> tuple[IntentModel, ...]:
+    """Return the shipped model and a small trained one (another temperature, few weights)."""
+    return IntentModel.load(), train(tiny_records(), seed=5, epochs=3, include_extra=False)
+
+
+def assert_predict_hits_matches_extract(text: str, subject: str = "") -> None:
+    """Check predict_hits against the reference, for both models, cold and memoised."""
+    hits, _ = RuleClassifier().analyse(text, subject=subject)
+    for model in _pinned_models():
+        want = reference_predict(model, text, hits, subject)
+        for _ in range(2):  # the second call reads the memos the first one filled
+            assert model.predict_hits(text, hits, subject=subject) == want, (text, subject)
+
+
+PINNED = [
+    *(t for t, _, _ in TINY),
+    *(t for t, _ in CLEAR),
+    "我的order还没有到，请问什么时候能deliver？",
+    "The 客服 was really rude to me, 太差了",
+    "新能源车的性能怎么样？能源消耗大吗",  # 能 inside nouns, and as the modal
+    "I can't log in and you don’t answer!!! see https://x.example/a?b=1 @support",
+    "Order #12345 of 3,000.50 arrived broken; refund 2 items??",
+    "",
+    ".",
+    "?!?",
+    "ＡＢＣ　全角 ｔｅｘｔ １２３",
+    "word " * 500,  # past the token limit
+]
+
+
+@pytest.mark.parametrize("text", PINNED)
+@pytest.mark.parametrize("subject", ["", "Re: 投诉 broken kettle?"])
+def test_predict_hits_equals_scoring_the_extracted_features(text: str, subject: str) -> None:
+    assert_predict_hits_matches_extract(text, subject)
+
+
+# Pieces that reach every branch of the extractor: function words kept in the shape
+# view, content words, rule cues, style marks, masked digits/URLs/handles, apostrophes.
+_PIECES = [
+    *"我你您的了吗呢建议希望能能源性能投诉退款客服请问怎么坏差没不",
+    *"i you my your can could would please not never why how was ordered".split(),
+    *"refund broken terrible awful suggest add option kettle parcel invoice".split(),
+    "can't",
+    "don’t",
+    "it's",
+    "42",
+    "3.5",
+    "https://a.example/x",
+    "www.b.cn",
+    "@amy",
+    "?",
+    "？",
+    "!",
+    "！",
+    ".",
+    ",",
+    "，",
+    "。",
+    "~",
+    ";",
+    "😀",
+    "Ｘ",
+    "\n",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    words=st.lists(
+        st.tuples(st.sampled_from(_PIECES), st.sampled_from(["", " ", " ", ", "])), max_size=40
+    ),
+    noise=st.text(max_size=12),
+    subject=st.one_of(st.just(""), st.text(max_size=15), st.sampled_from(_PIECES)),
+)
+def test_predict_hits_equals_scoring_the_extracted_features_on_generated_text(
+    words: list[tuple[str, str]], noise: str, subject: str
+) -> None:
+    text = "".join(w + sep for w, sep in words) + noise
+    assert_predict_hits_matches_extract(text, subject)

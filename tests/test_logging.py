@@ -88,10 +88,13 @@ def test_plain_structlog_loggers_and_contextvars() -> None:
     assert (record["channel"], record["msg_id"]) == ("web", "01JX")
 
 
-@pytest.mark.parametrize("serializer", ["default", "stdlib"])
+@pytest.mark.parametrize("serializer", ["orjson", "stdlib"])
 def test_non_json_values_are_serialised(serializer: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if serializer == "stdlib":  # the path taken when orjson is not installed
-        monkeypatch.setattr(rlog, "_dumps", rlog._stdlib_dumps)
+    # Each serializer explicitly: which one is the default depends on whether orjson is
+    # installed (it is in the test extras, so a missing one fails here, not skips).
+    dumps = {"orjson": getattr(rlog, "_orjson_dumps", None), "stdlib": rlog._stdlib_dumps}
+    assert dumps[serializer] is not None, "orjson is in the test extras: install them"
+    monkeypatch.setattr(rlog, "_dumps", dumps[serializer])
     stream = configured()
     get_logger("x").info(
         "values",

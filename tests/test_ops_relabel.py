@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
@@ -67,6 +68,23 @@ def _inbox_ids(state: Path) -> dict[str, list[str]]:
     return out
 
 
+def _withdrawn_ids(state: Path) -> dict[str, list[str]]:
+    """Return agent -> message ids of the offers taken back from it (withdrawn notices)."""
+    out: dict[str, list[str]] = {}
+    for path in sorted((state / "inbox").glob("*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+        out[path.stem] = [i for d in lines if d["kind"] == "withdrawn" for i in d["message_ids"]]
+    return out
+
+
+def _wait(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Poll the daemon's real output until `condition` holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def test_accept_through_the_ops_api_stops_the_accept_timeout(tmp_path: Path) -> None:
     web, ops = ports()
     agents = "\n".join(
@@ -90,11 +108,9 @@ def test_accept_through_the_ops_api_stops_the_accept_timeout(tmp_path: Path) -> 
             {"text": "When do you open tomorrow?", "contact": {"handle": "eve"}},
         )
         assert status == 201 and taken["state"] == "assigned", taken
-        deadline = time.monotonic() + 5
-        while not any(_inbox_ids(tmp_path / "state").values()):
-            assert time.monotonic() < deadline, "no delivery"
-            time.sleep(0.05)
-        (holder,) = [a for a, ids in _inbox_ids(tmp_path / "state").items() if ids]
+        state = tmp_path / "state"
+        _wait(lambda: any(_inbox_ids(state).values()), 5, "no delivery")
+        (holder,) = [a for a, ids in _inbox_ids(state).items() if ids]
         other = "bo" if holder == "alice" else "alice"
         url = f"http://127.0.0.1:{ops}/v1/messages/{taken['message_id']}/accept"
         assert http("POST", url, {"agent": holder})[0] == 401
@@ -110,8 +126,16 @@ def test_accept_through_the_ops_api_stops_the_accept_timeout(tmp_path: Path) -> 
             {"text": "Do you deliver on Sundays?", "contact": {"handle": "fin"}},
         )
         assert status == 201 and ignored["state"] == "assigned", ignored
-        time.sleep(5.5)  # the accept timeout and the once-a-second tick, with margin
-        inboxes = _inbox_ids(tmp_path / "state")
+        # Until its offer runs out (accept timeout, then the once-a-second tick). The
+        # accepted message was offered earlier, so had accepting not stopped its
+        # timeout it would have been taken back from the holder before this.
+        _wait(
+            lambda: ignored["message_id"] in _withdrawn_ids(state).get(other, []),
+            30,
+            "the offer nobody accepted was never taken back",
+        )
+        assert taken["message_id"] not in _withdrawn_ids(state)[holder]
+        inboxes = _inbox_ids(state)
         assert inboxes[holder].count(taken["message_id"]) == 1
         assert taken["message_id"] not in inboxes.get(other, [])
         assert inboxes[other] == [ignored["message_id"]]  # offered to the free agent once

@@ -220,10 +220,11 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
     # beats any guess: one corrupt byte must not turn Cyrillic into Chinese. The Chinese
     # labels are left to the contest below, as senders often mix them up.
     lenient = superset or codec or "utf-8"
+    nearly = None
     if not permissive and lenient not in _GUESSED:
-        text = _nearly(data, lenient)
-        if text is not None:
-            return text
+        nearly = _nearly(data, lenient)
+        if nearly is not None and codec:
+            return nearly
     candidates = [c for c in (superset, codec) if c and c in _CONTESTED]
     ordered = list(dict.fromkeys([*candidates, *_FALLBACKS]))
     strict_ok: list[tuple[int, int, str]] = [first] if first else []
@@ -234,7 +235,14 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
             penalty = 1 if name == "cp1252" else 0
             strict_ok.append((_oddness(text) + penalty, rank, text))
     if strict_ok:
-        return min(strict_ok)[2]
+        best = min(strict_ok)
+        # Nothing declared: nearly-UTF-8 beats a guess unless the guess reads as plain
+        # Chinese (a short GBK text can also look like UTF-8 with a few bad bytes).
+        if nearly is not None and best[0] > 0:
+            return nearly
+        return best[2]
+    if nearly is not None:
+        return nearly
     best: tuple[int, int, int, str] | None = None
     for rank, name in enumerate([*ordered, *([codec] if codec else [])]):
         try:
