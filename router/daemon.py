@@ -45,10 +45,10 @@ from router.drivers import (
     load_driver,
 )
 from router.metrics import Metrics
-from router.ops import build_app
+from router.ops import OpsApi
 from router.outbox import Dispatcher
 from router.pipeline import CHANNEL_TARGET_PREFIX, Pipeline
-from router.store import OutboxItem, Store
+from router.store import DeadLetter, OutboxItem, Store
 from router.store.sqlite import SqliteStore
 
 log = structlog.get_logger("router.daemon")
@@ -229,6 +229,49 @@ class ChannelSender:
         """Nothing to release: the channel owns its connections."""
 
 
+# -- what the ops API sees ----------------------------------------------------------
+
+
+class MetricsScrape:
+    """The /metrics page: gauges cheaper to read on scrape are refreshed, then rendered."""
+
+    def __init__(self, metrics: Metrics, refresh: Callable[[], None]) -> None:
+        self._metrics = metrics
+        self._refresh = refresh
+
+    @property
+    def content_type(self) -> str:
+        """Return the exposition's Content-Type."""
+        return self._metrics.content_type
+
+    def render(self) -> bytes:
+        """Refresh the scrape-time gauges and return the exposition."""
+        self._refresh()
+        return self._metrics.render()
+
+
+class OutboxDeadLetters:
+    """Dead letters in the store, replayed straight into the running dispatcher."""
+
+    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """Return at most limit dead letters, newest first."""
+        return await self._store.dead_letters(limit)
+
+    async def replay(self, ids: list[str] | None) -> int:
+        """Move dead letters back to the outbox and hand them to the dispatcher now."""
+        now = time.time()
+        count = await self._store.replay_dead_letters(ids, now)
+        if count:
+            # At once rather than at the dispatcher's next store scan.
+            for item in await self._store.due_outbox(now, 1000):
+                self._dispatcher.submit(item)
+        return count
+
+
 # -- the daemon -------------------------------------------------------------------
 
 
@@ -379,7 +422,14 @@ class Daemon:
         )
 
     async def _start_ops(self) -> None:
-        app = build_app(self)
+        app = OpsApi(
+            health=self,
+            metrics=MetricsScrape(self.metrics, self.refresh_metrics),
+            agents=self.pipeline,
+            dead_letters=OutboxDeadLetters(self.store, self.dispatcher),
+            corrections=self.store,
+            admin_token=self.admin_token,
+        ).app()
         self._ops_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._ops_runner.setup()
         site = web.TCPSite(
