@@ -509,6 +509,10 @@ class Daemon:
             "stopping": self._stopping.is_set(),
             "store": "ok" if store_ok else "down",
             "drivers": drivers,
+            # The names an operator must look at (e.g. a webhook whose breaker is open).
+            "degraded": sorted(
+                name for name, d in drivers.items() if d["state"] != DriverState.CONNECTED
+            ),
         }
 
     def refresh_metrics(self) -> None:
