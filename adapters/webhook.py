@@ -8,6 +8,15 @@ not be replayed to wherever a 3xx points.
 
 Responses map onto the driver taxonomy in `_check_response` and `_translate`, the
 only two places that know about HTTP and aiohttp errors.
+
+A circuit breaker keeps an outage from turning the backlog into dead letters:
+`breaker_threshold` consecutive transient failures (no connection, 5xx, timeouts)
+open it, and the state becomes TRANSIENT_DISCONNECT, which the outbox takes as
+"hold the items without spending attempts" (as with a lost MQTT broker) and /readyz
+shows. While it is open, `run()` sends one HEAD probe to the failing URL after each
+cool-down (full jitter, doubling from `breaker_probe_min` up to `breaker_probe_max`);
+any answer that is not a 5xx, 408 or 425 closes it, as does any delivery still in
+flight that gets an answer. A probe carries no delivery and no signature.
 """
 
 from __future__ import annotations
@@ -17,15 +26,16 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import ClassVar, Literal
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from router import __version__
+from router.backoff import backoff_delay
 from router.delivery import encode_delivery
 from router.drivers import (
     NAME_RE,
@@ -136,6 +146,10 @@ class Config(BaseModel):
     # because they usually carry tokens.
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     max_connections: int = Field(default=100, ge=1, le=10000)
+    # Consecutive transient failures that open the circuit breaker (see the module doc).
+    breaker_threshold: int = Field(default=5, ge=1, le=1000)
+    breaker_probe_min: float = Field(default=0.5, gt=0, le=60)  # first probe delay ceiling, s
+    breaker_probe_max: float = Field(default=30.0, gt=0, le=3600)  # probe delay cap, s
 
     @field_validator("url")
     @classmethod
@@ -157,6 +171,13 @@ class Config(BaseModel):
                 raise ValueError(f"header {name!r} value must not contain CR, LF or NUL")
         return value
 
+    @model_validator(mode="after")
+    def _probe_bounds(self) -> Config:
+        """Require breaker_probe_min <= breaker_probe_max."""
+        if self.breaker_probe_min > self.breaker_probe_max:
+            raise ValueError("breaker_probe_min must not exceed breaker_probe_max")
+        return self
+
 
 class WebhookTool(AgentToolBase):
     """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy."""
@@ -169,6 +190,10 @@ class WebhookTool(AgentToolBase):
         super().__init__(name, ctx)
         self.config = config
         self.clock: Callable[[], float] = time.time  # injectable for tests
+        self.sleep: Callable[[float], Awaitable[object]] = asyncio.sleep  # injectable for tests
+        self._failures = 0  # consecutive transient failures, for the breaker
+        self._tripped = asyncio.Event()  # set when the breaker opens: run() starts probing
+        self._probe_url = config.url  # the URL whose failures opened the breaker
         self._secret = config.secret.get_secret_value().encode("utf-8")
         self._session: aiohttp.ClientSession | None = None
         self._stopped = False
@@ -179,12 +204,18 @@ class WebhookTool(AgentToolBase):
         }
 
     async def run(self, actions: ActionSink) -> None:
-        """Open the HTTP session and stay CONNECTED until cancelled (webhooks send no actions)."""
+        """Open the HTTP session and live until cancelled, probing while the breaker is open."""
         self._stopped = False
         self._ensure_session()
+        self._failures = 0
         self._set_state(DriverState.CONNECTED)
         try:
-            await asyncio.Event().wait()  # nothing to listen to; live until cancelled
+            # Webhooks send no actions: the only work here is closing the breaker.
+            while True:
+                await self._tripped.wait()
+                # Cleared before probing, so an opening after the probes end is not missed.
+                self._tripped.clear()
+                await self._probe_until_answered()
         finally:
             self._set_state(DriverState.STOPPED)
 
@@ -212,12 +243,19 @@ class WebhookTool(AgentToolBase):
                 self._check_response(url, status, resp.headers, snippet)
         except DriverError as exc:  # from _check_response: already in the taxonomy
             self.last_error = str(exc)
+            if _target_failing(exc):
+                self._failed(url, exc)
+            else:
+                self._answered()
             raise
         except Exception as exc:
             error = self._translate(url, exc)
             self.last_error = str(error)
+            if _target_failing(error):
+                self._failed(url, error)
             raise error from None  # not `from exc`: its text may carry the full URL
         self._succeeded()
+        self._answered()
 
     async def stop(self) -> None:
         """Close the HTTP session; deliveries not yet answered stay in the outbox."""
@@ -226,6 +264,51 @@ class WebhookTool(AgentToolBase):
         if session is not None:
             await session.close()
         self._set_state(DriverState.STOPPED)
+
+    # -- circuit breaker -------------------------------------------------------
+
+    def _failed(self, url: str, error: Exception) -> None:
+        """Count a transient failure of the target; open the breaker at the threshold."""
+        self._failures += 1
+        self._probe_url = url
+        if self._failures >= self.config.breaker_threshold and self.state == DriverState.CONNECTED:
+            self._set_state(DriverState.TRANSIENT_DISCONNECT, str(error))
+            self._tripped.set()
+
+    def _answered(self) -> None:
+        """Note that the target answered: reset the count and close the breaker."""
+        self._failures = 0
+        if self.state == DriverState.TRANSIENT_DISCONNECT:
+            self._set_state(DriverState.CONNECTED)
+
+    async def _probe_until_answered(self) -> None:
+        """Probe the failing URL after each jittered, capped cool-down until it answers."""
+        probes = 0
+        while self.state == DriverState.TRANSIENT_DISCONNECT:
+            await self.sleep(
+                backoff_delay(probes, self.config.breaker_probe_min, self.config.breaker_probe_max)
+            )
+            probes += 1
+            if self.state != DriverState.TRANSIENT_DISCONNECT:
+                return  # a delivery that was in flight got an answer and closed it
+            error = await self._probe(self._probe_url)
+            if error is None:
+                self._answered()
+            else:
+                self.last_error = str(error)
+
+    async def _probe(self, url: str) -> Exception | None:
+        """Send one HEAD to url (half-open); return None if the receiver answers, else why not."""
+        session = self._ensure_session()
+        try:
+            async with session.head(url, allow_redirects=False) as resp:
+                status = resp.status
+        except Exception as exc:
+            return self._translate(url, exc)
+        # Any other answer (405 for HEAD, 401 without a signature, …) shows it is back.
+        if status in (408, 425) or status >= 500:
+            return TransientError(f"webhook {safe_url(url)} answered {status} to a probe")
+        return None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -297,6 +380,11 @@ class WebhookTool(AgentToolBase):
             # aiohttp refuses to build the request (e.g. conflicting auth): resending cannot help.
             return PermanentError(f"webhook {where}: request rejected before sending: {exc}")
         return TransientError(f"webhook {where}: unexpected {type(exc).__name__}")
+
+
+def _target_failing(error: Exception) -> bool:
+    """Return whether error says the target is failing (not a 429: that one answered)."""
+    return isinstance(error, TransientError) and not isinstance(error, RateLimited)
 
 
 def _retry_after(value: str | None, now: float) -> float:

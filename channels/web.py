@@ -128,6 +128,8 @@ class WebChannel(ChannelBase):
     config_model: ClassVar[type[WebConfig]] = WebConfig
     # Answers go back in the HTTP response and the ticket status; nothing is pushed.
     answers_customers = False
+    # Serves `POST /v1/messages` on its host and port (what `omnirouter send` posts to).
+    takes_message_posts: ClassVar[bool] = True
 
     def __init__(self, name: str, config: WebConfig, ctx: DriverContext) -> None:
         """Prepare the channel; nothing listens until run()."""

@@ -8,9 +8,15 @@ omnirouter agents | queues                what the running daemon sees (ops API)
 omnirouter presence AGENT on|off          take an agent in or out of rotation
 omnirouter explain MESSAGE_ID             why a message was labelled and routed as it was
 omnirouter classify                       JSON lines in, one verdict per line out
+omnirouter classifier train|eval|corrections  train, evaluate, export agents' relabels
 omnirouter migrate                        bring the store's schema up to date and exit
 omnirouter simulate [generate|check] …    drive the real scheduler on a virtual clock
 omnirouter staffing [--trace FILE]        agents each hour needs for its SLA (Erlang C) vs on shift
+
+Every subcommand is declared once, next to its handler: `group("dead-letters", …)`
+for a parent, `@command("dead-letters list", help, arguments)` for a handler, where
+`arguments` adds the command's own options to its parser; `build_parser()` builds
+argparse from that table.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from router import __version__
 from router.config import Config, ConfigError, load_config
@@ -37,8 +44,75 @@ from router.daemon import (
     open_store,
     run_daemon,
 )
+from router.drivers import CHANNELS, load_driver
 
 T = TypeVar("T")
+Handler = Callable[[argparse.Namespace], int]
+Arguments = Callable[[argparse.ArgumentParser], None]
+
+
+# -- declaring subcommands ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand: a leaf with a handler, or a group whose subcommands are required."""
+
+    path: tuple[str, ...]  # ("dead-letters", "list") for `omnirouter dead-letters list`
+    help: str
+    arguments: Arguments | None = None  # adds the command's own arguments to its parser
+    handler: Handler | None = None  # None for a group
+    config: bool = False  # takes -c/--config
+    # The handler parses its own arguments (given as args.rest), e.g. a tool's own CLI.
+    passthrough: bool = False
+    description: str | None = None
+
+
+# Every subcommand, parents before children, in the order `--help` lists them.
+COMMANDS: dict[tuple[str, ...], Command] = {}
+
+
+def _register(cmd: Command) -> None:
+    """Add a command to COMMANDS; a duplicate or an orphan is a programming error."""
+    if cmd.path in COMMANDS:
+        raise ValueError(f"omnirouter {' '.join(cmd.path)} is declared twice")
+    parent = COMMANDS.get(cmd.path[:-1])
+    if len(cmd.path) > 1 and (parent is None or parent.handler is not None):
+        raise ValueError(f"omnirouter {' '.join(cmd.path[:-1])} is not a declared group")
+    COMMANDS[cmd.path] = cmd
+
+
+def group(name: str, help: str, *, description: str | None = None) -> None:
+    """Declare a command group such as `config` (its subcommands are declared after it)."""
+    _register(Command(tuple(name.split()), help, description=description))
+
+
+def command(
+    name: str,
+    help: str,
+    arguments: Arguments | None = None,
+    *,
+    config: bool = False,
+    passthrough: bool = False,
+    description: str | None = None,
+) -> Callable[[Handler], Handler]:
+    """Declare the decorated function as the handler of `omnirouter NAME` ("group sub")."""
+
+    def register(handler: Handler) -> Handler:
+        _register(
+            Command(
+                tuple(name.split()),
+                help,
+                arguments,
+                handler,
+                config=config,
+                passthrough=passthrough,
+                description=description,
+            )
+        )
+        return handler
+
+    return register
 
 
 def _load(path: str | None) -> Config:
@@ -66,13 +140,33 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 # -- commands ---------------------------------------------------------------------
 
 
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="TOML config file (default: the embedded demo defaults)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["auto", "json", "pretty"], default="auto")
+
+
+@command("run", "run the daemon", _run_args, config=True)
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM."""
     config = _load(args.config)
     _configure_logging(config, args.log_format)
     return _run(run_daemon(config, Path(args.config) if args.config else None))
 
 
+group("config", "configuration tools")
+
+
+def _config_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+    p.add_argument("--show", action="store_true", help="print the resolved config, secrets masked")
+
+
+@command("config check", "validate a config file", _config_check_args)
 def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate a config file (exit 11 when invalid); optionally print it, secrets masked."""
     config = _load(args.file)
     if args.show:
         from router.config import redacted_dump
@@ -103,14 +197,31 @@ def _http(
             return exc.code, raw.decode(errors="replace")
 
 
+class _HttpListener(Protocol):
+    """What `omnirouter send` needs of the channel it posts to: where it listens."""
+
+    host: str
+    port: int
+
+
+def _web_channel(config: Config) -> _HttpListener | None:
+    """Return the configured channel that takes `POST /v1/messages`, or None."""
+    for c in config.channels:
+        # Asked of the driver class, not guessed from its type name.
+        if load_driver(CHANNELS, c.type).takes_message_posts:
+            channel: _HttpListener = c
+            return channel
+    return None
+
+
 def _web_url(config: Config, override: str | None) -> str:
     if override:
         return override.rstrip("/")
-    for c in config.channels:
-        if c.type == "web":
-            host = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
-            return f"http://{host}:{c.port}"
-    raise SystemExit("no web channel is configured; pass --url")
+    c = _web_channel(config)
+    if c is None:
+        raise SystemExit("no web channel is configured; pass --url")
+    host = "127.0.0.1" if c.host in ("0.0.0.0", "::", "") else c.host
+    return f"http://{host}:{c.port}"
 
 
 def _ops_url(config: Config, override: str | None) -> str:
@@ -120,7 +231,19 @@ def _ops_url(config: Config, override: str | None) -> str:
     return f"http://{host}:{config.ops.port}"
 
 
+def _send_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text")
+    p.add_argument("--contact", default="demo@example.com")
+    p.add_argument("--name", default="")
+    p.add_argument("--subject", default="")
+    p.add_argument("--conversation", default="")
+    p.add_argument("--idempotency-key", default="")
+    p.add_argument("--url", help="web channel base URL (default: from the config)")
+
+
+@command("send", "send a test message to the web channel", _send_args, config=True)
 def cmd_send(args: argparse.Namespace) -> int:
+    """Post one message to the local web channel and print its answer."""
     config = _load(args.config)
     body: dict[str, Any] = {"text": args.text, "contact": {"handle": args.contact}}
     if args.name:
@@ -137,6 +260,76 @@ def cmd_send(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(json.dumps(reply, indent=2, ensure_ascii=False))
     return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
+
+
+async def _with_store(config: Config, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    store = open_store(config)
+    await store.open()
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _ts(value: float) -> str:
+    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+group("dead-letters", "list or replay dead letters")
+
+
+def _dead_letters_list_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+@command("dead-letters list", "list dead letters", _dead_letters_list_args, config=True)
+def cmd_dead_letters_list(args: argparse.Namespace) -> int:
+    """Print the dead letters, newest first."""
+    config = _load(args.config)
+    items = _run(_with_store(config, lambda s: s.dead_letters(args.limit)))
+    if args.json:
+        from router.ops import dead_letter_view
+
+        for d in items:
+            print(json.dumps(dead_letter_view(d), ensure_ascii=False))
+        return EXIT_OK
+    if not items:
+        print("no dead letters")
+        return EXIT_OK
+    print(f"{'ID':26}  {'TARGET':12}  {'AGENT':12}  {'TRIES':>5}  {'DEAD AT':20}  REASON")
+    for d in items:
+        print(
+            f"{d.id:26}  {d.target:12}  {d.agent_id:12}  {d.attempts:>5}  "
+            f"{_ts(d.dead_at):20}  {d.reason}"
+        )
+    return EXIT_OK
+
+
+def _dead_letters_replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ids", nargs="*", help="dead letter ids to replay")
+    p.add_argument("--all", action="store_true", help="replay every dead letter")
+
+
+@command(
+    "dead-letters replay",
+    "move dead letters back to the outbox",
+    _dead_letters_replay_args,
+    config=True,
+)
+def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
+    """Move the named (or all) dead letters back to the outbox."""
+    config = _load(args.config)
+    if not args.ids and not args.all:
+        print("name the dead letters to replay, or pass --all", file=sys.stderr)
+        return 2
+    ids = None if args.all else list(args.ids)
+    count = _run(_with_store(config, lambda s: s.replay_dead_letters(ids, time.time())))
+    print(
+        f"{count} dead letter(s) moved back to the outbox; a running daemon sends them within "
+        f"{config.outbox.poll_interval:g} s"
+    )
+    return EXIT_OK if count or args.all else EXIT_FAILURE
 
 
 def _admin_call(args: argparse.Namespace, path: str, method: str = "GET") -> tuple[int, Any] | None:
@@ -193,64 +386,43 @@ def _queues_table(reply: Any) -> list[str]:
     return rows
 
 
+def _admin_view_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ops-url")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+
+
+@command("agents", "list agents, load and presence", _admin_view_args, config=True)
 def cmd_agents(args: argparse.Namespace) -> int:
+    """Print the running daemon's agents."""
     return _admin_show(args, "/v1/agents", _agents_table)
 
 
+@command("queues", "list queues and waiting messages", _admin_view_args, config=True)
 def cmd_queues(args: argparse.Namespace) -> int:
+    """Print the running daemon's queues."""
     return _admin_show(args, "/v1/queues", _queues_table)
 
 
+def _presence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("agent")
+    p.add_argument("state", choices=["on", "away", "off"])
+    p.add_argument("--ops-url")
+
+
+@command("presence", "set an agent on or off", _presence_args, config=True)
 def cmd_presence(args: argparse.Namespace) -> int:
+    """Set an agent on, away or off in the running daemon."""
     return _admin_show(args, f"/v1/agents/{args.agent}/presence/{args.state}", method="POST")
 
 
-async def _with_store(config: Config, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    store = open_store(config)
-    await store.open()
-    try:
-        return await fn(store)
-    finally:
-        await store.close()
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("message_id")
+    p.add_argument("--json", action="store_true", help="print the stored record as JSON")
 
 
-def _ts(value: float) -> str:
-    return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def cmd_dead_letters(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if args.action == "list":
-        items = _run(_with_store(config, lambda s: s.dead_letters(args.limit)))
-        if args.json:
-            from router.ops import dead_letter_view
-
-            for d in items:
-                print(json.dumps(dead_letter_view(d), ensure_ascii=False))
-            return EXIT_OK
-        if not items:
-            print("no dead letters")
-            return EXIT_OK
-        print(f"{'ID':26}  {'TARGET':12}  {'AGENT':12}  {'TRIES':>5}  {'DEAD AT':20}  REASON")
-        for d in items:
-            print(
-                f"{d.id:26}  {d.target:12}  {d.agent_id:12}  {d.attempts:>5}  "
-                f"{_ts(d.dead_at):20}  {d.reason}"
-            )
-        return EXIT_OK
-    if not args.ids and not args.all:
-        print("name the dead letters to replay, or pass --all", file=sys.stderr)
-        return 2
-    ids = None if args.all else list(args.ids)
-    count = _run(_with_store(config, lambda s: s.replay_dead_letters(ids, time.time())))
-    print(
-        f"{count} dead letter(s) moved back to the outbox; a running daemon sends them within "
-        f"{config.outbox.poll_interval:g} s"
-    )
-    return EXIT_OK if count or args.all else EXIT_FAILURE
-
-
+@command("explain", "show a message's classification and routing", _explain_args, config=True)
 def cmd_explain(args: argparse.Namespace) -> int:
+    """Print why a stored message was labelled and routed as it was."""
     config = _load(args.config)
     stored = _run(_with_store(config, lambda s: s.message(args.message_id)))
     if stored is None:
@@ -309,8 +481,10 @@ def render_explain(stored: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@command("classify", "classify JSON lines (or plain text lines) from stdin", config=True)
 def cmd_classify(args: argparse.Namespace) -> int:
-    from router.pipeline import make_classifier
+    """Print one verdict per input line, in order."""
+    from router.intake import make_classifier
 
     config = _load(args.config)
     clf = make_classifier(config)
@@ -340,21 +514,43 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_classifier(args: argparse.Namespace) -> int:
-    from router.intent import eval_command, train_command
+group(
+    "classifier",
+    "train or evaluate the intent model",
+    description="omnirouter classifier train --data F.jsonl --out MODEL [--seed N] "
+    "[--corrections F.jsonl]; omnirouter classifier eval --data F.jsonl [--model M] "
+    "[--split] [--loso]; omnirouter classifier corrections [-c CONFIG] --out F.jsonl",
+)
 
-    if args.classifier_command == "corrections":
-        return export_corrections(list(args.rest))
-    command = train_command if args.classifier_command == "train" else eval_command
-    return command(list(args.rest))
+
+@command("classifier train", "train a model from labelled JSON lines", passthrough=True)
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    """Hand the arguments to the trainer's own command line."""
+    from router.intent import train_command
+
+    return train_command(list(args.rest))
 
 
-def export_corrections(argv: list[str]) -> int:
-    """`omnirouter classifier corrections [-c CONFIG] --out FILE.jsonl`: agents' relabels."""
-    ap = argparse.ArgumentParser(prog="omnirouter classifier corrections")
-    ap.add_argument("-c", "--config")
-    ap.add_argument("--out", required=True, help="JSON lines for `classifier train --corrections`")
-    args = ap.parse_args(argv)
+@command("classifier eval", "evaluate a model on labelled JSON lines", passthrough=True)
+def cmd_classifier_eval(args: argparse.Namespace) -> int:
+    """Hand the arguments to the evaluator's own command line."""
+    from router.intent import eval_command
+
+    return eval_command(list(args.rest))
+
+
+def _corrections_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="JSON lines for `classifier train --corrections`")
+
+
+@command(
+    "classifier corrections",
+    "export agents' relabels as training records",
+    _corrections_args,
+    config=True,
+)
+def cmd_classifier_corrections(args: argparse.Namespace) -> int:
+    """Write the agents' relabels as JSON lines for `classifier train --corrections`."""
     config = _load(args.config)
     records = _run(_with_store(config, lambda s: s.corrections()))
     with open(args.out, "w", encoding="utf-8") as f:
@@ -364,7 +560,9 @@ def export_corrections(argv: list[str]) -> int:
     return EXIT_OK
 
 
+@command("migrate", "migrate the store schema and exit", config=True)
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the store's schema up to date."""
     config = _load(args.config)
 
     async def noop(store: Any) -> None:
@@ -375,6 +573,35 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _simulate_args(p: argparse.ArgumentParser) -> None:
+    from router.sim.command import add_arguments
+
+    add_arguments(p)
+
+
+@command("simulate", "drive the real scheduler on a virtual clock from a trace", _simulate_args)
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run, generate or check a simulation."""
+    from router.sim.command import cmd_simulate as simulate
+
+    return simulate(args)
+
+
+def _staffing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", help="observe a simulation trace (JSON lines) instead of the store")
+    p.add_argument("--days", type=float, default=7.0, help="store window in days (default 7)")
+    p.add_argument("--tz", default="UTC", help="time zone of the hours (default UTC)")
+    p.add_argument("--level", type=float, default=0.8, help="share to answer within SLA")
+    p.add_argument("--date", help="YYYY-MM-DD whose shifts count as on shift (default today)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+@command(
+    "staffing",
+    "agents needed per hour for the SLA targets vs on shift",
+    _staffing_args,
+    config=True,
+)
 def cmd_staffing(args: argparse.Namespace) -> int:
     """Print the agents each hour needs for its SLA targets next to the agents on shift."""
     from router.staffing import StaffingError, render_report, staffing_report
@@ -403,104 +630,38 @@ def cmd_staffing(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of every subcommand."""
+    """Return the argument parser of every declared subcommand."""
     p = argparse.ArgumentParser(prog="omnirouter", description="Omnichannel message router daemon.")
     p.add_argument("--version", action="version", version=f"omnirouter {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument(
-            "-c", "--config", help="TOML config file (default: the embedded demo defaults)"
+    # argparse names no public type for what add_subparsers() returns.
+    subparsers: dict[tuple[str, ...], Any] = {(): p.add_subparsers(dest="command", required=True)}
+    for path, cmd in COMMANDS.items():
+        sp = subparsers[path[:-1]].add_parser(
+            path[-1],
+            help=cmd.help,
+            description=cmd.description,
+            # A passthrough command's --help belongs to the command line it hands over to.
+            add_help=not cmd.passthrough,
         )
-        return sp
-
-    r = with_config(sub.add_parser("run", help="run the daemon"))
-    r.add_argument("--log-format", choices=["auto", "json", "pretty"], default="auto")
-    r.set_defaults(fn=cmd_run)
-
-    c = sub.add_parser("config", help="configuration tools")
-    csub = c.add_subparsers(dest="config_command", required=True)
-    cc = csub.add_parser("check", help="validate a config file")
-    cc.add_argument("file")
-    cc.add_argument("--show", action="store_true", help="print the resolved config, secrets masked")
-    cc.set_defaults(fn=cmd_config_check)
-
-    s = with_config(sub.add_parser("send", help="send a test message to the web channel"))
-    s.add_argument("text")
-    s.add_argument("--contact", default="demo@example.com")
-    s.add_argument("--name", default="")
-    s.add_argument("--subject", default="")
-    s.add_argument("--conversation", default="")
-    s.add_argument("--idempotency-key", default="")
-    s.add_argument("--url", help="web channel base URL (default: from the config)")
-    s.set_defaults(fn=cmd_send)
-
-    d = with_config(sub.add_parser("dead-letters", help="list or replay dead letters"))
-    d.add_argument("action", choices=["list", "replay"])
-    d.add_argument("ids", nargs="*", help="dead letter ids to replay")
-    d.add_argument("--all", action="store_true", help="replay every dead letter")
-    d.add_argument("--limit", type=int, default=100)
-    d.add_argument("--json", action="store_true", help="one JSON object per line")
-    d.set_defaults(fn=cmd_dead_letters)
-
-    for name, fn, help_ in (
-        ("agents", cmd_agents, "list agents, load and presence"),
-        ("queues", cmd_queues, "list queues and waiting messages"),
-    ):
-        a = with_config(sub.add_parser(name, help=help_))
-        a.add_argument("--ops-url")
-        a.add_argument("--json", action="store_true", help="print the API's JSON")
-        a.set_defaults(fn=fn)
-    pr = with_config(sub.add_parser("presence", help="set an agent on or off"))
-    pr.add_argument("agent")
-    pr.add_argument("state", choices=["on", "away", "off"])
-    pr.add_argument("--ops-url")
-    pr.set_defaults(fn=cmd_presence)
-
-    e = with_config(sub.add_parser("explain", help="show a message's classification and routing"))
-    e.add_argument("message_id")
-    e.add_argument("--json", action="store_true", help="print the stored record as JSON")
-    e.set_defaults(fn=cmd_explain)
-
-    k = with_config(
-        sub.add_parser("classify", help="classify JSON lines (or plain text lines) from stdin")
-    )
-    k.set_defaults(fn=cmd_classify)
-
-    cl = sub.add_parser(
-        "classifier",
-        help="train or evaluate the intent model",
-        description="omnirouter classifier train --data F.jsonl --out MODEL [--seed N] "
-        "[--corrections F.jsonl]; omnirouter classifier eval --data F.jsonl [--model M] "
-        "[--split] [--loso]; omnirouter classifier corrections [-c CONFIG] --out F.jsonl",
-    )
-    cl.add_argument("classifier_command", choices=["train", "eval", "corrections"])
-    cl.add_argument("rest", nargs=argparse.REMAINDER, help="options of the subcommand")
-    cl.set_defaults(fn=cmd_classifier)
-
-    m = with_config(sub.add_parser("migrate", help="migrate the store schema and exit"))
-    m.set_defaults(fn=cmd_migrate)
-
-    from router.sim.command import add_parser as add_simulate
-
-    add_simulate(sub)
-
-    st = with_config(
-        sub.add_parser("staffing", help="agents needed per hour for the SLA targets vs on shift")
-    )
-    st.add_argument("--trace", help="observe a simulation trace (JSON lines) instead of the store")
-    st.add_argument("--days", type=float, default=7.0, help="store window in days (default 7)")
-    st.add_argument("--tz", default="UTC", help="time zone of the hours (default UTC)")
-    st.add_argument("--level", type=float, default=0.8, help="share to answer within SLA")
-    st.add_argument("--date", help="YYYY-MM-DD whose shifts count as on shift (default today)")
-    st.add_argument("--json", action="store_true", help="print the plan as JSON")
-    st.set_defaults(fn=cmd_staffing)
+        if cmd.config:
+            _config_option(sp)
+        if cmd.arguments is not None:
+            cmd.arguments(sp)
+        if cmd.handler is None:
+            dest = "_".join(path).replace("-", "_") + "_command"
+            subparsers[path] = sp.add_subparsers(dest=dest, required=True)
+        else:
+            sp.set_defaults(fn=cmd.handler, passthrough=cmd.passthrough)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `omnirouter` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not args.passthrough:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     code: int = args.fn(args)
     return code
 

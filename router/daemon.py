@@ -43,10 +43,10 @@ from router.drivers import (
 from router.http import AcceptErrorLog, GuardedRunner, HttpLimits, ListenError, start_site
 from router.logging import register_secret, set_verbosity
 from router.metrics import Metrics
-from router.ops import build_app
+from router.ops import OpsApi
 from router.outbox import Dispatcher
 from router.pipeline import Pipeline
-from router.store import OutboxItem, Store
+from router.store import DeadLetter, OutboxItem, Store
 from router.store.sqlite import SqliteStore
 
 log = structlog.get_logger("router.daemon")
@@ -176,6 +176,49 @@ class Supervisor:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+
+
+# -- what the ops API sees ----------------------------------------------------------
+
+
+class MetricsScrape:
+    """The /metrics page: gauges cheaper to read on scrape are refreshed, then rendered."""
+
+    def __init__(self, metrics: Metrics, refresh: Callable[[], None]) -> None:
+        self._metrics = metrics
+        self._refresh = refresh
+
+    @property
+    def content_type(self) -> str:
+        """Return the exposition's Content-Type."""
+        return self._metrics.content_type
+
+    def render(self) -> bytes:
+        """Refresh the scrape-time gauges and return the exposition."""
+        self._refresh()
+        return self._metrics.render()
+
+
+class OutboxDeadLetters:
+    """Dead letters in the store, replayed straight into the running dispatcher."""
+
+    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+
+    async def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """Return at most limit dead letters, newest first."""
+        return await self._store.dead_letters(limit)
+
+    async def replay(self, ids: list[str] | None) -> int:
+        """Move dead letters back to the outbox and hand them to the dispatcher now."""
+        now = time.time()
+        count = await self._store.replay_dead_letters(ids, now)
+        if count:
+            # At once rather than at the dispatcher's next store scan.
+            for item in await self._store.due_outbox(now, 1000):
+                self._dispatcher.submit(item)
+        return count
 
 
 # -- the daemon -------------------------------------------------------------------
@@ -338,15 +381,22 @@ class Daemon:
         if ops.allow_public:
             log.warning("ops.public", host=ops.host, port=ops.port)
         limits = HttpLimits(read_timeout=ops.read_timeout, max_connections=ops.max_connections)
-        self._ops_runner = GuardedRunner(
-            build_app(self), name="ops", limits=limits, shutdown_timeout=60.0
-        )
+        app = OpsApi(
+            health=self,
+            metrics=MetricsScrape(self.metrics, self.refresh_metrics),
+            agents=self.pipeline,
+            dead_letters=OutboxDeadLetters(self.store, self.dispatcher),
+            corrections=self.store,
+            admin_token=self.admin_token,
+            limits=limits,
+        ).app()
+        self._ops_runner = GuardedRunner(app, name="ops", limits=limits, shutdown_timeout=60.0)
         await self._ops_runner.setup()
         self.ops_port = await start_site(self._ops_runner, ops.host, ops.port, "ops API")
 
     def _delivered(self, item: OutboxItem) -> None:
         if item.created_at:
-            self.metrics.delivery_seconds.labels(target=item.target).observe(
+            self.metrics.delivery_seconds.labels(target=str(item.target)).observe(
                 max(0.0, time.time() - item.created_at)
             )
 
@@ -412,6 +462,10 @@ class Daemon:
             "stopping": self._stopping.is_set(),
             "store": "ok" if store_ok else "down",
             "drivers": drivers,
+            # The names an operator must look at (e.g. a webhook whose breaker is open).
+            "degraded": sorted(
+                name for name, d in drivers.items() if d["state"] != DriverState.CONNECTED
+            ),
         }
 
     def refresh_metrics(self) -> None:

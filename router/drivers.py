@@ -149,6 +149,10 @@ class DriverBase:
 class ChannelBase(DriverBase):
     """Base of customer channels: a channel that answers customers overrides `send`."""
 
+    # Serves the JSON intake API (`POST /v1/messages`) on its `host` and `port`: the
+    # channel `omnirouter send` posts to.
+    takes_message_posts: ClassVar[bool] = False
+
     async def send(self, outbound: Outbound) -> None:
         """Refuse: this channel cannot carry answers to customers."""
         raise PermanentError(f"channel {self.name!r} cannot send to customers")

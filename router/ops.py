@@ -6,6 +6,9 @@ lists each one's state either way. Admin endpoints need the bearer token, compar
 in constant time; `/healthz`, `/readyz` and `/metrics` are open to the local scraper.
 `POST /v1/dead-letters/replay` with `{"ids": [...]}` or `{"all": true}` moves dead
 letters back to the outbox and sends them at once (as `omnirouter dead-letters replay`).
+
+`OpsApi` sees the daemon only through the small protocols below, each satisfied by
+whatever the daemon passes in; it never imports the daemon.
 """
 
 from __future__ import annotations
@@ -13,22 +16,94 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from router.drivers import AgentAction, Presence
 from router.http import HttpLimits, new_app
 from router.model import LABELS
-
-if TYPE_CHECKING:
-    from router.daemon import Daemon
+from router.store import DeadLetter
 
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 # At most this many ids per replay request (the request body is capped at 16 KiB).
 MAX_REPLAY_IDS = 400
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- what the API needs from the rest of the daemon ---------------------------------------
+
+
+class Health(Protocol):
+    """What /healthz and /readyz read: the running version and a readiness report."""
+
+    @property
+    def version(self) -> str:
+        """Return the running version."""
+        ...
+
+    async def readiness(self) -> dict[str, Any]:
+        """Return the readiness report; its "ready" key decides 200 or 503."""
+        ...
+
+
+class MetricsPage(Protocol):
+    """What /metrics serves: a freshly rendered exposition and its content type."""
+
+    @property
+    def content_type(self) -> str:
+        """Return the exposition's Content-Type."""
+        ...
+
+    def render(self) -> bytes:
+        """Return the current exposition, gauges refreshed."""
+        ...
+
+
+class AgentDesk(Protocol):
+    """The pipeline's views and the agent actions the admin API may take."""
+
+    def agents_view(self) -> list[dict[str, Any]]:
+        """Return every agent with load and presence."""
+        ...
+
+    def queues_view(self) -> list[dict[str, Any]]:
+        """Return every queue with its depth and waiting times."""
+        ...
+
+    async def set_presence(self, agent_id: str, present: bool, *, away: bool = False) -> bool:
+        """Set an agent's presence; False for an unknown agent."""
+        ...
+
+    async def act(self, action: AgentAction) -> str:
+        """Apply an agent action; return "ok" or why it was refused."""
+        ...
+
+
+class DeadLetterDesk(Protocol):
+    """Dead letters as operators handle them: listed, and replayed into the outbox."""
+
+    async def dead_letters(self, limit: int) -> Sequence[DeadLetter]:
+        """Return at most limit dead letters, newest first."""
+        ...
+
+    async def replay(self, ids: list[str] | None) -> int:
+        """Move dead letters (all when ids is None) back to the outbox, send now; count them."""
+        ...
+
+
+class Corrections(Protocol):
+    """Where an agent's relabelling of a message is kept for retraining."""
+
+    async def record_correction(
+        self, message_id: str, label: str, agent_id: str, at: float
+    ) -> bool:
+        """Store the correction; False for an unknown message."""
+        ...
+
+
+# -- answers -----------------------------------------------------------------------------
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -44,19 +119,76 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
-def build_app(daemon: Daemon) -> web.Application:
-    """Return the ops application bound to a running daemon."""
-    # JSON errors, body read timeout, no Server banner: see router.http.
-    app = new_app(HttpLimits(read_timeout=daemon.config.ops.read_timeout, max_body_bytes=16 * 1024))
+def dead_letter_view(d: DeadLetter) -> dict[str, Any]:
+    """Return a dead letter without its payload (customer data stays out of listings)."""
+    return {
+        "id": d.id,
+        "target": d.target,
+        "agent_id": d.agent_id,
+        "kind": d.kind,
+        "message_id": d.message_id,
+        "attempts": d.attempts,
+        "reason": d.reason,
+        "created_at": d.created_at,
+        "dead_at": d.dead_at,
+    }
 
-    def admin(handler: Handler) -> Handler:
+
+# -- the API -----------------------------------------------------------------------------
+
+
+class OpsApi:
+    """The ops routes, one method each, over the narrow interfaces they need."""
+
+    def __init__(
+        self,
+        *,
+        health: Health,
+        metrics: MetricsPage,
+        agents: AgentDesk,
+        dead_letters: DeadLetterDesk,
+        corrections: Corrections,
+        admin_token: str,
+        limits: HttpLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Bind the API to its collaborators; admin_token guards the /v1 routes."""
+        self.health = health
+        self.metrics = metrics
+        self.agents = agents
+        self.dead_letters = dead_letters
+        self.corrections = corrections
+        self.clock = clock
+        self.read_timeout = (limits or HttpLimits()).read_timeout
+        self._admin_token = admin_token.encode()
+
+    def app(self) -> web.Application:
+        """Return an aiohttp application serving every route."""
+        # JSON errors, body read timeout, no Server banner: see router.http.
+        app = new_app(HttpLimits(read_timeout=self.read_timeout, max_body_bytes=16 * 1024))
+        admin = self._admin
+        app.router.add_post("/v1/messages/{message_id}/label", admin(self.relabel))
+        app.router.add_post("/v1/messages/{message_id}/accept", admin(self.accept))
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/v1/agents", admin(self.list_agents))
+        app.router.add_get("/v1/queues", admin(self.list_queues))
+        app.router.add_post("/v1/agents/{agent_id}/presence/{state}", admin(self.presence))
+        app.router.add_put("/v1/agents/{agent_id}/presence/{state}", admin(self.presence))
+        app.router.add_get("/v1/dead-letters", admin(self.list_dead_letters))
+        app.router.add_post("/v1/dead-letters/replay", admin(self.replay_dead_letters))
+        return app
+
+    def _admin(self, handler: Handler) -> Handler:
+        """Wrap handler so that it answers 401 without the right bearer token."""
+
         async def guarded(request: web.Request) -> web.StreamResponse:
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
-            expected = daemon.admin_token.encode()
             # compare_digest takes the same time whatever the first differing byte.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), expected
+                token.strip().encode(), self._admin_token
             ):
                 return web.Response(
                     status=401,
@@ -68,44 +200,54 @@ def build_app(daemon: Daemon) -> web.Application:
 
         return guarded
 
-    async def healthz(request: web.Request) -> web.Response:
-        return _json({"status": "ok", "version": daemon.version})
+    # -- open routes ---------------------------------------------------------------------
 
-    async def readyz(request: web.Request) -> web.Response:
-        report = await daemon.readiness()
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Answer while the loop runs (liveness), with the version."""
+        return _json({"status": "ok", "version": self.health.version})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Answer the readiness report: 200 when ready, 503 otherwise."""
+        report = await self.health.readiness()
         return _json(report, 200 if report["ready"] else 503)
 
-    async def metrics(request: web.Request) -> web.Response:
-        daemon.refresh_metrics()
-        resp = web.Response(body=daemon.metrics.render(), headers={"Cache-Control": "no-store"})
-        resp.headers["Content-Type"] = daemon.metrics.content_type
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        """Answer the Prometheus exposition."""
+        resp = web.Response(body=self.metrics.render(), headers={"Cache-Control": "no-store"})
+        resp.headers["Content-Type"] = self.metrics.content_type
         return resp
 
-    async def agents(request: web.Request) -> web.Response:
-        return _json({"agents": daemon.pipeline.agents_view()})
+    # -- admin routes --------------------------------------------------------------------
 
-    async def queues(request: web.Request) -> web.Response:
-        return _json({"queues": daemon.pipeline.queues_view()})
+    async def list_agents(self, request: web.Request) -> web.Response:
+        """List agents with load and presence."""
+        return _json({"agents": self.agents.agents_view()})
 
-    async def presence(request: web.Request) -> web.Response:
+    async def list_queues(self, request: web.Request) -> web.Response:
+        """List queues with their waiting messages."""
+        return _json({"queues": self.agents.queues_view()})
+
+    async def presence(self, request: web.Request) -> web.Response:
+        """Set an agent on, away or off."""
         agent_id = request.match_info["agent_id"]
         state = request.match_info["state"]
         if state not in tuple(Presence):
             return _error(400, "bad_presence", "presence must be 'on', 'away' or 'off'")
-        if not await daemon.pipeline.set_presence(agent_id, state == "on", away=state == "away"):
+        if not await self.agents.set_presence(agent_id, state == "on", away=state == "away"):
             return _error(404, "unknown_agent", f"no agent with id {agent_id!r}")
         return _json({"agent": agent_id, "present": state == "on", "presence": state})
 
-    async def dead_letters(request: web.Request) -> web.Response:
+    async def list_dead_letters(self, request: web.Request) -> web.Response:
+        """List dead letters (?limit=1..1000), without payloads."""
         try:
             limit = max(1, min(1000, int(request.query.get("limit", "100"))))
         except ValueError:
             return _error(400, "bad_limit", "limit must be an integer")
-        items = await daemon.store.dead_letters(limit)
+        items = await self.dead_letters.dead_letters(limit)
         return _json({"dead_letters": [dead_letter_view(d) for d in items]})
 
-    async def replay_dead_letters(request: web.Request) -> web.Response:
-        # {"ids": [...]} or {"all": true}: move dead letters back to the outbox and send now.
+    async def replay_dead_letters(self, request: web.Request) -> web.Response:
+        """Replay {"ids": [...]} or {"all": true} dead letters."""
         try:
             body = await request.json() if request.body_exists else {}
         except ValueError:
@@ -125,17 +267,12 @@ def build_app(daemon: Daemon) -> web.Application:
             return _error(
                 400, "invalid_ids", f"ids must be 1-{MAX_REPLAY_IDS} dead letter ids (strings)"
             )
-        now = time.time()
-        count = await daemon.store.replay_dead_letters(None if replay_all else ids, now)
-        if count:
-            # Hand them to the dispatcher at once rather than at its next store scan.
-            for item in await daemon.store.due_outbox(now, 1000):
-                daemon.dispatcher.submit(item)
+        count = await self.dead_letters.replay(None if replay_all else ids)
         return _json({"replayed": count})
 
-    async def relabel(request: web.Request) -> web.Response:
-        # {"label": "complaint", "agent": "alice"}: an agent corrects the classifier; the
-        # correction is kept for `omnirouter classifier corrections` and retraining.
+    async def relabel(self, request: web.Request) -> web.Response:
+        """Keep an agent's correction of a message's label ({"label": …, "agent": …})."""
+        # The correction feeds `omnirouter classifier corrections` and retraining.
         try:
             body = await request.json()
         except ValueError:
@@ -148,13 +285,13 @@ def build_app(daemon: Daemon) -> web.Application:
         if not isinstance(agent, str) or not 0 < len(agent) <= 64:
             return _error(400, "invalid_agent", "agent must be a short string")
         message_id = request.match_info["message_id"]
-        if not await daemon.store.record_correction(message_id, label, agent, time.time()):
+        if not await self.corrections.record_correction(message_id, label, agent, self.clock()):
             return _error(404, "unknown_message", f"no message with id {message_id!r}")
         return _json({"message_id": message_id, "label": label})
 
-    async def accept(request: web.Request) -> web.Response:
-        # {"agent": "alice"}: the agent takes up the message's conversation (for tools
-        # that cannot send actions themselves, e.g. a chat bot behind a webhook).
+    async def accept(self, request: web.Request) -> web.Response:
+        """Let an agent take up a message's conversation ({"agent": "alice"})."""
+        # For tools that cannot send actions themselves, e.g. a chat bot behind a webhook.
         try:
             body = await request.json()
         except ValueError:
@@ -163,37 +300,9 @@ def build_app(daemon: Daemon) -> web.Application:
         if not isinstance(agent, str) or not 0 < len(agent) <= 64:
             return _error(400, "invalid_agent", 'give the accepting agent: {"agent": "alice"}')
         message_id = request.match_info["message_id"]
-        outcome = await daemon.pipeline.act(
+        outcome = await self.agents.act(
             AgentAction(agent_id=agent, action="accept", message_id=message_id)
         )
         if outcome != "ok":
             return _error(409, "not_offered", f"{message_id!r} is not with {agent!r}")
         return _json({"message_id": message_id, "agent": agent, "accepted": True})
-
-    app.router.add_post("/v1/messages/{message_id}/label", admin(relabel))
-    app.router.add_post("/v1/messages/{message_id}/accept", admin(accept))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/agents", admin(agents))
-    app.router.add_get("/v1/queues", admin(queues))
-    app.router.add_post("/v1/agents/{agent_id}/presence/{state}", admin(presence))
-    app.router.add_put("/v1/agents/{agent_id}/presence/{state}", admin(presence))
-    app.router.add_get("/v1/dead-letters", admin(dead_letters))
-    app.router.add_post("/v1/dead-letters/replay", admin(replay_dead_letters))
-    return app
-
-
-def dead_letter_view(d: Any) -> dict[str, Any]:
-    """Return a dead letter without its payload (customer data stays out of listings)."""
-    return {
-        "id": d.id,
-        "target": d.target,
-        "agent_id": d.agent_id,
-        "kind": d.kind,
-        "message_id": d.message_id,
-        "attempts": d.attempts,
-        "reason": d.reason,
-        "created_at": d.created_at,
-        "dead_at": d.dead_at,
-    }

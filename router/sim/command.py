@@ -21,14 +21,10 @@ EXIT_INVARIANTS = 1
 EXIT_USAGE = 2
 
 
-def add_parser(sub: Any) -> None:
-    """Register the `simulate` subcommand."""
-    sp = sub.add_parser(
-        "simulate",
-        help="drive the real scheduler on a virtual clock from a trace",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    """Add the `simulate` arguments (and this module's usage as its description) to sp."""
+    sp.description = __doc__
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp.add_argument("action", nargs="?", choices=["run", "generate", "check"], default="run")
     sp.add_argument("--trace", help="trace file (JSON lines)")
     sp.add_argument("--out", help="assignment events (run) or trace (generate) to write")
@@ -45,7 +41,6 @@ def add_parser(sub: Any) -> None:
     sp.add_argument("--agents", type=int)
     sp.add_argument("--utilisation", type=float)
     sp.add_argument("--json", action="store_true", help="print summaries as JSON")
-    sp.set_defaults(fn=cmd_simulate)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
