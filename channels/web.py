@@ -279,6 +279,7 @@ class WebChannel(ChannelBase):
         fields = self._validate(document)
         digest = hashlib.sha256(_CANONICAL.encode(fields).encode("ascii")).hexdigest()
         contact = fields["contact"]
+        hint, conversation_token = self._thread(contact["handle"], fields["conversation"], key)
         message = InboundMessage(
             channel=self.name,
             channel_type="web",
@@ -287,7 +288,7 @@ class WebChannel(ChannelBase):
             text=fields["text"],
             contact_name=contact["name"],
             subject=fields["subject"],
-            conversation_hint=fields["conversation"],
+            conversation_hint=hint,
             received_at=utcnow(),
             language=fields["language"],
             payload_sha256=digest,
@@ -334,10 +335,35 @@ class WebChannel(ChannelBase):
             "state": receipt.state,
             "status_url": status_url,
         }
+        if conversation_token:
+            answer["conversation_token"] = conversation_token
         if receipt.duplicate:
             answer["duplicate"] = True
             return _json(200, answer)
         return _json(201, answer, {"Location": status_url})
+
+    def _thread(self, handle: str, token: str, key: str | None) -> tuple[str, str]:
+        """Return (thread hint, conversation token) for a post; refuse a token not proven.
+
+        Anyone may start a conversation; only who holds its token continues it. Without
+        a token a post starts a new conversation, whoever else wrote from that handle: a
+        bare handle is no proof of identity on the open web.
+        """
+        tokens = self.ctx.conversations
+        if tokens is None:
+            # No token service (a channel tested alone): the client's key threads as given.
+            return token or (key or new_ulid()), ""
+        if not token:
+            return tokens.conversation_token(handle, key)
+        hint = tokens.conversation_hint(handle, token)
+        if hint is None:
+            raise _Rejected(
+                403,
+                "invalid_conversation_token",
+                "this conversation token was not issued to this contact",
+                "conversation",
+            )
+        return hint, token
 
     def _validate(self, document: object) -> dict[str, Any]:
         """Return the normalised fields of a request body; raise _Rejected naming the bad field."""

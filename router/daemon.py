@@ -329,6 +329,7 @@ class Daemon:
             state_dir=self.config.daemon.state_dir,
             log=structlog.get_logger(f"{kind}.{name}"),
             tickets=self.pipeline.ticket_status,
+            conversations=self.pipeline.core.tickets,
         )
 
     def _start_tool(self, section: Any) -> None:

@@ -106,6 +106,22 @@ async def _no_tickets(ticket: str, token: str) -> TicketStatus | None:
     return None
 
 
+class ConversationTokens(Protocol):
+    """Issues and checks the tokens with which a contact continues a conversation.
+
+    For channels that cannot verify who writes (the web): starting a conversation
+    needs nothing, continuing one needs the token handed out when it started.
+    """
+
+    def conversation_token(self, handle: str, seed: str | None = None) -> tuple[str, str]:
+        """Return (thread hint, token) for a new conversation of this contact."""
+        ...
+
+    def conversation_hint(self, handle: str, token: str) -> str | None:
+        """Return the thread hint the token proves for this contact, or None."""
+        ...
+
+
 class DriverBase:
     """What every channel and agent tool shares: its name, context, health and capabilities.
 
@@ -169,6 +185,7 @@ class DriverContext:
     state_dir: Path
     log: Any  # a structlog BoundLogger, already bound to the driver's name
     tickets: TicketLookup = _no_tickets
+    conversations: ConversationTokens | None = None  # None: the channel threads on its own
 
 
 class Channel(Protocol):

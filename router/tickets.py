@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import secrets
 from datetime import UTC, datetime
 
 from router.drivers import TicketStatus
@@ -40,6 +41,38 @@ class Tickets:
         return ticket.startswith(TICKET_PREFIX) and hmac.compare_digest(
             self.status_token(ticket).encode(), token.encode("utf-8", "replace")
         )
+
+    def conversation_token(self, handle: str, seed: str | None = None) -> tuple[str, str]:
+        """Return (thread hint, token) for a conversation a contact starts on an open channel.
+
+        The token is what the contact shows to continue the conversation: a nonce and an
+        HMAC over the contact's handle and that nonce, so it cannot be guessed and works
+        for no other handle. With a seed (the request's Idempotency-Key) the nonce is
+        derived from it, so a retried request gets the same token back.
+        """
+        if seed is None:
+            nonce = secrets.token_urlsafe(16)
+        else:
+            nonce = self._mac_b64(f"conversation-seed\x1f{handle}\x1f{seed}")
+        mac = self._mac_b64(f"conversation\x1f{handle}\x1f{nonce}")
+        return nonce, f"{nonce}.{mac}"
+
+    def conversation_hint(self, handle: str, token: str) -> str | None:
+        """Return the thread hint a conversation token proves for this handle, else None."""
+        nonce, dot, mac = token.partition(".")
+        if not dot or not nonce or not mac:
+            return None
+        expected = self._mac_b64(f"conversation\x1f{handle}\x1f{nonce}")
+        if not hmac.compare_digest(expected.encode(), mac.encode("utf-8", "replace")):
+            return None
+        return nonce
+
+    def _mac_b64(self, text: str) -> str:
+        if self._mac is None:
+            self._mac = hmac.new(self._secret, digestmod="sha256")
+        mac = self._mac.copy()
+        mac.update(text.encode("utf-8", "surrogatepass"))
+        return base64.urlsafe_b64encode(mac.digest()[:18]).decode().rstrip("=")
 
     async def status(self, ticket: str, token: str) -> TicketStatus | None:
         """Return a ticket's status when the token matches; None otherwise (same for unknown)."""

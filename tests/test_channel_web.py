@@ -35,6 +35,7 @@ from router.drivers import (
     load_driver,
 )
 from router.model import InboundMessage, new_ulid
+from router.tickets import Tickets
 
 MESSAGE = {"text": "My parcel has not arrived", "contact": {"handle": "alice@example.com"}}
 FORBIDDEN_CHARS = {chr(c) for c in range(32) if chr(c) not in "\t\n"} | {"\x7f"}
@@ -105,12 +106,15 @@ class FakePipeline:
 
 @asynccontextmanager
 async def serve(
-    pipeline: FakePipeline, tmp_path: Path, **config: Any
+    pipeline: FakePipeline, tmp_path: Path, conversations: Any = None, **config: Any
 ) -> AsyncIterator[tuple[WebChannel, str]]:
     """Run a WebChannel on an ephemeral loopback port; yield it and its base URL."""
     settings_: dict[str, Any] = {"type": "web", "name": "site", "port": 0, **config}
     ctx = DriverContext(
-        state_dir=tmp_path, log=structlog.get_logger().bind(channel="site"), tickets=pipeline.lookup
+        state_dir=tmp_path,
+        log=structlog.get_logger().bind(channel="site"),
+        tickets=pipeline.lookup,
+        conversations=conversations,
     )
     channel = WebChannel("site", WebConfig(**settings_), ctx)
     task = asyncio.create_task(channel.run(pipeline.sink))
@@ -255,7 +259,8 @@ async def test_without_key_each_post_is_a_new_message(site: Any, pipeline: FakeP
     assert first[1]["ticket"] != second[1]["ticket"]
     ids = [m.external_id for m in pipeline.stored]
     assert len(set(ids)) == 2 and all(len(i) == 26 for i in ids)
-    assert [m.conversation_hint for m in pipeline.stored] == ["", ""]
+    hints = [m.conversation_hint for m in pipeline.stored]
+    assert all(hints) and hints[0] != hints[1]  # each post starts its own thread
 
 
 async def test_replay_with_same_key_and_payload_is_200_duplicate(
@@ -837,3 +842,44 @@ async def test_random_bodies_never_5xx_and_only_valid_messages_reach_the_sink(
     for message in pipeline.calls[before:]:
         _assert_valid(message)
         assert message.raw == body
+
+
+# -- continuing a conversation needs its token ---------------------------------------------
+
+
+async def test_a_bare_handle_never_joins_someone_elses_conversation(tmp_path: Path) -> None:
+    # Issue 13 #2: two posts with the same contact.handle used to share a conversation,
+    # so whoever knew a customer's handle joined it. Only the token continues it now.
+    tickets = Tickets(store=None)  # type: ignore[arg-type]  # the secret is all it needs here
+    tickets._secret = b"installation-secret"
+    pipeline = FakePipeline()
+    async with (
+        serve(pipeline, tmp_path, conversations=tickets) as (_, url),
+        aiohttp.ClientSession() as session,
+    ):
+        body = {"text": "Where is my parcel?", "contact": {"handle": "dana@example.com"}}
+        status, first, _ = await post(session, url, body, key="k-1")
+        assert status == 201 and first["conversation_token"]
+        status, stranger, _ = await post(session, url, {**body, "text": "me too"}, key="k-2")
+        assert status == 201
+        assert stranger["conversation_token"] != first["conversation_token"]
+        follow = {**body, "text": "Any news?", "conversation": first["conversation_token"]}
+        status, again, _ = await post(session, url, follow, key="k-3")
+        assert status == 201 and again["conversation_token"] == first["conversation_token"]
+        hints = [m.conversation_hint for m in pipeline.stored]
+        assert hints[0] == hints[2] and hints[0] != hints[1]
+        # The same token from another handle, a forged one, a bare guess: refused, not stored.
+        other = {**follow, "contact": {"handle": "eve@example.com"}}
+        forged = {**follow, "conversation": first["conversation_token"][:-2] + "AA"}
+        for bad, key in (
+            (other, "k-4"),
+            (forged, "k-5"),
+            ({**follow, "conversation": "s-1"}, "k-6"),
+        ):
+            status, answer, _ = await post(session, url, bad, key=key)
+            assert status == 403, answer
+            assert answer["error"]["code"] == "invalid_conversation_token"
+        assert len(pipeline.stored) == 3
+        # A retry of the first post (same key, same body) gets the same token back.
+        status, retry, _ = await post(session, url, body, key="k-1")
+        assert status == 200 and retry["conversation_token"] == first["conversation_token"]

@@ -241,6 +241,8 @@ class Traffic:
     acks: dict[str, Ack] = field(default_factory=dict)
     # Every 2xx answer seen, including repeats for the same key after a lost answer.
     answers: list[tuple[str, int, str]] = field(default_factory=list)
+    # (handle, web session) -> the conversation token its first message got back.
+    sessions: dict[tuple[str, str], str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     retries: int = 0
 
@@ -260,7 +262,17 @@ class Traffic:
         """Send planned messages one by one; retry each with its key until it is acknowledged."""
         try:
             while (item := self.take()) is not None:
-                key, body = item
+                key, planned = item
+                # A web session continues its conversation with the token its first
+                # message got back; decided once, as every retry must send the same body.
+                body = dict(planned)
+                session = body.pop("conversation", None)
+                session_key = (body["contact"]["handle"], session)
+                if session is not None:
+                    with self.lock:
+                        token = self.sessions.get(session_key)
+                    if token:
+                        body["conversation"] = token
                 attempts = 0
                 while True:
                     if time.monotonic() > deadline:
@@ -282,6 +294,8 @@ class Traffic:
                         status, answer = 0, None
                     if status in (200, 201) and isinstance(answer, dict):
                         with self.lock:
+                            if session is not None and answer.get("conversation_token"):
+                                self.sessions.setdefault(session_key, answer["conversation_token"])
                             self.answers.append((key, status, answer["message_id"]))
                             self.acks.setdefault(
                                 key,
