@@ -38,6 +38,9 @@ from router.model import (
 )
 
 DELIVERY_SCHEMA = "omnirouter.delivery/1"
+# Built once: json.dumps with non-default arguments builds an encoder on every call.
+# allow_nan=False: NaN/Infinity are not JSON and would break strict parsers.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 # Envelope keys every encoded delivery carries before the payload's own keys.
 ENVELOPE_KEYS = ("schema", "delivery_id", "kind", "agent_id", "attempt")
 
@@ -272,7 +275,9 @@ def classification_info(cls: Classification) -> ClassificationInfo:
                 value=s.value,
             )
             for s in cls.signals
-        ),
+        )
+        if cls.signals
+        else (),
     )
 
 
@@ -527,8 +532,7 @@ def encode_delivery(delivery: Delivery) -> bytes:
         **payload_to_dict(delivery.payload),
     }
     try:
-        # allow_nan=False: NaN/Infinity are not JSON and would break strict parsers.
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(body)
     except (TypeError, ValueError) as exc:
         raise PermanentError(f"delivery is not JSON-serialisable: {exc}") from exc
     return text.encode("utf-8")

@@ -144,12 +144,16 @@ class Intake:
         key = (msg.channel, thread_key(msg))
         core = self.core
         m = core.metrics
+        threads = core.threads
+        lock = threads.enter(key)
         try:
-            async with core.threads.lock(key):
+            async with lock:
                 routed = await self._route(msg, key)
         except Exception:
             m.child(m.ingest_errors, msg.channel).inc()
             raise
+        finally:
+            threads.leave(key)
         elapsed = time.perf_counter() - started
         receipt, cls, queue, choice = routed.receipt, routed.cls, routed.queue, routed.choice
         if receipt.duplicate:

@@ -64,14 +64,18 @@ class Threads:
         """Return an async context manager holding the thread's lock."""
         return _ThreadLock(self, key)
 
-    def _acquire_lock(self, key: ThreadKey) -> asyncio.Lock:
+    def enter(self, key: ThreadKey) -> asyncio.Lock:
+        """Count one user of the thread's lock in and return the lock (pair with `leave`).
+
+        The per-message path uses this pair instead of `lock()`: two calls, no object.
+        """
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
         self._users[key] = self._users.get(key, 0) + 1
         return lock
 
-    def _release_lock(self, key: ThreadKey) -> None:
+    def leave(self, key: ThreadKey) -> None:
         """Count one user of the thread's lock out; the last one drops the lock."""
         left = self._users[key] - 1
         if left:
@@ -89,13 +93,13 @@ class _ThreadLock:
     def __init__(self, threads: Threads, key: ThreadKey) -> None:
         self._threads = threads
         self._key = key
-        self._lock = threads._acquire_lock(key)
+        self._lock = threads.enter(key)
 
     async def __aenter__(self) -> None:
         try:
             await self._lock.acquire()
         except BaseException:
-            self._threads._release_lock(self._key)
+            self._threads.leave(self._key)
             raise
 
     async def __aexit__(
@@ -105,4 +109,4 @@ class _ThreadLock:
         tb: TracebackType | None,
     ) -> None:
         self._lock.release()
-        self._threads._release_lock(self._key)
+        self._threads.leave(self._key)
