@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +81,10 @@ class Config(BaseModel):
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = Field(default=None, min_length=1, max_length=256)
     password: SecretStr | None = None
-    client_id: str = Field(default="", max_length=128)  # empty: "omnirouter-<name>"
+    # Empty: "omnirouter-<name>-<host>-<pid>", unique per running instance: a broker
+    # drops the older of two clients with one id, so two daemons sharing a default id
+    # would knock each other off line. Sessions are clean, so nothing is lost by a new id.
+    client_id: str = Field(default="", max_length=128)
     topic_prefix: str = Field(
         default="omnirouter/agents", min_length=1, max_length=256, pattern=_PREFIX_RE
     )
@@ -104,7 +109,8 @@ class Config(BaseModel):
         """Fill the default client id and reject settings that contradict each other."""
         if not self.client_id:
             # Frozen model: the documented way to set a derived default is object.__setattr__.
-            object.__setattr__(self, "client_id", f"omnirouter-{self.name}")
+            host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40]
+            object.__setattr__(self, "client_id", f"omnirouter-{self.name}-{host}-{os.getpid()}")
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
         if self.ca_file is not None and not self.tls:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -427,7 +428,10 @@ def test_relabel_is_an_action_agents_can_send() -> None:
 
 def test_config_defaults_and_bounds() -> None:
     config = Config(type="mqtt", name="mq", password=SecretStr("s3cret"), username="router")
-    assert config.client_id == "omnirouter-mq"
+    # Unique per running instance: two daemons must not knock each other off the broker.
+    assert config.client_id.startswith("omnirouter-mq-") and config.client_id.endswith(
+        f"-{os.getpid()}"
+    )
     assert config.qos == 1 and config.port == 1883
     assert "s3cret" not in repr(config) and "s3cret" not in str(config.model_dump())
     for bad in (
