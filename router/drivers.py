@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator
 
 from router.delivery import Delivery as Delivery
 from router.delivery import Outbound as Outbound
@@ -32,6 +35,21 @@ from router.model import InboundMessage
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 # Agent ids: they double as file names (inbox) and topic levels (MQTT), so no separators.
 AGENT_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def check_time_zone(value: str) -> str:
+    """Return value if it names an IANA time zone; raise ValueError otherwise."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {value!r} (an IANA name, e.g. Asia/Shanghai)"
+        ) from None
+    return value
+
+
+# A config field naming an IANA time zone ("Asia/Shanghai"), checked at load.
+TimeZoneName = Annotated[str, AfterValidator(check_time_zone)]
 # The exit code of a config error: systemd's RestartPreventExitStatus=11 stops a restart loop.
 EXIT_CONFIG = 11
 
