@@ -41,7 +41,7 @@ _SAFE_NAME = re.compile(AGENT_ID_RE)
 _READ_CHUNK = 1 << 20
 
 
-class Config(BaseModel):
+class InboxConfig(BaseModel):
     """Settings of one inbox adapter."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -218,10 +218,10 @@ def _consume_exception(fut: asyncio.Future[None]) -> None:
 class InboxTool(AgentToolBase):
     """Append each delivery as one JSON line to the agent's file, exactly once per delivery id."""
 
-    config_model: ClassVar[type[Config]] = Config
+    config_model: ClassVar[type[InboxConfig]] = InboxConfig
     sends_actions = False  # a file cannot say "I took it": its agents hold work at once
 
-    def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
+    def __init__(self, name: str, config: InboxConfig, ctx: DriverContext) -> None:
         """Prepare the tool; nothing touches the disk before the first delivery or run()."""
         super().__init__(name, ctx)
         self.config = config

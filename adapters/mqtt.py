@@ -57,7 +57,7 @@ from router.drivers import (
     TransientError,
 )
 
-__all__ = ["ActionError", "Config", "MqttTool", "parse_action"]
+__all__ = ["ActionError", "MqttConfig", "MqttTool", "parse_action"]
 
 # CONNACK codes meaning "these credentials will not work": v3.1.1 return codes 4
 # (bad user name or password) and 5 (not authorised), and their MQTT v5 / paho 2
@@ -70,7 +70,7 @@ _ADDRESS = re.compile(r"[^/+#\x00]+(?:/[^/+#\x00]+)*")
 _PREFIX_RE = r"^[^/+#\x00]+(?:/[^/+#\x00]+)*$"  # anchored: pydantic patterns search
 
 
-class Config(BaseModel):
+class MqttConfig(BaseModel):
     """Settings of one MQTT adapter."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -105,7 +105,7 @@ class Config(BaseModel):
     max_action_bytes: int = Field(default=65536, ge=256, le=1 << 20)
 
     @model_validator(mode="after")
-    def _check(self) -> Config:
+    def _check(self) -> MqttConfig:
         """Fill the default client id and reject settings that contradict each other."""
         if not self.client_id:
             # Frozen model: the documented way to set a derived default is object.__setattr__.
@@ -143,10 +143,10 @@ class _Session:
 class MqttTool(AgentToolBase):
     """Publish deliveries with QoS 1 and feed agent actions from the broker to the router."""
 
-    config_model: ClassVar[type[Config]] = Config
+    config_model: ClassVar[type[MqttConfig]] = MqttConfig
     sends_actions = True  # agents publish accept/resolve/reply/... on <prefix>/<agent>/actions
 
-    def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
+    def __init__(self, name: str, config: MqttConfig, ctx: DriverContext) -> None:
         """Prepare the tool; the connection is made by run()."""
         super().__init__(name, ctx)
         self.config = config

@@ -130,7 +130,7 @@ def safe_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
-class Config(BaseModel):
+class WebhookConfig(BaseModel):
     """Settings of one webhook adapter."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -172,7 +172,7 @@ class Config(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _probe_bounds(self) -> Config:
+    def _probe_bounds(self) -> WebhookConfig:
         """Require breaker_probe_min <= breaker_probe_max."""
         if self.breaker_probe_min > self.breaker_probe_max:
             raise ValueError("breaker_probe_min must not exceed breaker_probe_max")
@@ -182,10 +182,10 @@ class Config(BaseModel):
 class WebhookTool(AgentToolBase):
     """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy."""
 
-    config_model: ClassVar[type[Config]] = Config
+    config_model: ClassVar[type[WebhookConfig]] = WebhookConfig
     sends_actions = False  # outgoing only: its agents hold work at once
 
-    def __init__(self, name: str, config: Config, ctx: DriverContext) -> None:
+    def __init__(self, name: str, config: WebhookConfig, ctx: DriverContext) -> None:
         """Prepare the tool; the HTTP session is created on first use."""
         super().__init__(name, ctx)
         self.config = config

@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from adapters import inbox as inbox_module
-from adapters.inbox import Config, InboxTool
+from adapters.inbox import InboxConfig, InboxTool
 from router import config as router_config
 from router.backoff import backoff_ceiling, backoff_delay
 from router.delivery import DELIVERY_SCHEMA, AlertPayload, encode_delivery
@@ -50,7 +50,7 @@ def make_delivery(n: int = 1, agent: str = "alice", **kw: Any) -> Delivery:
 
 def make_tool(tmp_path: Path, **config: Any) -> InboxTool:
     """Return an InboxTool writing under tmp_path."""
-    return InboxTool("inbox", Config(type="inbox", name="inbox", **config), make_ctx(tmp_path))
+    return InboxTool("inbox", InboxConfig(type="inbox", name="inbox", **config), make_ctx(tmp_path))
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -193,11 +193,11 @@ def test_payload_cannot_override_envelope_or_hold_non_json() -> None:
 
 def test_registry_and_config_model() -> None:
     assert load_driver(ADAPTERS, "inbox") is InboxTool
-    assert InboxTool.config_model is Config
+    assert InboxTool.config_model is InboxConfig
     with pytest.raises(ValueError):
-        Config(type="inbox", name="inbox", colour="blue")  # type: ignore[call-arg]
+        InboxConfig(type="inbox", name="inbox", colour="blue")  # type: ignore[call-arg]
     with pytest.raises(ValueError):
-        Config(type="mqtt", name="inbox")  # type: ignore[arg-type]
+        InboxConfig(type="mqtt", name="inbox")  # type: ignore[arg-type]
 
 
 def test_local_patterns_match_router_config() -> None:

@@ -17,7 +17,7 @@ import structlog
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from adapters.mqtt import ActionError, Config, MqttTool, parse_action
+from adapters.mqtt import ActionError, MqttConfig, MqttTool, parse_action
 from router.delivery import encode_delivery
 from router.drivers import (
     ADAPTERS,
@@ -65,7 +65,7 @@ def make_tool(broker: Mosquitto, tmp_path: Path, **config: Any) -> MqttTool:
     }
     settings.update(config)
     ctx = DriverContext(state_dir=tmp_path, log=structlog.get_logger().bind(tool="t"))
-    return MqttTool("mq", Config(**settings), ctx)
+    return MqttTool("mq", MqttConfig(**settings), ctx)
 
 
 async def wait_state(tool: MqttTool, state: DriverState, within: float = 5.0) -> None:
@@ -312,7 +312,7 @@ async def test_publish_timeout_is_timed_out(mosquitto: Mosquitto, tmp_path: Path
 
 
 async def test_not_connected_deliver_is_transient_at_once(tmp_path: Path) -> None:
-    config = Config(type="mqtt", name="mq", host="127.0.0.1", port=1)
+    config = MqttConfig(type="mqtt", name="mq", host="127.0.0.1", port=1)
     ctx = DriverContext(state_dir=tmp_path, log=structlog.get_logger())
     tool = MqttTool("mq", config, ctx)
     with pytest.raises(TransientError, match="not connected"):
@@ -321,7 +321,7 @@ async def test_not_connected_deliver_is_transient_at_once(tmp_path: Path) -> Non
 
 async def test_nobody_listening_is_transient_disconnect(tmp_path: Path) -> None:
     port = free_port()
-    config = Config(
+    config = MqttConfig(
         type="mqtt", name="mq", host="127.0.0.1", port=port, reconnect_min=0.05, reconnect_max=0.1
     )
     tool = MqttTool("mq", config, DriverContext(state_dir=tmp_path, log=structlog.get_logger()))
@@ -427,7 +427,7 @@ def test_relabel_is_an_action_agents_can_send() -> None:
 
 
 def test_config_defaults_and_bounds() -> None:
-    config = Config(type="mqtt", name="mq", password=SecretStr("s3cret"), username="router")
+    config = MqttConfig(type="mqtt", name="mq", password=SecretStr("s3cret"), username="router")
     # Unique per running instance: two daemons must not knock each other off the broker.
     assert config.client_id.startswith("omnirouter-mq-") and config.client_id.endswith(
         f"-{os.getpid()}"
@@ -445,7 +445,7 @@ def test_config_defaults_and_bounds() -> None:
         {"unknown": 1},
     ):
         with pytest.raises(ValueError):
-            Config(type="mqtt", name="mq", **bad)
+            MqttConfig(type="mqtt", name="mq", **bad)
     assert load_driver(ADAPTERS, "mqtt") is MqttTool
 
 

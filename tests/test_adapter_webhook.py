@@ -15,7 +15,7 @@ import structlog
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from adapters.webhook import Config, WebhookTool, safe_url, sign, verify_signature
+from adapters.webhook import WebhookConfig, WebhookTool, safe_url, sign, verify_signature
 from router import __version__
 from router.delivery import encode_delivery
 from router.drivers import (
@@ -59,7 +59,7 @@ def make_tool(url: str, tmp_path: Path, **config: Any) -> WebhookTool:
     }
     settings.update(config)
     ctx = DriverContext(state_dir=tmp_path, log=structlog.get_logger().bind(tool="t"))
-    return WebhookTool("hook", Config(**settings), ctx)
+    return WebhookTool("hook", WebhookConfig(**settings), ctx)
 
 
 @asynccontextmanager
@@ -298,7 +298,7 @@ def test_verify_signature_accepts_good_and_rejects_bad() -> None:
 
 
 def test_config_validation() -> None:
-    ok = Config(
+    ok = WebhookConfig(
         type="webhook", name="hook", url="https://x.example/{agent_id}", secret=SecretStr("s")
     )
     assert ok.timeout == 10 and ok.secret.get_secret_value() == "s" and "'s'" not in repr(ok)
@@ -318,9 +318,9 @@ def test_config_validation() -> None:
     ):
         settings: dict[str, Any] = {"url": "https://x.example/", "secret": "s", **bad}
         with pytest.raises(ValueError):
-            Config(type="webhook", name="hook", **settings)
+            WebhookConfig(type="webhook", name="hook", **settings)
     with pytest.raises(ValueError):
-        Config(type="webhook", name="hook", url="https://x.example/")  # type: ignore[call-arg]
+        WebhookConfig(type="webhook", name="hook", url="https://x.example/")  # type: ignore[call-arg]
     assert load_driver(ADAPTERS, "webhook") is WebhookTool
 
 

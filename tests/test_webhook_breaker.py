@@ -18,7 +18,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from adapters.webhook import Config, WebhookTool, verify_signature
+from adapters.webhook import WebhookConfig, WebhookTool, verify_signature
 from router.drivers import Delivery, DriverContext, DriverState, TransientError
 from tests import payloads
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
@@ -173,7 +173,9 @@ async def test_outage_is_held_not_dead_lettered(
 
 def make_tool(url: str, tmp_path: Path, **settings: Any) -> WebhookTool:
     """Return a webhook tool posting to url."""
-    config = Config(type="webhook", name="hook", url=url, secret=SECRET, timeout=2, **settings)
+    config = WebhookConfig(
+        type="webhook", name="hook", url=url, secret=SECRET, timeout=2, **settings
+    )
     ctx = DriverContext(state_dir=tmp_path, log=structlog.get_logger().bind(tool="hook"))
     return WebhookTool("hook", config, ctx)
 
@@ -248,7 +250,7 @@ async def test_a_success_or_an_answer_resets_the_count(tmp_path: Path) -> None:
 
 def test_probe_bounds_are_validated() -> None:
     with pytest.raises(ValueError, match="breaker_probe_min"):
-        Config(
+        WebhookConfig(
             type="webhook",
             name="hook",
             url="http://127.0.0.1:1/",
