@@ -336,23 +336,24 @@ get-url = "{get_url}"
 
     def start(self) -> Kannel:
         """Start bearerbox, connect as the SMSC client, then start smsbox."""
-        conf = str(self.dir / "kannel.conf")
-        for binary, port, name in ((BEARERBOX, self.smsbox, "bearerbox"),):
-            log = self.dir / f"{name}.out"
-            proc = subprocess.Popen(
-                [binary, "-v", "1", conf], stdout=open(log, "wb"), stderr=subprocess.STDOUT
-            )
-            self.procs.append(proc)
-            _wait_port(port, proc, log)
-        _wait_port(self.fake, self.procs[0], self.dir / "bearerbox.out")
+        bearerbox = self._spawn(BEARERBOX, "bearerbox")
+        _wait_port(self.smsbox, bearerbox, self.dir / "bearerbox.out")
+        _wait_port(self.fake, bearerbox, self.dir / "bearerbox.out")
         self.smsc = socket.create_connection(("127.0.0.1", self.fake), 5)
-        log = self.dir / "smsbox.out"
-        proc = subprocess.Popen(
-            [SMSBOX, "-v", "1", conf], stdout=open(log, "wb"), stderr=subprocess.STDOUT
-        )
-        self.procs.append(proc)
-        _wait_port(self.sendsms, proc, log)
+        smsbox = self._spawn(SMSBOX, "smsbox")
+        _wait_port(self.sendsms, smsbox, self.dir / "smsbox.out")
         return self
+
+    def _spawn(self, binary: str, name: str) -> subprocess.Popen[bytes]:
+        """Start one Kannel box with its output in a file."""
+        with open(self.dir / f"{name}.out", "wb") as out:
+            proc = subprocess.Popen(
+                [binary, "-v", "1", str(self.dir / "kannel.conf")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
 
     def stop(self) -> None:
         """SIGTERM in reverse order, then remove the directory."""
