@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -133,6 +134,7 @@ def fit_segments(text: str, cap: int, notice: str) -> tuple[str, bool]:
 _NUMBER_CHARS = re.compile(r"\+?[0-9 ()./-]+")
 
 
+@functools.lru_cache(maxsize=4096)
 def e164(raw: str, region: str) -> str:
     """Return raw as an E.164 number (+CC…); raise ValueError saying why it is not one."""
     raw = raw.strip()
@@ -644,7 +646,8 @@ class SmsChannelBase(ChannelBase):
             self.counts["received"] += 1
         self._succeeded()
         encoding, parts = split_segments(text)
-        self.log.info(
+        # Debug only: the pipeline logs one canonical line per routed message.
+        self.log.debug(
             f"{self.kind}.received",
             ticket=receipt.ticket,
             duplicate=receipt.duplicate,
@@ -662,7 +665,7 @@ class SmsChannelBase(ChannelBase):
         if outbound.kind not in ("ack", "reply"):
             raise PermanentError(f"{self.kind}: unknown outbound kind {outbound.kind!r}")
         if outbound.kind == "ack" and not self.settings.ack.enabled:
-            self.log.info(f"{self.kind}.ack_disabled", outbound_id=outbound.id)
+            self.log.debug(f"{self.kind}.ack_disabled", outbound_id=outbound.id)
             return
         # Accepted by the gateway before (the outbox did not learn it): not sent twice.
         prior = await asyncio.to_thread(self.store.sent_sid, outbound.id)
