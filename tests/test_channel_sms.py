@@ -10,6 +10,8 @@ and calls the status callbacks.
 from __future__ import annotations
 
 import asyncio
+import re
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -547,3 +549,28 @@ async def test_mms_media_are_fetched_within_limits_or_kept_as_links(
         assert (await emulator.post_signed(base + "/sms", params))[0] == 200
         assert asyncio.get_running_loop().time() - started < 1.5
         assert pipeline.stored[-1].attachments[0].size == 0
+
+
+def test_the_commented_example_blocks_are_valid_when_uncommented(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = (Path(__file__).resolve().parents[1] / "config" / "omnirouter.example.toml").read_text()
+    monkeypatch.setenv("OMNIROUTER_TWILIO_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("OMNIROUTER_SMS_SECRET", "kannel-webhook-secret-42")
+    monkeypatch.setenv("OMNIROUTER_KANNEL_PASSWORD", "kannel-sendsms-pw")
+    channels = []
+    for kind in ("twilio", "sms_http"):
+        start = text.index(f'# type = "{kind}"')
+        block = text[start : text.index("\n\n", start)]
+        settings: dict[str, Any] = {}
+        for line in block.splitlines():
+            body = line.removeprefix("# ")
+            # Settings only (not notes), and one sender: messaging_service_sid is the
+            # alternative to from_number.
+            if re.match(r"^[a-z_]+ = ", body) and not body.startswith("messaging_service_sid"):
+                settings.update(tomllib.loads(body))
+        channels.append(settings)
+    config = build_config({"channels": channels}, source="example")
+    twilio, kannel = (c for c in config.channels if c.type in ("twilio", "sms_http"))
+    assert twilio.public_url == "https://sms.example.com/twilio" and twilio.max_segments == 10
+    assert kannel.inbound.auth == "secret" and kannel.outbound.success_status == (202,)
