@@ -257,6 +257,8 @@ class AgentTool(Protocol):
 CHANNELS: dict[str, str] = {
     "email": "channels.email:EmailChannel",
     "web": "channels.web:WebChannel",
+    "twilio": "channels.sms:TwilioChannel",
+    "sms_http": "channels.sms:HttpSmsChannel",
 }
 ADAPTERS: dict[str, str] = {
     "inbox": "adapters.inbox:InboxTool",
