@@ -238,6 +238,7 @@ class AgentTool(Protocol):
 # drivers that are not configured (uvicorn's pattern).
 CHANNELS: dict[str, str] = {
     "email": "channels.email:EmailChannel",
+    "telegram": "channels.telegram:TelegramChannel",
     "web": "channels.web:WebChannel",
 }
 ADAPTERS: dict[str, str] = {
