@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -544,3 +545,26 @@ def test_split_parts_fit_and_keep_the_text(text: str) -> None:
         assert not text[position:found].strip() and found - position <= 2
         position = found + len(part)
     assert not text[position:].strip()
+
+
+def test_the_commented_example_block_is_valid_when_uncommented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router.config import load_config
+
+    example = Path(__file__).resolve().parents[1] / "config" / "omnirouter.example.toml"
+    text = example.read_text(encoding="utf-8")
+    block = text[text.index('# type = "telegram"') : text.index("# A mailbox")]
+    lines = [
+        line[2:]
+        for line in block.splitlines()
+        if line.startswith("# ") and re.match(r"^[a-z_]+ = |^\[channels\.", line[2:])
+    ]
+    toml = "[[channels]]\n" + "\n".join(lines).replace('mode = "polling"', 'mode = "webhook"')
+    monkeypatch.setenv("OMNIROUTER_TELEGRAM_TOKEN", "123456:example")
+    monkeypatch.setenv("OMNIROUTER_TELEGRAM_WEBHOOK_SECRET", "example_secret-1")
+    path = tmp_path / "omnirouter.toml"
+    path.write_text(toml, encoding="utf-8")
+    (channel,) = load_config(path).channels
+    assert channel.type == "telegram" and channel.mode == "webhook"
+    assert channel.ack.timezone == "Asia/Shanghai" and channel.greeting["zh"]
