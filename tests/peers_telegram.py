@@ -159,6 +159,17 @@ class BotApiEmulator:
         self._wake()
         return update
 
+    def push_many(self, kind: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Queue several updates at once (one getUpdates returns them together)."""
+        with self._lock:
+            updates = []
+            for message in messages:
+                updates.append({"update_id": self._next_update, kind: message})
+                self._next_update += 1
+            self.updates.extend(updates)
+        self._wake()
+        return updates
+
     def message(
         self,
         chat_id: int,

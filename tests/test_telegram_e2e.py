@@ -202,8 +202,11 @@ def test_sigkill_between_commit_and_offset_ack_loses_and_doubles_nothing(
     poll(lambda: ready(ops), what="/readyz with the bot polling")
     api.freeze_confirm = True  # the getUpdates that would confirm them never lands
     chats = (601, 602, 603)
-    for i in range(6):
-        api.send_text(chats[i % 3], f"message {i} about order {4700 + i}")
+    # One batch: the getUpdates after it is the one that would confirm all six.
+    api.push_many(
+        "message",
+        [api.message(chats[i % 3], f"message {i} about order {4700 + i}") for i in range(6)],
+    )
     poll(lambda: len(messages(state)) == 6, within=15, what="six commits")
     poll(lambda: api.confirm_attempts >= 1, what="the confirming getUpdates")
     poll(lambda: not rows(state, "SELECT 1 FROM outbox"), within=15, what="acks sent")
