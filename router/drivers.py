@@ -256,6 +256,7 @@ class AgentTool(Protocol):
 # drivers that are not configured (uvicorn's pattern).
 CHANNELS: dict[str, str] = {
     "email": "channels.email:EmailChannel",
+    "telegram": "channels.telegram:TelegramChannel",
     "web": "channels.web:WebChannel",
     "twilio": "channels.sms:TwilioChannel",
     "sms_http": "channels.sms:HttpSmsChannel",
