@@ -199,7 +199,7 @@ class Intake:
         deadline = now + self.sla_seconds(cls)
         known = core.threads.conversation(key)
         surveyed, score = self._survey_answer(msg, key, now) if known is None else (None, None)
-        proposed = known or surveyed or new_ulid()
+        proposed = known or new_ulid()
         message_id = new_ulid()
         work = Work(
             id=message_id,
@@ -220,7 +220,12 @@ class Intake:
             msg, key[1], cls, queue, message_id, proposed, known or surveyed, work, choice
         )
         lifecycle = core.config.lifecycle
-        new = replace(new, reopen_since=now - lifecycle.reopen_window, survey_score=score)
+        new = replace(
+            new,
+            reopen_since=now - lifecycle.reopen_window,
+            survey_of=surveyed or "",
+            survey_score=score,
+        )
         try:
             result = await core.store.ingest(new)
         except BaseException:

@@ -1138,7 +1138,7 @@ async def test_a_survey_answer_is_recorded_once_and_a_low_one_reopens(store: Sto
         assert first.conversation_id in {s.conversation_id for s in snap.pending_surveys}
         answer = dataclasses.replace(
             new_message(thread_key=f"s{score}", ingested_at=T0 + 30),
-            conversation_id=first.conversation_id,
+            survey_of=first.conversation_id,
             survey_score=score,
         )
         result = await store.ingest(answer)
@@ -1188,3 +1188,20 @@ async def test_refusals_and_presence_are_kept_as_events(store: Store) -> None:
         {"reason": "not yours"},
     )
     assert [e.kind for e in await store.ticket_events("")] == ["presence"]
+
+
+async def test_an_answer_to_a_survey_no_longer_pending_is_an_ordinary_message(
+    store: Store,
+) -> None:
+    first = new_message(thread_key="gone", assign_to="bob")
+    await store.ingest(first)
+    await store.resolve_conversation(first.conversation_id, T0 + 10)  # no survey sent
+    late = dataclasses.replace(
+        new_message(thread_key="gone", ingested_at=T0 + 3 * HOUR),
+        reopen_since=T0 + HOUR,
+        survey_of=first.conversation_id,
+        survey_score=5,
+    )
+    result = await store.ingest(late)
+    assert result.survey_score is None and result.state == "queued"
+    assert result.conversation_id == late.conversation_id != first.conversation_id

@@ -103,10 +103,12 @@ class NewMessage:
     # this time; an older one is closed and the message starts a new conversation
     # (`[lifecycle] reopen_window`). None: it always reopens.
     reopen_since: float | None = None
-    # The customer's answer to the satisfaction survey of `conversation_id` (1-5): when
-    # that survey is still pending, it is recorded as the ticket's score; a satisfied
-    # answer is stored with the resolved ticket and not routed, a low one reopens it.
-    # When the survey is not pending any more the message is an ordinary one.
+    # The customer's answer (1-5) to the satisfaction survey of the conversation
+    # `survey_of`: when that survey is still pending, it is recorded as the ticket's
+    # score; a satisfied answer is stored with the resolved ticket and not routed, a low
+    # one reopens it. When the survey is not pending any more the message is an
+    # ordinary one (`conversation_id` is then used as for any message).
+    survey_of: str = ""
     survey_score: int | None = None
 
 

@@ -774,7 +774,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         (contact_key, m.channel_type, m.contact_handle, m.contact_name, new.ingested_at),
     )
     at = new.ingested_at
-    survey = _survey_answer(c, new) if new.survey_score is not None else None
+    survey = _survey_answer(c, new) if new.survey_score is not None and new.survey_of else None
     if survey is not None and new.survey_score is not None and new.survey_score > LOW_SCORE:
         # A satisfied answer is the ticket's score, nothing more: stored with the resolved
         # ticket (so a redelivery is a duplicate), never routed.
@@ -956,7 +956,7 @@ def _survey_answer(c: sqlite3.Connection, new: NewMessage) -> str | None:
     """Record a survey answer on the surveyed ticket; return its id (None: not pending)."""
     row = c.execute(
         "SELECT id FROM conversations WHERE id=? AND state='resolved' AND survey_until>=?",
-        (new.conversation_id, new.ingested_at),
+        (new.survey_of, new.ingested_at),
     ).fetchone()
     if row is None:
         return None  # answered, reopened or closed meanwhile: an ordinary message
