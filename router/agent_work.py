@@ -142,7 +142,6 @@ class AgentWork:
         key = core.threads.key_of(conversation_id) if conversation_id else None
         if key is None:
             raise Refusal(NOT_OPEN)
-        survey = await self._survey_item(conversation_id) if core.config.lifecycle.survey else None
         # Under the thread's lock, so a follow-up cannot be routed to the holder (sticky)
         # while the close commits and then lose its slot to release(); and outside any
         # drain, so a message being handed out is not closed unseen.
@@ -151,8 +150,11 @@ class AgentWork:
                 # Only the holder may close a conversation; an unheld one is waiting for
                 # an agent (a stale resolve after a reopen, say).
                 raise Refusal(NOT_YOURS)
+            # Read under the lock too: a follow-up may not slip in between (see above).
+            lifecycle = core.config.lifecycle
+            survey = await self._survey_item(conversation_id) if lifecycle.survey else None
             now = core.clock()
-            until = now + core.config.lifecycle.survey_window
+            until = now + lifecycle.survey_window
             holder = await core.store.resolve_conversation(
                 conversation_id, now, actor=action.agent_id, survey=survey, survey_until=until
             )
