@@ -333,7 +333,8 @@ class MqttTool(AgentToolBase):
         except ActionError as exc:
             # Only our own reason and the size: the body may hold customer data.
             self.log.warning("mqtt.action_rejected", agent_id=agent_id, reason=str(exc), size=size)
-            return None
+            # The router refuses it too, so the agent's tool hears why (a `notice`).
+            return exc.as_action(agent_id)
 
     async def _action_worker(self, queue: asyncio.Queue[AgentAction], actions: ActionSink) -> None:
         """Hand queued actions to the router one at a time, in arrival order."""

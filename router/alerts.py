@@ -1,7 +1,9 @@
-"""Alerts for the on-duty manager: P0 messages, SLA breaches and complaint crises.
+"""Alerts for the on-duty manager: P0 messages, SLA breaches, complaint crises, unhappy customers.
 
 Each alert goes out through the agent tool the config names (`classifier.crisis.target`
-or `scheduling.breach_target`) as an `alert` delivery, committed before it is sent.
+or `scheduling.breach_target`) as an `alert` delivery, committed before it is sent. An
+unsatisfied survey answer goes to the crisis target, or without one to every
+supervisor's own tool.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from router.crisis import CrisisEvent
 from router.delivery import AlertPayload, ToolTarget
 from router.model import Classification, InboundMessage, new_ulid, ticket_number
 from router.schedule import Work
-from router.store import OutboxItem
+from router.store import IngestResult, OutboxItem
 
 log = structlog.get_logger("router.pipeline")
 
@@ -51,6 +53,41 @@ class Alerts:
             "signals": [s.to_dict() for s in cls.signals],
         }
         await self.core.send_now([self._item(target, alert, message_id, now)])
+
+    async def unsatisfied(
+        self, result: IngestResult, msg: InboundMessage, cls: Classification, now: float
+    ) -> None:
+        """A low survey answer reopened a ticket: flag it to the supervisors."""
+        core = self.core
+        alert = {
+            "kind": "low_satisfaction",
+            "ticket": ticket_number(result.conversation_id),
+            "score": result.survey_score,
+            "message_id": result.message_id,
+            "channel": msg.channel,
+            "reopened": result.reopened,
+            "language": cls.language,
+        }
+        log.warning("ticket.unsatisfied", **{k: v for k, v in alert.items() if k != "kind"})
+        target = core.config.classifier.crisis.target
+        if target is not None:
+            await core.send_now([self._item(target, alert, result.message_id, now)])
+            return
+        items = [
+            OutboxItem(
+                id=new_ulid(),
+                target=ToolTarget(state.agent.tool),
+                agent_id=state.id,
+                address=state.agent.address or state.id,
+                payload=AlertPayload(alert),
+                message_id=result.message_id,
+                next_attempt_at=now,
+                created_at=now,
+            )
+            for state in core.scheduler.iter_states()
+            if state.agent.supervisor and state.agent.tool
+        ]
+        await core.send_now(items)
 
     async def crisis(self, events: list[CrisisEvent], now: float) -> None:
         """Log crisis events and send each to the crisis target."""

@@ -7,6 +7,7 @@ omnirouter dead-letters list|replay       inspect and resend deliveries that gav
 omnirouter agents | queues                what the running daemon sees (ops API)
 omnirouter presence AGENT on|off          take an agent in or out of rotation
 omnirouter explain MESSAGE_ID             why a message was labelled and routed as it was
+omnirouter ticket history T-…             a ticket's audit: every transition, who and when
 omnirouter classify                       JSON lines in, one verdict per line out
 omnirouter classifier train|eval|corrections  train, evaluate, export agents' relabels
 omnirouter migrate                        bring the store's schema up to date and exit
@@ -479,6 +480,37 @@ def render_explain(stored: dict[str, Any]) -> str:
         for reason, count in sorted(explain.get("others", {}).items()):
             lines.append(f"    and {count} more: {reason}")
     return "\n".join(lines)
+
+
+group("ticket", "tickets and their lifecycle")
+
+
+def _ticket_history_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ticket", help="the ticket number, T-…")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+
+
+@command("ticket history", "show a ticket's audit trail", _ticket_history_args, config=True)
+def cmd_ticket_history(args: argparse.Namespace) -> int:
+    """Print every transition and agent action of a ticket, oldest first."""
+    from router.model import TICKET_PREFIX
+
+    config = _load(args.config)
+    ticket: str = args.ticket
+    conversation_id = ticket.removeprefix(TICKET_PREFIX)
+    events = _run(_with_store(config, lambda s: s.ticket_events(conversation_id)))
+    if not events:
+        print(f"no ticket {ticket}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        for e in events:
+            print(json.dumps(e.to_dict(), ensure_ascii=False))
+        return EXIT_OK
+    print(f"{'AT':20}  {'EVENT':16}  {'BY':12}  {'STATUS':19}  DETAIL")
+    for e in events:
+        detail = ", ".join(f"{k}={v}" for k, v in e.detail.items() if v not in ("", None, []))
+        print(f"{_ts(e.at):20}  {e.kind:16}  {e.actor:12}  {e.status:19}  {detail}")
+    return EXIT_OK
 
 
 @command("classify", "classify JSON lines (or plain text lines) from stdin", config=True)

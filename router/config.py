@@ -337,6 +337,23 @@ class SchedulingConfig(_Frozen):
     )
 
 
+class LifecycleConfig(_Frozen):
+    """How tickets end: reopening, closing and the satisfaction survey (README)."""
+
+    # A resolved ticket is closed (archived) this long after it was resolved; a closed
+    # ticket never reopens: the thread's next message starts a new ticket.
+    close_after: float = Field(default=7 * 86400.0, gt=0, le=366 * 86400.0)
+    # A customer's follow-up this soon after the resolve reopens the ticket; a later one
+    # starts a new ticket (and closes the old one).
+    reopen_window: float = Field(default=3 * 86400.0, ge=0, le=366 * 86400.0)
+    # Ask the customer for satisfaction (1-5, 满意/不满意) when a ticket is resolved, on
+    # channels that answer customers; their answer within the window is the ticket's score.
+    survey: bool = True
+    survey_window: float = Field(default=3 * 86400.0, gt=0, le=366 * 86400.0)
+    # How often resolved tickets past close_after are looked for (seconds).
+    close_check_interval: float = Field(default=60.0, gt=0, le=86400.0)
+
+
 class DriverSection(_Frozen):
     """What every channel/adapter section has before its own model takes over."""
 
@@ -356,6 +373,7 @@ class Config(_Frozen):
     routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig())
     scheduling: SchedulingConfig = Field(default_factory=lambda: SchedulingConfig())
     outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig())
+    lifecycle: LifecycleConfig = Field(default_factory=lambda: LifecycleConfig())
     channels: list[Any] = Field(default_factory=list)  # driver models, validated below
     adapters: list[Any] = Field(default_factory=list)
     agents: list[AgentConfig] = Field(default_factory=list)

@@ -19,7 +19,7 @@ from router.model import Classification
 from router.outbox import Dispatcher
 from router.schedule import Scheduler
 from router.store import OutboxItem, Store
-from router.threads import Threads
+from router.threads import ThreadKey, Threads
 from router.tickets import Tickets
 
 
@@ -51,6 +51,10 @@ class Core:
     drain_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Channels that answer customers (acknowledgements, replies); the daemon fills it.
     answering_channels: set[str] = field(default_factory=set)
+    # Resolved tickets whose satisfaction question waits for an answer, by thread:
+    # (conversation id, answer accepted until). Loaded from the store at restore, so
+    # intake tells an answer from a new message without a read per message.
+    surveys: dict[ThreadKey, tuple[str, float]] = field(default_factory=dict)
 
     async def send_now(self, items: list[OutboxItem]) -> None:
         """Commit sends not caused by an ingest, then hand them to the outbox."""

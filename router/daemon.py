@@ -388,6 +388,7 @@ class Daemon:
             agents=self.pipeline,
             dead_letters=OutboxDeadLetters(self.store, self.dispatcher),
             corrections=self.store,
+            history=self.store,
             admin_token=self.admin_token,
             limits=limits,
         ).app()

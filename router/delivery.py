@@ -2,10 +2,11 @@
 
 Two families of sends leave through the outbox:
 
-* **deliveries** to agent tools (`assignment`, `withdrawn`, `alert`), encoded as one JSON
-  object with the envelope of schema `omnirouter.delivery/1` (see adapters/README.md);
-* **customer sends** (`ack`, `reply`) handed to the channel the customer wrote from as an
-  `Outbound`.
+* **deliveries** to agent tools (`assignment`, `withdrawn`, `alert`, `notice`), encoded as
+  one JSON object with the envelope of schema `omnirouter.delivery/1` (see
+  adapters/README.md);
+* **customer sends** (`ack`, `reply`, `survey`) handed to the channel the customer wrote
+  from as an `Outbound`.
 
 Each payload is a frozen dataclass built once, complete, by the core before the commit
 that causes it. The only thing the store may decide inside that commit is which
@@ -187,6 +188,27 @@ class AlertPayload:
         return self
 
 
+@dataclass(frozen=True, slots=True)
+class NoticePayload:
+    """What became of an agent's action that was not applied (refused), told to their tool.
+
+    `action` is what they sent (accept, transfer, ...; the raw name when unknown),
+    `outcome` is `refused` (not allowed, or not understood) or `unsupported` (the
+    router cannot do it here), `reason` says why in words for the agent.
+    """
+
+    kind: ClassVar[str] = "notice"
+    action: str
+    outcome: str
+    reason: str
+    conversation_id: str = ""
+    message_id: str = ""
+
+    def with_conversation(self, conversation_id: str) -> NoticePayload:
+        """Return this payload for another conversation id."""
+        return dataclasses.replace(self, conversation_id=conversation_id)
+
+
 # -- sends to customers -----------------------------------------------------------
 
 
@@ -230,17 +252,40 @@ class ReplyPayload:
         return dataclasses.replace(self, conversation_id=conversation_id)
 
 
-AgentPayload = AssignmentPayload | WithdrawnPayload | AlertPayload
-CustomerPayload = AckPayload | ReplyPayload
+@dataclass(frozen=True, slots=True)
+class SurveyPayload:
+    """The satisfaction question sent when a ticket is resolved (1-5, 满意/不满意).
+
+    `text` is the question, written by the core in the customer's language, so every
+    channel can send it as it stands; the customer's next message in the conversation
+    within `[lifecycle] survey_window` is read as the answer.
+    """
+
+    kind: ClassVar[str] = "survey"
+    conversation_id: str
+    subject: str
+    text: str
+    language: str
+    contact_name: str = ""
+    in_reply_to: str = ""
+    references: tuple[str, ...] = ()
+    conversation_hint: str = ""
+
+    def with_conversation(self, conversation_id: str) -> SurveyPayload:
+        """Return this payload for another conversation id."""
+        return dataclasses.replace(self, conversation_id=conversation_id)
+
+
+AgentPayload = AssignmentPayload | WithdrawnPayload | AlertPayload | NoticePayload
+CustomerPayload = AckPayload | ReplyPayload | SurveyPayload
 Payload = AgentPayload | CustomerPayload
 
-PAYLOAD_TYPES: dict[str, type[Any]] = {
-    cls.kind: cls
-    for cls in (AssignmentPayload, WithdrawnPayload, AlertPayload, AckPayload, ReplyPayload)
-}
 # For isinstance checks where a payload crosses from the outbox to a driver.
-AGENT_PAYLOADS = (AssignmentPayload, WithdrawnPayload, AlertPayload)
-CUSTOMER_PAYLOADS = (AckPayload, ReplyPayload)
+AGENT_PAYLOADS = (AssignmentPayload, WithdrawnPayload, AlertPayload, NoticePayload)
+CUSTOMER_PAYLOADS = (AckPayload, ReplyPayload, SurveyPayload)
+PAYLOAD_TYPES: dict[str, type[Any]] = {
+    cls.kind: cls for cls in (*AGENT_PAYLOADS, *CUSTOMER_PAYLOADS)
+}
 
 
 # -- building, from the core's model ----------------------------------------------
@@ -353,7 +398,9 @@ def payload_to_dict(payload: Payload) -> dict[str, Any]:
         }
     if isinstance(payload, AlertPayload):
         return {"alert": payload.alert}
-    out: dict[str, Any] = {"ticket": ticket_number(payload.conversation_id)}
+    # A notice may be about no ticket at all (a presence change): its ticket is then "".
+    cid = payload.conversation_id
+    out: dict[str, Any] = {"ticket": ticket_number(cid) if cid else ""}
     for f in dataclasses.fields(payload):
         value = getattr(payload, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -452,7 +499,7 @@ class Delivery:
 
     @property
     def kind(self) -> str:
-        """Return the payload's kind (assignment | withdrawn | alert)."""
+        """Return the payload's kind (assignment | withdrawn | alert | notice)."""
         return self.payload.kind
 
 
@@ -472,7 +519,7 @@ class Outbound:
 
     @property
     def kind(self) -> str:
-        """Return the payload's kind (ack | reply)."""
+        """Return the payload's kind (ack | reply | survey)."""
         return self.payload.kind
 
     @property
@@ -487,8 +534,8 @@ class Outbound:
 
     @property
     def text(self) -> str:
-        """Return the agent's text (replies); acknowledgements are written by the channel."""
-        return self.payload.text if isinstance(self.payload, ReplyPayload) else ""
+        """Return the text to send (a reply, the survey question); a channel writes acks."""
+        return self.payload.text if isinstance(self.payload, ReplyPayload | SurveyPayload) else ""
 
     @property
     def subject(self) -> str:
@@ -592,7 +639,7 @@ def _object_schema(cls: Any) -> dict[str, Any]:
 def delivery_schema() -> dict[str, Any]:
     """Return the JSON Schema (2020-12) of every encoded delivery to an agent tool."""
     variants = []
-    for cls in (AssignmentPayload, WithdrawnPayload, AlertPayload):
+    for cls in AGENT_PAYLOADS:
         body = _object_schema(cls)
         props = {
             "schema": {"const": DELIVERY_SCHEMA},
@@ -604,7 +651,9 @@ def delivery_schema() -> dict[str, Any]:
         }
         required = [*ENVELOPE_KEYS, *body["required"]]
         if "conversation_id" in body["properties"]:
-            props["ticket"] = {"type": "string", "pattern": f"^{TICKET_PREFIX}"}
+            # A notice about no ticket (a refused presence change) has ticket "".
+            pattern = f"^({TICKET_PREFIX}|$)" if cls is NoticePayload else f"^{TICKET_PREFIX}"
+            props["ticket"] = {"type": "string", "pattern": pattern}
             required.append("ticket")
         variants.append(
             {

@@ -74,14 +74,17 @@ class DriverState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AgentAction:
-    """Something an agent did in their tool: accept, resolve, presence, reply."""
+    """Something an agent did in their tool: accept, resolve, presence, reply, transfer, ..."""
 
     agent_id: str
-    action: str  # accept | resolve | presence | reply
+    action: str  # router.actions.Action (the raw name when refused)
     conversation_id: str = ""
     message_id: str = ""
-    value: str = ""  # presence "on"/"off", reply text
+    value: str = ""  # presence "on"/"off", reply text, transfer target, label
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set by a tool whose agent sent something it could not parse (router.actions
+    # `ActionError.as_action`): the router refuses it with this reason, and tells them.
+    refused: str = ""
 
 
 @dataclass(frozen=True, slots=True)

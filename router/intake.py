@@ -22,6 +22,7 @@ from router.config import Config
 from router.core import Classifier, Core
 from router.delivery import ChannelTarget, ToolTarget, ack_payload, assignment_payload
 from router.drivers import Receipt
+from router.lifecycle import LOW_SCORE, parse_score
 from router.model import (
     URGENT_SEVERITIES,
     Assignment,
@@ -201,6 +202,7 @@ class Intake:
         )
         deadline = now + self.sla_seconds(cls)
         known = core.threads.conversation(key)
+        surveyed, score = self._survey_answer(msg, key, now) if known is None else (None, None)
         proposed = known or new_ulid()
         message_id = new_ulid()
         work = Work(
@@ -215,8 +217,19 @@ class Intake:
             arrival=now,
             deadline=deadline,
         )
-        choice = core.scheduler.place(work, now)
-        new = self._new_message(msg, key[1], cls, queue, message_id, proposed, known, work, choice)
+        # A satisfied survey answer is not work for anyone: it is not placed.
+        content = score is not None and score > LOW_SCORE
+        choice = None if content else core.scheduler.place(work, now)
+        new = self._new_message(
+            msg, key[1], cls, queue, message_id, proposed, known or surveyed, work, choice
+        )
+        lifecycle = core.config.lifecycle
+        new = replace(
+            new,
+            reopen_since=now - lifecycle.reopen_window,
+            survey_of=surveyed or "",
+            survey_score=score,
+        )
         try:
             result = await core.store.ingest(new)
         except BaseException:
@@ -233,6 +246,13 @@ class Intake:
             core.scheduler.undo(choice, requeue=False)
             choice = None
             core.scheduler.sync_external(await core.store.open_loads())
+        # Whatever this message was, the thread's survey is over (answered, or the ticket
+        # reopened or closed by the message).
+        core.surveys.pop(key, None)
+        if result.survey_score is not None:
+            await self._survey_answered(msg, result, cls, now)
+            if result.survey_score > LOW_SCORE:
+                return Routed(self._receipt(result), cls, queue, None)
         conversation_id = result.conversation_id
         if conversation_id != proposed:
             # The store joined a resolved conversation of this thread and reopened it.
@@ -254,6 +274,38 @@ class Intake:
             )
             await self.alerts.crisis(events, now)
         return Routed(self._receipt(result), cls, queue, choice)
+
+    def _survey_answer(
+        self, msg: InboundMessage, key: ThreadKey, now: float
+    ) -> tuple[str | None, int | None]:
+        """Return the surveyed ticket and the score when this message answers its survey."""
+        pending = self.core.surveys.get(key)
+        if pending is None:
+            return None, None
+        conversation_id, until = pending
+        if now > until:
+            del self.core.surveys[key]
+            return None, None
+        score = parse_score(msg.text)
+        return (conversation_id, score) if score is not None else (None, None)
+
+    async def _survey_answered(
+        self, msg: InboundMessage, result: IngestResult, cls: Classification, now: float
+    ) -> None:
+        """Count a survey answer; a low one reopened the ticket: tell a supervisor."""
+        core = self.core
+        score = result.survey_score
+        if score is None:
+            return
+        core.metrics.child(core.metrics.csat, str(score)).inc()
+        log.info(
+            "ticket.survey_answered",
+            ticket=ticket_number(result.conversation_id),
+            score=score,
+            reopened=result.reopened,
+        )
+        if score <= LOW_SCORE:
+            await self.alerts.unsatisfied(result, msg, cls, now)
 
     def _new_message(
         self,

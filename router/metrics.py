@@ -98,6 +98,23 @@ class Metrics:
             ["target"],
             registry=r,
         )
+        self.tickets_closed = Counter(
+            "omnirouter_tickets_closed_total",
+            "Resolved tickets closed (archived) after [lifecycle] close_after.",
+            registry=r,
+        )
+        self.csat = Counter(
+            "omnirouter_csat_answers_total",
+            "Satisfaction survey answers, by score (1-5).",
+            ["score"],
+            registry=r,
+        )
+        self.transfers = Counter(
+            "omnirouter_transfers_total",
+            "Conversations transferred, by target kind (agent or queue).",
+            ["to"],
+            registry=r,
+        )
         self.actions = Counter(
             "omnirouter_agent_actions_total",
             "Agent actions received, by action and outcome.",

@@ -6,6 +6,7 @@ lists each one's state either way. Admin endpoints need the bearer token, compar
 in constant time; `/healthz`, `/readyz` and `/metrics` are open to the local scraper.
 `POST /v1/dead-letters/replay` with `{"ids": [...]}` or `{"all": true}` moves dead
 letters back to the outbox and sends them at once (as `omnirouter dead-letters replay`).
+`GET /v1/tickets/{ticket}/events` lists a ticket's audit (as `omnirouter ticket history`).
 
 `OpsApi` sees the daemon only through the small protocols below, each satisfied by
 whatever the daemon passes in; it never imports the daemon.
@@ -23,8 +24,8 @@ from aiohttp import web
 
 from router.drivers import AgentAction, Presence
 from router.http import HttpLimits, new_app
-from router.model import LABELS
-from router.store import DeadLetter
+from router.model import LABELS, TICKET_PREFIX
+from router.store import DeadLetter, TicketEvent
 
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 # At most this many ids per replay request (the request body is capped at 16 KiB).
@@ -103,6 +104,14 @@ class Corrections(Protocol):
         ...
 
 
+class TicketHistory(Protocol):
+    """The tickets' audit: every transition and agent action, who and when."""
+
+    async def ticket_events(self, conversation_id: str) -> list[TicketEvent]:
+        """Return a ticket's audit rows, oldest first."""
+        ...
+
+
 # -- answers -----------------------------------------------------------------------------
 
 
@@ -149,6 +158,7 @@ class OpsApi:
         dead_letters: DeadLetterDesk,
         corrections: Corrections,
         admin_token: str,
+        history: TicketHistory | None = None,
         limits: HttpLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -158,6 +168,7 @@ class OpsApi:
         self.agents = agents
         self.dead_letters = dead_letters
         self.corrections = corrections
+        self.history = history
         self.clock = clock
         self.read_timeout = (limits or HttpLimits()).read_timeout
         self._admin_token = admin_token.encode()
@@ -178,6 +189,7 @@ class OpsApi:
         app.router.add_put("/v1/agents/{agent_id}/presence/{state}", admin(self.presence))
         app.router.add_get("/v1/dead-letters", admin(self.list_dead_letters))
         app.router.add_post("/v1/dead-letters/replay", admin(self.replay_dead_letters))
+        app.router.add_get("/v1/tickets/{ticket}/events", admin(self.ticket_events))
         return app
 
     def _admin(self, handler: Handler) -> Handler:
@@ -306,3 +318,14 @@ class OpsApi:
         if outcome != "ok":
             return _error(409, "not_offered", f"{message_id!r} is not with {agent!r}")
         return _json({"message_id": message_id, "agent": agent, "accepted": True})
+
+    async def ticket_events(self, request: web.Request) -> web.Response:
+        """List a ticket's audit, oldest first ({"ticket": …, "events": [...]})."""
+        ticket = request.match_info["ticket"]
+        conversation_id = ticket[len(TICKET_PREFIX) :] if ticket.startswith(TICKET_PREFIX) else ""
+        if not conversation_id or len(conversation_id) > 64:
+            return _error(400, "bad_ticket", "give a ticket number such as T-01J…")
+        events = await self.history.ticket_events(conversation_id) if self.history else []
+        if not events:
+            return _error(404, "unknown_ticket", f"no ticket {ticket!r}")
+        return _json({"ticket": ticket, "events": [e.to_dict() for e in events]})

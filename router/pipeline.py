@@ -4,7 +4,8 @@ A thin façade over parts with one job each, all working on one shared `Core`:
 
 * `router/intake.py` — a customer message, classified, placed and committed (the sink);
 * `router/queue_work.py` — waiting messages handed out, lapsed offers taken back;
-* `router/agent_work.py` — agents' actions (accept, resolve, reply, relabel, presence);
+* `router/agent_work.py` — agents' actions (accept, resolve, reply, transfer, relabel,
+  presence), refused ones answered with a reason;
 * `router/alerts.py` — P0, SLA-breach and crisis alerts for the on-duty manager;
 * `router/tickets.py` — ticket status tokens; `router/threads.py` — conversations;
 * `router/roster.py` — agents from the config; `router/gauges.py` — agent/queue gauges.
@@ -25,7 +26,8 @@ from typing import Any
 
 import structlog
 
-from router.agent_work import AgentWork
+from router.actions import ACTIONS
+from router.agent_work import AgentWork, Verdict
 from router.alerts import Alerts
 from router.config import Config
 from router.core import Classifier, Core
@@ -185,6 +187,11 @@ class Pipeline:
             self.intake.recent.setdefault(contact_key, deque()).append(at)
         for item in snap.pending_outbox:
             core.dispatcher.submit(item)
+        for survey in snap.pending_surveys:
+            core.surveys[(survey.channel, survey.thread_key)] = (
+                survey.conversation_id,
+                survey.until,
+            )
         self._restored.set()
         log.info(
             "pipeline.restored",
@@ -230,28 +237,35 @@ class Pipeline:
     # -- agents --------------------------------------------------------------------
 
     async def on_action(self, action: AgentAction) -> None:
-        """Apply what an agent did in their tool (the agent tools' action sink)."""
-        await self.act(action)
+        """Apply what an agent did in their tool (the agent tools' action sink).
+
+        A refused action is answered with a `notice` to the agent's tool.
+        """
+        await self.decide(action, notify=True)
 
     async def act(self, action: AgentAction) -> str:
         """Apply an agent's action; return the outcome (ok, rejected, unsupported)."""
+        return (await self.decide(action)).outcome
+
+    async def decide(self, action: AgentAction, *, notify: bool = False) -> Verdict:
+        """Apply an agent's action; return its outcome and, when refused, why."""
         await self._restored.wait()
-        outcome = "ok"
+        verdict = Verdict("error")
         try:
-            outcome = await self.agent_work.apply(action)
-        except Exception:
-            outcome = "error"
-            raise
+            verdict = await self.agent_work.apply(action, notify=notify)
         finally:
-            self.core.metrics.actions.labels(action=action.action, outcome=outcome).inc()
+            # Unknown names are counted together: the label set stays small.
+            name = action.action if action.action in ACTIONS else "unknown"
+            self.core.metrics.actions.labels(action=name, outcome=verdict.outcome).inc()
             log.info(
                 "agent.action",
                 agent=action.agent_id,
-                action=action.action,
+                action=name,
                 conversation_id=action.conversation_id or None,
-                outcome=outcome,
+                outcome=verdict.outcome,
+                reason=verdict.reason or None,
             )
-        return outcome
+        return verdict
 
     async def set_presence(self, agent_id: str, present: bool, *, away: bool = False) -> bool:
         """Put an agent on line, away or off line; False if the agent is unknown."""

@@ -43,6 +43,14 @@ class QueueWork:
         """Work on the shared core."""
         self.core = core
         self.alerts = alerts
+        self._next_close_check = 0.0  # the first tick looks for tickets to close
+
+    async def commit(self, choice: Decision) -> bool | None:
+        """Commit one decision made under the drain lock (held by the caller).
+
+        True if placed, False if dropped, None if the message waits again.
+        """
+        return await self._assign_waiting(choice)
 
     async def drain(self) -> int:
         """Assign waiting messages to agents who have room now; return how many."""
@@ -145,6 +153,30 @@ class QueueWork:
             core.update_gauges()
         if core.crisis is not None:
             await self.alerts.crisis(core.crisis.tick(now), now)
+        if now >= self._next_close_check:
+            await self.close_resolved(now)
+
+    async def close_resolved(self, now: float) -> list[str]:
+        """Close tickets resolved longer than `[lifecycle] close_after`; return their ids."""
+        core = self.core
+        lifecycle = core.config.lifecycle
+        self._next_close_check = now + lifecycle.close_check_interval
+        closed: list[str] = []
+        while True:
+            batch = await core.store.close_resolved(now - lifecycle.close_after, now, 500)
+            closed.extend(batch)
+            if len(batch) < 500:
+                break
+        if closed:
+            done = set(closed)
+            # Their surveys end with them: a later message starts a new ticket.
+            for key in [k for k, (cid, _) in core.surveys.items() if cid in done]:
+                del core.surveys[key]
+            core.metrics.tickets_closed.inc(len(closed))
+            log.info("tickets.closed", count=len(closed))
+        for key in [k for k, (_, until) in core.surveys.items() if until < now]:
+            del core.surveys[key]  # unanswered in time
+        return closed
 
     async def set_presence(self, agent_id: str, present: bool, *, away: bool = False) -> bool:
         """Put an agent on line, away (no new work, keeps its offers) or off line (its

@@ -757,6 +757,46 @@ class Scheduler:
         else:
             work.state = "held"
 
+    # -- transfers to a named agent ---------------------------------------------------
+
+    def transfer_refusal(self, work: Work, agent_id: str, now: float) -> str | None:
+        """Return why the named agent cannot take this work now (None: they can).
+
+        A transfer names the agent on purpose, so their department does not bind; their
+        presence, shift, classes, languages and room do.
+        """
+        state = self.states.get(agent_id)
+        if state is None or state.agent.tool == "":
+            return f"unknown agent {agent_id}"
+        agent = state.agent
+        if not state.online:
+            return f"{agent_id} is not on line"
+        if agent.shifts and not any(s.contains(now) for s in agent.shifts):
+            return f"{agent_id} is off shift"
+        if agent.classes and work.label not in agent.classes:
+            return f"{agent_id} does not take {work.label}"
+        if (
+            agent.languages
+            and work.language in self._known_languages
+            and work.language not in agent.languages
+        ):
+            return f"{agent_id} does not answer in {work.language}"
+        ct = work.channel_type
+        self._ensure_type(ct)
+        if state.room(ct) <= 0:
+            return f"{agent_id} has no room ({state.capacity(ct)} {ct} conversations held)"
+        return None
+
+    def assign_to(self, work: Work, agent_id: str, now: float) -> Decision | None:
+        """Give work to one named agent (a transfer); None when `transfer_refusal` says no."""
+        if self.transfer_refusal(work, agent_id, now) is not None:
+            return None
+        state = self.states[agent_id]
+        work.seq = next(self._seq)
+        self._assign(work, state, now)
+        reason = f"transfer: named agent {agent_id}"
+        return Decision(work, state.agent, "transfer", reason, True, None, None, 0)
+
     # -- after the decision ----------------------------------------------------------
 
     def accept(self, message_id: str, agent_id: str) -> bool:

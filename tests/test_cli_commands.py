@@ -18,11 +18,12 @@ def test_every_declared_command_has_help_and_a_handler_or_children() -> None:
     top = [p[0] for p in paths if len(p) == 1]
     for name in (
         "run", "config", "send", "dead-letters", "agents", "queues", "presence", "explain",
-        "classify", "classifier", "migrate", "simulate", "staffing",
+        "classify", "classifier", "migrate", "simulate", "staffing", "ticket",
     ):  # fmt: skip
         assert name in top
     assert {("config", "check"), ("dead-letters", "list"), ("dead-letters", "replay")} <= paths
     assert {("classifier", "train"), ("classifier", "eval"), ("classifier", "corrections")} <= paths
+    assert ("ticket", "history") in paths
 
 
 def test_a_duplicate_or_an_orphan_is_refused() -> None:
@@ -100,3 +101,39 @@ def test_send_finds_the_web_channel_in_the_config() -> None:
     assert web is not None and web.port == 8080
     assert cli._web_url(config, None) == "http://127.0.0.1:8080"
     assert cli._web_url(config, "http://h:1/") == "http://h:1"
+
+
+def test_ticket_history_prints_the_audit_from_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import json
+
+    from router.config import load_config
+    from router.daemon import open_store
+    from tests.test_store_contract import new_message
+
+    conf = tmp_path / "omnirouter.toml"
+    conf.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n', encoding="utf-8")
+    new = new_message(assign_to="bob")
+
+    async def seed() -> None:
+        store = open_store(load_config(conf))
+        await store.open()
+        try:
+            await store.ingest(new)
+            await store.resolve_conversation(new.conversation_id, 1_700_000_100.0, actor="bob")
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    ticket = f"T-{new.conversation_id}"
+    assert cli.main(["ticket", "history", ticket, "-c", str(conf)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["AT", "EVENT", "BY"]
+    assert [line.split()[2] for line in table[1:]] == ["created", "assigned", "resolved"]
+    assert "agent=bob" in table[2]
+    assert cli.main(["ticket", "history", ticket, "-c", str(conf), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["kind"], r["actor"], r["ticket"]) for r in rows][-1] == ("resolved", "bob", ticket)
+    assert cli.main(["ticket", "history", "T-UNKNOWN", "-c", str(conf)]) == 1

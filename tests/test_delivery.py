@@ -17,8 +17,10 @@ from router.delivery import (
     ContactInfo,
     Delivery,
     MessageInfo,
+    NoticePayload,
     RoutingInfo,
     SignalInfo,
+    SurveyPayload,
     ToolTarget,
     WithdrawnPayload,
     delivery_schema,
@@ -81,9 +83,17 @@ withdrawn = st.builds(
     reason=text,
 )
 alerts = st.builds(AlertPayload, alert=st.dictionaries(text, st.integers() | text, max_size=4))
+notices = st.builds(
+    NoticePayload,
+    action=text,
+    outcome=st.sampled_from(["refused", "unsupported"]),
+    reason=text,
+    conversation_id=st.sampled_from(["", "01JX"]),
+    message_id=text,
+)
 
 
-@given(payload=st.one_of(assignments, withdrawn, alerts), attempt=st.integers(1, 50))
+@given(payload=st.one_of(assignments, withdrawn, alerts, notices), attempt=st.integers(1, 50))
 def test_every_agent_payload_encodes_to_the_schema_and_reads_back(
     payload: Any, attempt: int
 ) -> None:
@@ -98,7 +108,8 @@ def test_every_agent_payload_encodes_to_the_schema_and_reads_back(
 
 
 def test_customer_payloads_read_back_and_a_ticket_is_derived_never_stored_apart() -> None:
-    for payload in (payloads.ack("01JX"), payloads.reply("01JX", "你好")):
+    survey = SurveyPayload(conversation_id="01JX", subject="s", text="满意吗？", language="zh")
+    for payload in (payloads.ack("01JX"), payloads.reply("01JX", "你好"), survey):
         body = payload_to_dict(payload)
         assert body["ticket"] == "T-01JX" and body["conversation_id"] == "01JX"
         assert payload_from_dict(payload.kind, body) == payload
@@ -120,3 +131,12 @@ def test_unknown_kinds_and_incomplete_bodies_are_refused() -> None:
         payload_from_dict("fax", {})
     with pytest.raises(ValueError, match="lacks"):
         payload_from_dict("reply", {"subject": "x"})
+
+
+def test_a_notice_about_no_ticket_has_an_empty_ticket() -> None:
+    notice = NoticePayload(action="presence", outcome="refused", reason="unknown agent")
+    body = json.loads(
+        encode_delivery(Delivery(id="d", target="t", agent_id="a", address="", payload=notice))
+    )
+    validate_delivery(body)
+    assert body["ticket"] == "" and body["kind"] == "notice"

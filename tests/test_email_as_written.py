@@ -22,8 +22,9 @@ from channels.email.config import AckSettings, SmtpSettings
 from channels.email.cursor import JOURNAL_FILE, MailState, conversation_hint, dedupe_key
 from channels.email.normalise import decode_bytes, decode_header_value, normalise
 from channels.email.smtp import build_message
-from router.delivery import AckPayload
+from router.delivery import AckPayload, SurveyPayload
 from router.drivers import Outbound
+from router.lifecycle import survey_question
 from router.model import Attachment, InboundMessage
 
 CYRILLIC = "Здравствуйте, мой заказ 4711 не пришёл. Подскажите, пожалуйста, когда он будет?"
@@ -164,6 +165,31 @@ def test_the_acknowledgement_never_echoes_an_escaped_byte() -> None:
         assert no_escape(wire.decode("utf-8", "replace"))
         body = msg.get_body(("plain",))
         assert body is not None and no_escape(str(body.get_content()))
+
+
+def test_the_survey_is_a_short_threaded_automatic_mail_with_the_question() -> None:
+    smtp = SmtpSettings(host="127.0.0.1", from_address="support@shop.test", tls="none")
+    question = survey_question("zh", "T-01HZX")
+    outbound = Outbound(
+        id="ob-2",
+        channel="support",
+        to="carol@example.com",
+        payload=SurveyPayload(
+            conversation_id="01HZX",
+            subject="订单",
+            text=question,
+            language="zh",
+            in_reply_to="<m1@example.com>",
+            references=("<m0@example.com>", "<m1@example.com>"),
+        ),
+    )
+    msg = build_message(outbound, smtp, AckSettings())
+    assert str(msg["Subject"]) == "Re: 订单 [#T-01HZX]"
+    assert msg["Auto-Submitted"] == "auto-generated" and msg["In-Reply-To"] == "<m1@example.com>"
+    assert msg["X-Omnirouter-Ticket"] == "T-01HZX"
+    body = msg.get_body(("plain",))
+    assert body is not None and str(body.get_content()).strip() == question
+    assert "满意" in question and "1–5" in question
 
 
 # -- which parts are text, which are attachments ------------------------------------------

@@ -19,6 +19,9 @@ adapter) where a test needs to act as the agent, the inbox adapter elsewhere.
    server's reason, listed by `omnirouter dead-letters list`.
 5. Automatic mail (auto-replies, also to our own acknowledgement) is neither routed
    nor answered.
+6. The ticket lifecycle round trip: the agent accepts, a refused action comes back
+   as a notice, the reply and then the satisfaction survey reach the customer, whose
+   low answer reopens the ticket (audited, on the ops API).
 
 Nothing waits by sleeping: every expectation is polled with a deadline.
 """
@@ -50,7 +53,7 @@ from tests import peers, peers_mail
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
 from tests.peers import Mosquitto
 from tests.peers_mail import PASSWORD, USER, Dovecot, SmtpServer, SmtpSink
-from tests.test_daemon_e2e import apoll, cli, inbox_lines, metric_value, next_delivery, poll
+from tests.test_daemon_e2e import ADMIN, apoll, cli, inbox_lines, metric_value, next_delivery, poll
 
 pytestmark = [pytest.mark.slow, peers_mail.needs_dovecot]
 
@@ -707,3 +710,93 @@ def test_raw_8bit_subject_is_stored_and_acknowledged_as_written(
     assert b"\\udc" not in wire.lower()
     for text in (str(ack["Subject"]), body_text(ack), d.log_text()):
         assert "\\udc" not in text.lower() and not re.search("[\ud800-\udfff]", text)
+
+
+# -- 6. the ticket lifecycle round trip ---------------------------------------------------
+
+
+async def test_accept_reply_resolve_survey_low_answer_reopens_the_ticket(
+    tmp_path: Path,
+    spawn: Callable[[str], DaemonProcess],
+    dovecot: Dovecot,
+    smtp: SmtpServer,
+    mosquitto: Mosquitto,
+) -> None:
+    state = tmp_path / "state"
+    db = Db(state)
+    sink = sink_of(smtp)
+    config, ops = email_config(state, dovecot, smtp.port, broker=mosquitto)
+    actions = f"{PREFIX}/alice/actions"
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="life-agent") as sub:
+        await sub.subscribe(f"{PREFIX}/+/inbox", qos=1)
+        await asyncio.to_thread(spawn, config)
+        await apoll(lambda: ready(ops), what="/readyz with IMAP and MQTT connected")
+
+        raw, first_id = customer_mail()
+        await asyncio.to_thread(append, dovecot, raw)
+        _, first = await next_delivery(sub, within=15)
+        ticket, conversation = first["ticket"], first["conversation_id"]
+        await apoll(sink.mails, within=10, what="the acknowledgement")
+
+        def status() -> str:
+            rows = db.rows("SELECT status FROM conversations WHERE id=?", conversation)
+            return str(rows[0][0]) if rows else ""
+
+        def publish(body: dict[str, str]) -> Any:
+            return sub.publish(actions, json.dumps(body), qos=1)
+
+        await publish({"action": "accept", "conversation_id": conversation})
+        await apoll(lambda: status() == "accepted", what="the ticket accepted")
+        # Not the agent's to do: refused, and the tool is told why.
+        await publish({"action": "transfer", "conversation_id": conversation, "value": "agent:zed"})
+        _, notice = await next_delivery(sub, within=10)
+        assert notice["kind"] == "notice" and notice["reason"] == "unknown agent zed"
+        assert notice["ticket"] == ticket and notice["outcome"] == "rejected"
+
+        await publish(
+            {"action": "reply", "conversation_id": conversation, "value": "It ships today."}
+        )
+        await apoll(at_least(2, sink.mails), within=10, what="the reply at SMTP")
+        assert status() == "waiting_on_customer"
+        await publish({"action": "resolve", "conversation_id": conversation})
+        mails = await apoll(at_least(3, sink.mails), within=10, what="the survey at SMTP")
+        survey = mails[2]
+        assert survey["To"] == CUSTOMER and f"[#{ticket}]" in survey["Subject"]
+        assert "1 (poor) to 5 (excellent)" in body_text(survey)
+        assert survey["In-Reply-To"] == first_id
+        assert status() == "resolved"
+
+        # The customer answers the survey mail, unhappy: the ticket reopens, with their
+        # answer as work for an agent again.
+        raw, _ = customer_mail(
+            "1",
+            subject=f"Re: {survey['Subject']}",
+            In_Reply_To=str(survey["Message-ID"]),
+            References=str(survey["Message-ID"]),
+        )
+        await asyncio.to_thread(append, dovecot, raw)
+        _, again = await next_delivery(sub, within=15)
+        assert again["kind"] == "assignment" and again["ticket"] == ticket
+        assert again["message"]["text"] == "1"
+        assert status() in ("new", "assigned")
+        [(score,)] = db.rows("SELECT csat_score FROM conversations WHERE id=?", conversation)
+        assert score == 1
+        kinds = [r[0] for r in db.rows(
+            "SELECT kind FROM ticket_events WHERE conversation_id=? ORDER BY id", conversation
+        )]  # fmt: skip
+        assert kinds[:4] == ["created", "assigned", "accepted", "refused"]
+        assert kinds[4:9] == ["replied", "resolved", "survey_sent", "survey_answered", "reopened"]
+
+        # The audit is on the ops API and the CLI.
+        code, body, _ = http(
+            "GET", f"{ops}/v1/tickets/{ticket}/events", headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert code == 200 and [e["kind"] for e in body["events"]][: len(kinds)] == kinds
+        text = await asyncio.to_thread(metrics, ops)
+        assert metric_value(text, "omnirouter_csat_answers_total", score="1") == 1
+        assert (
+            metric_value(
+                text, "omnirouter_agent_actions_total", action="transfer", outcome="rejected"
+            )
+            == 1
+        )

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from router.drivers import AgentAction
 from router.ops import OpsApi
-from router.store import DeadLetter
+from router.store import DeadLetter, TicketEvent
 from tests.daemon_harness import REPO
 
 TOKEN = "ops-api-test-token-0123456789"
@@ -184,3 +184,42 @@ def test_ops_does_not_import_the_daemon() -> None:
         for alias in node.names
     }
     assert "router.daemon" not in imported
+
+
+class FakeHistory:
+    """A ticket audit with one ticket."""
+
+    async def ticket_events(self, conversation_id: str) -> list[TicketEvent]:
+        if conversation_id != "01JX":
+            return []
+        return [
+            TicketEvent("01JX", 1_700_000_000.0, "created", "customer", "new"),
+            TicketEvent("01JX", 1_700_000_060.0, "transferred", "bob", "new", {"to": "queue:b"}),
+        ]
+
+
+async def test_ticket_events_route_lists_the_audit_behind_the_token() -> None:
+    api = OpsApi(
+        health=FakeHealth(),
+        metrics=FakeMetrics(),
+        agents=FakeDesk(),
+        dead_letters=FakeDeadLetters(),
+        corrections=FakeCorrections(),
+        admin_token=TOKEN,
+        history=FakeHistory(),
+    )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with TestClient(TestServer(api.app())) as c:
+        assert (await c.get("/v1/tickets/T-01JX/events")).status == 401
+        resp = await c.get("/v1/tickets/T-01JX/events", headers=auth)
+        assert resp.status == 200
+        body = await resp.json()
+        assert body["ticket"] == "T-01JX"
+        assert [(e["kind"], e["actor"]) for e in body["events"]] == [
+            ("created", "customer"),
+            ("transferred", "bob"),
+        ]
+        assert body["events"][1]["detail"] == {"to": "queue:b"}
+        assert body["events"][0]["at"].startswith("2023-11-14T22:13:20")
+        assert (await c.get("/v1/tickets/T-NOPE/events", headers=auth)).status == 404
+        assert (await c.get("/v1/tickets/01JX/events", headers=auth)).status == 400

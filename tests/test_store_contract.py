@@ -9,6 +9,7 @@ by adding a param to the `backend` fixture and a `Backend` subclass.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ import pytest_asyncio
 
 from router.delivery import ToolTarget, payload_to_dict
 from router.model import Agent, Assignment, Classification, InboundMessage, Signal, new_ulid
-from router.store import NewMessage, OutboxItem, Store
+from router.store import NewMessage, OutboxItem, Store, TicketEvent
 from router.store.migrations import latest_version
 from router.store.sqlite import SqliteStore
 from tests import payloads
@@ -1045,3 +1046,162 @@ async def test_reply_context_names_the_channel_contact_and_refs(store: Store) ->
         "alice",
     )
     assert await store.reply_context("no-such-conversation") is None
+
+
+# -- ticket lifecycle and audit ---------------------------------------------------------
+
+
+async def kinds(store: Store, conversation_id: str) -> list[str]:
+    return [e.kind for e in await store.ticket_events(conversation_id)]
+
+
+async def test_every_transition_is_audited_with_who_and_status(store: Store) -> None:
+    new = new_message(thread_key="t")
+    await store.ingest(new)
+    assert await store.assign(
+        assignment_for(new, "bob"), outbox_item(new.message_id, agent_id="bob")
+    )
+    assert await store.accept(new.conversation_id, "bob", T0 + 70)
+    reply = outbox_item("", agent_id="bob", conversation_id=new.conversation_id)
+    assert not await store.reply(new.conversation_id, "alice", reply, T0 + 80)  # not hers
+    assert await store.reply(new.conversation_id, "bob", reply, T0 + 80)
+    assert await store.resolve_conversation(new.conversation_id, T0 + 90, actor="bob") == "bob"
+    events = await store.ticket_events(new.conversation_id)
+    assert [(e.kind, e.actor, e.status) for e in events] == [
+        ("created", "customer", "new"),
+        ("assigned", "router", "assigned"),
+        ("accepted", "bob", "accepted"),
+        ("replied", "bob", "waiting_on_customer"),
+        ("resolved", "bob", "resolved"),
+    ]
+    assert events[1].detail["agent"] == "bob" and events[0].at == T0
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    view = await store.ticket(new.conversation_id)
+    assert view is not None and view.status == "resolved"
+    assert await store.ticket_events("unknown") == []
+
+
+async def test_a_reply_commits_its_send_and_waits_on_the_customer(store: Store) -> None:
+    new = new_message(assign_to="bob")
+    await store.ingest(new)
+    reply = outbox_item("", agent_id="bob", conversation_id=new.conversation_id)
+    assert await store.reply(new.conversation_id, "bob", reply, T0 + 5)
+    assert reply.id in {i.id for i in await all_outbox(store)}
+    assert await store.pending_offers() == []  # answering took the offer up
+    follow = new_message(thread_key=new.thread_key, ingested_at=T0 + 10)
+    await store.ingest(follow)
+    assert (await kinds(store, new.conversation_id))[-1] == "customer_replied"
+
+
+async def test_a_late_follow_up_closes_the_old_ticket_and_opens_a_new_one(store: Store) -> None:
+    first = new_message(thread_key="t", assign_to="bob")
+    await store.ingest(first)
+    await store.resolve_conversation(first.conversation_id, T0 + 10)
+    late = dataclasses.replace(
+        new_message(thread_key="t", ingested_at=T0 + 3 * HOUR), reopen_since=T0 + HOUR
+    )
+    result = await store.ingest(late)
+    assert not result.reopened and result.conversation_id == late.conversation_id
+    assert (await kinds(store, first.conversation_id))[-1] == "closed"
+    view = await store.ticket(first.conversation_id)
+    assert view is not None and view.state == "closed" and view.status == "closed"
+    # In the window it reopens, as before.
+    await store.resolve_conversation(late.conversation_id, T0 + 3 * HOUR + 1)
+    soon = dataclasses.replace(
+        new_message(thread_key="t", ingested_at=T0 + 3 * HOUR + 60), reopen_since=T0 + 2 * HOUR
+    )
+    assert (await store.ingest(soon)).conversation_id == late.conversation_id
+
+
+async def test_close_resolved_closes_old_ones_and_frees_the_thread(store: Store) -> None:
+    old, recent = new_message(thread_key="a"), new_message(thread_key="b")
+    for n in (old, recent):
+        await store.ingest(n)
+    await store.resolve_conversation(old.conversation_id, T0 + 10)
+    await store.resolve_conversation(recent.conversation_id, T0 + 5 * HOUR)
+    assert await store.close_resolved(T0 + HOUR, T0 + 6 * HOUR, 100) == [old.conversation_id]
+    assert await store.close_resolved(T0 + HOUR, T0 + 6 * HOUR, 100) == []
+    again = await store.ingest(new_message(thread_key="a", ingested_at=T0 + 7 * HOUR))
+    assert again.conversation_id != old.conversation_id and not again.reopened
+
+
+async def test_a_survey_answer_is_recorded_once_and_a_low_one_reopens(store: Store) -> None:
+    for score, reopens in ((5, False), (1, True)):
+        first = new_message(thread_key=f"s{score}", assign_to="bob")
+        await store.ingest(first)
+        survey = outbox_item("", agent_id="", conversation_id=first.conversation_id)
+        await store.resolve_conversation(
+            first.conversation_id, T0 + 10, survey=survey, survey_until=T0 + HOUR
+        )
+        assert survey.id in {i.id for i in await all_outbox(store)}
+        snap = await store.snapshot(T0 + 20, HOUR)
+        assert first.conversation_id in {s.conversation_id for s in snap.pending_surveys}
+        answer = dataclasses.replace(
+            new_message(thread_key=f"s{score}", ingested_at=T0 + 30),
+            survey_of=first.conversation_id,
+            survey_score=score,
+        )
+        result = await store.ingest(answer)
+        assert result.survey_score == score and result.reopened is reopens
+        view = await store.ticket(first.conversation_id)
+        assert view is not None and view.score == score
+        assert (view.state == "resolved") is not reopens
+        events = await kinds(store, first.conversation_id)
+        assert events[-2:] == (
+            ["survey_answered", "reopened"] if reopens else ["survey_sent", "survey_answered"]
+        )
+        snap = await store.snapshot(T0 + 40, HOUR)
+        assert first.conversation_id not in {s.conversation_id for s in snap.pending_surveys}
+
+
+async def test_transfer_puts_the_messages_back_and_records_the_handover(store: Store) -> None:
+    new = new_message(assign_to="bob")
+    await store.ingest(new)
+    ids = await store.transfer(new.conversation_id, "bob", "queue:billing", "billing", T0 + 5)
+    assert ids == [new.message_id]
+    snap = await store.snapshot(T0 + 5, HOUR)
+    assert [(q.message_id, q.queue) for q in snap.queued] == [(new.message_id, "billing")]
+    assert [c.agent_id for c in snap.open_conversations] == [None]
+    events = await store.ticket_events(new.conversation_id)
+    assert (events[-1].kind, events[-1].actor, events[-1].detail["from"]) == (
+        "transferred",
+        "bob",
+        "bob",
+    )
+    stored = await store.message(new.message_id)
+    assert stored is not None and stored["offer_history"][-1]["outcome"] == "transferred"
+    assert await store.transfer("nope", "bob", "queue:x", "x", T0 + 6) == []
+
+
+async def test_refusals_and_presence_are_kept_as_events(store: Store) -> None:
+    new = new_message()
+    await store.ingest(new)
+    await store.record_event(
+        TicketEvent(new.conversation_id, T0 + 1, "refused", "eve", "", {"reason": "not yours"})
+    )
+    await store.record_event(TicketEvent("", T0 + 2, "presence", "bob", "", {"presence": "on"}))
+    last = (await store.ticket_events(new.conversation_id))[-1]
+    assert (last.kind, last.actor, last.status, last.detail) == (
+        "refused",
+        "eve",
+        "new",
+        {"reason": "not yours"},
+    )
+    assert [e.kind for e in await store.ticket_events("")] == ["presence"]
+
+
+async def test_an_answer_to_a_survey_no_longer_pending_is_an_ordinary_message(
+    store: Store,
+) -> None:
+    first = new_message(thread_key="gone", assign_to="bob")
+    await store.ingest(first)
+    await store.resolve_conversation(first.conversation_id, T0 + 10)  # no survey sent
+    late = dataclasses.replace(
+        new_message(thread_key="gone", ingested_at=T0 + 3 * HOUR),
+        reopen_since=T0 + HOUR,
+        survey_of=first.conversation_id,
+        survey_score=5,
+    )
+    result = await store.ingest(late)
+    assert result.survey_score is None and result.state == "queued"
+    assert result.conversation_id == late.conversation_id != first.conversation_id

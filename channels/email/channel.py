@@ -295,11 +295,11 @@ class EmailChannel(ChannelBase):
     # -- outbound -----------------------------------------------------------------
 
     async def send(self, outbound: Outbound) -> None:
-        """Send an acknowledgement or agent reply by SMTP; raise the driver taxonomy."""
+        """Send an acknowledgement, agent reply or survey by SMTP; raise the driver taxonomy."""
         if outbound.kind == "ack" and not self.config.ack.enabled:
             self.log.info("email.ack_disabled", outbound_id=outbound.id)
             return
-        if outbound.kind not in ("ack", "reply"):
+        if outbound.kind not in ("ack", "reply", "survey"):
             raise PermanentError(f"email: unknown outbound kind {outbound.kind!r}")
         msg = build_message(outbound, self.config.smtp, self.config.ack)
         await send_message(msg, self.config.smtp)

@@ -1,4 +1,4 @@
-"""Outbound mail: build an acknowledgement or agent reply from an `Outbound`, send it.
+"""Outbound mail: build an acknowledgement, agent reply or survey from an `Outbound`, send it.
 
 The Message-ID is derived from `outbound.id` (the outbox's idempotency key), so
 every retry of one send is the same mail to the recipient's client. Header values
@@ -142,6 +142,12 @@ def build_message(outbound: Outbound, smtp: SmtpSettings, ack: AckSettings) -> E
             subject=one_line(outbound.subject, 300),
             name=(f" {name}" if lang == "en" else name) if name else "",
         )
+    elif outbound.kind == "survey":
+        # The satisfaction question, written by the router in the customer's language:
+        # automatic too (RFC 3834), but the customer's answer is wanted, so no suppression
+        # of replies beyond other robots'.
+        msg["Auto-Submitted"] = "auto-generated"
+        body = outbound.text
     else:
         body = outbound.text
     body = no_surrogates(body).replace("\r\n", "\n").replace("\r", "\n")

@@ -99,6 +99,17 @@ class NewMessage:
     outbox: OutboxItem | None = None
     # Further sends caused by the same commit: the acknowledgement to the customer.
     extra_outbox: tuple[OutboxItem, ...] = ()
+    # A resolved conversation of the thread reopens only if it was resolved at or after
+    # this time; an older one is closed and the message starts a new conversation
+    # (`[lifecycle] reopen_window`). None: it always reopens.
+    reopen_since: float | None = None
+    # The customer's answer (1-5) to the satisfaction survey of the conversation
+    # `survey_of`: when that survey is still pending, it is recorded as the ticket's
+    # score; a satisfied answer is stored with the resolved ticket and not routed, a low
+    # one reopens it. When the survey is not pending any more the message is an
+    # ordinary one (`conversation_id` is then used as for any message).
+    survey_of: str = ""
+    survey_score: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,8 @@ class IngestResult:
     # The sends committed with the message, as written: their payloads name the
     # conversation the message really joined. The caller hands these to the outbox.
     outbox: tuple[OutboxItem, ...] = ()
+    # The score recorded when the message answered a pending survey (None otherwise).
+    survey_score: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +232,41 @@ class TicketView:
     assigned: bool
     messages: int
     resolved_at: float | None = None
+    status: str = ""  # the lifecycle status (router.lifecycle.TicketState)
+    score: int | None = None  # the customer's latest satisfaction answer (1-5)
+
+
+@dataclass(frozen=True, slots=True)
+class TicketEvent:
+    """One audit row: what happened to a ticket (or, with no ticket, to an agent), by whom."""
+
+    conversation_id: str  # "" for an agent's own event (presence)
+    at: float
+    kind: str  # router.lifecycle.EventKind
+    actor: str  # an agent id, "customer", "router" or "ops"
+    status: str = ""  # the ticket's status after the event ("" to keep the current one)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the event as the ops API and the CLI show it."""
+        return {
+            "ticket": f"T-{self.conversation_id}" if self.conversation_id else "",
+            "at": datetime.fromtimestamp(self.at, UTC).isoformat(),
+            "kind": self.kind,
+            "actor": self.actor,
+            "status": self.status,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSurvey:
+    """A resolved ticket whose satisfaction question waits for the customer's answer."""
+
+    conversation_id: str
+    channel: str
+    thread_key: str
+    until: float
 
 
 @dataclass(slots=True)
@@ -230,6 +278,7 @@ class Snapshot:
     pending_outbox: list[OutboxItem] = field(default_factory=list)
     recent_contacts: list[tuple[str, float]] = field(default_factory=list)
     presence: dict[str, bool] = field(default_factory=dict)
+    pending_surveys: list[PendingSurvey] = field(default_factory=list)
 
 
 class Store(Protocol):
@@ -261,12 +310,57 @@ class Store(Protocol):
     async def assign(self, assignment: Assignment, outbox: OutboxItem) -> bool:
         """Assign a queued message; False when it is no longer queued."""
 
-    async def resolve_conversation(self, conversation_id: str, at: float) -> str | None:
+    async def resolve_conversation(
+        self,
+        conversation_id: str,
+        at: float,
+        *,
+        actor: str = "",
+        survey: OutboxItem | None = None,
+        survey_until: float | None = None,
+    ) -> str | None:
         """Close an open conversation; return the agent who held it.
 
         None when the conversation is not open (unknown or already resolved); "" when it
-        was open but nobody held it.
+        was open but nobody held it. The resolve is audited (by `actor`, default the
+        holder); a `survey` for the customer is committed with it and stays pending
+        until `survey_until`.
         """
+
+    async def close_resolved(self, resolved_before: float, at: float, limit: int) -> list[str]:
+        """Close tickets resolved at or before resolved_before (at most limit); return ids.
+
+        A closed ticket gives its thread up: the thread's next message starts a new one.
+        """
+
+    async def reply(self, conversation_id: str, agent_id: str, item: OutboxItem, at: float) -> bool:
+        """Commit an agent's answer to the customer and mark the ticket waiting on them.
+
+        False (nothing written) unless the agent holds the open conversation.
+        """
+
+    async def transfer(
+        self,
+        conversation_id: str,
+        actor: str,
+        to: str,
+        queue: str | None,
+        at: float,
+        notice: OutboxItem | None = None,
+    ) -> list[str]:
+        """Take an open conversation from its holder; its unresolved messages wait again.
+
+        `to` is what the audit names (agent:bob, queue:billing); `queue` moves the
+        messages to that queue. `notice` (a withdrawn payload for the old holder) is
+        committed with the change, naming the messages. Returns their ids, oldest first;
+        empty when the conversation is not open.
+        """
+
+    async def record_event(self, event: TicketEvent) -> None:
+        """Append an audit row not tied to a state change (a refused action, presence)."""
+
+    async def ticket_events(self, conversation_id: str) -> list[TicketEvent]:
+        """Return a ticket's audit rows, oldest first (empty for an unknown ticket)."""
 
     async def withdraw_offer(
         self, message_id: str, agent_id: str, at: float, outcome: str

@@ -233,6 +233,52 @@ def _v003(c: sqlite3.Connection) -> None:
     )
 
 
+@register(4, "ticket lifecycle: status, survey and score per conversation; ticket_events audit")
+def _v004(c: sqlite3.Connection) -> None:
+    run_script(
+        c,
+        """
+        -- new | assigned | accepted | waiting_on_customer | resolved | closed
+        -- (router/lifecycle.py); `state` stays open | resolved | closed for the router.
+        ALTER TABLE conversations ADD COLUMN status TEXT NOT NULL DEFAULT 'new';
+        UPDATE conversations SET status = CASE
+            WHEN state = 'resolved' THEN 'resolved'
+            WHEN agent_id IS NULL THEN 'new'
+            WHEN EXISTS (SELECT 1 FROM assignments a WHERE a.conversation_id = conversations.id
+                         AND a.agent_id = conversations.agent_id
+                         AND a.accepted_at IS NOT NULL AND a.resolved_at IS NULL) THEN 'accepted'
+            ELSE 'assigned' END;
+        ALTER TABLE conversations ADD COLUMN closed_at REAL;
+        -- The satisfaction survey: pending while survey_until is set (cleared when
+        -- answered, reopened or closed); the latest answer is the ticket's score.
+        ALTER TABLE conversations ADD COLUMN survey_until REAL;
+        ALTER TABLE conversations ADD COLUMN csat_score INTEGER;
+        ALTER TABLE conversations ADD COLUMN csat_at REAL;
+        CREATE INDEX conversations_resolved ON conversations(resolved_at)
+            WHERE state = 'resolved';
+        CREATE INDEX conversations_survey ON conversations(survey_until)
+            WHERE survey_until IS NOT NULL;
+        CREATE TABLE ticket_events (
+            -- the audit: every transition and agent action, who and when
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL,   -- '' for an agent's own event (presence)
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,              -- router.lifecycle.EventKind
+            actor TEXT NOT NULL,             -- agent id, customer, router or ops
+            status TEXT NOT NULL DEFAULT '', -- the ticket's status after the event
+            detail TEXT NOT NULL DEFAULT '{}'  -- JSON: agent, reason, score, from/to, ...
+        );
+        CREATE INDEX ticket_events_conversation ON ticket_events(conversation_id, id);
+        """,
+    )
+    # Open tickets get their first audit row now, so no history starts empty.
+    c.execute(
+        "INSERT INTO ticket_events(conversation_id, at, kind, actor, status, detail) "
+        "SELECT id, opened_at, 'created', 'customer', status, '{\"migrated\":true}' "
+        "FROM conversations"
+    )
+
+
 def latest_version(migrations: Sequence[tuple[int, str, Migration]] | None = None) -> int:
     """Return the schema version the given (default: registered) migrations reach."""
     return len(MIGRATIONS if migrations is None else migrations)

@@ -13,7 +13,8 @@ import json
 import sqlite3
 from typing import Any
 
-from router.delivery import payload_from_dict, payload_to_dict, target_from_str
+from router.delivery import WithdrawnPayload, payload_from_dict, payload_to_dict, target_from_str
+from router.lifecycle import CUSTOMER, LOW_SCORE, ROUTER, EventKind, TicketState
 from router.model import Agent, Assignment, MessageState, ticket_number
 from router.store import (
     DeadLetter,
@@ -21,8 +22,10 @@ from router.store import (
     NewMessage,
     OpenConversation,
     OutboxItem,
+    PendingSurvey,
     QueuedMessage,
     Snapshot,
+    TicketEvent,
     TicketView,
 )
 
@@ -116,7 +119,14 @@ def dead_letters(c: sqlite3.Connection, limit: int) -> list[DeadLetter]:
 # -- units with more to them -----------------------------------------------------
 
 
-def resolve_conversation(c: sqlite3.Connection, conversation_id: str, at: float) -> str | None:
+def resolve_conversation(
+    c: sqlite3.Connection,
+    conversation_id: str,
+    at: float,
+    actor: str = "",
+    survey: OutboxItem | None = None,
+    survey_until: float | None = None,
+) -> str | None:
     """Close an open conversation and its messages; return the agent who held it."""
     row = c.execute(
         "SELECT agent_id FROM conversations WHERE id=? AND state='open'", (conversation_id,)
@@ -124,8 +134,9 @@ def resolve_conversation(c: sqlite3.Connection, conversation_id: str, at: float)
     if row is None:
         return None
     c.execute(
-        "UPDATE conversations SET state='resolved', resolved_at=?, updated_at=? WHERE id=?",
-        (at, at, conversation_id),
+        "UPDATE conversations SET state='resolved', status='resolved', resolved_at=?, "
+        "updated_at=?, survey_until=? WHERE id=?",
+        (at, at, survey_until if survey is not None else None, conversation_id),
     )
     c.execute(
         "UPDATE messages SET state='resolved' WHERE conversation_id=? AND state!='resolved'",
@@ -135,7 +146,211 @@ def resolve_conversation(c: sqlite3.Connection, conversation_id: str, at: float)
         "UPDATE assignments SET resolved_at=? WHERE conversation_id=? AND resolved_at IS NULL",
         (at, conversation_id),
     )
-    return str(row[0]) if row[0] is not None else ""
+    holder = str(row[0]) if row[0] is not None else ""
+    add_event(
+        c,
+        conversation_id,
+        at,
+        EventKind.RESOLVED,
+        actor or holder or ROUTER,
+        TicketState.RESOLVED,
+        {"agent": holder} if holder else {},
+    )
+    if survey is not None:
+        insert_outbox(c, survey)
+        add_event(
+            c,
+            conversation_id,
+            at,
+            EventKind.SURVEY_SENT,
+            ROUTER,
+            TicketState.RESOLVED,
+            {"channel": str(survey.target), "until": survey_until},
+        )
+    return holder
+
+
+def close_conversation(c: sqlite3.Connection, conversation_id: str, at: float, why: str) -> None:
+    """Archive a resolved conversation; its thread key is given up for the next ticket.
+
+    The key is kept with the id appended (`UNIQUE (channel, thread_key)` holds for the
+    thread's new ticket), so a closed ticket still shows where it came from.
+    """
+    c.execute(
+        "UPDATE conversations SET state='closed', status='closed', closed_at=?, updated_at=?, "
+        "survey_until=NULL, thread_key=thread_key || char(30) || id WHERE id=?",
+        (at, at, conversation_id),
+    )
+    add_event(c, conversation_id, at, EventKind.CLOSED, ROUTER, TicketState.CLOSED, {"reason": why})
+
+
+def close_resolved(
+    c: sqlite3.Connection, resolved_before: float, at: float, limit: int
+) -> list[str]:
+    """Close up to limit tickets resolved at or before resolved_before; return their ids."""
+    ids = [
+        r[0]
+        for r in c.execute(
+            "SELECT id FROM conversations WHERE state='resolved' AND resolved_at<=? "
+            "ORDER BY resolved_at LIMIT ?",
+            (resolved_before, limit),
+        )
+    ]
+    for conversation_id in ids:
+        close_conversation(c, conversation_id, at, "resolved for longer than close_after")
+    return ids
+
+
+def add_event(
+    c: sqlite3.Connection,
+    conversation_id: str,
+    at: float,
+    kind: str,
+    actor: str,
+    status: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Append one audit row (in the transaction of the change it records)."""
+    c.execute(
+        "INSERT INTO ticket_events(conversation_id, at, kind, actor, status, detail) "
+        "VALUES (?,?,?,?,?,?)",
+        (conversation_id, at, str(kind), actor, str(status), _dumps(detail or {})),
+    )
+
+
+def record_event(c: sqlite3.Connection, event: TicketEvent) -> None:
+    """Append an audit row not tied to a state change (a refusal, a presence change)."""
+    status = event.status
+    if not status and event.conversation_id:
+        row = c.execute(
+            "SELECT status FROM conversations WHERE id=?", (event.conversation_id,)
+        ).fetchone()
+        status = row[0] if row else ""
+    add_event(
+        c, event.conversation_id, event.at, event.kind, event.actor, status, dict(event.detail)
+    )
+
+
+def ticket_events(c: sqlite3.Connection, conversation_id: str) -> list[TicketEvent]:
+    """Return a ticket's audit rows, oldest first."""
+    return [
+        TicketEvent(
+            conversation_id=r[0],
+            at=r[1],
+            kind=r[2],
+            actor=r[3],
+            status=r[4],
+            detail=json.loads(r[5] or "{}"),
+        )
+        for r in c.execute(
+            "SELECT conversation_id, at, kind, actor, status, detail FROM ticket_events "
+            "WHERE conversation_id=? ORDER BY id",
+            (conversation_id,),
+        )
+    ]
+
+
+def reply(
+    c: sqlite3.Connection, conversation_id: str, agent_id: str, item: OutboxItem, at: float
+) -> bool:
+    """Queue an agent's answer and mark the ticket waiting on the customer; False if not theirs."""
+    row = c.execute(
+        "SELECT status FROM conversations WHERE id=? AND state='open' AND agent_id=?",
+        (conversation_id, agent_id),
+    ).fetchone()
+    if row is None:
+        return False
+    insert_outbox(c, item)
+    # Answering is taking the conversation up: no accept timeout after that.
+    accept(c, conversation_id, agent_id, at)
+    c.execute(
+        "UPDATE conversations SET status='waiting_on_customer', updated_at=? WHERE id=?",
+        (at, conversation_id),
+    )
+    add_event(
+        c,
+        conversation_id,
+        at,
+        EventKind.REPLIED,
+        agent_id,
+        TicketState.WAITING,
+        {"delivery_id": item.id},
+    )
+    return True
+
+
+def transfer(
+    c: sqlite3.Connection,
+    conversation_id: str,
+    actor: str,
+    to: str,
+    queue: str | None,
+    at: float,
+    notice: OutboxItem | None,
+) -> list[str]:
+    """Take an open conversation from its holder and put its messages back in line.
+
+    Every message of the conversation not resolved waits again (in `queue` when given);
+    the holder's assignments end in the offer history as `transferred`. The notice to
+    the old holder is completed with the message ids and committed with the change.
+    Returns the ids, oldest first; empty when the conversation is not open.
+    """
+    row = c.execute(
+        "SELECT agent_id, status FROM conversations WHERE id=? AND state='open'",
+        (conversation_id,),
+    ).fetchone()
+    if row is None:
+        return []
+    holder = row[0] or ""
+    held = c.execute(
+        "SELECT message_id, agent_id, assigned_at FROM assignments WHERE conversation_id=? "
+        "AND resolved_at IS NULL",
+        (conversation_id,),
+    ).fetchall()
+    c.executemany(
+        "INSERT INTO assignment_history(message_id, agent_id, assigned_at, ended_at, "
+        "outcome) VALUES (?,?,?,?,'transferred')",
+        [(r[0], r[1], r[2], at) for r in held],
+    )
+    c.executemany("DELETE FROM assignments WHERE message_id=?", [(r[0],) for r in held])
+    ids = [
+        r[0]
+        for r in c.execute(
+            "SELECT id FROM messages WHERE conversation_id=? AND state!='resolved' ORDER BY id",
+            (conversation_id,),
+        )
+    ]
+    if queue is not None:
+        c.execute(
+            "UPDATE messages SET state='queued', queue=? WHERE conversation_id=? "
+            "AND state!='resolved'",
+            (queue, conversation_id),
+        )
+    else:
+        c.execute(
+            "UPDATE messages SET state='queued' WHERE conversation_id=? AND state!='resolved'",
+            (conversation_id,),
+        )
+    c.execute(
+        "UPDATE conversations SET agent_id=NULL, status='new', updated_at=? WHERE id=?",
+        (at, conversation_id),
+    )
+    add_event(
+        c,
+        conversation_id,
+        at,
+        EventKind.TRANSFERRED,
+        actor,
+        TicketState.NEW,
+        {"from": holder, "to": to, "message_ids": ids},
+    )
+    if notice is not None and isinstance(notice.payload, WithdrawnPayload):
+        # The ids are the commit's own; completed here, before anything is encoded.
+        notice = dataclasses.replace(
+            notice, payload=dataclasses.replace(notice.payload, message_ids=tuple(ids))
+        )
+        insert_outbox(c, notice)
+    return ids
 
 
 def withdraw_offer(
@@ -166,9 +381,19 @@ def withdraw_offer(
         "UPDATE messages SET state='queued' WHERE id=? AND state='assigned'",
         [(i,) for i in ids],
     )
-    c.execute(
-        "UPDATE conversations SET agent_id=NULL, updated_at=? WHERE id=? AND agent_id=?",
+    cur = c.execute(
+        "UPDATE conversations SET agent_id=NULL, status='new', updated_at=? "
+        "WHERE id=? AND agent_id=?",
         (at, conversation_id, agent_id),
+    )
+    add_event(
+        c,
+        conversation_id,
+        at,
+        EventKind.WITHDRAWN,
+        ROUTER,
+        TicketState.NEW if cur.rowcount else "",
+        {"agent": agent_id, "outcome": outcome, "message_ids": ids},
     )
     return ids
 
@@ -212,7 +437,16 @@ def accept(c: sqlite3.Connection, conversation_id: str, agent_id: str, at: float
         "AND accepted_at IS NULL AND resolved_at IS NULL",
         (at, conversation_id, agent_id),
     )
-    return cur.rowcount > 0
+    if cur.rowcount <= 0:
+        return False
+    moved = c.execute(
+        "UPDATE conversations SET status='accepted', updated_at=? WHERE id=? AND agent_id=? "
+        "AND status IN ('new', 'assigned')",
+        (at, conversation_id, agent_id),
+    ).rowcount
+    if moved:
+        add_event(c, conversation_id, at, EventKind.ACCEPTED, agent_id, TicketState.ACCEPTED)
+    return True
 
 
 def sync_agents(c: sqlite3.Connection, agents: list[Agent]) -> dict[str, bool]:
@@ -264,16 +498,16 @@ def ticket(c: sqlite3.Connection, conversation_id: str) -> TicketView | None:
     """Return the customer-visible status of a ticket."""
     row = c.execute(
         "SELECT id, state, label, severity, opened_at, respond_by, agent_id, resolved_at, "
-        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id=conversations.id) "
-        "FROM conversations WHERE id=?",
+        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id=conversations.id), "
+        "status, csat_score FROM conversations WHERE id=?",
         (conversation_id,),
     ).fetchone()
     if row is None:
         return None
-    cid, state, label, severity, opened, respond_by, agent, resolved, count = row
+    cid, state, label, severity, opened, respond_by, agent, resolved, count, status, score = row
     return TicketView(
         ticket=ticket_number(cid),
-        state=state if state == "resolved" else ("assigned" if agent else "queued"),
+        state=state if state != "open" else ("assigned" if agent else "queued"),
         label=label,
         severity=severity,
         opened_at=opened,
@@ -281,6 +515,8 @@ def ticket(c: sqlite3.Connection, conversation_id: str) -> TicketView | None:
         assigned=agent is not None,
         messages=count,
         resolved_at=resolved,
+        status=status,
+        score=score,
     )
 
 
@@ -366,13 +602,26 @@ def record_correction(
     c: sqlite3.Connection, message_id: str, label: str, agent_id: str, at: float
 ) -> bool:
     """Store an agent's relabelling of a message; False for an unknown message."""
-    row = c.execute("SELECT label FROM messages WHERE id=?", (message_id,)).fetchone()
+    row = c.execute(
+        "SELECT label, conversation_id FROM messages WHERE id=?", (message_id,)
+    ).fetchone()
     if row is None:
         return False
     c.execute(
         "INSERT INTO corrections(message_id, label, previous_label, agent_id, at) "
         "VALUES (?,?,?,?,?)",
         (message_id, label, row[0], agent_id, at),
+    )
+    record_event(
+        c,
+        TicketEvent(
+            row[1],
+            at,
+            EventKind.RELABELLED,
+            agent_id,
+            "",
+            {"message_id": message_id, "label": label, "previous": row[0]},
+        ),
     )
     return True
 
@@ -524,23 +773,45 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         "WHERE excluded.name!='' AND excluded.name!=contacts.name",
         (contact_key, m.channel_type, m.contact_handle, m.contact_name, new.ingested_at),
     )
+    at = new.ingested_at
+    survey = _survey_answer(c, new) if new.survey_score is not None and new.survey_of else None
+    if survey is not None and new.survey_score is not None and new.survey_score > LOW_SCORE:
+        # A satisfied answer is the ticket's score, nothing more: stored with the resolved
+        # ticket (so a redelivery is a duplicate), never routed.
+        _insert_message(c, new, survey, contact_key, MessageState.RESOLVED, raw)
+        return IngestResult(
+            new.message_id,
+            survey,
+            duplicate=False,
+            state=str(MessageState.RESOLVED),
+            survey_score=new.survey_score,
+        )
     cls = new.classification
     conversation_id = new.conversation_id
     reopened = False
     row = c.execute(
-        "SELECT id, state, agent_id FROM conversations WHERE channel=? AND thread_key=?",
+        "SELECT id, state, agent_id, resolved_at, status FROM conversations "
+        "WHERE channel=? AND thread_key=?",
         (m.channel, new.thread_key),
     ).fetchone()
+    if row is not None and row[1] == "resolved" and survey is None:
+        window_open = new.reopen_since is None or (row[3] or 0.0) >= new.reopen_since
+        if not window_open:
+            # Too late to reopen: the old ticket is closed, this message starts a new one.
+            close_conversation(c, row[0], at, "a follow-up came after the reopen window")
+            row = None
     refused = new.assignment is not None and not has_room(
         c, new.assignment, row[0] if row is not None else conversation_id
     )
     assignment = None if refused else new.assignment
     agent_id = assignment.agent_id if assignment else None
+    status = TicketState.ASSIGNED if agent_id else TicketState.NEW
     if row is None:
         c.execute(
             "INSERT INTO conversations(id, channel, thread_key, contact_key, state, agent_id, "
             "label, severity, "
-            "opened_at, updated_at, respond_by, channel_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            "opened_at, updated_at, respond_by, channel_type, status) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 conversation_id,
                 m.channel,
@@ -550,12 +821,32 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
                 agent_id,
                 cls.label,
                 cls.severity,
-                new.ingested_at,
-                new.ingested_at,
+                at,
+                at,
                 new.sla_deadline,
                 m.channel_type,
+                str(status),
             ),
         )
+        add_event(
+            c,
+            conversation_id,
+            at,
+            EventKind.CREATED,
+            CUSTOMER,
+            TicketState.NEW,
+            {"message_id": new.message_id, "label": cls.label, "severity": cls.severity},
+        )
+        if agent_id:
+            add_event(
+                c,
+                conversation_id,
+                at,
+                EventKind.ASSIGNED,
+                ROUTER,
+                status,
+                _assigned_detail(assignment),
+            )
     else:
         conversation_id = row[0]
         reopened = row[1] != "open"
@@ -564,25 +855,148 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             # severity and response deadline; the old ones belong to the resolved episode.
             c.execute(
                 "UPDATE conversations SET state='open', resolved_at=NULL, updated_at=?, "
-                "agent_id=?, label=?, severity=?, respond_by=? WHERE id=?",
+                "agent_id=?, label=?, severity=?, respond_by=?, status=?, survey_until=NULL "
+                "WHERE id=?",
                 (
-                    new.ingested_at,
+                    at,
                     agent_id,
                     cls.label,
                     cls.severity,
                     new.sla_deadline,
+                    str(status),
                     conversation_id,
                 ),
             )
+            why = "unsatisfied survey answer" if survey is not None else "customer follow-up"
+            add_event(
+                c,
+                conversation_id,
+                at,
+                EventKind.REOPENED,
+                CUSTOMER,
+                TicketState.NEW,
+                {"message_id": new.message_id, "reason": why},
+            )
+            if agent_id:
+                add_event(
+                    c,
+                    conversation_id,
+                    at,
+                    EventKind.ASSIGNED,
+                    ROUTER,
+                    status,
+                    _assigned_detail(assignment),
+                )
         else:
             # A follow-up keeps the conversation's holder unless the caller assigned anew,
             # and can only raise its severity (P0 < P3).
+            held, was = row[2], row[4]
+            now_status = was
+            if agent_id and agent_id != held:
+                now_status = str(TicketState.ASSIGNED)
+            elif was == TicketState.WAITING:
+                now_status = str(TicketState.ACCEPTED)  # the customer answered: agent's turn
             c.execute(
                 "UPDATE conversations SET updated_at=?, agent_id=COALESCE(?, agent_id), "
-                "severity=MIN(severity, ?) WHERE id=?",
-                (new.ingested_at, agent_id, cls.severity, conversation_id),
+                "severity=MIN(severity, ?), status=? WHERE id=?",
+                (at, agent_id, cls.severity, now_status, conversation_id),
             )
+            if now_status != was:
+                if now_status == TicketState.ASSIGNED:
+                    add_event(
+                        c,
+                        conversation_id,
+                        at,
+                        EventKind.ASSIGNED,
+                        ROUTER,
+                        now_status,
+                        _assigned_detail(assignment),
+                    )
+                else:
+                    add_event(
+                        c,
+                        conversation_id,
+                        at,
+                        EventKind.CUSTOMER_REPLIED,
+                        CUSTOMER,
+                        now_status,
+                        {"message_id": new.message_id},
+                    )
     state = MessageState.ASSIGNED if assignment else MessageState.QUEUED
+    _insert_message(c, new, conversation_id, contact_key, state, raw)
+    if assignment is not None:
+        if conversation_id != assignment.conversation_id:
+            assignment.conversation_id = conversation_id
+        insert_assignment(c, assignment)
+    committed: list[OutboxItem] = []
+    for outbox in (new.outbox, *new.extra_outbox):
+        if outbox is None or (refused and outbox is new.outbox):
+            continue  # no delivery for an assignment the store refused
+        if conversation_id != new.conversation_id:
+            # The payload names the conversation the message really joined; decided here,
+            # in the commit, before anything is encoded.
+            outbox = dataclasses.replace(
+                outbox, payload=outbox.payload.with_conversation(conversation_id)
+            )
+        insert_outbox(c, outbox)
+        committed.append(outbox)
+    return IngestResult(
+        new.message_id,
+        conversation_id,
+        duplicate=False,
+        state=str(state),
+        reopened=reopened,
+        assigned=not refused,
+        outbox=tuple(committed),
+        survey_score=new.survey_score if survey is not None else None,
+    )
+
+
+def _survey_answer(c: sqlite3.Connection, new: NewMessage) -> str | None:
+    """Record a survey answer on the surveyed ticket; return its id (None: not pending)."""
+    row = c.execute(
+        "SELECT id FROM conversations WHERE id=? AND state='resolved' AND survey_until>=?",
+        (new.survey_of, new.ingested_at),
+    ).fetchone()
+    if row is None:
+        return None  # answered, reopened or closed meanwhile: an ordinary message
+    score = new.survey_score
+    c.execute(
+        "UPDATE conversations SET csat_score=?, csat_at=?, survey_until=NULL WHERE id=?",
+        (score, new.ingested_at, row[0]),
+    )
+    add_event(
+        c,
+        row[0],
+        new.ingested_at,
+        EventKind.SURVEY_ANSWERED,
+        CUSTOMER,
+        TicketState.RESOLVED,
+        {
+            "score": score,
+            "message_id": new.message_id,
+            "low": score is not None and score <= LOW_SCORE,
+        },
+    )
+    return str(row[0])
+
+
+def _assigned_detail(a: Assignment | None) -> dict[str, Any]:
+    if a is None:
+        return {}
+    return {"agent": a.agent_id, "queue": a.queue, "message_id": a.message_id, "reason": a.reason}
+
+
+def _insert_message(
+    c: sqlite3.Connection,
+    new: NewMessage,
+    conversation_id: str,
+    contact_key: str,
+    state: MessageState,
+    raw: bytes,
+) -> None:
+    """Insert the message row and its attachments."""
+    m, cls = new.inbound, new.classification
     c.execute(
         "INSERT INTO messages(id, channel, channel_type, external_id, payload_sha256, "
         "conversation_id, contact_key, "
@@ -624,31 +1038,6 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             "VALUES (?,?,?,?,?,?)",
             (new.message_id, att.name, att.mime_type, att.size, att.sha256, att.storage_ref),
         )
-    if assignment is not None:
-        if conversation_id != assignment.conversation_id:
-            assignment.conversation_id = conversation_id
-        insert_assignment(c, assignment)
-    committed: list[OutboxItem] = []
-    for outbox in (new.outbox, *new.extra_outbox):
-        if outbox is None or (refused and outbox is new.outbox):
-            continue  # no delivery for an assignment the store refused
-        if conversation_id != new.conversation_id:
-            # The payload names the conversation the message really joined; decided here,
-            # in the commit, before anything is encoded.
-            outbox = dataclasses.replace(
-                outbox, payload=outbox.payload.with_conversation(conversation_id)
-            )
-        insert_outbox(c, outbox)
-        committed.append(outbox)
-    return IngestResult(
-        new.message_id,
-        conversation_id,
-        duplicate=False,
-        state=str(state),
-        reopened=reopened,
-        assigned=not refused,
-        outbox=tuple(committed),
-    )
 
 
 def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
@@ -663,10 +1052,21 @@ def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
     if not has_room(c, a, conversation_id):
         return False
     c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
+    at = a.assigned_at.timestamp()
+    before = c.execute(
+        "SELECT agent_id, status FROM conversations WHERE id=?", (conversation_id,)
+    ).fetchone()
+    held, status = (before[0], before[1]) if before else (None, "")
+    if held != a.agent_id:
+        status = str(TicketState.ASSIGNED)
+    elif status == TicketState.WAITING:
+        status = str(TicketState.ACCEPTED)  # a follow-up joined while the holder was away
     c.execute(
-        "UPDATE conversations SET agent_id=?, updated_at=? WHERE id=?",
-        (a.agent_id, a.assigned_at.timestamp(), conversation_id),
+        "UPDATE conversations SET agent_id=?, updated_at=?, status=? WHERE id=?",
+        (a.agent_id, at, status, conversation_id),
     )
+    if held != a.agent_id:
+        add_event(c, conversation_id, at, EventKind.ASSIGNED, ROUTER, status, _assigned_detail(a))
     if a.conversation_id != conversation_id:
         a = dataclasses.replace(a, conversation_id=conversation_id)
     insert_assignment(c, a)
@@ -720,4 +1120,12 @@ def snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapsho
         )
     ]
     snap.presence = {r[0]: bool(r[1]) for r in c.execute("SELECT id, present FROM agents")}
+    snap.pending_surveys = [
+        PendingSurvey(*r)
+        for r in c.execute(
+            "SELECT id, channel, thread_key, survey_until FROM conversations "
+            "WHERE survey_until IS NOT NULL AND survey_until>? AND state='resolved'",
+            (now,),
+        )
+    ]
     return snap

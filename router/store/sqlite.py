@@ -35,6 +35,7 @@ from router.store import (
     Snapshot,
     StoreCondition,
     StoredMessage,
+    TicketEvent,
     TicketView,
 )
 from router.store import queries as q
@@ -124,9 +125,49 @@ class SqliteStore:
         """Assign a queued message and queue its delivery in one transaction."""
         return await self._run(lambda c: q.assign(c, assignment, outbox))
 
-    async def resolve_conversation(self, conversation_id: str, at: float) -> str | None:
+    async def resolve_conversation(
+        self,
+        conversation_id: str,
+        at: float,
+        *,
+        actor: str = "",
+        survey: OutboxItem | None = None,
+        survey_until: float | None = None,
+    ) -> str | None:
         """Close an open conversation and its messages; return the agent who held it."""
-        return await self._run(lambda c: q.resolve_conversation(c, conversation_id, at))
+        return await self._run(
+            lambda c: q.resolve_conversation(c, conversation_id, at, actor, survey, survey_until)
+        )
+
+    async def close_resolved(self, resolved_before: float, at: float, limit: int) -> list[str]:
+        """Close tickets resolved at or before resolved_before; return their ids."""
+        return await self._run(lambda c: q.close_resolved(c, resolved_before, at, limit))
+
+    async def reply(self, conversation_id: str, agent_id: str, item: OutboxItem, at: float) -> bool:
+        """Commit an agent's answer and mark the ticket waiting on the customer."""
+        return await self._run(lambda c: q.reply(c, conversation_id, agent_id, item, at))
+
+    async def transfer(
+        self,
+        conversation_id: str,
+        actor: str,
+        to: str,
+        queue: str | None,
+        at: float,
+        notice: OutboxItem | None = None,
+    ) -> list[str]:
+        """Take an open conversation from its holder; its messages wait again."""
+        return await self._run(
+            lambda c: q.transfer(c, conversation_id, actor, to, queue, at, notice)
+        )
+
+    async def record_event(self, event: TicketEvent) -> None:
+        """Append an audit row not tied to a state change."""
+        await self._run(lambda c: q.record_event(c, event))
+
+    async def ticket_events(self, conversation_id: str) -> list[TicketEvent]:
+        """Return a ticket's audit rows, oldest first."""
+        return await self._run(lambda c: q.ticket_events(c, conversation_id))
 
     async def withdraw_offer(
         self, message_id: str, agent_id: str, at: float, outcome: str
