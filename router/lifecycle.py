@@ -94,6 +94,10 @@ _WORDS: dict[str, int] = {
     "👎": 2,
 }
 _WORD_ORDER = sorted(_WORDS, key=len, reverse=True)
+# A negation just before the word turns it ("not good", "not really satisfied", "不好").
+_NEGATION = re.compile(
+    r"(?:\b(?:not|never|hardly|isn't|wasn't|didn't|don't)\s+(?:\w+\s+)?|[不没]\s*)$"
+)
 # A survey answer is short: anything longer is a message, routed as one.
 _MAX_ANSWER = 40
 _DIGIT = re.compile(r"^\s*([1-5])(?:\s*(?:/\s*5|分|星|stars?|points?))?\s*[.!。！]*\s*$", re.I)
@@ -118,11 +122,18 @@ def parse_score(text: str) -> int | None:
         # A word inside a short answer ("很满意，谢谢", "no, not really"), whole words only
         # for the Latin ones so "no" does not match "know".
         if word.isascii():
-            if re.search(rf"(?<![a-z]){re.escape(word)}(?![a-z])", bare):
-                return _WORDS[word]
-        elif word in bare:
-            return _WORDS[word]
+            found = re.search(rf"(?<![a-z]){re.escape(word)}(?![a-z])", bare)
+            at = found.start() if found else -1
+        else:
+            at = bare.find(word)
+        if at >= 0:
+            return _negated(_WORDS[word]) if _NEGATION.search(bare[:at]) else _WORDS[word]
     return None
+
+
+def _negated(score: int) -> int:
+    """Return what "not <word>" means: not good is low, not bad is middling."""
+    return LOW_SCORE if score > 3 else 3 if score < 3 else score
 
 
 def survey_question(language: str, ticket: str) -> str:

@@ -548,3 +548,16 @@ def test_survey_answers_are_read_as_scores(text: str, score: int | None) -> None
     from router.lifecycle import parse_score
 
     assert parse_score(text) == score
+
+
+def test_a_negated_answer_is_not_read_as_its_word() -> None:
+    # "not good" used to score 4 (the word matched, the negation was ignored).
+    from router.lifecycle import parse_score
+
+    assert parse_score("not good") == 2
+    assert parse_score("Not really satisfied.") == 2
+    assert parse_score("never great") == 2
+    assert parse_score("not bad") == 3
+    assert parse_score("不好") == 2
+    assert parse_score("很好") == 4
+    assert parse_score("good, thanks") == 4
