@@ -333,13 +333,16 @@ def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
     return EXIT_OK if count or args.all else EXIT_FAILURE
 
 
-def _admin_call(args: argparse.Namespace, path: str, method: str = "GET") -> tuple[int, Any] | None:
+def _admin_call(
+    args: argparse.Namespace, path: str, method: str = "GET", body: dict[str, Any] | None = None
+) -> tuple[int, Any] | None:
     config = _load(args.config)
     token = ensure_admin_token(config)
     try:
         return _http(
             method,
             _ops_url(config, args.ops_url) + path,
+            body,
             headers={"Authorization": f"Bearer {token}"},
         )
     except OSError as exc:
@@ -352,8 +355,9 @@ def _admin_show(
     path: str,
     table: Callable[[Any], list[str]] | None = None,
     method: str = "GET",
+    body: dict[str, Any] | None = None,
 ) -> int:
-    answer = _admin_call(args, path, method)
+    answer = _admin_call(args, path, method, body)
     if answer is None:
         return EXIT_FAILURE
     status, reply = answer
@@ -414,6 +418,63 @@ def _presence_args(p: argparse.ArgumentParser) -> None:
 def cmd_presence(args: argparse.Namespace) -> int:
     """Set an agent on, away or off in the running daemon."""
     return _admin_show(args, f"/v1/agents/{args.agent}/presence/{args.state}", method="POST")
+
+
+# -- acting for an agent (tools that cannot send actions: the file inbox, webhooks) --
+
+
+def _ticket_action_args(
+    value: str | None = None, value_help: str = ""
+) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("ticket", help="the ticket number, T-01J…")
+        if value is not None:
+            p.add_argument(value, help=value_help)
+        p.add_argument("--agent", required=True, help="the agent acting (audited under this name)")
+        p.add_argument("--ops-url", help="the ops API (default: from the config)")
+
+    return add
+
+
+def _ticket_action(args: argparse.Namespace, action: str, value: str = "") -> int:
+    body: dict[str, Any] = {"agent": args.agent, "action": action}
+    if value:
+        body["value"] = value
+    return _admin_show(args, f"/v1/tickets/{args.ticket}/actions", method="POST", body=body)
+
+
+@command("accept", "take up an offered ticket for an agent", _ticket_action_args(), config=True)
+def cmd_accept(args: argparse.Namespace) -> int:
+    """Accept a ticket's offer for an agent in the running daemon."""
+    return _ticket_action(args, "accept")
+
+
+@command(
+    "reply",
+    "answer the customer of a ticket on their channel",
+    _ticket_action_args("text", "the answer, sent to the customer as written"),
+    config=True,
+)
+def cmd_reply(args: argparse.Namespace) -> int:
+    """Relay an agent's reply to the ticket's customer."""
+    return _ticket_action(args, "reply", args.text)
+
+
+@command("resolve", "resolve a ticket an agent holds", _ticket_action_args(), config=True)
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """Resolve a ticket for the agent holding it."""
+    return _ticket_action(args, "resolve")
+
+
+@command(
+    "transfer",
+    "hand a ticket to another agent or queue",
+    _ticket_action_args("to", "agent:<id> or queue:<name>"),
+    config=True,
+)
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """Transfer a ticket from the agent holding it."""
+    return _ticket_action(args, "transfer", args.to)
 
 
 def _explain_args(p: argparse.ArgumentParser) -> None:

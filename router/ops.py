@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from router.actions import ActionError, parse_action
+from router.agent_work import Verdict
 from router.drivers import AgentAction, Presence
 from router.http import HttpLimits, new_app
 from router.model import LABELS, TICKET_PREFIX
@@ -79,6 +81,10 @@ class AgentDesk(Protocol):
 
     async def act(self, action: AgentAction) -> str:
         """Apply an agent action; return "ok" or why it was refused."""
+        ...
+
+    async def decide(self, action: AgentAction, *, notify: bool = False) -> Verdict:
+        """Apply an agent action; return its outcome and, when refused, the reason."""
         ...
 
 
@@ -190,6 +196,7 @@ class OpsApi:
         app.router.add_get("/v1/dead-letters", admin(self.list_dead_letters))
         app.router.add_post("/v1/dead-letters/replay", admin(self.replay_dead_letters))
         app.router.add_get("/v1/tickets/{ticket}/events", admin(self.ticket_events))
+        app.router.add_post("/v1/tickets/{ticket}/actions", admin(self.ticket_action))
         return app
 
     def _admin(self, handler: Handler) -> Handler:
@@ -318,6 +325,36 @@ class OpsApi:
         if outcome != "ok":
             return _error(409, "not_offered", f"{message_id!r} is not with {agent!r}")
         return _json({"message_id": message_id, "agent": agent, "accepted": True})
+
+    async def ticket_action(self, request: web.Request) -> web.Response:
+        """Act on a ticket for a named agent: {"agent", "action", "value"?, "message_id"?}.
+
+        For agents on tools that cannot send actions (a file inbox, a webhook) and for
+        supervisors: the same rules as an action from the agent's own tool, audited
+        under the agent's name. 200 with the outcome, 409 with the reason if refused.
+        """
+        ticket = request.match_info["ticket"]
+        conversation_id = ticket[len(TICKET_PREFIX) :] if ticket.startswith(TICKET_PREFIX) else ""
+        if not conversation_id or len(conversation_id) > 64:
+            return _error(400, "bad_ticket", "give a ticket number such as T-01J…")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not valid JSON")
+        agent = body.get("agent") if isinstance(body, dict) else None
+        if not isinstance(agent, str) or not 0 < len(agent) <= 64:
+            return _error(400, "invalid_agent", 'name the acting agent: {"agent": "alice", …}')
+        fields = {k: v for k, v in body.items() if k != "agent"}
+        fields["conversation_id"] = conversation_id
+        try:
+            action = parse_action(agent, json.dumps(fields).encode())
+        except ActionError as exc:
+            return _error(400, "invalid_action", str(exc))
+        verdict = await self.agents.decide(action)
+        answer = {"ticket": ticket, "agent": agent, "action": action.action}
+        if verdict.outcome != "ok":
+            return _error(409, verdict.outcome, verdict.reason or f"{action.action} refused")
+        return _json({**answer, "outcome": "ok"})
 
     async def ticket_events(self, request: web.Request) -> web.Response:
         """List a ticket's audit, oldest first ({"ticket": …, "events": [...]})."""

@@ -891,3 +891,48 @@ async def test_secrets_and_bodies_never_logged(
     assert admin_token not in log
     assert "Zebra-purple" not in log
     assert "Zebra-subject" not in log
+
+
+# -- agents on tools without actions work through the CLI and the ops API ----------------
+
+
+def test_inbox_agents_accept_resolve_and_transfer_from_the_cli(
+    tmp_path: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    # Issue 14: with only file-inbox agents nothing could resolve a conversation, so the
+    # demo stalled once every slot was taken. The CLI acts for a named agent, audited.
+    web_port, ops_port = ports()
+    urls = Urls(web_port, ops_port)
+    agents = (
+        '[[agents]]\nid = "alice"\ncapacity = 1\ntool = "inbox"\n\n'
+        '[[agents]]\nid = "bo"\ncapacity = 1\ntool = "inbox"\n'
+    )
+    d = spawn(base_config(tmp_path / "state", web_port=web_port, ops_port=ops_port, agents=agents))
+    config_file = str(d.config_path)
+    answers = [urls.post(f"Where is my parcel {n}?", f"c{n}@example.com")[1] for n in range(3)]
+    assert [a["state"] for a in answers] == ["assigned", "assigned", "queued"]
+    holders = {a["agent_id"]: a["ticket"] for a in inbox_lines(tmp_path / "state")}
+    first = holders["alice"]
+
+    # Not alice's to resolve for bo: refused with the reason, nothing changes.
+    wrong = cli("resolve", first, "--agent", "bo", "-c", config_file)
+    assert wrong.returncode != 0 and "hold" in wrong.stdout + wrong.stderr
+    done = cli("resolve", first, "--agent", "alice", "-c", config_file)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Alice's slot freed: the queued message is hers now, and the queue is empty.
+    poll(
+        lambda: any(
+            x["ticket"] == answers[2]["ticket"] and x["agent_id"] == "alice"
+            for x in inbox_lines(tmp_path / "state")
+        ),
+        what="the queued message delivered to alice",
+    )
+    # Web customers are answered in the HTTP reply and the status page: a relayed reply
+    # is refused with the reason, not lost.
+    refused = cli(
+        "reply", answers[2]["ticket"], "On its way!", "--agent", "alice", "-c", config_file
+    )
+    assert refused.returncode != 0
+    history = cli("ticket", "history", first, "-c", config_file, "--json")
+    assert history.returncode == 0, history.stderr
+    assert "resolve" in history.stdout and "alice" in history.stdout
