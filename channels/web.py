@@ -18,29 +18,44 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import ipaddress
 import json
+import math
 import re
 import sqlite3
 import time
 import unicodedata
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from channels.web_guard import (
+    Networks,
+    Rejected,
+    TokenBuckets,
+    WebStats,
+    client_ip,
+    origin_allowed,
+)
+from channels.web_outbox import LogClosed, WidgetLog, thread_id
+from channels.web_widget import WidgetServer
 from router.drivers import (
     NAME_RE,
     ChannelBase,
     DriverContext,
     DriverState,
     MessageSink,
+    Outbound,
+    Receipt,
     TicketLookup,
     TicketStatus,
     TransientError,
 )
 from router.http import GuardedRunner, HttpLimits, new_app, start_site
-from router.model import InboundMessage, new_ulid, utcnow
+from router.model import Attachment, InboundMessage, new_ulid, utcnow
 from router.store import StoreUnavailable
 
 MESSAGES_PATH = "/v1/messages"
@@ -61,6 +76,8 @@ RETRY_AFTER_STORE = "10"  # the store cannot write (disk full, read-only): an op
 STORE_PROBE_INTERVAL = 1.0
 # sqlite3 error texts that mean the store cannot write at all, as opposed to a hiccup.
 _STORE_OUTAGE_REASONS = ("full", "readonly", "read-only", "disk i/o")
+# Room for the contact form's fields and multipart framing next to its attachment.
+FORM_OVERHEAD = 64 * 1024
 # How long runner.cleanup() waits for handlers still running. stop() has already
 # waited for every request that reached the sink, so what is left are requests still
 # being read or answered 503: a short grace keeps a stop under load from idling for
@@ -80,6 +97,9 @@ _ID_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 _TICKET = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
 
 # Built once: json.dumps with non-default arguments builds a new encoder on every call.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
@@ -110,24 +130,82 @@ class WebConfig(BaseModel):
     # Open connections at once; when full, idle ones are evicted, else new ones closed.
     max_connections: int = Field(default=512, ge=1, le=100_000)
 
+    # -- for browsers: the chat widget, the contact form, the ticket status page -----
+    # Serve widget.js and its WebSocket, /contact and /status (the JSON API is always on).
+    widget: bool = True
+    # Origins (scheme://host[:port]) whose pages may embed the widget or call the API
+    # from a browser; the channel's own origin is always allowed, others get 403.
+    allowed_origins: tuple[str, ...] = ()
+    # Token buckets per client IP (API posts, widget messages and connections, form
+    # posts together) and per conversation: tokens per second (0: no limit) and burst.
+    ip_rate: float = Field(default=1.0, ge=0, le=100_000)
+    ip_burst: int = Field(default=30, ge=1, le=1_000_000)
+    conversation_rate: float = Field(default=0.5, ge=0, le=100_000)
+    conversation_burst: int = Field(default=10, ge=1, le=1_000_000)
+    # Networks the limits do not apply to: a site's own backend posting for its users,
+    # `omnirouter send` on the host. Behind a reverse proxy, list it in trusted_proxies
+    # instead, so its clients are told apart by X-Forwarded-For.
+    rate_limit_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    trusted_proxies: tuple[str, ...] = ()
+    # Open widget WebSockets at once (each is also a connection under max_connections).
+    max_ws_connections: int = Field(default=2000, ge=1, le=100_000)
+    ws_heartbeat: float = Field(default=30.0, gt=0, le=600)  # seconds between pings
+    ws_send_queue: int = Field(default=64, ge=1, le=10_000)  # frames; a slower reader is cut
+    max_ws_frame_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    # The contact form's attachment: at most this size, one of these types.
+    max_attachment_bytes: int = Field(default=5 * 1024 * 1024, ge=0, le=64 * 1024 * 1024)
+    attachment_types: tuple[str, ...] = (
+        "image/png",
+        "image/jpeg",
+        "application/pdf",
+        "text/plain",
+    )
+    history_days: int = Field(default=30, ge=1, le=3650)  # widget history kept this long
 
-class _Rejected(Exception):
-    """A request the channel refuses; carries the HTTP answer."""
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Accept only bare origins (scheme://host[:port], no path), kept lower-case."""
+        for origin in value:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin like https://shop.example or "
+                    "http://localhost:8000 (no path, no trailing slash)"
+                )
+        return tuple(o.lower() for o in value)
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
+    @field_validator("rate_limit_exempt", "trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Accept only IP addresses and networks (CIDR)."""
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP address or network") from None
+        return value
+
+
+_Rejected = Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A message the sink committed, with what its answer tells the customer."""
+
+    receipt: Receipt
+    message: InboundMessage
+    conversation_token: str  # "" when the client threads on its own (no token service)
+    thread: str  # the widget log's key of the conversation (see web_outbox.thread_id)
 
 
 class WebChannel(ChannelBase):
     """Serve the web intake API on host:port and hand each valid message to the sink."""
 
     config_model: ClassVar[type[WebConfig]] = WebConfig
-    # Answers go back in the HTTP response and the ticket status; nothing is pushed.
-    answers_customers = False
+    # Acknowledgements and agent replies are kept for the widget and pushed to it live;
+    # an API client reads its answer in the HTTP response and the ticket status instead.
+    answers_customers: ClassVar[bool] = True
     # Serves `POST /v1/messages` on its host and port (what `omnirouter send` posts to).
     takes_message_posts: ClassVar[bool] = True
 
@@ -150,6 +228,34 @@ class WebChannel(ChannelBase):
         # Set while the store cannot write; requests before _store_probe_at get a 503.
         self._store_outage: str | None = None
         self._store_probe_at = 0.0
+        self.stats = WebStats(self.name, ctx.metrics)
+        self.log_db = WidgetLog(ctx.state_dir / "web" / self.name / "outbox.db")
+        self._origins = frozenset(config.allowed_origins)
+        self._exempt = Networks(config.rate_limit_exempt)
+        self._proxies = Networks(config.trusted_proxies)
+        self._ip_buckets = TokenBuckets(config.ip_rate, config.ip_burst)
+        self._conversation_buckets = TokenBuckets(
+            config.conversation_rate, config.conversation_burst
+        )
+        self.widget = WidgetServer(self) if config.widget else None
+
+    @property
+    def stopping(self) -> bool:
+        """Return whether stop() was called (new messages are refused)."""
+        return self._stopping
+
+    def thread_of(self, handle: str, token: str) -> str:
+        """Return the widget log's thread a conversation token proves; raise 403 if none."""
+        tokens = self.ctx.conversations
+        hint = token if tokens is None else tokens.conversation_hint(handle, token)
+        if hint is None:
+            raise Rejected(
+                403,
+                "invalid_conversation_token",
+                "this conversation token was not issued to this contact",
+                "conversation",
+            )
+        return thread_id(handle, hint)
 
     @property
     def bound_port(self) -> int | None:
@@ -172,12 +278,19 @@ class WebChannel(ChannelBase):
         limits = HttpLimits(
             read_timeout=self.config.read_timeout,
             max_connections=self.config.max_connections,
-            max_body_bytes=self.config.max_body_bytes,
+            # The contact form's attachment needs more room than a JSON post; the JSON
+            # handler checks its own, smaller limit.
+            max_body_bytes=max(
+                self.config.max_body_bytes,
+                self.config.max_attachment_bytes + FORM_OVERHEAD if self.config.widget else 0,
+            ),
         )
         app = new_app(limits)
         app.router.add_route("*", MESSAGES_PATH, self._handle_messages)
         app.router.add_route("*", TICKETS_PATH + "{ticket}", self._handle_ticket)
         app.router.add_route("*", HEALTH_PATH, self._handle_health)
+        if self.widget is not None:
+            self.widget.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         # No access log (see router.http): one line per request is the pipeline's job
         # (it logs each routed message once).
@@ -185,6 +298,10 @@ class WebChannel(ChannelBase):
             app, name=f"web:{self.name}", limits=limits, shutdown_timeout=_SHUTDOWN_GRACE
         )
         try:
+            if self.config.widget:
+                # Widget history past its keep time goes at each start (a restart a day
+                # or a deploy is enough; the rows are small).
+                await self.log_db.prune(time.time() - self.config.history_days * 86400)
             await runner.setup()
             try:
                 self._port = await start_site(
@@ -214,25 +331,136 @@ class WebChannel(ChannelBase):
         """Refuse new messages with 503, let in-flight ones finish, then close the listener."""
         self._stopping = True
         await self._idle.wait()
+        if self.widget is not None:
+            # Widgets reconnect (to the next daemon) and fetch what they missed.
+            await self.widget.close_all()
         self._closed.set()
         await self._done.wait()
+        await self.log_db.close()
         self._set_state(DriverState.STOPPED)
+
+    async def send(self, outbound: Outbound) -> None:
+        """Keep an acknowledgement or reply in the widget log, then push it to open widgets.
+
+        Idempotent on outbound.id: a retried send is stored once and pushed once. The
+        JSON API's answer is unchanged; an API client that wants the reply reads the
+        ticket status or opens the widget's WebSocket with its conversation token.
+        """
+        hint = outbound.payload.conversation_hint or outbound.conversation_id
+        fields: dict[str, Any] = {"ticket": outbound.ticket}
+        if outbound.kind == "reply":
+            fields["text"] = outbound.text
+        else:
+            respond_by = outbound.respond_by
+            if respond_by is not None:
+                fields["respond_by"] = _iso(respond_by)
+                fields["minutes"] = max(1, math.ceil((respond_by.timestamp() - time.time()) / 60))
+        try:
+            entry, new = await self.log_db.add(
+                thread_id(outbound.to, hint), outbound.id, outbound.kind, fields
+            )
+        except LogClosed:
+            raise TransientError(f"web channel {self.name} is stopped") from None
+        except sqlite3.Error as exc:
+            raise TransientError(f"widget log: {type(exc).__name__}: {exc}") from None
+        self._succeeded()
+        if new:
+            self.stats.message_out()
+            if self.widget is not None:
+                self.widget.push(thread_id(outbound.to, hint), entry)
+
+    def details(self) -> dict[str, Any]:
+        """Return the widget's counters for /readyz (connections, messages a minute, rejects)."""
+        return self.stats.details()
+
+    # -- limits, origins ---------------------------------------------------------------
+
+    def client(self, request: web.Request) -> str:
+        """Return the client's IP address (behind a trusted proxy: the one it names)."""
+        return client_ip(request, self._proxies)
+
+    def _limit(self, request: web.Request, conversation: str | None) -> None:
+        """Take a token from the client's IP bucket (and the conversation's); raise 429 if empty."""
+        self.check_rate(self.client(request), conversation)
+
+    def check_rate(self, ip: str, conversation: str | None) -> None:
+        """Raise a 429 Rejected when the IP or the conversation is over its rate."""
+        if ip in self._exempt:
+            return
+        wait = self._ip_buckets.take(ip)
+        if not wait and conversation:
+            wait = self._conversation_buckets.take(conversation)
+        if wait:
+            raise Rejected(
+                429,
+                "rate_limited",
+                "too many messages; slow down",
+                retry_after=str(max(1, math.ceil(wait))),
+            )
+
+    def rejected(self, exc: Rejected) -> web.Response:
+        """Return the JSON answer of a rejection and count it by reason."""
+        self.stats.reject(exc.code)
+        if exc.retry_after is not None:
+            response = _json(
+                exc.status,
+                {"error": {"code": exc.code, "message": exc.message}},
+                {"Retry-After": exc.retry_after},
+            )
+            if exc.status == 503:
+                response.force_close()
+            return response
+        return _error(exc.status, exc.code, exc.message, exc.field)
+
+    def origin_ok(self, request: web.Request) -> bool:
+        """Return whether the request comes from our own or an allowed origin (or no browser)."""
+        return origin_allowed(request, self._origins)
+
+    def _cors(self, request: web.Request, response: web.Response) -> web.Response:
+        """Let an allowed origin's page read the answer (CORS)."""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.strip().lower() in self._origins:
+            response.headers["Access-Control-Allow-Origin"] = origin.strip()
+            response.headers["Vary"] = "Origin"
+        return response
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        """Answer a CORS preflight: allowed origins may POST JSON with an Idempotency-Key."""
+        origin = (request.headers.get("Origin") or "").strip().lower()
+        if origin not in self._origins:
+            return self.rejected(_origin_rejected())
+        response = web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": request.headers["Origin"].strip(),
+                "Access-Control-Allow-Methods": "POST",
+                "Access-Control-Allow-Headers": "Content-Type, Idempotency-Key",
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin",
+                "Server": "omnirouter",
+            },
+        )
+        return response
 
     # -- handlers ----------------------------------------------------------------
 
     async def _handle_messages(self, request: web.Request) -> web.Response:
         """Take one message: validate, commit through the sink, answer with its ticket."""
+        if request.method == "OPTIONS":
+            return self._preflight(request)
         if request.method != "POST":
             return _method_not_allowed("POST")
+        if not origin_allowed(request, self._origins):
+            return self.rejected(_origin_rejected())
         if self._stopping:
             return _unavailable("the channel is shutting down", RETRY_AFTER_STOPPING)
-        # Counted synchronously with the check above, so stop() waits for this request.
+        # Counted from here, so stop() waits for a request already being read.
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._intake(request)
+            return self._cors(request, await self._intake(request))
         except _Rejected as exc:
-            return _error(exc.status, exc.code, exc.message, exc.field)
+            return self._cors(request, self.rejected(exc))
         except Exception:
             self.log.exception("web.internal_error", path=MESSAGES_PATH)
             return _error(500, "internal_error", "internal error")
@@ -276,8 +504,46 @@ class WebChannel(ChannelBase):
             ) from None
         except (ValueError, RecursionError):
             raise _Rejected(400, "invalid_json", "the body is not valid JSON") from None
-        fields = self._validate(document)
-        digest = hashlib.sha256(_CANONICAL.encode(fields).encode("ascii")).hexdigest()
+        if len(body) > config.max_body_bytes:  # chunked: no Content-Length to check first
+            raise _too_large(config.max_body_bytes)
+        fields = self.validate(document)
+        self._limit(request, fields["conversation"] or None)
+        committed = await self.commit(fields, key, body)
+        receipt = committed.receipt
+        status_url = TICKETS_PATH + receipt.ticket
+        answer: dict[str, Any] = {
+            "ticket": receipt.ticket,
+            "status_token": receipt.status_token,
+            "message_id": receipt.message_id,
+            "conversation_id": receipt.conversation_id,
+            "state": receipt.state,
+            "status_url": status_url,
+        }
+        if committed.conversation_token:
+            answer["conversation_token"] = committed.conversation_token
+        if receipt.duplicate:
+            answer["duplicate"] = True
+            return _json(200, answer)
+        return _json(201, answer, {"Location": status_url})
+
+    async def commit(
+        self,
+        fields: dict[str, Any],
+        key: str | None,
+        raw: bytes,
+        attachments: tuple[Attachment, ...] = (),
+        *,
+        resendable: bool = False,
+    ) -> Committed:
+        """Commit validated fields through the sink; raise Rejected (503s included) if not.
+
+        Shared by the API, the widget's WebSocket and the contact form, so all three
+        thread, deduplicate and refuse alike. `resendable` leaves the conversation token
+        out of the fingerprint: a widget resends a conversation's first message with the
+        token it got meanwhile, and that is the same message, not a reused key.
+        """
+        fingerprint = {**fields, "conversation": ""} if resendable else fields
+        digest = hashlib.sha256(_CANONICAL.encode(fingerprint).encode("ascii")).hexdigest()
         contact = fields["contact"]
         hint, conversation_token = self._thread(contact["handle"], fields["conversation"], key)
         message = InboundMessage(
@@ -291,31 +557,42 @@ class WebChannel(ChannelBase):
             conversation_hint=hint,
             received_at=utcnow(),
             language=fields["language"],
+            attachments=attachments,
             payload_sha256=digest,
-            raw=body,
+            raw=raw,
         )
         sink = self._sink
-        if sink is None:  # pragma: no cover  (handlers only run inside run())
-            raise RuntimeError("no sink")
+        if sink is None:
+            raise Rejected(
+                503, "unavailable", "the channel is shutting down", retry_after=RETRY_AFTER_STOPPING
+            )
         if self._store_outage is not None:
             now = time.monotonic()
             if now < self._store_probe_at:
-                return _unavailable(
-                    "the message cannot be stored now; retry later", RETRY_AFTER_STORE
-                )
+                raise _store_unavailable()
             self._store_probe_at = now + STORE_PROBE_INTERVAL  # this request is the probe
+        # Counted synchronously with the check above, so stop() waits for this commit.
+        self._inflight += 1
+        self._idle.clear()
         try:
             receipt = await sink(message)
         except Exception as exc:
             # Not committed (or not known to be): the client retries with the same key.
             if _is_store_outage(exc):
                 self._store_down(exc)
-                return _unavailable(
-                    "the message cannot be stored now; retry later", RETRY_AFTER_STORE
-                )
+                raise _store_unavailable() from None
             self.last_error = f"sink failed: {type(exc).__name__}"
             self.log.error("web.sink_failed", error=type(exc).__name__, exc_info=True)
-            return _unavailable("the message could not be stored; retry", RETRY_AFTER_SINK)
+            raise Rejected(
+                503,
+                "unavailable",
+                "the message could not be stored; retry",
+                retry_after=RETRY_AFTER_SINK,
+            ) from None
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
         if self._store_outage is not None:
             self._store_up()
         if receipt.payload_conflict:
@@ -326,21 +603,10 @@ class WebChannel(ChannelBase):
                 "Idempotency-Key",
             )
         self._succeeded()
-        status_url = TICKETS_PATH + receipt.ticket
-        answer: dict[str, Any] = {
-            "ticket": receipt.ticket,
-            "status_token": receipt.status_token,
-            "message_id": receipt.message_id,
-            "conversation_id": receipt.conversation_id,
-            "state": receipt.state,
-            "status_url": status_url,
-        }
-        if conversation_token:
-            answer["conversation_token"] = conversation_token
-        if receipt.duplicate:
-            answer["duplicate"] = True
-            return _json(200, answer)
-        return _json(201, answer, {"Location": status_url})
+        self.stats.message_in()
+        return Committed(
+            receipt, message, conversation_token, thread_id(message.contact_handle, hint)
+        )
 
     def _thread(self, handle: str, token: str, key: str | None) -> tuple[str, str]:
         """Return (thread hint, conversation token) for a post; refuse a token not proven.
@@ -365,7 +631,7 @@ class WebChannel(ChannelBase):
             )
         return hint, token
 
-    def _validate(self, document: object) -> dict[str, Any]:
+    def validate(self, document: object) -> dict[str, Any]:
         """Return the normalised fields of a request body; raise _Rejected naming the bad field."""
         if type(document) is not dict:
             raise _Rejected(400, "invalid_body", "the body must be a JSON object")
@@ -618,6 +884,21 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> we
     if field is not None:
         error["field"] = field
     return _json(status, {"error": error})
+
+
+def _store_unavailable() -> Rejected:
+    """Return the 503 rejection while the store cannot write."""
+    return Rejected(
+        503,
+        "unavailable",
+        "the message cannot be stored now; retry later",
+        retry_after=RETRY_AFTER_STORE,
+    )
+
+
+def _origin_rejected() -> Rejected:
+    """Return the 403 rejection of a page whose origin is not allowed."""
+    return Rejected(403, "origin_not_allowed", "this origin may not use this channel")
 
 
 def _too_large(limit: int) -> _Rejected:

@@ -150,6 +150,14 @@ class AgentWork:
                 # Only the holder may close a conversation; an unheld one is waiting for
                 # an agent (a stale resolve after a reopen, say).
                 raise Refusal(NOT_YOURS)
+            waiting = core.scheduler.waiting_in(conversation_id)
+            if waiting:
+                # The customer wrote again while the holder could not take it (away, off
+                # shift): closing now would close that message unseen.
+                raise Refusal(
+                    f"the customer wrote again: {len(waiting)} message(s) of this ticket "
+                    "wait for an agent; answer them before resolving"
+                )
             # Read under the lock too: a follow-up may not slip in between (see above).
             lifecycle = core.config.lifecycle
             survey = await self._survey_item(conversation_id) if lifecycle.survey else None

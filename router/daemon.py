@@ -330,6 +330,7 @@ class Daemon:
             log=structlog.get_logger(f"{kind}.{name}"),
             tickets=self.pipeline.ticket_status,
             conversations=self.pipeline.core.tickets,
+            metrics=self.metrics,
         )
 
     def _start_tool(self, section: Any) -> None:
@@ -449,6 +450,8 @@ class Daemon:
                 }
                 if d.last_error:
                     info["last_error"] = d.last_error
+                if details := d.details():
+                    info["details"] = details
                 last_success = d.last_success
                 if last_success is not None:
                     info["last_success"] = last_success

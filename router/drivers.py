@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator
@@ -30,6 +30,9 @@ from router.errors import RateLimited as RateLimited
 from router.errors import TimedOut as TimedOut
 from router.errors import TransientError as TransientError
 from router.model import InboundMessage
+
+if TYPE_CHECKING:
+    from router.metrics import Metrics
 
 # Names of channels and agent tools in the config (also metric labels and file names).
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
@@ -182,6 +185,10 @@ class DriverBase:
         """Record that a piece of work went through (shown as last_success in /readyz)."""
         self.last_success = time.time()
 
+    def details(self) -> dict[str, Any]:
+        """Return driver-specific figures for /readyz (none by default)."""
+        return {}
+
 
 class ChannelBase(DriverBase):
     """Base of customer channels: a channel that answers customers overrides `send`."""
@@ -207,6 +214,7 @@ class DriverContext:
     log: Any  # a structlog BoundLogger, already bound to the driver's name
     tickets: TicketLookup = _no_tickets
     conversations: ConversationTokens | None = None  # None: the channel threads on its own
+    metrics: Metrics | None = None  # the daemon's registry, for a driver's own counters
 
 
 class Channel(Protocol):
@@ -226,6 +234,9 @@ class Channel(Protocol):
     last_success: float | None
     answers_customers: ClassVar[bool]
 
+    def details(self) -> dict[str, Any]:
+        """Return driver-specific figures for /readyz."""
+
     async def send(self, outbound: Outbound) -> None:
         """Send an acknowledgement or reply to a customer (answering channels only)."""
 
@@ -244,6 +255,9 @@ class AgentTool(Protocol):
     last_error: str
     last_success: float | None
     sends_actions: ClassVar[bool]
+
+    def details(self) -> dict[str, Any]:
+        """Return driver-specific figures for /readyz."""
 
     async def run(self, actions: ActionSink) -> None:
         """Keep the connection alive (and listen for agent actions) until cancelled."""

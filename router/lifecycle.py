@@ -67,6 +67,13 @@ _WORDS: dict[str, int] = {
     "不太满意": 2,
     "一般": 3,
     "非常满意": 5,
+    "很好": 5,
+    "挺好": 4,
+    "不错": 4,
+    "还好": 3,
+    "还行": 3,
+    "不好": 2,
+    "太差": 1,
     "很满意": 5,
     "满意": 4,
     "very satisfied": 5,
@@ -98,6 +105,7 @@ _WORD_ORDER = sorted(_WORDS, key=len, reverse=True)
 _NEGATION = re.compile(
     r"(?:\b(?:not|never|hardly|isn't|wasn't|didn't|don't)\s+(?:\w+\s+)?|[不没]\s*)$"
 )
+_QUESTION = re.compile(r"[?？吗嗎]|请问|請問|\b(?:how|what|when|where|why|can|could)\b")
 # A survey answer is short: anything longer is a message, routed as one.
 _MAX_ANSWER = 40
 _DIGIT = re.compile(r"^\s*([1-5])(?:\s*(?:/\s*5|分|星|stars?|points?))?\s*[.!。！]*\s*$", re.I)
@@ -118,7 +126,11 @@ def parse_score(text: str) -> int | None:
     bare = folded.strip(" .!?,。！？，~～")
     if bare in _WORDS:
         return _WORDS[bare]
+    if _QUESTION.search(folded):
+        return None  # "你好，请问…？", "is it ok?": a question is a message, not a score
     for word in _WORD_ORDER:
+        if len(word) < 2:
+            continue  # 好, 差, 是: inside a longer text they are other words (你好, 差价)
         # A word inside a short answer ("很满意，谢谢", "no, not really"), whole words only
         # for the Latin ones so "no" does not match "know".
         if word.isascii():

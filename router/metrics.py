@@ -202,6 +202,27 @@ class Metrics:
             registry=r,
         )
 
+        # The web channel's browser side (widget WebSockets, form, API posts).
+        self.web_connections = Gauge(
+            "omnirouter_web_websockets",
+            "Widget WebSocket connections open, by channel.",
+            ["channel"],
+            registry=r,
+        )
+        self.web_messages = Counter(
+            "omnirouter_web_messages_total",
+            "Web channel messages, by channel and direction (in: from customers, out: "
+            "acknowledgements and replies to them); rate() gives messages per minute.",
+            ["channel", "direction"],
+            registry=r,
+        )
+        self.web_rejected = Counter(
+            "omnirouter_web_rejected_total",
+            "Web channel requests and widget messages refused, by channel and reason.",
+            ["channel", "reason"],
+            registry=r,
+        )
+
     def child(self, metric: MetricWrapperBase, *values: str) -> Any:
         """Return metric.labels(*values), cached: values in the metric's label order.
 

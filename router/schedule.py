@@ -984,6 +984,10 @@ class Scheduler:
         if requeue:
             self.submit(work)
 
+    def waiting_in(self, conversation: str) -> list[str]:
+        """Return the ids of a conversation's messages that wait for an agent."""
+        return [m for m, w in self._waiting.items() if w.conversation == conversation]
+
     def drop_conversation(self, conversation: str) -> list[str]:
         """Take a closed conversation's messages out of the waiting set; return their ids."""
         ids = [m for m, w in self._waiting.items() if w.conversation == conversation]

@@ -583,7 +583,7 @@ async def test_unexpected_error_is_a_generic_500(
     def broken(document: object) -> dict[str, Any]:
         raise KeyError("internal detail")
 
-    monkeypatch.setattr(channel, "_validate", broken)
+    monkeypatch.setattr(channel, "validate", broken)
     with structlog.testing.capture_logs() as logs:
         status, answer, _ = await post(session, url)
     assert (status, answer) == (

@@ -559,5 +559,17 @@ def test_a_negated_answer_is_not_read_as_its_word() -> None:
     assert parse_score("never great") == 2
     assert parse_score("not bad") == 3
     assert parse_score("不好") == 2
-    assert parse_score("很好") == 4
+    assert parse_score("很好") == 5
     assert parse_score("good, thanks") == 4
+
+
+def test_a_new_question_is_never_taken_for_a_survey_answer() -> None:
+    # "你好" (hello) held 好 (good): a customer's next question after a resolve was
+    # recorded as a satisfied answer and never routed (the crash test caught it).
+    from router.lifecycle import parse_score
+
+    assert parse_score("你好，请问周末营业时间是几点到几点？") is None
+    assert parse_score("请问订单12什么时候发货？") is None
+    assert parse_score("is it ok?") is None
+    assert parse_score("差价怎么算") is None
+    assert parse_score("好") == 4 and parse_score("很好") == 5 and parse_score("不好") == 2

@@ -397,12 +397,12 @@ class AnsweringHarness(Harness):
         self.store = SqliteStore(self.db)
         await self.store.open()
         metrics = Metrics()
-        tools, channels = {"rec": self.tool}, {"mail": self.sent}
+        tools, channels = {"rec": self.tool}, {"mail": self.sent, "web": self.sent}
         dispatcher = Dispatcher(
             self.store, lambda: tools, self.config.outbox, metrics, channels=lambda: channels
         )
         self.pipeline = Pipeline(self.config, self.store, metrics, dispatcher)
-        self.pipeline.answering_channels.add("mail")
+        self.pipeline.answering_channels.update(("mail", "web"))
         self._task = asyncio.create_task(dispatcher.run())
         await self.pipeline.restore()
         return self.pipeline
@@ -439,9 +439,14 @@ async def test_a_new_conversation_is_acknowledged_with_its_ticket(tmp_path: Path
         assert ack.payload["in_reply_to"] == "<m1@example.com>"
         assert ack.payload["conversation_hint"] == "t1"  # the channel files the ack's id by it
         assert ack.payload["respond_by"]  # the promise the acknowledgement makes
-        web = await p.ingest(msg("Where is my order?", "eve"))  # web answers in its HTTP reply
+        # The web channel answers customers too (its widget shows the acknowledgement).
+        web = await p.ingest(msg("Where is my order?", "eve", thread="w1"))
         await h.settle()
-        assert web.state == "assigned" and len(h.sent.deliveries) == 1
+        assert web.state == "assigned" and len(h.sent.deliveries) == 2
+        web_ack = h.sent.deliveries[1]
+        assert web_ack.kind == "ack" and web_ack.address == "eve"
+        assert web_ack.payload["ticket"] == web.ticket
+        assert web_ack.payload["conversation_hint"] == "w1"  # the widget's thread
     finally:
         await h.stop()
 

@@ -1,0 +1,154 @@
+"""What the web channel keeps of each conversation for its widget: a small SQLite log.
+
+Every customer-bound send (acknowledgement, agent reply) and every message a
+customer wrote through the widget is a row with a sequence number, filed under the
+conversation's thread (a digest of the contact handle and the thread hint the
+conversation token proves). A widget that reconnects asks for the rows after the
+last sequence number it saw. A send is idempotent on the outbox's id, so a retried
+send is stored and pushed once.
+
+Writes go through one worker thread with `synchronous=FULL`: the outbox marks a send
+done once `send()` returns, so the row must be on disk by then, and an fsync must not
+stall the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Rows a reconnecting widget gets at most in one go (a longer history is cut at the start).
+MAX_HISTORY = 500
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS messages("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " thread TEXT NOT NULL,"
+    " key TEXT NOT NULL UNIQUE,"  # outbox id of a send, or "in:" + a customer message key
+    " kind TEXT NOT NULL,"  # customer | ack | reply
+    " body TEXT NOT NULL,"  # JSON: text, ticket, minutes, id, ...
+    " at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS messages_thread ON messages(thread, seq)",
+    "CREATE INDEX IF NOT EXISTS messages_at ON messages(at)",
+)
+
+
+class LogClosed(RuntimeError):
+    """The log was closed (its channel stopped); a send is retried on the next instance."""
+
+
+def thread_id(handle: str, hint: str) -> str:
+    """Return the log's key for a conversation thread (handle and hint, digested)."""
+    return hashlib.sha256(f"{handle}\x1f{hint}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One row of a conversation as the widget shows it."""
+
+    seq: int
+    kind: str
+    at: float
+    fields: dict[str, Any]
+
+    def frame(self) -> dict[str, Any]:
+        """Return the WebSocket frame that carries this entry."""
+        return {"type": "message", "seq": self.seq, "kind": self.kind, "at": self.at, **self.fields}
+
+
+class WidgetLog:
+    """The per-channel conversation log (`state_dir/web/<channel>/outbox.db`)."""
+
+    def __init__(self, path: Path) -> None:
+        """Remember the path; the file is opened by the first call, in the worker thread."""
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        # One thread: SQLite calls are serialised and never block the loop.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="web-log")
+        self._closed = False
+
+    async def add(
+        self, thread: str, key: str, kind: str, fields: dict[str, Any], at: float | None = None
+    ) -> tuple[Entry, bool]:
+        """Store a row unless its key is known; return the row and whether it is new."""
+        stamp = time.time() if at is None else at
+        body = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        return await self._run(self._add, thread, key, kind, body, stamp)
+
+    async def since(self, thread: str, seq: int, limit: int = MAX_HISTORY) -> list[Entry]:
+        """Return the thread's rows after seq, oldest first (the last `limit` of them)."""
+        return await self._run(self._since, thread, seq, limit)
+
+    async def prune(self, before: float) -> int:
+        """Delete rows older than `before` (Unix time); return how many went."""
+        return await self._run(self._prune, before)
+
+    @property
+    def closed(self) -> bool:
+        """Return whether close() was called."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the file and stop the worker thread (again: nothing happens)."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=False)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise LogClosed(f"{self.path} is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- in the worker thread ----------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            for statement in _SCHEMA:
+                db.execute(statement)
+            self._db = db
+        return self._db
+
+    def _add(self, thread: str, key: str, kind: str, body: str, at: float) -> tuple[Entry, bool]:
+        db = self._conn()
+        cur = db.execute(
+            "INSERT OR IGNORE INTO messages(thread, key, kind, body, at) VALUES (?,?,?,?,?)",
+            (thread, key, kind, body, at),
+        )
+        new = cur.rowcount == 1
+        row = db.execute("SELECT seq, kind, body, at FROM messages WHERE key=?", (key,)).fetchone()
+        return Entry(int(row[0]), str(row[1]), float(row[3]), json.loads(row[2])), new
+
+    def _since(self, thread: str, seq: int, limit: int) -> list[Entry]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT seq, kind, body, at FROM messages WHERE thread=? AND seq>? "
+                "ORDER BY seq DESC LIMIT ?",
+                (thread, seq, limit),
+            )
+            .fetchall()
+        )
+        return [Entry(int(r[0]), str(r[1]), float(r[3]), json.loads(r[2])) for r in reversed(rows)]
+
+    def _prune(self, before: float) -> int:
+        return self._conn().execute("DELETE FROM messages WHERE at<?", (before,)).rowcount
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
