@@ -268,6 +268,7 @@ ADAPTERS: dict[str, str] = {
     "inbox": "adapters.inbox:InboxTool",
     "mqtt": "adapters.mqtt:MqttTool",
     "webhook": "adapters.webhook:WebhookTool",
+    "chat": "adapters.chat:ChatTool",
 }
 
 
