@@ -31,6 +31,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from adapters import chat
 from adapters.chat import ChatConfig, ChatTool
 from adapters.webhook import WebhookConfig, WebhookTool
+from router.config import load_config
 from router.delivery import (
     AlertPayload,
     Delivery,
@@ -607,3 +608,17 @@ def test_standard_signature_needs_a_whsec_secret() -> None:
         WebhookConfig(**base, secret="plain-secret")
     with pytest.raises(ValidationError, match="base64"):
         WebhookConfig(**base, secret="whsec_not base64!")
+
+
+def test_example_config_block_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "config" / "omnirouter.example.toml"
+    text = example.read_text(encoding="utf-8")
+    block = text[text.index('# type = "chat"') : text.index("# --- Agents")]
+    lines = [ln[2:] for ln in block.splitlines() if re.match(r"^# [a-z_]+ = ", ln)]
+    monkeypatch.setenv("OMNIROUTER_CHAT_WEBHOOK_URL", "https://oapi.dingtalk.com/robot/send?x=1")
+    monkeypatch.setenv("OMNIROUTER_CHAT_SIGNING_SECRET", "SECexample")
+    path = tmp_path / "omnirouter.toml"
+    path.write_text("[[adapters]]\n" + "\n".join(lines), encoding="utf-8")
+    (tool,) = load_config(path).adapters
+    assert tool.type == "chat" and tool.format == "dingtalk"
+    assert tool.secret.get_secret_value() == "SECexample"
