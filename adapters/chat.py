@@ -26,14 +26,17 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
-from urllib.parse import quote_plus
+from urllib.parse import parse_qs, quote_plus
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from adapters.webhook import HttpPostTool, check_url, safe_url, url_for
+from router.actions import ActionError, parse_action
 from router.delivery import AlertPayload, AssignmentPayload, NoticePayload, WithdrawnPayload
 from router.drivers import (
     NAME_RE,
+    ActionSink,
     Delivery,
     DriverContext,
     PermanentError,
@@ -485,7 +488,7 @@ class ChatTool(HttpPostTool):
         if self._stopped:
             raise TransientError(f"chat {self.name} is stopped")
         url = url_for(self._url, delivery)
-        body = render(self.config.format, card_for(delivery))
+        body = self._render(delivery)
         if self._secret and self.config.format == "dingtalk":
             ms = int(self.clock() * 1000)  # DingTalk signs milliseconds, within an hour
             sep = "&" if "?" in url else "?"
@@ -498,6 +501,10 @@ class ChatTool(HttpPostTool):
         except ValueError as exc:
             raise PermanentError(f"chat: message is not JSON-serialisable: {exc}") from None
         await self._post(url, data, {})
+
+    def _render(self, delivery: Delivery) -> dict[str, Any]:
+        """Return the webhook body for a delivery in this tool's format."""
+        return render(self.config.format, card_for(delivery))
 
     def _check_answer(self, url: str, answer: bytes) -> None:
         """Raise when a 2xx answer reports an error (WeCom, DingTalk, Feishu, Teams)."""
@@ -549,3 +556,130 @@ def _check_json_code(fmt: str, where: str, answer: bytes) -> None:
     if fmt == "feishu" and code == 11232:  # frequency limited
         raise RateLimited(message, FEISHU_RETRY_AFTER)
     raise PermanentError(message)
+
+
+# -- Slack app: buttons and signed interactive callbacks -------------------------------
+
+SLACK_TOLERANCE = 300  # seconds: Slack's advice; older requests are replays
+SLACK_BUTTONS = (("accept", "Accept", "primary"), ("resolve", "Resolve", None))
+_SLACK_MAX_BODY = 64 * 1024
+
+
+def slack_signature(signing_secret: str, timestamp: str, body: bytes) -> str:
+    """Return Slack's `X-Slack-Signature`: "v0=" + hex HMAC-SHA256 of "v0:<ts>:<body>"."""
+    base = f"v0:{timestamp}:".encode() + body
+    return "v0=" + hmac.new(signing_secret.encode(), base, hashlib.sha256).hexdigest()
+
+
+def verify_slack(
+    signing_secret: str, timestamp: str, body: bytes, signature: str, now: float
+) -> bool:
+    """Return True if the request is signed with the secret and at most 5 minutes old."""
+    if not timestamp.isdigit() or abs(now - int(timestamp)) > SLACK_TOLERANCE:
+        return False
+    expected = slack_signature(signing_secret, timestamp, body)
+    return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
+
+
+class SlackAppConfig(ChatConfig):
+    """Settings of a Slack app: the chat tool's Slack format plus buttons that act."""
+
+    type: Literal["slack_app"]  # type: ignore[assignment]
+    format: Literal["slack"] = "slack"
+    # The app's "Signing Secret" (Basic Information): Slack signs every callback with it.
+    signing_secret: SecretStr = Field(min_length=1)
+    # Slack user id → agent id: who a click acts as. Clicks by anyone else are ignored,
+    # so a colleague in the channel cannot accept Alice's work as Alice.
+    users: dict[str, str] = Field(default_factory=dict)
+    # Where the listener for the app's Interactivity "Request URL" binds (behind TLS).
+    callback_host: str = "127.0.0.1"
+    callback_port: int = Field(default=8790, ge=1, le=65535)
+    callback_path: str = Field(default="/slack/actions", pattern=r"^/[A-Za-z0-9/_.-]*$")
+
+
+class SlackAppTool(ChatTool):
+    """The Slack format with Accept/Resolve buttons; clicks come back as agent actions."""
+
+    config_model: ClassVar[type[ChatConfig]] = SlackAppConfig
+    sends_actions = True  # agents accept and resolve with the buttons
+
+    def __init__(self, name: str, config: SlackAppConfig, ctx: DriverContext) -> None:
+        """Prepare the tool; the listener starts in run()."""
+        super().__init__(name, config, ctx)
+        self.app_config = config
+        self._signing = config.signing_secret.get_secret_value()
+
+    def _render(self, delivery: Delivery) -> dict[str, Any]:
+        """Return the Slack body, with Accept/Resolve buttons on an assignment."""
+        body = super()._render(delivery)
+        p = delivery.payload
+        if isinstance(p, AssignmentPayload):
+            value = json.dumps({"conversation_id": p.conversation_id, "message_id": p.message.id})
+            buttons = []
+            for action_id, label, style in SLACK_BUTTONS:
+                button: dict[str, Any] = {
+                    "type": "button",
+                    "action_id": action_id,
+                    "text": {"type": "plain_text", "text": label},
+                    "value": value,
+                }
+                if style:
+                    button["style"] = style
+                buttons.append(button)
+            body["blocks"].append({"type": "actions", "elements": buttons})
+        return body
+
+    async def run(self, actions: ActionSink) -> None:
+        """Listen for Slack's signed callbacks and probe the webhook until cancelled."""
+        app = web.Application(client_max_size=_SLACK_MAX_BODY)
+
+        async def callback(request: web.Request) -> web.Response:
+            return await self._callback(request, actions)
+
+        app.router.add_post(self.app_config.callback_path, callback)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.app_config.callback_host, self.app_config.callback_port)
+            await site.start()
+            await super().run(actions)
+        finally:
+            await runner.cleanup()
+
+    async def _callback(self, request: web.Request, actions: ActionSink) -> web.Response:
+        """Verify one interactive callback and hand its button clicks to the router."""
+        body = await request.read()
+        ok = verify_slack(
+            self._signing,
+            request.headers.get("X-Slack-Request-Timestamp", ""),
+            body,
+            request.headers.get("X-Slack-Signature", ""),
+            self.clock(),
+        )
+        if not ok:
+            self.log.warning("chat.callback_rejected", reason="bad or stale signature")
+            return web.Response(status=401, text="bad signature")
+        try:
+            form = parse_qs(body.decode("utf-8"), strict_parsing=True)
+            payload = json.loads(form["payload"][0])
+            user = str(payload["user"]["id"])
+            clicks = [a for a in payload.get("actions", []) if isinstance(a, dict)]
+        except (ValueError, KeyError, TypeError, IndexError):
+            return web.Response(status=400, text="not a Slack interaction payload")
+        agent_id = self.app_config.users.get(user)
+        if agent_id is None:
+            # Not linked to an agent: nobody to act as, and nobody to tell in the router.
+            self.log.warning("chat.callback_unknown_user", slack_user=user)
+            return web.Response(status=200)
+        for click in clicks:
+            try:
+                value = json.loads(str(click.get("value", "")))
+                raw = json.dumps({**value, "action": click.get("action_id")}).encode()
+                action = parse_action(agent_id, raw)
+            except ActionError as exc:
+                action = exc.as_action(agent_id)
+            except (ValueError, TypeError):
+                action = ActionError("button value is not an action").as_action(agent_id)
+            await actions(action)
+        # Slack wants an answer within 3 s; the outcome reaches the agent as a notice.
+        return web.Response(status=200)

@@ -269,6 +269,7 @@ ADAPTERS: dict[str, str] = {
     "mqtt": "adapters.mqtt:MqttTool",
     "webhook": "adapters.webhook:WebhookTool",
     "chat": "adapters.chat:ChatTool",
+    "slack_app": "adapters.chat:SlackAppTool",
 }
 
 

@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 import structlog
 from aiohttp import web
@@ -29,7 +31,7 @@ from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from adapters import chat
-from adapters.chat import ChatConfig, ChatTool
+from adapters.chat import ChatConfig, ChatTool, SlackAppConfig, SlackAppTool
 from adapters.webhook import WebhookConfig, WebhookTool
 from router.config import load_config
 from router.delivery import (
@@ -41,11 +43,14 @@ from router.delivery import (
 )
 from router.drivers import (
     ADAPTERS,
+    AgentAction,
     DriverContext,
+    DriverState,
     PermanentError,
     RateLimited,
     TransientError,
     load_driver,
+    tool_sends_actions,
 )
 from router.metrics import Metrics
 from router.model import ticket_number
@@ -153,7 +158,10 @@ class ChatServices:
         # Slack answers 400 invalid_blocks for any block it does not accept.
         ok = isinstance(body.get("text"), str) and isinstance(body.get("blocks"), list)
         for block in body.get("blocks", []):
-            ok = ok and block["type"] in ("header", "section")
+            ok = ok and block["type"] in ("header", "section", "actions")
+            if block["type"] == "actions":
+                ok = ok and 1 <= len(block["elements"]) <= 25
+                ok = ok and all(len(e["value"]) <= 2000 for e in block["elements"])
             if block["type"] == "header":
                 ok = ok and len(block["text"]["text"]) <= 150
             if block["type"] == "section" and "text" in block:
@@ -613,7 +621,7 @@ def test_standard_signature_needs_a_whsec_secret() -> None:
 def test_example_config_block_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "config" / "omnirouter.example.toml"
     text = example.read_text(encoding="utf-8")
-    block = text[text.index('# type = "chat"') : text.index("# --- Agents")]
+    block = text[text.index('# type = "chat"') : text.index("# A Slack app")]
     lines = [ln[2:] for ln in block.splitlines() if re.match(r"^# [a-z_]+ = ", ln)]
     monkeypatch.setenv("OMNIROUTER_CHAT_WEBHOOK_URL", "https://oapi.dingtalk.com/robot/send?x=1")
     monkeypatch.setenv("OMNIROUTER_CHAT_SIGNING_SECRET", "SECexample")
@@ -622,3 +630,117 @@ def test_example_config_block_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     (tool,) = load_config(path).adapters
     assert tool.type == "chat" and tool.format == "dingtalk"
     assert tool.secret.get_secret_value() == "SECexample"
+
+
+# -- the Slack app: buttons and signed callbacks -----------------------------------------
+
+SIGNING = "8f742231b10e8888abcd99yyyzzz85a5"
+
+
+@pytest.fixture
+async def slack_app(
+    services: ChatServices, tmp_path: Path
+) -> AsyncIterator[tuple[SlackAppTool, list[AgentAction], str]]:
+    port = free_port()
+    config = SlackAppConfig(
+        type="slack_app",
+        name="slack",
+        url=services.url("slack"),
+        signing_secret=SIGNING,
+        users={"U0ALICE": "alice"},
+        callback_port=port,
+    )
+    tool = SlackAppTool(
+        "slack", config, DriverContext(state_dir=tmp_path, log=structlog.get_logger())
+    )
+    got: list[AgentAction] = []
+
+    async def sink(action: AgentAction) -> None:
+        got.append(action)
+
+    task = asyncio.create_task(tool.run(sink))
+    await wait_for(lambda: tool.state == DriverState.CONNECTED)
+    yield tool, got, f"http://127.0.0.1:{port}/slack/actions"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await tool.stop()
+
+
+def click(user: str, action_id: str, value: str) -> bytes:
+    """Return the form body Slack posts when a user clicks a button."""
+    payload = {
+        "type": "block_actions",
+        "user": {"id": user, "username": "someone"},
+        "actions": [{"action_id": action_id, "value": value, "type": "button"}],
+    }
+    return urlencode({"payload": json.dumps(payload)}).encode()
+
+
+async def post_signed(
+    url: str, body: bytes, *, ts: int | None = None, secret: str = SIGNING
+) -> int:
+    """POST body to the callback as Slack does, signed; return the status."""
+    stamp = str(int(time.time()) if ts is None else ts)
+    signature = (
+        "v0=" + hmac.new(secret.encode(), f"v0:{stamp}:".encode() + body, "sha256").hexdigest()
+    )
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Slack-Request-Timestamp": stamp,
+        "X-Slack-Signature": signature,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as r,
+    ):
+        return r.status
+
+
+async def test_slack_app_buttons_come_back_as_actions(
+    slack_app: tuple[SlackAppTool, list[AgentAction], str], services: ChatServices
+) -> None:
+    tool, got, url = slack_app
+    assert tool_sends_actions("slack_app") and not tool_sends_actions("chat")
+    await tool.deliver(delivery(payloads.assignment(1)))
+    [sent] = services.got
+    [actions_block] = [b for b in sent.json["blocks"] if b["type"] == "actions"]
+    accept, resolve = actions_block["elements"]
+    assert (accept["action_id"], resolve["action_id"]) == ("accept", "resolve")
+    assert await post_signed(url, click("U0ALICE", "accept", accept["value"])) == 200
+    assert await post_signed(url, click("U0ALICE", "resolve", resolve["value"])) == 200
+    assert [(a.agent_id, a.action, a.conversation_id, a.message_id, a.refused) for a in got] == [
+        ("alice", "accept", "01J0001", "m-1", ""),
+        ("alice", "resolve", "01J0001", "m-1", ""),
+    ]
+
+
+async def test_slack_app_rejects_forged_stale_and_unlinked_clicks(
+    slack_app: tuple[SlackAppTool, list[AgentAction], str],
+) -> None:
+    _, got, url = slack_app
+    value = json.dumps({"conversation_id": "01J0001", "message_id": "m-1"})
+    body = click("U0ALICE", "accept", value)
+    assert await post_signed(url, body, secret="wrong-secret") == 401
+    assert await post_signed(url, body, ts=int(time.time()) - 301) == 401  # stale: a replay
+    assert await post_signed(url, body, ts=int(time.time()) + 301) == 401
+    assert await post_signed(url, click("U0MALLORY", "accept", value)) == 200  # not an agent
+    assert await post_signed(url, b"payload=not-json") == 400
+    assert got == []
+    # A click the router cannot read is handed over refused, so the agent is told why.
+    assert await post_signed(url, click("U0ALICE", "transfer-all", value)) == 200
+    [refused] = got
+    assert refused.agent_id == "alice" and refused.refused
+
+
+def test_slack_signature_matches_slacks_documented_example() -> None:
+    # The worked example in Slack's "Verifying requests from Slack" guide.
+    body = (
+        b"token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V"
+        b"&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect"
+        b"&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554"
+        b"%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c"
+    )
+    expected = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503"
+    assert chat.slack_signature(SIGNING, "1531420618", body) == expected
+    assert chat.verify_slack(SIGNING, "1531420618", body, expected, now=1531420618 + 10)
+    assert not chat.verify_slack(SIGNING, "1531420618", body, expected, now=1531420618 + 301)
