@@ -22,13 +22,15 @@ flight that gets an answer. A probe carries no delivery and no signature.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -52,6 +54,7 @@ from router.drivers import (
 )
 
 SIGNATURE_PREFIX = "sha256="
+STANDARD_SECRET_PREFIX = "whsec_"  # Standard Webhooks: the key is base64 after this prefix
 DEFAULT_RETRY_AFTER = 30.0
 MAX_RETRY_AFTER = 3600.0  # a peer asking for more than an hour is ignored down to an hour
 _SNIPPET = 200  # at most this much of an error response body goes into the error message
@@ -61,7 +64,16 @@ _SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _RESERVED_HEADERS = frozenset(
-    {"content-type", "content-length", "host", "user-agent", "transfer-encoding"}
+    {
+        "content-type",
+        "content-length",
+        "host",
+        "user-agent",
+        "transfer-encoding",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
 )
 
 
@@ -69,6 +81,25 @@ def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     """Return the signature header value: "sha256=" + hex HMAC-SHA256(secret, "<ts>." + body)."""
     mac = hmac.new(secret, f"{timestamp}.".encode("ascii") + body, hashlib.sha256)
     return SIGNATURE_PREFIX + mac.hexdigest()
+
+
+def standard_key(secret: str) -> bytes:
+    """Return the HMAC key in a Standard Webhooks secret `whsec_<base64>`; raise if malformed."""
+    if not secret.startswith(STANDARD_SECRET_PREFIX):
+        raise ValueError("a Standard Webhooks secret starts with whsec_ (whsec_<base64 key>)")
+    try:
+        key = base64.b64decode(secret[len(STANDARD_SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a Standard Webhooks secret is whsec_ followed by base64") from None
+    if len(key) < 16:
+        raise ValueError("a Standard Webhooks key should be at least 16 bytes (24 recommended)")
+    return key
+
+
+def sign_standard(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """Return the Standard Webhooks `webhook-signature`: "v1," + base64 HMAC of "id.ts.body"."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
 
 
 def verify_signature(
@@ -96,7 +127,7 @@ def verify_signature(
     return hmac.compare_digest(expected.encode("ascii"), signature_header.encode("ascii"))
 
 
-def _check_url(url: str) -> str:
+def check_url(url: str) -> str:
     """Validate an http(s) URL with a host; return it unchanged."""
     try:
         parts = urlsplit(url)
@@ -141,6 +172,10 @@ class WebhookConfig(BaseModel):
     # URL-quoted on substitution. A delivery whose address is a full http(s) URL goes there.
     url: str = Field(max_length=2048)
     secret: SecretStr = Field(min_length=1)
+    # "omnirouter": X-Omnirouter-Signature (hex HMAC of "<ts>." + body). "standard": the
+    # Standard Webhooks headers (webhook-id/-timestamp/-signature), secret `whsec_<base64>`,
+    # so receivers can verify with any standardwebhooks library.
+    signature: Literal["omnirouter", "standard"] = "omnirouter"
     timeout: float = Field(default=10.0, gt=0, le=300)
     # Extra request headers, e.g. Authorization for a gateway; values are secrets
     # because they usually carry tokens.
@@ -155,7 +190,7 @@ class WebhookConfig(BaseModel):
     @classmethod
     def _url(cls, value: str) -> str:
         """Accept only http(s) URLs with a host."""
-        return _check_url(value)
+        return check_url(value)
 
     @field_validator("headers")
     @classmethod
@@ -173,34 +208,53 @@ class WebhookConfig(BaseModel):
 
     @model_validator(mode="after")
     def _probe_bounds(self) -> WebhookConfig:
-        """Require breaker_probe_min <= breaker_probe_max."""
+        """Require breaker_probe_min <= breaker_probe_max and a whsec_ secret for "standard"."""
         if self.breaker_probe_min > self.breaker_probe_max:
             raise ValueError("breaker_probe_min must not exceed breaker_probe_max")
+        if self.signature == "standard":
+            standard_key(self.secret.get_secret_value())  # raises on a malformed secret
         return self
 
 
-class WebhookTool(AgentToolBase):
-    """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy."""
+class PostSettings(Protocol):
+    """What HttpPostTool needs from a config: timeouts, pool size and breaker bounds."""
 
-    config_model: ClassVar[type[WebhookConfig]] = WebhookConfig
-    sends_actions = False  # outgoing only: its agents hold work at once
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def breaker_threshold(self) -> int: ...
+    @property
+    def breaker_probe_min(self) -> float: ...
+    @property
+    def breaker_probe_max(self) -> float: ...
 
-    def __init__(self, name: str, config: WebhookConfig, ctx: DriverContext) -> None:
+
+class HttpPostTool(AgentToolBase):
+    """Base of agent tools that POST each delivery: session, error mapping, circuit breaker.
+
+    Subclasses build the URL, body and headers in `deliver` and hand them to `_post`;
+    a service that reports failures inside a 2xx answer overrides `_check_answer`.
+    """
+
+    def __init__(
+        self, name: str, settings: PostSettings, ctx: DriverContext, headers: Mapping[str, str]
+    ) -> None:
         """Prepare the tool; the HTTP session is created on first use."""
         super().__init__(name, ctx)
-        self.config = config
+        self.settings = settings
         self.clock: Callable[[], float] = time.time  # injectable for tests
         self.sleep: Callable[[float], Awaitable[object]] = asyncio.sleep  # injectable for tests
         self._failures = 0  # consecutive transient failures, for the breaker
         self._tripped = asyncio.Event()  # set when the breaker opens: run() starts probing
-        self._probe_url = config.url  # the URL whose failures opened the breaker
-        self._secret = config.secret.get_secret_value().encode("utf-8")
+        self._probe_url = ""  # the URL whose failures opened the breaker
         self._session: aiohttp.ClientSession | None = None
         self._stopped = False
         self._static_headers = {
             "Content-Type": "application/json",
             "User-Agent": f"omnirouter/{__version__}",
-            **{k: v.get_secret_value() for k, v in config.headers.items()},
+            **headers,
         }
 
     async def run(self, actions: ActionSink) -> None:
@@ -210,7 +264,7 @@ class WebhookTool(AgentToolBase):
         self._failures = 0
         self._set_state(DriverState.CONNECTED)
         try:
-            # Webhooks send no actions: the only work here is closing the breaker.
+            # Outgoing only: the only work here is closing the breaker.
             while True:
                 await self._tripped.wait()
                 # Cleared before probing, so an opening after the probes end is not missed.
@@ -219,18 +273,8 @@ class WebhookTool(AgentToolBase):
         finally:
             self._set_state(DriverState.STOPPED)
 
-    async def deliver(self, delivery: Delivery) -> None:
-        """POST the signed delivery and return on a 2xx answer; raise by the taxonomy otherwise."""
-        if self._stopped:
-            raise TransientError(f"webhook {self.name} is stopped")
-        url = self._url_for(delivery)
-        body = encode_delivery(delivery)
-        timestamp = int(self.clock())
-        headers = {
-            "X-Omnirouter-Delivery": delivery.id,
-            "X-Omnirouter-Timestamp": str(timestamp),
-            "X-Omnirouter-Signature": sign(self._secret, timestamp, body),
-        }
+    async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> None:
+        """POST body and return on an accepted answer; raise by the taxonomy otherwise."""
         session = self._ensure_session()
         try:
             async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
@@ -238,10 +282,11 @@ class WebhookTool(AgentToolBase):
                 snippet = b""
                 if not 200 <= status < 300:
                     snippet = await resp.content.read(_SNIPPET)
-                else:
-                    await resp.content.read(_READ_LIMIT)  # drain so the connection is reused
-                self._check_response(url, status, resp.headers, snippet)
-        except DriverError as exc:  # from _check_response: already in the taxonomy
+                    self._check_response(url, status, resp.headers, snippet)
+                # Read (also to drain, so the connection is reused) and let the subclass
+                # look for an error reported inside a 2xx answer.
+                self._check_answer(url, await resp.content.read(_READ_LIMIT))
+        except DriverError as exc:  # from the checks: already in the taxonomy
             self.last_error = str(exc)
             if _target_failing(exc):
                 self._failed(url, exc)
@@ -257,6 +302,9 @@ class WebhookTool(AgentToolBase):
         self._succeeded()
         self._answered()
 
+    def _check_answer(self, url: str, answer: bytes) -> None:
+        """Raise if a 2xx answer reports a failure; plain webhooks take any 2xx as success."""
+
     async def stop(self) -> None:
         """Close the HTTP session; deliveries not yet answered stay in the outbox."""
         self._stopped = True
@@ -271,7 +319,10 @@ class WebhookTool(AgentToolBase):
         """Count a transient failure of the target; open the breaker at the threshold."""
         self._failures += 1
         self._probe_url = url
-        if self._failures >= self.config.breaker_threshold and self.state == DriverState.CONNECTED:
+        if (
+            self._failures >= self.settings.breaker_threshold
+            and self.state == DriverState.CONNECTED
+        ):
             self._set_state(DriverState.TRANSIENT_DISCONNECT, str(error))
             self._tripped.set()
 
@@ -286,7 +337,9 @@ class WebhookTool(AgentToolBase):
         probes = 0
         while self.state == DriverState.TRANSIENT_DISCONNECT:
             await self.sleep(
-                backoff_delay(probes, self.config.breaker_probe_min, self.config.breaker_probe_max)
+                backoff_delay(
+                    probes, self.settings.breaker_probe_min, self.settings.breaker_probe_max
+                )
             )
             probes += 1
             if self.state != DriverState.TRANSIENT_DISCONNECT:
@@ -316,29 +369,15 @@ class WebhookTool(AgentToolBase):
         """Return the tool's ClientSession, creating it on first use."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.config.max_connections),
+                connector=aiohttp.TCPConnector(limit=self.settings.max_connections),
                 # `total` also counts waiting for a free pooled connection, so a
                 # slow receiver under load shows up as TimedOut rather than a hang.
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
                 headers=self._static_headers,
                 # Proxies from the environment are an unreviewed path for signed bodies.
                 trust_env=False,
             )
         return self._session
-
-    def _url_for(self, delivery: Delivery) -> str:
-        """Return the URL for this delivery: its address if that is a URL, else the template."""
-        address = delivery.address
-        if address.startswith(("http://", "https://")):
-            try:
-                return _check_url(address)
-            except ValueError as exc:
-                raise PermanentError(f"webhook: agent address is not a usable URL: {exc}") from None
-        url = self.config.url
-        if "{" in url:
-            url = url.replace("{agent_id}", quote(delivery.agent_id, safe=""))
-            url = url.replace("{address}", quote(address or delivery.agent_id, safe=""))
-        return url
 
     def _check_response(
         self, url: str, status: int, headers: Mapping[str, str], snippet: bytes
@@ -367,7 +406,7 @@ class WebhookTool(AgentToolBase):
         """Map an aiohttp/OS error into the taxonomy, without the URL's query or user info."""
         where = safe_url(url)
         if isinstance(exc, TimeoutError):  # aiohttp's timeouts all subclass it
-            return TimedOut(f"webhook {where}: no answer within {self.config.timeout:g} s")
+            return TimedOut(f"webhook {where}: no answer within {self.settings.timeout:g} s")
         if isinstance(exc, aiohttp.InvalidURL):
             return PermanentError(f"webhook {where}: invalid URL")
         if isinstance(exc, aiohttp.ClientConnectorError):
@@ -380,6 +419,60 @@ class WebhookTool(AgentToolBase):
             # aiohttp refuses to build the request (e.g. conflicting auth): resending cannot help.
             return PermanentError(f"webhook {where}: request rejected before sending: {exc}")
         return TransientError(f"webhook {where}: unexpected {type(exc).__name__}")
+
+
+class WebhookTool(HttpPostTool):
+    """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy."""
+
+    config_model: ClassVar[type[WebhookConfig]] = WebhookConfig
+    sends_actions = False  # outgoing only: its agents hold work at once
+
+    def __init__(self, name: str, config: WebhookConfig, ctx: DriverContext) -> None:
+        """Prepare the tool; the HTTP session is created on first use."""
+        headers = {k: v.get_secret_value() for k, v in config.headers.items()}
+        super().__init__(name, config, ctx, headers)
+        self.config = config
+        secret = config.secret.get_secret_value()
+        self._secret = secret.encode("utf-8")
+        self._standard_key = standard_key(secret) if config.signature == "standard" else b""
+
+    async def deliver(self, delivery: Delivery) -> None:
+        """POST the signed delivery and return on a 2xx answer; raise by the taxonomy otherwise."""
+        if self._stopped:
+            raise TransientError(f"webhook {self.name} is stopped")
+        url = self._url_for(delivery)
+        body = encode_delivery(delivery)
+        timestamp = int(self.clock())
+        headers = {"X-Omnirouter-Delivery": delivery.id}
+        if self.config.signature == "standard":
+            headers["webhook-id"] = delivery.id  # the same on every retry: receivers dedupe on it
+            headers["webhook-timestamp"] = str(timestamp)
+            headers["webhook-signature"] = sign_standard(
+                self._standard_key, delivery.id, timestamp, body
+            )
+        else:
+            headers["X-Omnirouter-Timestamp"] = str(timestamp)
+            headers["X-Omnirouter-Signature"] = sign(self._secret, timestamp, body)
+        await self._post(url, body, headers)
+
+    def _url_for(self, delivery: Delivery) -> str:
+        """Return the URL for this delivery: its address if that is a URL, else the template."""
+        return url_for(self.config.url, delivery)
+
+
+def url_for(template: str, delivery: Delivery) -> str:
+    """Return where a delivery goes: its address if that is a URL, else the filled template."""
+    address = delivery.address
+    if address.startswith(("http://", "https://")):
+        try:
+            return check_url(address)
+        except ValueError as exc:
+            raise PermanentError(f"webhook: agent address is not a usable URL: {exc}") from None
+    url = template
+    if "{" in url:
+        url = url.replace("{agent_id}", quote(delivery.agent_id, safe=""))
+        url = url.replace("{address}", quote(address or delivery.agent_id, safe=""))
+    return url
 
 
 def _target_failing(error: Exception) -> bool:

@@ -282,6 +282,8 @@ ADAPTERS: dict[str, str] = {
     "inbox": "adapters.inbox:InboxTool",
     "mqtt": "adapters.mqtt:MqttTool",
     "webhook": "adapters.webhook:WebhookTool",
+    "chat": "adapters.chat:ChatTool",
+    "slack_app": "adapters.chat:SlackAppTool",
 }
 
 
