@@ -534,6 +534,7 @@ class WebChannel(ChannelBase):
         attachments: tuple[Attachment, ...] = (),
         *,
         resendable: bool = False,
+        confirm_elsewhere: bool = False,
     ) -> Committed:
         """Commit validated fields through the sink; raise Rejected (503s included) if not.
 
@@ -560,6 +561,7 @@ class WebChannel(ChannelBase):
             attachments=attachments,
             payload_sha256=digest,
             raw=raw,
+            confirm_elsewhere=confirm_elsewhere,
         )
         sink = self._sink
         if sink is None:

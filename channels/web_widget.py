@@ -455,7 +455,9 @@ class WidgetServer:
             raw = json.dumps(
                 {k: v for k, v in form.items() if k != "csrf"}, ensure_ascii=False
             ).encode()
-            committed = await ch.commit(fields, key, raw, attachments)
+            # The form's customer gets the ticket number in writing too, by e-mail or SMS
+            # when the handle they gave is reachable by a configured channel.
+            committed = await ch.commit(fields, key, raw, attachments, confirm_elsewhere=True)
         except Rejected as exc:
             return ch.rejected(exc)
         receipt = committed.receipt

@@ -9,6 +9,7 @@ memory, so a message is never stored without its route.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -37,6 +38,8 @@ from router.store import IngestResult, NewMessage, OutboxItem
 from router.threads import ThreadKey, thread_key
 
 log = structlog.get_logger("router.pipeline")
+# An E.164 phone number, as the contact form and the SMS channels write them.
+_PHONE = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 def make_classifier(config: Config) -> Classifier:
@@ -353,6 +356,21 @@ class Intake:
                     created_at=now,
                 ),
             )
+        if known is None and msg.confirm_elsewhere:
+            elsewhere = self._confirming_channel(msg.contact_handle)
+            if elsewhere is not None and elsewhere != msg.channel:
+                acks += (
+                    OutboxItem(
+                        id=new_ulid(),
+                        target=ChannelTarget(elsewhere),
+                        agent_id="",
+                        address=msg.contact_handle,
+                        payload=ack_payload(msg, conversation_id, cls.language, work.deadline),
+                        message_id="",
+                        next_attempt_at=now,
+                        created_at=now,
+                    ),
+                )
         return NewMessage(
             message_id=message_id,
             inbound=msg,
@@ -366,6 +384,19 @@ class Intake:
             outbox=delivery,
             extra_outbox=acks,
         )
+
+    def _confirming_channel(self, handle: str) -> str | None:
+        """Return a configured channel that can write to this handle (e-mail or phone)."""
+        if "@" in handle:
+            types: tuple[str, ...] = ("email",)
+        elif _PHONE.fullmatch(handle):
+            types = ("twilio", "sms_http")
+        else:
+            return None
+        for c in self.core.config.channels:
+            if c.type in types and c.name in self.core.answering_channels:
+                return str(c.name)
+        return None
 
     def _receipt(self, result: IngestResult, *, duplicate: bool = False) -> Receipt:
         ticket = ticket_number(result.conversation_id)

@@ -107,6 +107,10 @@ class InboundMessage:
     # the thread it continues (References): acknowledgements and replies carry them.
     reply_ref: str = ""
     thread_refs: tuple[str, ...] = ()
+    # Confirm a new conversation also on the channel the contact handle reaches (an
+    # e-mail address by an email channel, a phone number by SMS), when one is configured:
+    # a contact form's customer should have the ticket number in writing.
+    confirm_elsewhere: bool = False
 
 
 @dataclass(frozen=True, slots=True)

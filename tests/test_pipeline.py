@@ -7,6 +7,7 @@ everything between a channel's hand-over and the tool's deliver() call is real.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -604,3 +605,33 @@ async def test_restart_primes_the_crisis_baseline_from_the_store(tmp_path: Path)
         assert baseline == pytest.approx(60.0, rel=0.05)
     finally:
         await h2.stop()
+
+
+async def test_a_contact_form_ticket_is_confirmed_by_mail_too(tmp_path: Path) -> None:
+    # Issue 12: the form's confirmation also goes to the customer's e-mail when an email
+    # channel is configured; an ordinary web post gets none there.
+    mail_channel = {
+        "type": "email",
+        "name": "mail",
+        "imap": {"host": "127.0.0.1", "tls": "none", "username": "u", "password": "p"},
+        "smtp": {"host": "127.0.0.1", "tls": "none", "from_address": "support@shop.test"},
+    }
+    h = AnsweringHarness(tmp_path, ROSTER, channels=[mail_channel])
+    p = await h.start()
+    try:
+        form = dataclasses.replace(
+            msg("Where is my parcel?", "dana@example.com"), confirm_elsewhere=True
+        )
+        r = await p.ingest(form)
+        await p.ingest(msg("And my invoice?", "eve@example.com"))  # a plain API post
+        await p.ingest(
+            dataclasses.replace(msg("Call me back", "+4915112345678"), confirm_elsewhere=True)
+        )
+        await h.settle()
+        # Every web conversation is acknowledged on the web; the form's also by mail,
+        # and the phone number gets nothing more (no SMS channel is configured).
+        sent = [(d.kind, d.address, d.payload["ticket"]) for d in h.sent.deliveries]
+        assert sent.count(("ack", "dana@example.com", r.ticket)) == 2
+        assert len(sent) == 4
+    finally:
+        await h.stop()
