@@ -37,8 +37,10 @@ from router.drivers import (
     TransientError,
 )
 from tests import payloads, peers_mail
+from tests.daemon_harness import DaemonProcess, base_config, http, ports
 from tests.peers import wait_until
 from tests.peers_mail import PASSWORD, USER, Dovecot, SmtpServer
+from tests.test_daemon_e2e import poll
 
 dovecot = peers_mail.dovecot
 smtp_sink = peers_mail.smtp_sink
@@ -454,3 +456,129 @@ async def test_a_restart_does_not_apply_a_reply_twice(
     with pytest.raises(asyncio.CancelledError):
         await second.task
     assert second.actions == []
+
+
+# -- 4. end to end through the daemon ---------------------------------------------------------
+
+DESK_USER, DESK_PASSWORD = "desk", "desk-imap-pw-0815"
+CUSTOMER = "carol@example.com"
+SUPPORT = "support@shop.test"
+ADMIN_TOKEN = "test-admin-token-0123456789"  # base_config's
+
+
+def daemon_config(state: Path, imap: Dovecot, smtp_port: int) -> tuple[str, str]:
+    """Return (config, ops URL): the email channel reads alice's mailbox, the tool desk's."""
+    web_port, ops_port = ports()
+    channel = (
+        '[[channels]]\ntype = "email"\nname = "support"\n'
+        "[channels.imap]\n"
+        f'host = "127.0.0.1"\nport = {imap.port}\ntls = "none"\n'
+        f'username = "{USER}"\npassword = "{PASSWORD}"\n'
+        "idle_renew = 60\npoll_interval = 1\ntimeout = 5\n"
+        "reconnect_min = 0.05\nreconnect_max = 0.5\n"
+        "[channels.smtp]\n"
+        f'host = "127.0.0.1"\nport = {smtp_port}\ntls = "none"\n'
+        f'from_address = "{SUPPORT}"\ntimeout = 5\n'
+    )
+    adapter = (
+        '[[adapters]]\ntype = "mailbox"\nname = "mail"\n'
+        f'reply_address = "{REPLIES}"\ntoken_secret = "${{MAILBOX_TOKEN_SECRET}}"\n'
+        "[adapters.smtp]\n"
+        f'host = "127.0.0.1"\nport = {smtp_port}\ntls = "none"\n'
+        'from_address = "router@desk.test"\ntimeout = 5\n'
+        "[adapters.imap]\n"
+        f'host = "127.0.0.1"\nport = {imap.port}\ntls = "none"\n'
+        f'username = "{DESK_USER}"\npassword = "{DESK_PASSWORD}"\n'
+        "idle_renew = 60\npoll_interval = 1\ntimeout = 5\n"
+        "reconnect_min = 0.05\nreconnect_max = 0.5\n"
+    )
+    agents = (
+        '[[agents]]\nid = "alice"\ncapacity = 5\ntool = "mail"\n'
+        f'address = "{AGENT_ADDRESS}"\nskills = ["en"]\n'
+    )
+    text = base_config(
+        state, web_port=web_port, ops_port=ops_port, adapters=adapter, agents=agents, extra=channel
+    )
+    return text, f"http://127.0.0.1:{ops_port}"
+
+
+def append_to(server: Dovecot, user: str, password: str, raw: bytes) -> None:
+    """APPEND one mail to a user's INBOX (blocking)."""
+    client = imaplib.IMAP4(server.host, server.port, timeout=10)
+    try:
+        client.login(user, password)
+        status, detail = client.append("INBOX", None, None, raw)
+        assert status == "OK", detail
+    finally:
+        client.logout()
+
+
+def mails_to(server: SmtpServer, rcpt: str) -> list[EmailMessage]:
+    """Return the mails the SMTP peer accepted for one recipient, parsed."""
+    return [parse(raw) for _, rcpts, raw in server.sink.messages if rcpt in rcpts]
+
+
+@pytest.mark.slow
+@peers_mail.needs_dovecot
+def test_daemon_round_trip_customer_mail_agent_mailbox_reply_and_resolve(
+    tmp_path: Path, smtp_sink: SmtpServer
+) -> None:
+    with Dovecot(users={USER: PASSWORD, DESK_USER: DESK_PASSWORD}) as imap:
+        state = tmp_path / "state"
+        text, ops = daemon_config(state, imap, smtp_sink.port)
+        daemon = DaemonProcess(tmp_path, text, env={"MAILBOX_TOKEN_SECRET": SECRET})
+        try:
+            daemon.start()
+            poll(lambda: http("GET", ops + "/readyz")[0] == 200, what="/readyz")
+            # A customer writes to support.
+            customer = EmailMessage()
+            customer["From"] = f"Carol <{CUSTOMER}>"
+            customer["To"] = SUPPORT
+            customer["Subject"] = "Where is my order?"
+            customer["Message-ID"] = email.utils.make_msgid(domain="example.com")
+            customer["Date"] = email.utils.formatdate(usegmt=True)
+            customer.set_content("Hello, order 4711 has not arrived. When will it ship?")
+            append_to(imap, USER, PASSWORD, customer.as_bytes())
+
+            # The work reaches alice's mailbox as a readable mail.
+            (work,) = poll(lambda: mails_to(smtp_sink, AGENT_ADDRESS), within=20, what="work")
+            assert "Where is my order?" in str(work["Subject"])
+            assert "order 4711 has not arrived" in plain(work)
+            ticket = str(work["Subject"]).split("]")[0].lstrip("[")
+
+            # She answers from her mail client; the customer gets the text, not the quote.
+            append_to(imap, DESK_USER, DESK_PASSWORD, agent_reply(work, "It ships today, Carol."))
+            answer = poll(
+                lambda: [m for m in mails_to(smtp_sink, CUSTOMER) if m["Auto-Submitted"] is None],
+                within=20,
+                what="the reply at the customer",
+            )[0]
+            assert plain(answer).strip() == "It ships today, Carol."
+            assert f"[#{ticket}]" in str(answer["Subject"])
+            assert answer["In-Reply-To"] == customer["Message-ID"]
+
+            # "#resolve" closes the ticket: the customer gets the satisfaction survey.
+            append_to(imap, DESK_USER, DESK_PASSWORD, agent_reply(work, "#resolve"))
+            survey = poll(
+                lambda: [
+                    m
+                    for m in mails_to(smtp_sink, CUSTOMER)
+                    if m["Auto-Submitted"] == "auto-generated"
+                ],
+                within=20,
+                what="the survey",
+            )[0]
+            assert "1 (poor) to 5 (excellent)" in plain(survey)
+            code, body, _ = http(
+                "GET",
+                f"{ops}/v1/tickets/{ticket}/events",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            )
+            assert code == 200
+            kinds = [e["kind"] for e in body["events"]]
+            assert "replied" in kinds and "resolved" in kinds, kinds
+        except BaseException:
+            print(daemon.log_text()[-8000:])
+            raise
+        finally:
+            daemon.close()
