@@ -29,12 +29,14 @@ import structlog
 from adapters.mailbox import MailboxConfig, MailboxTool, TokenError, make_token, read_token
 from router.delivery import AlertPayload, NoticePayload, WithdrawnPayload
 from router.drivers import (
+    ADAPTERS,
     AgentAction,
     Delivery,
     DriverContext,
     DriverState,
     PermanentError,
     TransientError,
+    load_driver,
 )
 from tests import payloads, peers_mail
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
@@ -245,6 +247,8 @@ def test_config_refuses_a_weak_secret_and_masks_it() -> None:
     with pytest.raises(ValueError, match="at least 16"):
         config(token_secret="short")
     assert SECRET not in repr(config())
+    assert load_driver(ADAPTERS, "mailbox") is MailboxTool
+    assert MailboxTool.sends_actions
 
 
 # -- 3. replies -------------------------------------------------------------------------------
