@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
+import email.policy
 import hashlib
 import hmac
 import html
@@ -40,12 +42,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.headerregistry import Address
+from email.headerregistry import Address, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import formatdate, getaddresses
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -318,6 +320,19 @@ def _html(text: str) -> str:
     )
 
 
+class _OneLineHeader(UnstructuredHeader):
+    """A header written on one line: a token split into encoded words could not be matched."""
+
+    def fold(self, *, policy: Any) -> str:
+        """Return the header unfolded (its value is ASCII without controls)."""
+        return f"{self.name}: {self}{policy.linesep}"
+
+
+_HEADERS = HeaderRegistry()
+_HEADERS.map_to_type("x-omnirouter-token", _OneLineHeader)
+_POLICY = email.policy.default.clone(header_factory=_HEADERS)
+
+
 # -- the tool -------------------------------------------------------------------------------
 
 
@@ -385,7 +400,7 @@ class MailboxTool(AgentToolBase):
         cfg = self.config
         to = valid_recipient(delivery.address)
         rendered = render(delivery, cfg, self.token_for(delivery))
-        msg = EmailMessage()
+        msg = EmailMessage(policy=_POLICY)
         msg["From"] = Address(
             display_name=one_line(cfg.smtp.from_name, 200), addr_spec=cfg.smtp.from_address
         )
@@ -528,19 +543,15 @@ class MailboxTool(AgentToolBase):
             sender_tag(self._secret, mail.from_address), claims.sender_tag
         ):
             return Refused("sender is not the agent the token names")
+        intended = self.actions_for(claims, mail.text)
         if expired is not None:
-            # Genuine but too old: the router refuses it and mails the agent why.
-            return [
-                AgentAction(
-                    claims.agent_id,
-                    "reply",
-                    claims.conversation_id,
-                    claims.message_id,
-                    refused="the reply address of that mail has expired; "
-                    "answer the latest mail about this ticket",
-                )
-            ]
-        return self.actions_for(claims, mail.text)
+            # Genuine but too old: the router refuses it (audited) and mails the agent why.
+            reason = (
+                "the reply address of that mail has expired; answer the latest mail about "
+                "this ticket"
+            )
+            return [dataclasses.replace(intended[0], refused=reason)]
+        return intended
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ async def test_assignment_mail_is_readable_signed_and_stable_across_retries(
     assert domain == "desk.test" and local.startswith("replies+")
     token = local[len("replies+") :]
     assert token == str(first["X-Omnirouter-Token"])
+    assert f"X-Omnirouter-Token: {token}\r\n".encode() in raw1  # one line, no encoded words
     assert token in str(first["Message-ID"])
     claims = read_token(SECRET, token, datetime.now(UTC).timestamp())
     assert (claims.agent_id, claims.conversation_id, claims.message_id) == (
@@ -435,7 +436,11 @@ async def test_expired_token_is_refused_with_the_reason_for_the_agent(
     append(dovecot, agent_reply(work, "#resolve"))
     (action,) = await running.wait_for(1)
     assert action.refused.startswith("the reply address of that mail has expired")
-    assert action.agent_id == AGENT and action.conversation_id == "01J0001"
+    assert (action.agent_id, action.action, action.conversation_id) == (
+        AGENT,
+        "resolve",
+        "01J0001",
+    )
 
 
 async def test_a_restart_does_not_apply_a_reply_twice(
