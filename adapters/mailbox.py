@@ -42,7 +42,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.headerregistry import Address, HeaderRegistry, UnstructuredHeader
+from email.headerregistry import Address, BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import formatdate, getaddresses
@@ -320,7 +320,7 @@ def _html(text: str) -> str:
     )
 
 
-class _OneLineHeader(UnstructuredHeader):
+class _OneLineHeader(UnstructuredHeader, BaseHeader):
     """A header written on one line: a token split into encoded words could not be matched."""
 
     def fold(self, *, policy: Any) -> str:
