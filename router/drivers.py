@@ -280,6 +280,7 @@ CHANNELS: dict[str, str] = {
 }
 ADAPTERS: dict[str, str] = {
     "inbox": "adapters.inbox:InboxTool",
+    "mailbox": "adapters.mailbox:MailboxTool",
     "mqtt": "adapters.mqtt:MqttTool",
     "webhook": "adapters.webhook:WebhookTool",
     "chat": "adapters.chat:ChatTool",

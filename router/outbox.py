@@ -17,6 +17,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -214,6 +215,7 @@ class Dispatcher:
                         address=item.address,
                         payload=item.payload,
                         attempt=attempt,
+                        created_at=_when(item.created_at),
                     )
                 )
         except asyncio.CancelledError:
@@ -361,3 +363,8 @@ class Dispatcher:
 
 def _fields(item: OutboxItem) -> dict[str, Any]:
     return {f: getattr(item, f) for f in OutboxItem.__dataclass_fields__}
+
+
+def _when(created_at: float) -> datetime | None:
+    """Return when the item was created (the delivery's `created_at`), None when unknown."""
+    return datetime.fromtimestamp(created_at, UTC) if created_at else None

@@ -100,6 +100,11 @@ def _recipient(to: str) -> str:
     return to
 
 
+def valid_recipient(to: str) -> str:
+    """Return `to` if it is one plain address; raise PermanentError otherwise (public check)."""
+    return _recipient(to)
+
+
 def _refs(outbound: Outbound) -> tuple[str, list[str]]:
     """Return (In-Reply-To, References) from the outbound, keeping only real msg-ids."""
     refs = [r for r in (one_line(x, 300) for x in outbound.references) if _MSGID.match(r)]
