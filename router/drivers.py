@@ -267,6 +267,7 @@ CHANNELS: dict[str, str] = {
 ADAPTERS: dict[str, str] = {
     "inbox": "adapters.inbox:InboxTool",
     "mqtt": "adapters.mqtt:MqttTool",
+    "telegram": "adapters.telegram:TelegramTool",
     "webhook": "adapters.webhook:WebhookTool",
 }
 
