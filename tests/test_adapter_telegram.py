@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -293,3 +294,22 @@ async def test_sink_failure_keeps_the_update(api: BotApiEmulator, tmp_path: Path
         with pytest.raises(asyncio.CancelledError):
             await task
         await tool.stop()
+
+
+def test_the_commented_example_block_is_valid_when_uncommented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from router.config import load_config
+
+    example = Path(__file__).resolve().parents[1] / "config" / "omnirouter.example.toml"
+    text = example.read_text(encoding="utf-8")
+    start = text.index('# name = "agents-tg"') - len('# type = "telegram"\n')
+    block = text[start : text.index("# --- Agents")]
+    lines = [line[2:] for line in block.splitlines() if re.match(r"^# [a-z_]+ = ", line)]
+    toml = "[[adapters]]\n" + "\n".join(lines) + '\n[[agents]]\nid = "alice"\ntool = "agents-tg"\n'
+    monkeypatch.setenv("OMNIROUTER_TELEGRAM_AGENTS_TOKEN", "123456:example")
+    path = tmp_path / "omnirouter.toml"
+    path.write_text(toml, encoding="utf-8")
+    (tool,) = load_config(path).adapters
+    assert tool.type == "telegram" and tool.chat_id == -1001234567890
+    assert tool.agents["123456789"] == "alice"
