@@ -618,7 +618,8 @@ class TelegramTool(AgentToolBase):
         """Post the delivery (split at 4,096); raise the taxonomy of router.errors."""
         if self._stopping:
             raise TransientError(f"telegram {self.name}: stopped")
-        address = delivery.address
+        # The core fills an unset address with the agent id: that means "no chat of its own".
+        address = "" if delivery.address == delivery.agent_id else delivery.address
         if address:
             if not address.lstrip("-").isdigit():
                 raise PermanentError(f"telegram: address {address[:40]!r} is not a chat id")

@@ -944,7 +944,8 @@ class TelegramChannel(ChannelBase):
         if outbound.kind == "ack" and not cfg.ack.enabled:
             self.log.info("telegram.ack_disabled", outbound_id=outbound.id)
             return
-        if outbound.kind not in ("ack", "reply"):
+        # A survey (the satisfaction question after resolve) is sent like a reply.
+        if outbound.kind not in ("ack", "reply", "survey"):
             raise PermanentError(f"telegram: unknown outbound kind {outbound.kind!r}")
         chat = outbound.to
         try:

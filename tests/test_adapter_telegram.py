@@ -131,7 +131,8 @@ async def test_assignment_in_group_with_buttons_and_accept(
     api: BotApiEmulator, running: Running
 ) -> None:
     text = "My order <b>never</b> arrived @channel *bold*"
-    sent = await post(api, running.tool, delivery(1, text=text))
+    # The core fills an unset address with the agent id: the work goes to the group.
+    sent = await post(api, running.tool, delivery(1, address="alice", text=text))
     assert sent.chat_id == GROUP
     assert "parse_mode" not in sent.params  # plain text: nothing is read as markup
     assert "<b>never</b>" in sent.text and "*bold*" in sent.text
@@ -313,3 +314,73 @@ def test_the_commented_example_block_is_valid_when_uncommented(
     (tool,) = load_config(path).adapters
     assert tool.type == "telegram" and tool.chat_id == -1001234567890
     assert tool.agents["123456789"] == "alice"
+
+
+# -- end to end through the daemon ---------------------------------------------------------
+
+AGENTS_TOKEN = "654321:AGENTS-token_for-the-emulator"
+
+
+@pytest.mark.slow
+def test_round_trip_customer_telegram_to_agents_group_and_back(tmp_path: Path) -> None:
+    """A customer's Telegram message reaches the agents' group; the agent's reply returns."""
+    from tests.daemon_harness import DaemonProcess, base_config, http, ports
+    from tests.test_daemon_e2e import poll
+
+    with BotApiEmulator() as customers, BotApiEmulator(token=AGENTS_TOKEN) as agents:
+        state = tmp_path / "state"
+        web_port, ops_port = ports()
+        channel = (
+            f'[[channels]]\ntype = "telegram"\nname = "tg"\ntoken = "{TOKEN}"\n'
+            f'base_url = "{customers.base_url}"\nbase_file_url = "{customers.base_file_url}"\n'
+            "poll_timeout = 2\ntimeout = 5\n"
+        )
+        adapters = (
+            f'[[adapters]]\ntype = "telegram"\nname = "agents-tg"\ntoken = "{AGENTS_TOKEN}"\n'
+            f'base_url = "{agents.base_url}"\nbase_file_url = "{agents.base_file_url}"\n'
+            f'chat_id = {GROUP}\nagents = {{ "{ALICE}" = "alice" }}\npoll_timeout = 2\n'
+        )
+        roster = '[[agents]]\nid = "alice"\ncapacity = 5\ntool = "agents-tg"\nskills = ["en"]\n'
+        config = base_config(
+            state,
+            web_port=web_port,
+            ops_port=ops_port,
+            adapters=adapters,
+            agents=roster,
+            extra=channel,
+        )
+        d = DaemonProcess(tmp_path, config)
+        d.start()
+        try:
+            ops = f"http://127.0.0.1:{ops_port}"
+            poll(lambda: http("GET", ops + "/readyz")[0] == 200, within=20, what="/readyz")
+            customer = 777
+            customers.send_text(customer, "Hello, my order 4711 has not arrived <b>@all</b>")
+            work = poll(
+                lambda: [s for s in agents.sent_to(GROUP) if buttons(s)],
+                within=20,
+                what="the assignment in the agents' group",
+            )[0]
+            assert "order 4711" in work.text and "<b>" in work.text and "for alice" in work.text
+
+            agents.press(work, buttons(work)[0]["callback_data"], ALICE)
+            poll(lambda: agents.answers, what="the answered button press")
+            agents.reply_to(work, "Your parcel left today.", ALICE)
+            poll(
+                lambda: any(s.text == "Your parcel left today." for s in customers.sent_to(777)),
+                within=20,
+                what="the agent's reply in the customer's chat",
+            )
+            before = len(customers.sent_to(customer))
+            agents.reply_to(work, "/resolve", ALICE)
+            # Resolving asks the customer the satisfaction question.
+            poll(
+                lambda: len(customers.sent_to(customer)) > before,
+                within=20,
+                what="the survey question after /resolve",
+            )
+            # Every agent update was confirmed once the router had taken its action.
+            poll(lambda: not agents.pending(), within=10, what="agents' updates confirmed")
+        finally:
+            d.close()
+            print(d.log_text()[-6000:])
