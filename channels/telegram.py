@@ -117,7 +117,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_url(value: str, what: str) -> str:
+def check_token(value: SecretStr) -> SecretStr:
+    """Refuse a token that cannot be a bot token (it becomes part of every URL)."""
+    raw = value.get_secret_value()
+    if not raw or len(raw) > 256 or any(c in raw for c in "/?#% \t\r\n"):
+        raise ValueError("must be a bot token from @BotFather (like 123456:ABC-...)")
+    return value
+
+
+def check_url(value: str, what: str) -> str:
     """Refuse anything but https (http only on loopback, for tests and local Bot API servers)."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -167,16 +175,13 @@ class TelegramConfig(BaseModel):
     @classmethod
     def _token(cls, value: SecretStr) -> SecretStr:
         """Refuse a token that cannot be a bot token (it becomes part of every URL)."""
-        raw = value.get_secret_value()
-        if not raw or len(raw) > 256 or any(c in raw for c in "/?#% \t\r\n"):
-            raise ValueError("must be a bot token from @BotFather (like 123456:ABC-...)")
-        return value
+        return check_token(value)
 
     @field_validator("base_url", "base_file_url", "webhook_url")
     @classmethod
     def _urls(cls, value: str | None) -> str | None:
         """Refuse non-http(s) URLs and plain http off loopback."""
-        return None if value is None else _check_url(value, "the URL")
+        return None if value is None else check_url(value, "the URL")
 
     @field_validator("greeting")
     @classmethod
@@ -373,7 +378,7 @@ class _ChatState:
 # -- the channel ---------------------------------------------------------------------------
 
 
-def _retry_after_seconds(exc: RetryAfter) -> float:
+def retry_after_seconds(exc: RetryAfter) -> float:
     """Return a RetryAfter's wait in seconds (PTB 22 warns on the int form; read both)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PTBDeprecationWarning)
@@ -381,6 +386,57 @@ def _retry_after_seconds(exc: RetryAfter) -> float:
     if isinstance(value, timedelta):
         return max(0.0, value.total_seconds())
     return max(0.0, float(value))
+
+
+def build_bot(
+    token: str, base_url: str, base_file_url: str, timeout: float, max_connections: int
+) -> Bot:
+    """Return a python-telegram-bot client with our timeouts (no I/O until initialize())."""
+    t = timeout
+    return Bot(
+        token,
+        base_url=base_url,
+        base_file_url=base_file_url,
+        request=HTTPXRequest(
+            connection_pool_size=max_connections,
+            read_timeout=t,
+            write_timeout=t,
+            connect_timeout=t,
+            pool_timeout=t,
+            media_write_timeout=max(t, 20.0),
+        ),
+        # getUpdates adds its long-poll timeout to this read timeout itself.
+        get_updates_request=HTTPXRequest(
+            connection_pool_size=1,
+            read_timeout=t,
+            write_timeout=t,
+            connect_timeout=t,
+            pool_timeout=t,
+        ),
+    )
+
+
+def translate_error(exc: TelegramError, what: str, token: str) -> DriverError:
+    """Map a Bot API error to the driver taxonomy (the token never reaches a message)."""
+    detail = str(exc).replace(token, "***")
+    if isinstance(exc, InvalidToken):
+        return AuthFailed(f"{what}: the Bot API refused the bot token")
+    if isinstance(exc, RetryAfter):
+        wait = retry_after_seconds(exc)
+        return RateLimited(f"{what}: Telegram flood control, retry in {wait:g} s", wait)
+    if isinstance(exc, Forbidden):
+        return PermanentError(f"{what}: forbidden: {detail}")
+    if isinstance(exc, ChatMigrated):
+        return PermanentError(f"{what}: the group moved to chat {exc.new_chat_id}")
+    if isinstance(exc, BadRequest):
+        return PermanentError(f"{what}: Telegram refused the request: {detail}")
+    if isinstance(exc, TgTimedOut):
+        return TimedOut(f"{what}: timed out")
+    if isinstance(exc, Conflict):
+        return TransientError(f"{what}: conflict (another poller or a webhook?): {detail}")
+    if isinstance(exc, NetworkError):
+        return TransientError(f"{what}: {detail}")
+    return TransientError(f"{what}: {type(exc).__name__}: {detail}")
 
 
 def _display_name(message: Message) -> str:
@@ -466,27 +522,8 @@ class TelegramChannel(ChannelBase):
         """Return the Bot API client (built on first use; no I/O)."""
         if self._bot is None:
             cfg = self.config
-            t = cfg.timeout
-            self._bot = Bot(
-                self._token,
-                base_url=cfg.base_url,
-                base_file_url=cfg.base_file_url,
-                request=HTTPXRequest(
-                    connection_pool_size=cfg.max_connections,
-                    read_timeout=t,
-                    write_timeout=t,
-                    connect_timeout=t,
-                    pool_timeout=t,
-                    media_write_timeout=max(t, 20.0),
-                ),
-                # getUpdates adds its long-poll timeout to this read timeout itself.
-                get_updates_request=HTTPXRequest(
-                    connection_pool_size=1,
-                    read_timeout=t,
-                    write_timeout=t,
-                    connect_timeout=t,
-                    pool_timeout=t,
-                ),
+            self._bot = build_bot(
+                self._token, cfg.base_url, cfg.base_file_url, cfg.timeout, cfg.max_connections
             )
         return self._bot
 
@@ -522,25 +559,7 @@ class TelegramChannel(ChannelBase):
 
     def _translate(self, exc: TelegramError, what: str) -> DriverError:
         """Map a Bot API error to the driver taxonomy (the token never reaches a message)."""
-        detail = str(exc).replace(self._token, "***")
-        if isinstance(exc, InvalidToken):
-            return AuthFailed(f"{what}: the Bot API refused the bot token")
-        if isinstance(exc, RetryAfter):
-            wait = _retry_after_seconds(exc)
-            return RateLimited(f"{what}: Telegram flood control, retry in {wait:g} s", wait)
-        if isinstance(exc, Forbidden):
-            return PermanentError(f"{what}: forbidden: {detail}")
-        if isinstance(exc, ChatMigrated):
-            return PermanentError(f"{what}: the group moved to chat {exc.new_chat_id}")
-        if isinstance(exc, BadRequest):
-            return PermanentError(f"{what}: Telegram refused the request: {detail}")
-        if isinstance(exc, TgTimedOut):
-            return TimedOut(f"{what}: timed out")
-        if isinstance(exc, Conflict):
-            return TransientError(f"{what}: conflict (another poller or a webhook?): {detail}")
-        if isinstance(exc, NetworkError):
-            return TransientError(f"{what}: {detail}")
-        return TransientError(f"{what}: {type(exc).__name__}: {detail}")
+        return translate_error(exc, what, self._token)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -925,7 +944,8 @@ class TelegramChannel(ChannelBase):
         if outbound.kind == "ack" and not cfg.ack.enabled:
             self.log.info("telegram.ack_disabled", outbound_id=outbound.id)
             return
-        if outbound.kind not in ("ack", "reply"):
+        # A survey (the satisfaction question after resolve) is sent like a reply.
+        if outbound.kind not in ("ack", "reply", "survey"):
             raise PermanentError(f"telegram: unknown outbound kind {outbound.kind!r}")
         chat = outbound.to
         try:

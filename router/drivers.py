@@ -282,6 +282,7 @@ ADAPTERS: dict[str, str] = {
     "inbox": "adapters.inbox:InboxTool",
     "mailbox": "adapters.mailbox:MailboxTool",
     "mqtt": "adapters.mqtt:MqttTool",
+    "telegram": "adapters.telegram:TelegramTool",
     "webhook": "adapters.webhook:WebhookTool",
     "chat": "adapters.chat:ChatTool",
     "slack_app": "adapters.chat:SlackAppTool",

@@ -6,7 +6,9 @@ parameters (nested values as JSON strings), answers `{"ok": true, "result": ...}
 `{"ok": false, "error_code": ..., "description": ...[, "parameters": {...}]}`, and
 `GET /file/bot<token>/<path>` for downloads. Methods: getMe, getUpdates (long poll,
 offset confirms every update below it), sendMessage, sendPhoto, getFile, setWebhook,
-deleteWebhook. Results are shaped like the real ones (Message, User, Chat, File).
+deleteWebhook, answerCallbackQuery, editMessageReplyMarkup; `press` and `reply_to` play
+a user pressing an inline button or replying to one of the bot's messages. Results are
+shaped like the real ones (Message, User, Chat, File).
 
 It runs its own event loop in a thread, so synchronous tests, async tests and a daemon
 subprocess can all use it; every public method is thread-safe. Faults are scripted:
@@ -42,6 +44,7 @@ class Sent:
     method: str = "sendMessage"
     at: float = field(default_factory=time.time)
     params: dict[str, Any] = field(default_factory=dict)
+    message_id: int = 0
 
 
 class BotApiEmulator:
@@ -54,6 +57,8 @@ class BotApiEmulator:
         self.confirmed = 0  # every update_id below this is confirmed
         self.sent: list[Sent] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.answers: list[dict[str, Any]] = []  # answerCallbackQuery parameters, in order
+        self.markup_edits: list[dict[str, Any]] = []  # editMessageReplyMarkup parameters
         self.files: dict[str, tuple[str, bytes]] = {}  # file_id -> (file_path, bytes)
         self.webhook: dict[str, Any] | None = None
         self.blocked: set[int] = set()
@@ -209,6 +214,47 @@ class BotApiEmulator:
         """A customer writes text; return the update."""
         return self.push("message", self.message(chat_id, text, **kwargs))
 
+    def user(self, user_id: int, first_name: str = "Agent") -> dict[str, Any]:
+        """Return a User as Telegram sends it."""
+        return {"id": user_id, "is_bot": False, "first_name": first_name, "language_code": "en"}
+
+    def bot_message(self, sent: Sent) -> dict[str, Any]:
+        """Return a message the bot sent, as Telegram embeds it in replies and callbacks."""
+        chat_type = "private" if sent.chat_id > 0 else "supergroup"
+        return {
+            "message_id": sent.message_id,
+            "from": BOT_USER,
+            "chat": {"id": sent.chat_id, "type": chat_type, "title": "Agents"},
+            "date": int(sent.at),
+            "text": sent.text,
+        }
+
+    def press(self, sent: Sent, data: str, user_id: int) -> dict[str, Any]:
+        """A user presses an inline button of a bot message; return the callback_query update."""
+        with self._lock:
+            query_id = f"Q{self._next_update}"
+        query = {
+            "id": query_id,
+            "from": self.user(user_id),
+            "message": self.bot_message(sent),
+            "chat_instance": f"ci{sent.chat_id}",
+            "data": data,
+        }
+        return self.push("callback_query", query)
+
+    def reply_to(self, sent: Sent, text: str, user_id: int) -> dict[str, Any]:
+        """A user replies to a bot message in its chat; return the update."""
+        chat_type = "private" if sent.chat_id > 0 else "supergroup"
+        msg: dict[str, Any] = {
+            "message_id": self.next_message_id(sent.chat_id),
+            "from": self.user(user_id),
+            "chat": {"id": sent.chat_id, "type": chat_type, "title": "Agents"},
+            "date": int(time.time()),
+            "text": text,
+            "reply_to_message": self.bot_message(sent),
+        }
+        return self.push("message", msg)
+
     def edit(self, message: dict[str, Any], text: str) -> dict[str, Any]:
         """A customer edits an earlier message; return the update."""
         edited = {**message, "text": text, "edit_date": int(time.time())}
@@ -286,6 +332,8 @@ class BotApiEmulator:
             "getFile": self._get_file,
             "setWebhook": self._set_webhook,
             "deleteWebhook": self._delete_webhook,
+            "answerCallbackQuery": self._answer_callback,
+            "editMessageReplyMarkup": self._edit_markup,
         }.get(method)
         if handler is None:
             return _fail(404, "Not Found: method not found")
@@ -350,7 +398,7 @@ class BotApiEmulator:
         return {
             "message_id": self.next_message_id(chat_id),
             "from": BOT_USER,
-            "chat": {"id": chat_id, "type": "private"},
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
             "date": int(time.time()),
             **content,
         }
@@ -365,9 +413,10 @@ class BotApiEmulator:
             return _fail(400, "Bad Request: message text is empty")
         if len(text.encode("utf-16-le")) // 2 > 4096:
             return _fail(400, "Bad Request: message is too long")
+        result = self._message_result(chat_id, text=text)
         with self._lock:
-            self.sent.append(Sent(chat_id, text, params=params))
-        return _ok(self._message_result(chat_id, text=text))
+            self.sent.append(Sent(chat_id, text, params=params, message_id=result["message_id"]))
+        return _ok(result)
 
     async def _send_photo(self, params: dict[str, Any]) -> web.Response:
         chat_id = int(params["chat_id"])
@@ -407,6 +456,22 @@ class BotApiEmulator:
                 if stored_path == path:
                     return web.Response(body=data)
         return web.Response(status=404)
+
+    async def _answer_callback(self, params: dict[str, Any]) -> web.Response:
+        with self._lock:
+            self.answers.append(params)
+        return _ok(True)
+
+    async def _edit_markup(self, params: dict[str, Any]) -> web.Response:
+        with self._lock:
+            self.markup_edits.append(params)
+            found = any(
+                s.chat_id == int(params["chat_id"]) and s.message_id == int(params["message_id"])
+                for s in self.sent
+            )
+        if not found:
+            return _fail(400, "Bad Request: message to edit not found")
+        return _ok(True)
 
     async def _set_webhook(self, params: dict[str, Any]) -> web.Response:
         with self._lock:
