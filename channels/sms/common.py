@@ -662,7 +662,8 @@ class SmsChannelBase(ChannelBase):
 
     async def send(self, outbound: Outbound) -> None:
         """Text an acknowledgement or agent reply; raise the driver taxonomy on failure."""
-        if outbound.kind not in ("ack", "reply"):
+        # A survey (the satisfaction question after resolve) is texted like a reply.
+        if outbound.kind not in ("ack", "reply", "survey"):
             raise PermanentError(f"{self.kind}: unknown outbound kind {outbound.kind!r}")
         if outbound.kind == "ack" and not self.settings.ack.enabled:
             self.log.debug(f"{self.kind}.ack_disabled", outbound_id=outbound.id)
