@@ -1,5 +1,15 @@
 """MQTT agent tool: deliveries to `{prefix}/{agent}/inbox`, actions from `{prefix}/+/actions`.
 
+Presence (with `presence = true`): agents' tools publish `on`, `away` or `off` (or JSON
+`{"state": "on"}`) *retained* to `{prefix}/{agent}/presence` and set the same topic with
+`off` as their connection's last will, so a tool that drops off the network is taken
+off line by the broker's will and its offers go back to the queue; the retained state
+is read again on every reconnect. The router announces itself the same way: retained
+`{prefix}/_router/status` is `online` while it is connected and `offline` (its last
+will, or published on a clean stop) otherwise, so agents' tools can show it.
+`config/mosquitto/omnirouter.acl` binds each topic to its agent's login: an agent
+reads only its own inbox and acts and reports presence only as itself.
+
 One connection per tool, kept alive by `run()`: aiomqtt has no automatic reconnect,
 so `run()` reconnects itself with capped exponential backoff and full jitter, and
 parks at the maximum delay when the broker refuses the credentials.
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import re
@@ -53,6 +64,7 @@ from router.drivers import (
     DriverContext,
     DriverState,
     PermanentError,
+    Presence,
     TimedOut,
     TransientError,
 )
@@ -67,6 +79,8 @@ AUTH_REFUSED_CODES = frozenset({4, 5, 134, 135})
 _AGENT_ID = re.compile(AGENT_ID_RE)
 # A topic segment of an address: anything but the separator, wildcards and NUL.
 _ADDRESS = re.compile(r"[^/+#\x00]+(?:/[^/+#\x00]+)*")
+# The topic segment of the router's own status; agent ids start with a letter or digit.
+ROUTER_SEGMENT = "_router"
 _PREFIX_RE = r"^[^/+#\x00]+(?:/[^/+#\x00]+)*$"  # anchored: pydantic patterns search
 
 
@@ -103,6 +117,10 @@ class MqttConfig(BaseModel):
     # matches the outbox's default concurrency.
     max_inflight: int = Field(default=256, ge=1, le=65535)
     max_action_bytes: int = Field(default=65536, ge=256, le=1 << 20)
+    # Follow agents' retained presence (and last wills) on {prefix}/<agent>/presence.
+    presence: bool = False
+    # Keep retained {prefix}/_router/status: online while connected, offline as last will.
+    router_status: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
@@ -130,6 +148,7 @@ class _Session:
     )
     # The deadlines of deliveries waiting for their PUBACK; end() expires them at once.
     waiting: set[asyncio.Timeout] = field(default_factory=set)
+    offline_sent: bool = False  # the retained "offline" status went out (a clean stop)
 
     def end(self) -> None:
         """Mark the connection as gone and wake every delivery still waiting for a PUBACK."""
@@ -158,6 +177,8 @@ class MqttTool(AgentToolBase):
         self._late_exits: set[asyncio.Task[None]] = set()
         prefix = config.topic_prefix
         self._actions_filter = f"{prefix}/+/actions"
+        self._presence_filter = f"{prefix}/+/presence"
+        self.status_topic = f"{prefix}/{ROUTER_SEGMENT}/status"
         self._prefix_len = len(prefix) + 1
 
     # -- lifecycle -------------------------------------------------------------
@@ -187,6 +208,8 @@ class MqttTool(AgentToolBase):
     async def stop(self) -> None:
         """Disconnect from the broker; deliveries not yet acknowledged stay in the outbox."""
         self._stopping = True
+        if self._session is not None:
+            await self._announce_offline(self._session)
         task = self._conn_task
         if task is not None and not task.done():
             task.cancel()
@@ -264,11 +287,22 @@ class MqttTool(AgentToolBase):
         try:
             self._session = session
             await client.subscribe(self._actions_filter, qos=1)
+            if self.config.presence:
+                # Retained states arrive at once: who is on line while we were away.
+                await client.subscribe(self._presence_filter, qos=1)
+            if self.config.router_status:
+                await client.publish(
+                    self.status_topic, _status_payload("online"), qos=1, retain=True
+                )
             self._set_state(DriverState.CONNECTED)
             async for message in client.messages:
                 action = self._parse_message(message)
                 if action is not None:
                     queue.put_nowait(action)
+        except asyncio.CancelledError:
+            # A clean stop sends no last will: say "offline" before disconnecting.
+            await self._announce_offline(session)
+            raise
         finally:
             self._session = None
             session.end()  # wake deliveries still waiting for a PUBACK
@@ -309,6 +343,11 @@ class MqttTool(AgentToolBase):
             timeout=cfg.connect_timeout,
             tls_context=self._tls_context,
             max_inflight_messages=cfg.max_inflight,
+            will=(
+                aiomqtt.Will(self.status_topic, _status_payload("offline"), qos=1, retain=True)
+                if cfg.router_status
+                else None
+            ),
         )
         # aiomqtt logs a warning on *every* call while more than 10 are pending;
         # many in-flight deliveries are our normal case (paho queues past
@@ -321,6 +360,8 @@ class MqttTool(AgentToolBase):
     def _parse_message(self, message: aiomqtt.Message) -> AgentAction | None:
         """Return the action a message carries, or log why it was dropped and return None."""
         topic = message.topic.value
+        if topic.endswith("/presence"):
+            return self._parse_presence(topic, message.payload)
         agent_id = topic[self._prefix_len : -len("/actions")]
         size = len(message.payload) if isinstance(message.payload, bytes | bytearray) else 0
         if not _AGENT_ID.fullmatch(agent_id):
@@ -335,6 +376,36 @@ class MqttTool(AgentToolBase):
             self.log.warning("mqtt.action_rejected", agent_id=agent_id, reason=str(exc), size=size)
             # The router refuses it too, so the agent's tool hears why (a `notice`).
             return exc.as_action(agent_id)
+
+    def _parse_presence(self, topic: str, payload: Any) -> AgentAction | None:
+        """Return the presence action a (retained) presence message carries, or None."""
+        agent_id = topic[self._prefix_len : -len("/presence")]
+        if not _AGENT_ID.fullmatch(agent_id):
+            self.log.warning("mqtt.presence_rejected", reason="agent id in topic is not valid")
+            return None
+        if not payload:
+            return None  # a cleared retained message says nothing
+        state = presence_from_payload(payload)
+        if state is None:
+            size = len(payload) if isinstance(payload, bytes | bytearray) else 0
+            self.log.warning(
+                "mqtt.presence_rejected", agent_id=agent_id, reason="unknown state", size=size
+            )
+            return None
+        return AgentAction(agent_id=agent_id, action="presence", value=state)
+
+    async def _announce_offline(self, session: _Session) -> None:
+        """Publish the retained `offline` status before a clean disconnect (no will then)."""
+        if session.offline_sent or not self.config.router_status or session.lost.done():
+            return
+        session.offline_sent = True
+        try:
+            async with asyncio.timeout(min(2.0, self.config.publish_timeout)):
+                await session.client.publish(
+                    self.status_topic, _status_payload("offline"), qos=1, retain=True
+                )
+        except (TimeoutError, aiomqtt.MqttError) as exc:
+            self.log.warning("mqtt.status_not_published", error=type(exc).__name__)
 
     async def _action_worker(self, queue: asyncio.Queue[AgentAction], actions: ActionSink) -> None:
         """Hand queued actions to the router one at a time, in arrival order."""
@@ -393,6 +464,40 @@ class MqttTool(AgentToolBase):
         self._succeeded()
 
     # -- helpers ---------------------------------------------------------------
+
+
+_PRESENCE_WORDS = {
+    "on": Presence.ON,
+    "online": Presence.ON,
+    "available": Presence.ON,
+    "away": Presence.AWAY,
+    "busy": Presence.AWAY,
+    "off": Presence.OFF,
+    "offline": Presence.OFF,
+}
+
+
+def presence_from_payload(payload: Any) -> str | None:
+    """Return on/away/off from a presence message: a word, or JSON {"state": word}."""
+    if not isinstance(payload, bytes | bytearray) or len(payload) > 1024:
+        return None
+    try:
+        text = bytes(payload).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        value = data.get("state", data.get("presence")) if isinstance(data, dict) else None
+        text = value if isinstance(value, str) else ""
+    state = _PRESENCE_WORDS.get(text.strip().strip('"').lower())
+    return str(state) if state is not None else None
+
+
+def _status_payload(status: str) -> bytes:
+    return json.dumps({"status": status, "router": socket.gethostname()}).encode()
 
 
 def _connect_code(exc: MqttConnectError) -> int | None:

@@ -44,6 +44,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -72,6 +73,7 @@ from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from channels.conversations import IdleThreads, ShortAckSettings, ack_text, keep_attachment
+from router.contacts import phone_identifier, telegram_identifier
 from router.drivers import (
     NAME_RE,
     AuthFailed,
@@ -439,6 +441,25 @@ def translate_error(exc: TelegramError, what: str, token: str) -> DriverError:
     return TransientError(f"{what}: {type(exc).__name__}: {detail}")
 
 
+def _identifiers(message: Message) -> tuple[str, ...]:
+    """Return what Telegram vouches for about a private chat's customer.
+
+    The user id (Telegram authenticates its users), and the phone number of a contact
+    card the user shared of themselves (Telegram fills `user_id` only for an account's
+    own number, and the share button sends only the sender's own). A group chat has
+    many people behind one handle: it links nothing.
+    """
+    user = message.from_user
+    if message.chat.type != "private" or user is None or user.is_bot:
+        return ()
+    out = [telegram_identifier(user.id)]
+    card = message.contact
+    if card is not None and card.user_id == user.id and card.phone_number:
+        digits = re.sub(r"[\s().-]", "", card.phone_number)
+        out.append(phone_identifier(digits if digits.startswith("+") else "+" + digits))
+    return tuple(i for i in out if i)
+
+
 def _display_name(message: Message) -> str:
     """Return the sender's first and last name, else @username, else ""."""
     user = message.from_user
@@ -751,6 +772,7 @@ class TelegramChannel(ChannelBase):
             payload_sha256=hashlib.sha256(raw).hexdigest(),
             raw=raw,
             reply_ref=str(message.message_id),
+            identifiers=_identifiers(message),
         )
         try:
             receipt = await sink(inbound)

@@ -748,6 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Command groups kept in modules of their own register themselves on import.
+from router import cli_contacts  # noqa: E402, F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `omnirouter` console script."""
     parser = build_parser()
@@ -760,4 +764,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as `python -m router.cli`, this file is `__main__`: the command modules
+    # registered themselves in `router.cli`, so that module's main is the one to run.
+    from router.cli import main as registered_main
+
+    raise SystemExit(registered_main())

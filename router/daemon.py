@@ -390,6 +390,7 @@ class Daemon:
             dead_letters=OutboxDeadLetters(self.store, self.dispatcher),
             corrections=self.store,
             history=self.store,
+            contacts=self.pipeline,
             admin_token=self.admin_token,
             limits=limits,
         ).app()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -20,6 +19,7 @@ import structlog
 from router.alerts import Alerts
 from router.classify import RuleClassifier, severity_for
 from router.config import Config
+from router.contacts import ContactBook, handle_key
 from router.core import Classifier, Core
 from router.delivery import ChannelTarget, ToolTarget, ack_payload, assignment_payload
 from router.drivers import Receipt
@@ -139,8 +139,8 @@ class Intake:
         """Work on the shared core."""
         self.core = core
         self.alerts = alerts
-        # "<channel type>:<handle>" -> times of recent contacts (repeat-contact signal).
-        self.recent: dict[str, deque[float]] = {}
+        # Who is who across channels, and who wrote when (the repeat-contact signal).
+        self.contacts = ContactBook()
 
     async def ingest(self, msg: InboundMessage) -> Receipt:
         """Classify, route and commit one message; return only after the commit."""
@@ -193,7 +193,7 @@ class Intake:
         """Walk one message through classify → place → commit → outbox (thread lock held)."""
         core = self.core
         now = core.clock()
-        contact_key = f"{msg.channel_type}:{msg.contact_handle}"
+        contact_key = handle_key(msg.channel_type, msg.contact_handle)
         cls = self.classify(msg, contact_key, now)
         queue = core.config.queue_for(
             cls.label,
@@ -263,7 +263,7 @@ class Intake:
                 core.scheduler.move_slot(proposed, conversation_id)
             work.slot = work.conversation = conversation_id
         core.threads.opened(key, conversation_id)
-        self.recent.setdefault(contact_key, deque()).append(now)
+        self._remember_contact(contact_key, result, now)
         # The sends exactly as committed (the store named their conversation).
         for item in result.outbox:
             core.dispatcher.submit(item)
@@ -385,6 +385,15 @@ class Intake:
             extra_outbox=acks,
         )
 
+    def _remember_contact(self, contact_key: str, result: IngestResult, now: float) -> None:
+        """Learn the committed message's contact (and links) and count it as a contact."""
+        link = result.contact
+        if link is not None:
+            self.contacts.learn(contact_key, link.person_id, link.identifiers, link.links)
+            for child, parent in link.links:
+                log.info("contact.linked", contact=child, joined=parent, handle=contact_key)
+        self.contacts.seen(contact_key, now)
+
     def _confirming_channel(self, handle: str) -> str | None:
         """Return a configured channel that can write to this handle (e-mail or phone)."""
         if "@" in handle:
@@ -418,23 +427,17 @@ class Intake:
         cls = core.classifier.classify(
             msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
         )
-        cls = self._with_repeat_contact(cls, contact_key, now)
+        cls = self._with_repeat_contact(cls, contact_key, msg.identifiers, now)
         return self._with_severity_rules(cls)
 
     def _with_repeat_contact(
-        self, cls: Classification, contact_key: str, now: float
+        self, cls: Classification, contact_key: str, identifiers: tuple[str, ...], now: float
     ) -> Classification:
         c = self.core.config.classifier
         window = c.repeat_contact_window
-        times = self.recent.get(contact_key)
-        if times is None:
-            return cls
-        while times and times[0] < now - window:
-            times.popleft()
-        if not times:
-            del self.recent[contact_key]
-            return cls
-        count = len(times) + 1  # this message included
+        # Every channel of the contact counts (and of a contact this message's verified
+        # identifiers link it to): three contacts by email, SMS and Telegram are three.
+        count = self.contacts.count(contact_key, identifiers, now, window)
         if count < c.repeat_contact_count:
             return cls
         signals = (

@@ -111,6 +111,10 @@ class InboundMessage:
     # e-mail address by an email channel, a phone number by SMS), when one is configured:
     # a contact form's customer should have the ticket number in writing.
     confirm_elsewhere: bool = False
+    # Identifiers the channel vouches for (`email:…`, `phone:+…`, `telegram:<id>`; see
+    # router.contacts): a signed or authenticated sender, never a claim typed into a form.
+    # They link this message's contact to the contact already holding one of them.
+    identifiers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

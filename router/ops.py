@@ -24,6 +24,7 @@ from aiohttp import web
 
 from router.actions import ActionError, parse_action
 from router.agent_work import Verdict
+from router.contacts import ContactChange
 from router.drivers import AgentAction, Presence
 from router.http import HttpLimits, new_app
 from router.model import LABELS, TICKET_PREFIX
@@ -118,6 +119,26 @@ class TicketHistory(Protocol):
         ...
 
 
+class ContactDesk(Protocol):
+    """Contacts across channels: found, shown, merged and split by people (audited)."""
+
+    async def find_contacts(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Return contacts whose handle, name or identifier contains `query`."""
+        ...
+
+    async def contact(self, ref: str) -> dict[str, Any] | None:
+        """Return a contact with its handles, identifiers, tickets and audit."""
+        ...
+
+    async def merge_contacts(self, into: str, other: str, actor: str, reason: str) -> ContactChange:
+        """Merge `other`'s contact into `into`'s."""
+        ...
+
+    async def unmerge_contact(self, ref: str, actor: str, reason: str) -> ContactChange:
+        """Undo the merge that made `ref`'s contact part of another."""
+        ...
+
+
 # -- answers -----------------------------------------------------------------------------
 
 
@@ -165,6 +186,7 @@ class OpsApi:
         corrections: Corrections,
         admin_token: str,
         history: TicketHistory | None = None,
+        contacts: ContactDesk | None = None,
         limits: HttpLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -175,6 +197,7 @@ class OpsApi:
         self.dead_letters = dead_letters
         self.corrections = corrections
         self.history = history
+        self.contacts = contacts
         self.clock = clock
         self.read_timeout = (limits or HttpLimits()).read_timeout
         self._admin_token = admin_token.encode()
@@ -197,6 +220,10 @@ class OpsApi:
         app.router.add_post("/v1/dead-letters/replay", admin(self.replay_dead_letters))
         app.router.add_get("/v1/tickets/{ticket}/events", admin(self.ticket_events))
         app.router.add_post("/v1/tickets/{ticket}/actions", admin(self.ticket_action))
+        app.router.add_get("/v1/contacts", admin(self.find_contacts))
+        app.router.add_post("/v1/contacts/merge", admin(self.merge_contacts))
+        app.router.add_get("/v1/contacts/{ref}", admin(self.show_contact))
+        app.router.add_post("/v1/contacts/{ref}/unmerge", admin(self.unmerge_contact))
         return app
 
     def _admin(self, handler: Handler) -> Handler:
@@ -366,3 +393,86 @@ class OpsApi:
         if not events:
             return _error(404, "unknown_ticket", f"no ticket {ticket!r}")
         return _json({"ticket": ticket, "events": [e.to_dict() for e in events]})
+
+    # -- contacts across channels ---------------------------------------------------------
+
+    async def find_contacts(self, request: web.Request) -> web.Response:
+        """Find contacts by part of a handle, name or identifier (?q=…&limit=…)."""
+        if self.contacts is None:
+            return _error(404, "no_contacts", "contacts are not served here")
+        query = request.query.get("q", "").strip()
+        if not 0 < len(query) <= 200:
+            return _error(400, "bad_query", "give ?q= with part of a handle, name or identifier")
+        try:
+            limit = max(1, min(200, int(request.query.get("limit", "20"))))
+        except ValueError:
+            return _error(400, "bad_limit", "limit must be a number")
+        return _json({"contacts": await self.contacts.find_contacts(query, limit)})
+
+    async def show_contact(self, request: web.Request) -> web.Response:
+        """Show a contact (by id c_…, handle key sms:+49… or identifier phone:+49…)."""
+        if self.contacts is None:
+            return _error(404, "no_contacts", "contacts are not served here")
+        ref = request.match_info["ref"]
+        if not 0 < len(ref) <= 320:
+            return _error(400, "bad_contact", "give a contact id, handle key or identifier")
+        view = await self.contacts.contact(ref)
+        if view is None:
+            return _error(404, "unknown_contact", f"no contact {ref!r}")
+        return _json(view)
+
+    async def _contact_body(
+        self, request: web.Request, *names: str
+    ) -> dict[str, str] | web.Response:
+        """Read a JSON object with the named short-string fields (actor and reason optional)."""
+        try:
+            text = await request.text()
+            body = json.loads(text) if text.strip() else {}
+        except ValueError:
+            return _error(400, "invalid_json", "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "invalid_body", "the body must be a JSON object")
+        out: dict[str, str] = {}
+        for name in names:
+            value = body.get(name)
+            if not isinstance(value, str) or not 0 < len(value) <= 320:
+                return _error(
+                    400, f"invalid_{name}", f"{name} must be a contact id, handle or identifier"
+                )
+            out[name] = value
+        actor, reason = body.get("actor", "ops"), body.get("reason", "")
+        if not isinstance(actor, str) or not 0 < len(actor) <= 64:
+            return _error(400, "invalid_actor", "actor must be a short string (who merges)")
+        if not isinstance(reason, str) or len(reason) > 500:
+            return _error(
+                400, "invalid_reason", "reason must be a string of at most 500 characters"
+            )
+        out["actor"], out["reason"] = actor, reason
+        return out
+
+    async def merge_contacts(self, request: web.Request) -> web.Response:
+        """Merge two contacts: {"into": A, "from": B, "actor"?, "reason"?} (audited)."""
+        if self.contacts is None:
+            return _error(404, "no_contacts", "contacts are not served here")
+        body = await self._contact_body(request, "into", "from")
+        if isinstance(body, web.Response):
+            return body
+        change = await self.contacts.merge_contacts(
+            body["into"], body["from"], body["actor"], body["reason"]
+        )
+        if not change.ok:
+            return _error(404 if change.code == "not_found" else 409, change.code, change.error)
+        return _json({"merged": change.child, "into": change.parent, "actor": body["actor"]})
+
+    async def unmerge_contact(self, request: web.Request) -> web.Response:
+        """Undo the merge of a contact: {"actor"?, "reason"?} (audited)."""
+        if self.contacts is None:
+            return _error(404, "no_contacts", "contacts are not served here")
+        body = await self._contact_body(request)
+        if isinstance(body, web.Response):
+            return body
+        ref = request.match_info["ref"]
+        change = await self.contacts.unmerge_contact(ref, body["actor"], body["reason"])
+        if not change.ok:
+            return _error(404 if change.code == "not_found" else 409, change.code, change.error)
+        return _json({"unmerged": change.child, "from": change.parent, "actor": body["actor"]})

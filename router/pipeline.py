@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -30,6 +29,7 @@ from router.actions import ACTIONS
 from router.agent_work import AgentWork, Verdict
 from router.alerts import Alerts
 from router.config import Config
+from router.contacts import ContactChange
 from router.core import Classifier, Core
 from router.crisis import CrisisDetector
 from router.drivers import AgentAction, Receipt, TicketStatus
@@ -183,8 +183,15 @@ class Pipeline:
                     deadline=q.sla_deadline,
                 )
             )
+        book = self.intake.contacts
+        for child, parent in snap.contact_links:
+            book.merged(child, parent)
+        for key, person in snap.contact_handles:
+            book.learn(key, person)
+        for identifier, person in snap.contact_identifiers:
+            book.owner.setdefault(identifier, person)
         for contact_key, at in snap.recent_contacts:
-            self.intake.recent.setdefault(contact_key, deque()).append(at)
+            book.seen(contact_key, at)
         for item in snap.pending_outbox:
             core.dispatcher.submit(item)
         for survey in snap.pending_surveys:
@@ -270,6 +277,48 @@ class Pipeline:
     async def set_presence(self, agent_id: str, present: bool, *, away: bool = False) -> bool:
         """Put an agent on line, away or off line; False if the agent is unknown."""
         return await self.queues.set_presence(agent_id, present, away=away)
+
+    # -- contacts across channels (router/contacts.py) ------------------------------
+
+    async def find_contacts(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Return contacts whose handle, name or identifier contains `query`."""
+        return await self.core.store.find_contacts(query, limit)
+
+    async def contact(self, ref: str) -> dict[str, Any] | None:
+        """Return a contact with its handles, identifiers, tickets and audit."""
+        window = self.core.config.classifier.repeat_contact_window
+        return await self.core.store.contact(ref, self.core.clock() - window)
+
+    async def merge_contacts(self, into: str, other: str, actor: str, reason: str) -> ContactChange:
+        """Merge `other`'s contact into `into`'s (audited); repeat contacts count together."""
+        change = await self.core.store.merge_contacts(into, other, actor, reason, self.core.clock())
+        if change.ok:
+            self.intake.contacts.merged(change.child, change.parent)
+            await self._learn_contact(change.child)
+            log.info("contact.merged", contact=change.child, joined=change.parent, actor=actor)
+        return change
+
+    async def unmerge_contact(self, ref: str, actor: str, reason: str) -> ContactChange:
+        """Undo the merge that made `ref`'s contact part of another (audited)."""
+        change = await self.core.store.unmerge_contact(ref, actor, reason, self.core.clock())
+        if change.ok:
+            self.intake.contacts.unmerged(change.child)
+            log.info("contact.unmerged", contact=change.child, left=change.parent, actor=actor)
+        return change
+
+    async def _learn_contact(self, ref: str) -> None:
+        """Teach the contact book every handle and identifier of a contact just merged."""
+        view = await self.contact(ref)
+        if view is None:
+            return
+        book = self.intake.contacts
+        for person in view["contacts"]:
+            if person["merged_into"]:
+                book.merged(person["id"], person["merged_into"])
+        for handle in view["handles"]:
+            book.learn(handle["key"], handle["contact"])
+        for ident in view["identifiers"]:
+            book.owner.setdefault(ident["identifier"], ident["contact"])
 
     # -- time and queues -----------------------------------------------------------
 

@@ -147,7 +147,7 @@ async def test_deliver_publishes_exact_body_with_qos1(mosquitto: Mosquitto, tmp_
 
 async def test_address_overrides_agent_id_in_topic(mosquitto: Mosquitto, tmp_path: Path) -> None:
     tool = make_tool(mosquitto, tmp_path, topic_prefix="acme/desk")
-    async with subscriber(mosquitto, "acme/desk/#") as sub, running(tool):
+    async with subscriber(mosquitto, "acme/desk/+/+/inbox") as sub, running(tool):
         await wait_state(tool, DriverState.CONNECTED)
         await tool.deliver(make_delivery(1, address="team-a/alice"))
         [message] = await receive(sub, 1)

@@ -292,6 +292,8 @@ async def test_inbound_text_is_committed_then_answered_with_empty_twiml(
         assert message.channel == "sms" and message.channel_type == "sms"
         assert message.external_id == dict(params)["MessageSid"]
         assert message.contact_handle == CUSTOMER  # E.164, from the US national form
+        # The webhook is signed: the sender's number links their contacts across channels.
+        assert message.identifiers == (f"phone:{CUSTOMER}",)
         assert message.text == "Hello, where is my order 4711?"
         assert message.conversation_hint and message.payload_sha256
         assert b"Body=Hello" in message.raw

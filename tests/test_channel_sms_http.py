@@ -129,6 +129,8 @@ async def test_kannel_texts_reach_the_channel_and_replies_reach_the_smsc(
         assert (first.contact_handle, first.text) == (CUSTOMER, "Hello, my parcel 4711 is late")
         assert first.channel_type == "sms" and len(first.external_id) == 36  # Kannel's %I
         assert (second.contact_handle, second.text) == ("+4915100000002", "你好，我的订单还没到")
+        # The webhook carries the shared secret: Kannel vouches for the sender.
+        assert first.identifiers == (f"phone:{CUSTOMER}",)
         assert SECRET.encode() not in first.raw
 
         # Replies leave through sendsms and arrive at the fake SMSC, Chinese as UCS-2.
@@ -225,6 +227,25 @@ async def test_inbound_secret_fields_charsets_and_bad_input(tmp_path: Path) -> N
         assert (await _call(port, "DELETE", query=ok))[0] == 405
         assert (await _call(port, "GET", "/other", query=ok))[0] == 404
         assert len(pipeline.stored) == 4 and channel.counts["bad_secret"] == 2
+
+
+async def test_an_unauthenticated_gateway_vouches_for_no_sender(tmp_path: Path) -> None:
+    """auth = "none" (loopback only): the number is a claim, it links no contacts."""
+    pipeline = FakePipeline()
+    port = free_port()
+    settings = _settings(
+        port,
+        "http://127.0.0.1:9/send",
+        inbound={"auth": "none", "method": "POST", "id_field": "", "text_field": "content"},
+    )
+    async with serve(tmp_path, pipeline, settings):
+        body = json.dumps({"from": CUSTOMER, "content": "unsigned"}).encode()
+        status, _ = await _call(
+            port, "POST", body=body, headers={"Content-Type": "application/json"}
+        )
+        assert status == 200
+        [message] = pipeline.stored
+        assert message.contact_handle == CUSTOMER and message.identifiers == ()
 
 
 async def test_inbound_hmac_and_no_id_field(tmp_path: Path) -> None:

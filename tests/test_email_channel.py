@@ -228,6 +228,28 @@ async def test_intake_commits_each_mail_once_in_order_and_leaves_the_mailbox_alo
     assert len(await flags(dovecot)) == 3
 
 
+async def test_only_our_servers_dmarc_pass_vouches_for_the_sender(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """The sender's address links contacts only with our MX's DMARC pass above the rest."""
+    ours = "mx.shop.test; spf=pass smtp.mailfrom=example.com; dmarc=pass header.from=example.com"
+    forged = "mx.shop.test; dmarc=pass header.from=example.com"
+    await append(
+        dovecot,
+        mail(1, Authentication_Results=ours),
+        mail(2, Authentication_Results="mx.other.test; dmarc=pass header.from=example.com"),
+        mail(3),
+    )
+    # The sender's own forged "pass" sits below the header our server added on top.
+    ours_fail = b"Authentication-Results: mx.shop.test; dmarc=fail header.from=example.com\n"
+    await append(dovecot, ours_fail + mail(4, Authentication_Results=forged))
+    cfg = config(dovecot).model_copy(update={"authserv_id": "mx.shop.test"})
+    sink = RecordingSink()
+    async with running(cfg, tmp_path, sink):
+        stored = await sink.wait_for(4)
+    assert [m.identifiers for m in stored] == [("email:carol@example.com",), (), (), ()]
+
+
 async def test_idle_delivers_a_new_mail_quickly(dovecot: Dovecot, tmp_path: Path) -> None:
     sink = RecordingSink()
     async with running(config(dovecot, poll_interval=60), tmp_path, sink) as channel:

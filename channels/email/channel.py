@@ -37,12 +37,14 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from channels.email.authres import sender_verified
 from channels.email.config import EmailConfig
 from channels.email.cursor import MailState, atomic_write, conversation_hint, dedupe_key
 from channels.email.imap import UID_BATCH, ImapSession
 from channels.email.normalise import NormalisedMail, no_surrogates, normalise
 from channels.email.smtp import build_message, send_message
 from router.backoff import backoff_delay
+from router.contacts import email_identifier
 from router.drivers import (
     AuthFailed,
     ChannelBase,
@@ -251,6 +253,7 @@ class EmailChannel(ChannelBase):
             raw=raw,
             reply_ref=mail.message_id,
             thread_refs=mail.references,
+            identifiers=self._identifiers(raw, mail.from_address),
         )
         message = guard_text(message)
         try:
@@ -268,6 +271,13 @@ class EmailChannel(ChannelBase):
             self.committed += 1
         if mail.truncated:
             self.log.warning("email.truncated", size=mail.size, **fields)
+
+    def _identifiers(self, raw: bytes, from_address: str) -> tuple[str, ...]:
+        """Return the sender's e-mail identifier when our server's DMARC check passed it."""
+        if not sender_verified(raw, from_address, self.config.authserv_id):
+            return ()
+        identifier = email_identifier(from_address)
+        return (identifier,) if identifier else ()
 
     def _store_attachments(self, mail: NormalisedMail) -> tuple[Attachment, ...]:
         """Write attachment bytes content-addressed under the state dir; return the records."""

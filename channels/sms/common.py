@@ -42,6 +42,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from channels.conversations import IdleThreads, ShortAckSettings, ack_text
+from router.contacts import phone_identifier
 from router.drivers import (
     NAME_RE,
     ChannelBase,
@@ -443,6 +444,16 @@ class SmsChannelBase(ChannelBase):
     answers_customers = True  # acknowledgements and agent replies go back as texts
     kind: ClassVar[str] = "sms"  # log prefix of the driver
 
+    @property
+    def sender_verified(self) -> bool:
+        """Whether inbound senders are authenticated by the gateway (a signed webhook).
+
+        Only then is the sender's number an identifier that links the customer's
+        contacts across channels (router/contacts.py); otherwise anyone reaching the
+        webhook could claim someone else's number.
+        """
+        return False
+
     def __init__(self, name: str, settings: SmsSettings, ctx: DriverContext) -> None:
         """Open the channel's state files; nothing listens until run()."""
         super().__init__(name, ctx)
@@ -588,6 +599,13 @@ class SmsChannelBase(ChannelBase):
             )
         return text
 
+    def _identifiers(self, number: str) -> tuple[str, ...]:
+        """Return the sender's phone identifier when the gateway authenticated it."""
+        if not self.sender_verified:
+            return ()
+        identifier = phone_identifier(number)
+        return (identifier,) if identifier else ()
+
     async def ingest(
         self,
         *,
@@ -624,6 +642,7 @@ class SmsChannelBase(ChannelBase):
             attachments=attachments,
             payload_sha256=payload_sha256,
             raw=raw,
+            identifiers=self._identifiers(number),
         )
         sink = self._sink
         if sink is None:  # pragma: no cover  (handlers only run inside run())

@@ -211,6 +211,11 @@ class HttpSmsChannel(SmsChannelBase):
     config_model: ClassVar[type[HttpSmsConfig]] = HttpSmsConfig
     kind: ClassVar[str] = "sms_http"
 
+    @property
+    def sender_verified(self) -> bool:
+        """Senders are authenticated when the gateway's webhook is (a secret or an HMAC)."""
+        return self.config.inbound.auth != "none"
+
     def __init__(self, name: str, config: HttpSmsConfig, ctx: DriverContext) -> None:
         """Prepare the channel; nothing listens until run()."""
         super().__init__(name, config, ctx)

@@ -331,6 +331,11 @@ class TwilioChannel(SmsChannelBase):
     config_model: ClassVar[type[TwilioConfig]] = TwilioConfig
     kind: ClassVar[str] = "twilio"
 
+    @property
+    def sender_verified(self) -> bool:
+        """Twilio signs every webhook (a request without a valid signature is refused)."""
+        return True
+
     def __init__(self, name: str, config: TwilioConfig, ctx: DriverContext) -> None:
         """Prepare the channel; nothing listens until run()."""
         super().__init__(name, config, ctx)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+from router.contacts import ContactChange, ContactLink
 from router.delivery import Payload, Target
 from router.model import Agent, Assignment, Classification, InboundMessage, Signal
 
@@ -130,6 +131,8 @@ class IngestResult:
     outbox: tuple[OutboxItem, ...] = ()
     # The score recorded when the message answered a pending survey (None otherwise).
     survey_score: int | None = None
+    # The message's contact across channels and the links its identifiers made.
+    contact: ContactLink | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +282,11 @@ class Snapshot:
     recent_contacts: list[tuple[str, float]] = field(default_factory=list)
     presence: dict[str, bool] = field(default_factory=dict)
     pending_surveys: list[PendingSurvey] = field(default_factory=list)
+    # The contact book (router.contacts): (handle key, contact), (identifier, contact),
+    # (contact, the contact it joined).
+    contact_handles: list[tuple[str, str]] = field(default_factory=list)
+    contact_identifiers: list[tuple[str, str]] = field(default_factory=list)
+    contact_links: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Store(Protocol):
@@ -445,6 +453,24 @@ class Store(Protocol):
 
     async def corrections(self) -> list[dict[str, Any]]:
         """Return the latest correction per message as training records (text, label, lang)."""
+
+    async def contact(self, ref: str, since: float) -> dict[str, Any] | None:
+        """Return the whole contact a reference names (id, handle key or identifier)."""
+        ...
+
+    async def find_contacts(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Return contacts whose handle, name or identifier contains `query`."""
+        ...
+
+    async def merge_contacts(
+        self, into: str, other: str, actor: str, reason: str, at: float
+    ) -> ContactChange:
+        """Make `other`'s contact part of `into`'s (audited); refusals say why."""
+        ...
+
+    async def unmerge_contact(self, ref: str, actor: str, reason: str, at: float) -> ContactChange:
+        """Undo the merge that made `ref`'s contact part of another (audited)."""
+        ...
 
     async def reply_context(self, conversation_id: str) -> dict[str, Any] | None:
         """Return where an answer in this conversation goes: channel, contact, subject, refs."""

@@ -8,6 +8,7 @@ migration at the end; never edit one that has shipped.
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 
@@ -277,6 +278,68 @@ def _v004(c: sqlite3.Connection) -> None:
         "SELECT id, opened_at, 'created', 'customer', status, '{\"migrated\":true}' "
         "FROM conversations"
     )
+
+
+@register(5, "contacts across channels: people, verified identifiers, merge links, audit")
+def _v005(c: sqlite3.Connection) -> None:
+    run_script(
+        c,
+        """
+        -- A person (router/contacts.py): one or more handles (rows of `contacts`, one per
+        -- channel address). merged_into links a merged contact to the one it joined.
+        CREATE TABLE people (
+            id TEXT PRIMARY KEY,             -- c_ + 16 hex digits
+            created_at REAL NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            merged_into TEXT REFERENCES people(id),
+            merged_at REAL
+        );
+        CREATE INDEX people_merged_into ON people(merged_into) WHERE merged_into IS NOT NULL;
+        ALTER TABLE contacts ADD COLUMN person_id TEXT REFERENCES people(id);
+        CREATE INDEX contacts_person ON contacts(person_id);
+        -- Identifiers a channel vouched for; each belongs to the person it was first seen for.
+        CREATE TABLE contact_identifiers (
+            identifier TEXT PRIMARY KEY,     -- email:..., phone:+..., telegram:<user id>
+            person_id TEXT NOT NULL REFERENCES people(id),
+            contact_key TEXT NOT NULL,       -- the handle it first came with
+            first_seen REAL NOT NULL
+        );
+        CREATE INDEX contact_identifiers_person ON contact_identifiers(person_id);
+        -- The audit of every join and split: merge (agent/admin), link (verified
+        -- identifier), unmerge; and the pairs an unmerge separated, never linked again.
+        CREATE TABLE contact_events (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            action TEXT NOT NULL,            -- merge | link | unmerge
+            person_id TEXT NOT NULL,         -- the contact merged, linked or taken out
+            other_id TEXT NOT NULL,          -- the contact it joined or left
+            actor TEXT NOT NULL,             -- agent id, ops, or router
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX contact_events_person ON contact_events(person_id, id);
+        CREATE INDEX contact_events_other ON contact_events(other_id, id);
+        CREATE TABLE contact_separations (
+            person_id TEXT NOT NULL,
+            other_id TEXT NOT NULL,
+            PRIMARY KEY (person_id, other_id)
+        );
+        -- The repeat-contact count reads a handle's recent messages.
+        CREATE INDEX messages_contact_recent ON messages(contact_key, ingested_at);
+        """,
+    )
+    # Every existing handle becomes a contact of its own.
+    rows = c.execute("SELECT key, name, created_at FROM contacts").fetchall()
+    for key, name, created_at in rows:
+        person = new_person_id()
+        c.execute(
+            "INSERT INTO people(id, created_at, name) VALUES (?,?,?)", (person, created_at, name)
+        )
+        c.execute("UPDATE contacts SET person_id=? WHERE key=?", (person, key))
+
+
+def new_person_id() -> str:
+    """Return a fresh contact id (`c_` and 16 hex digits)."""
+    return "c_" + secrets.token_hex(8)
 
 
 def latest_version(migrations: Sequence[tuple[int, str, Migration]] | None = None) -> int:

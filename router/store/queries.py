@@ -28,6 +28,7 @@ from router.store import (
     TicketEvent,
     TicketView,
 )
+from router.store.contact_queries import book_rows, link_contact
 
 _DELETE_CHUNK = 500  # ids per DELETE statement (SQLite's bound-parameter limit is higher)
 _OUTBOX_COLUMNS = (
@@ -774,6 +775,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         (contact_key, m.channel_type, m.contact_handle, m.contact_name, new.ingested_at),
     )
     at = new.ingested_at
+    contact = link_contact(c, contact_key, m.contact_name, m.identifiers, at)
     survey = _survey_answer(c, new) if new.survey_score is not None and new.survey_of else None
     if survey is not None and new.survey_score is not None and new.survey_score > LOW_SCORE:
         # A satisfied answer is the ticket's score, nothing more: stored with the resolved
@@ -785,6 +787,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             duplicate=False,
             state=str(MessageState.RESOLVED),
             survey_score=new.survey_score,
+            contact=contact,
         )
     cls = new.classification
     conversation_id = new.conversation_id
@@ -949,6 +952,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
         assigned=not refused,
         outbox=tuple(committed),
         survey_score=new.survey_score if survey is not None else None,
+        contact=contact,
     )
 
 
@@ -1120,6 +1124,9 @@ def snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapsho
         )
     ]
     snap.presence = {r[0]: bool(r[1]) for r in c.execute("SELECT id, present FROM agents")}
+    snap.contact_handles, snap.contact_identifiers, snap.contact_links = book_rows(
+        c, now - repeat_window
+    )
     snap.pending_surveys = [
         PendingSurvey(*r)
         for r in c.execute(

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from router.contacts import ContactChange
 from router.model import Agent, Assignment
 from router.store import (
     DeadLetter,
@@ -38,6 +39,7 @@ from router.store import (
     TicketEvent,
     TicketView,
 )
+from router.store import contact_queries as cq
 from router.store import queries as q
 from router.store.migrations import migrate
 from router.store.queries import insert_outbox as _insert_outbox  # noqa: F401  (tests use it)
@@ -283,3 +285,23 @@ class SqliteStore:
     async def reply_context(self, conversation_id: str) -> dict[str, Any] | None:
         """Return where an answer in this conversation goes: channel, contact, subject, refs."""
         return await self._run(lambda c: q.reply_context(c, conversation_id))
+
+    # -- contacts across channels (router/contacts.py) ------------------------------
+
+    async def contact(self, ref: str, since: float) -> dict[str, Any] | None:
+        """Return the whole contact a reference names (id, handle key or identifier)."""
+        return await self._run(lambda c: cq.contact_view(c, ref, since))
+
+    async def find_contacts(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Return contacts whose handle, name or identifier contains `query`."""
+        return await self._run(lambda c: cq.find_contacts(c, query, limit))
+
+    async def merge_contacts(
+        self, into: str, other: str, actor: str, reason: str, at: float
+    ) -> ContactChange:
+        """Make `other`'s contact part of `into`'s (audited); refusals say why."""
+        return await self._run(lambda c: cq.merge(c, into, other, actor, reason, at))
+
+    async def unmerge_contact(self, ref: str, actor: str, reason: str, at: float) -> ContactChange:
+        """Undo the merge that made `ref`'s contact part of another (audited)."""
+        return await self._run(lambda c: cq.unmerge(c, ref, actor, reason, at))
