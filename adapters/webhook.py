@@ -26,20 +26,24 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from router import __version__
+from router.actions import ActionError, parse_action
 from router.backoff import backoff_delay
 from router.delivery import encode_delivery
 from router.drivers import (
+    AGENT_ID_RE,
     NAME_RE,
     ActionSink,
     AgentToolBase,
@@ -54,6 +58,8 @@ from router.drivers import (
 )
 
 SIGNATURE_PREFIX = "sha256="
+TOLERANCE = 300  # seconds a signed request is good for (both directions)
+CALLBACK_MAX_BYTES = 64 * 1024
 STANDARD_SECRET_PREFIX = "whsec_"  # Standard Webhooks: the key is base64 after this prefix
 DEFAULT_RETRY_AFTER = 30.0
 MAX_RETRY_AFTER = 3600.0  # a peer asking for more than an hour is ignored down to an hour
@@ -61,6 +67,7 @@ _SNIPPET = 200  # at most this much of an error response body goes into the erro
 _READ_LIMIT = 64 * 1024  # response bodies are read up to this, only to keep the connection reusable
 
 _SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
+_AGENT_ID = re.compile(AGENT_ID_RE)
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _RESERVED_HEADERS = frozenset(
@@ -185,6 +192,15 @@ class WebhookConfig(BaseModel):
     breaker_threshold: int = Field(default=5, ge=1, le=1000)
     breaker_probe_min: float = Field(default=0.5, gt=0, le=60)  # first probe delay ceiling, s
     breaker_probe_max: float = Field(default=30.0, gt=0, le=3600)  # probe delay cap, s
+    # Two-way, when callback_port is set: the receiver POSTs agent actions (JSON with
+    # "agent_id" and "action", as on MQTT) to http://callback_host:callback_port
+    # {callback_path}, signed with the same secret and scheme as our deliveries.
+    # `callback_url` is that endpoint as receivers reach it (e.g. behind a proxy); it is
+    # sent with every delivery in X-Omnirouter-Callback.
+    callback_port: int | None = Field(default=None, ge=1, le=65535)
+    callback_host: str = Field(default="127.0.0.1", min_length=1, max_length=253)
+    callback_path: str = Field(default="/omnirouter/actions", pattern=r"^/[A-Za-z0-9/_.-]{0,200}$")
+    callback_url: str = Field(default="", max_length=2048)
 
     @field_validator("url")
     @classmethod
@@ -211,6 +227,10 @@ class WebhookConfig(BaseModel):
         """Require breaker_probe_min <= breaker_probe_max and a whsec_ secret for "standard"."""
         if self.breaker_probe_min > self.breaker_probe_max:
             raise ValueError("breaker_probe_min must not exceed breaker_probe_max")
+        if self.callback_url:
+            check_url(self.callback_url)
+            if self.callback_port is None:
+                raise ValueError("callback_url needs callback_port (where the router listens)")
         if self.signature == "standard":
             standard_key(self.secret.get_secret_value())  # raises on a malformed secret
         return self
@@ -422,10 +442,20 @@ class HttpPostTool(AgentToolBase):
 
 
 class WebhookTool(HttpPostTool):
-    """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy."""
+    """POST each delivery, signed, to the agent's webhook; map the answer to the error taxonomy.
+
+    With `callback_port` set, it also listens for agent actions the receiver POSTs back
+    (signed like our deliveries, within the timestamp tolerance, each signature taken
+    once); the router accepts them only for agents whose tool this webhook is.
+    """
 
     config_model: ClassVar[type[WebhookConfig]] = WebhookConfig
-    sends_actions = False  # outgoing only: its agents hold work at once
+    sends_actions = False  # outgoing only unless a callback is configured: see actions_enabled
+
+    @classmethod
+    def actions_enabled(cls, config: Any) -> bool:
+        """A webhook sends actions back when its callback endpoint is configured."""
+        return isinstance(config, WebhookConfig) and config.callback_port is not None
 
     def __init__(self, name: str, config: WebhookConfig, ctx: DriverContext) -> None:
         """Prepare the tool; the HTTP session is created on first use."""
@@ -435,6 +465,91 @@ class WebhookTool(HttpPostTool):
         secret = config.secret.get_secret_value()
         self._secret = secret.encode("utf-8")
         self._standard_key = standard_key(secret) if config.signature == "standard" else b""
+        self._seen_signatures: dict[str, float] = {}  # callback replay guard: signature -> ts
+        port = config.callback_port
+        self.callback_url = config.callback_url or (
+            f"http://{config.callback_host}:{port}{config.callback_path}" if port else ""
+        )
+
+    async def run(self, actions: ActionSink) -> None:
+        """Serve the callback endpoint (when configured) and keep the breaker, until cancelled."""
+        port = self.config.callback_port
+        if port is None:
+            await super().run(actions)
+            return
+        app = web.Application(client_max_size=CALLBACK_MAX_BYTES)
+
+        async def callback(request: web.Request) -> web.Response:
+            return await self._callback(request, actions)
+
+        app.router.add_post(self.config.callback_path, callback)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.config.callback_host, port)
+            try:
+                await site.start()
+            except OSError as exc:
+                self.last_error = f"cannot listen for callbacks on port {port}: {exc.strerror}"
+                raise PermanentError(self.last_error) from None
+            await super().run(actions)
+        finally:
+            await runner.cleanup()
+
+    async def _callback(self, request: web.Request, actions: ActionSink) -> web.Response:
+        """Verify one signed action from the receiver and hand it to the router."""
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _answer(413, "too_large", f"an action is at most {CALLBACK_MAX_BYTES} bytes")
+        signature = self._verify_callback(request.headers, body)
+        if signature is None:
+            self.log.warning("webhook.callback_rejected", reason="bad, stale or replayed signature")
+            return _answer(401, "bad_signature", "the signature does not match, is stale or reused")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _answer(400, "invalid_json", "the body is not UTF-8 JSON")
+        agent_id = data.get("agent_id") if isinstance(data, dict) else None
+        if not isinstance(agent_id, str) or not _AGENT_ID.fullmatch(agent_id):
+            return _answer(400, "invalid_agent", 'name the acting agent: {"agent_id": "alice"}')
+        try:
+            action = parse_action(agent_id, body, max_bytes=CALLBACK_MAX_BYTES)
+        except ActionError as exc:
+            # Refused by the router too, so the agent hears why (a `notice` delivery).
+            action = exc.as_action(agent_id)
+        await actions(action)
+        # The outcome reaches the agent as a `notice` when it is refused.
+        return _answer(202, "", "", action=action.action, agent_id=agent_id)
+
+    def _verify_callback(self, headers: Mapping[str, str], body: bytes) -> str | None:
+        """Return the request's signature when it is valid and new, else None."""
+        now = self.clock()
+        if self.config.signature == "standard":
+            msg_id = headers.get("webhook-id", "")
+            stamp = headers.get("webhook-timestamp", "")
+            given = headers.get("webhook-signature", "")
+            if not (msg_id and _TIMESTAMP.fullmatch(stamp)) or abs(now - int(stamp)) > TOLERANCE:
+                return None
+            expected = sign_standard(self._standard_key, msg_id, int(stamp), body).encode()
+            # The header may list several space-separated signatures (key rotation).
+            if not any(hmac.compare_digest(expected, g.encode()) for g in given.split()):
+                return None
+            key = f"id:{msg_id}"
+        else:
+            stamp = headers.get("X-Omnirouter-Timestamp", "")
+            given = headers.get("X-Omnirouter-Signature", "")
+            if not verify_signature(self._secret, stamp, body, given, now=now):
+                return None
+            key = given
+        # A signed request is good for TOLERANCE seconds: take each one once.
+        for seen, at in list(self._seen_signatures.items()):
+            if at < now - 2 * TOLERANCE:
+                del self._seen_signatures[seen]
+        if key in self._seen_signatures:
+            return None
+        self._seen_signatures[key] = now
+        return key
 
     async def deliver(self, delivery: Delivery) -> None:
         """POST the signed delivery and return on a 2xx answer; raise by the taxonomy otherwise."""
@@ -453,6 +568,8 @@ class WebhookTool(HttpPostTool):
         else:
             headers["X-Omnirouter-Timestamp"] = str(timestamp)
             headers["X-Omnirouter-Signature"] = sign(self._secret, timestamp, body)
+        if self.callback_url:
+            headers["X-Omnirouter-Callback"] = self.callback_url
         await self._post(url, body, headers)
 
     def _url_for(self, delivery: Delivery) -> str:
@@ -473,6 +590,12 @@ def url_for(template: str, delivery: Delivery) -> str:
         url = url.replace("{agent_id}", quote(delivery.agent_id, safe=""))
         url = url.replace("{address}", quote(address or delivery.agent_id, safe=""))
     return url
+
+
+def _answer(status: int, code: str, message: str, **fields: str) -> web.Response:
+    """Return a JSON answer for the callback endpoint."""
+    body: dict[str, Any] = {"error": {"code": code, "message": message}} if code else fields
+    return web.json_response(body, status=status)
 
 
 def _target_failing(error: Exception) -> bool:

@@ -416,7 +416,7 @@ class AgentWork:
         """Tell whether the named agent tool sends actions back (declared on its class)."""
         for section in self.core.config.adapters:
             if section.name == tool:
-                return tool_sends_actions(section.type)
+                return tool_sends_actions(section.type, section)
         return False
 
 

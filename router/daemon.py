@@ -338,7 +338,8 @@ class Daemon:
         tool: AgentTool = cls(section.name, section, self._ctx("adapters", section.name))
         self.tools[section.name] = tool
         self._driver_configs[("adapter", section.name)] = section
-        self.supervisor.spawn(f"adapter:{section.name}", lambda: tool.run(self.pipeline.on_action))
+        actions = self.pipeline.actions_from(section.name)
+        self.supervisor.spawn(f"adapter:{section.name}", lambda: tool.run(actions))
 
     def _start_channel(self, section: Any) -> None:
         self._add_channel(section)

@@ -205,6 +205,14 @@ class ChannelBase(DriverBase):
 class AgentToolBase(DriverBase):
     """Base of agent tools (the outbox calls `deliver`; `run` may listen for actions)."""
 
+    @classmethod
+    def actions_enabled(cls, config: Any) -> bool:
+        """Whether a tool with this config sends agent actions back (default: its class says).
+
+        A tool whose actions channel is optional (a webhook with a callback) overrides it.
+        """
+        return bool(getattr(cls, "sends_actions", False))
+
 
 @dataclass(frozen=True, slots=True)
 class DriverContext:
@@ -289,9 +297,13 @@ ADAPTERS: dict[str, str] = {
 }
 
 
-def tool_sends_actions(type_name: str) -> bool:
-    """Tell whether agent tools of this type send actions back (so offers can be accepted)."""
-    return bool(load_driver(ADAPTERS, type_name).sends_actions)
+def tool_sends_actions(type_name: str, config: Any = None) -> bool:
+    """Tell whether agent tools of this type (with this config) send actions back."""
+    cls = load_driver(ADAPTERS, type_name)
+    enabled = getattr(cls, "actions_enabled", None)
+    if config is not None and enabled is not None:
+        return bool(enabled(config))
+    return bool(cls.sends_actions)
 
 
 def load_driver(registry: dict[str, str], type_name: str) -> Any:

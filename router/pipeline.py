@@ -32,7 +32,7 @@ from router.config import Config
 from router.contacts import ContactChange
 from router.core import Classifier, Core
 from router.crisis import CrisisDetector
-from router.drivers import AgentAction, Receipt, TicketStatus
+from router.drivers import ActionSink, AgentAction, Receipt, TicketStatus
 from router.gauges import Gauges
 from router.intake import Intake, make_classifier
 from router.metrics import Metrics
@@ -249,6 +249,28 @@ class Pipeline:
         A refused action is answered with a `notice` to the agent's tool.
         """
         await self.decide(action, notify=True)
+
+    def actions_from(self, tool: str) -> ActionSink:
+        """Return the action sink of the agent tool named `tool`.
+
+        A tool speaks only for the agents it serves: an action for an agent whose tool
+        is another one (a forged agent id in a webhook callback, a chat user mapped to
+        the wrong agent) is refused, never applied, and audited like any refusal.
+        """
+
+        async def sink(action: AgentAction) -> None:
+            state = self.core.scheduler.states.get(action.agent_id)
+            if state is not None and state.agent.tool != tool and not action.refused:
+                log.warning(
+                    "agent.action_from_other_tool",
+                    agent=action.agent_id,
+                    action=action.action,
+                    via=tool,
+                )
+                action = replace(action, refused=f"{action.agent_id} does not work through {tool}")
+            await self.on_action(action)
+
+        return sink
 
     async def act(self, action: AgentAction) -> str:
         """Apply an agent's action; return the outcome (ok, rejected, unsupported)."""
