@@ -320,8 +320,10 @@ class Traffic:
                 self.errors.append(f"client crashed: {type(exc).__name__}: {exc}")
 
 
-def make_plan(rng: random.Random, seed: int) -> list[tuple[str, dict[str, Any]]]:
-    """Return 500 (key, body): contacts recur (follow-ups), some with web sessions."""
+def make_plan(
+    rng: random.Random, seed: int, messages: int = N_MESSAGES
+) -> list[tuple[str, dict[str, Any]]]:
+    """Return `messages` (key, body): contacts recur (follow-ups), some with web sessions."""
     contacts = []
     for i in range(N_CONTACTS):
         lang = "zh" if i % 3 == 0 else "en"
@@ -330,7 +332,7 @@ def make_plan(rng: random.Random, seed: int) -> list[tuple[str, dict[str, Any]]]
     # A few chatty customers send most of the follow-ups.
     weights = [8 if i < 6 else 1 for i in range(N_CONTACTS)]
     plan = []
-    for n in range(N_MESSAGES):
+    for n in range(messages):
         handle, lang, session = rng.choices(contacts, weights)[0]
         label = rng.choice(["complaint", "inquiry"])
         body: dict[str, Any] = {
@@ -405,7 +407,9 @@ class Resolver:
 # -- invariants -----------------------------------------------------------------------------
 
 
-def check_store(db_path: Path, acks: dict[str, Ack], *, final: bool) -> dict[str, Any]:
+def check_store(
+    db_path: Path, acks: dict[str, Ack], *, final: bool, expected: int = N_MESSAGES
+) -> dict[str, Any]:
     """Check the database invariants; return figures for later checks and the report."""
     with read_db(db_path) as db:
         messages = {
@@ -445,7 +449,7 @@ def check_store(db_path: Path, acks: dict[str, Ack], *, final: bool) -> dict[str
     wrong = [k for k, a in acks.items() if messages[k][0] != a.message_id]
     assert not wrong, f"acknowledged message ids differ from the stored ones: {wrong[:5]}"
     if final:
-        assert len(messages) == N_MESSAGES, f"{len(messages)} messages stored, want {N_MESSAGES}"
+        assert len(messages) == expected, f"{len(messages)} messages stored, want {expected}"
     assert all(count == 1 for _, count, _ in assignments), "a message was assigned twice"
     for agent, load in open_load.items():
         assert load <= AGENTS[agent][0], f"{agent} holds {load} open conversations > capacity"
@@ -557,8 +561,28 @@ def wait_settled(ops_url: str, db_path: Path, timeout: float = 20.0) -> None:
 
 @pytest.mark.parametrize("seed", [7, 20240611])
 def test_sigkill_under_load_loses_nothing(tmp_path: Path, seed: int) -> None:
+    report = run_scenario(tmp_path, seed, kills=2, messages=N_MESSAGES)
+    print("crash report:", json.dumps(report))
+
+
+def kill_points_for(rng: random.Random, kills: int, messages: int) -> list[int]:
+    """Return `kills` increasing acknowledgement counts, spread over the run, to kill at."""
+    low, high = messages // 5, messages * 17 // 20
+    span = (high - low) / kills
+    return [int(low + span * i + rng.uniform(0, span * 0.8)) for i in range(kills)]
+
+
+def run_scenario(
+    tmp_path: Path, seed: int, *, kills: int, messages: int, seconds: float = 90.0
+) -> dict[str, Any]:
+    """Run the load, SIGKILL the daemon `kills` times, check every invariant; return figures.
+
+    Even rounds hold the clients while the daemon is down, so its queues can be compared
+    with the store right after the restart; odd rounds let the clients hammer the dead
+    port and the restarting daemon.
+    """
     rng = random.Random(seed)
-    kill_points = [rng.randint(100, 230), rng.randint(290, 420)]
+    kill_points = kill_points_for(rng, kills, messages)
     state_dir = tmp_path / "state"
     inbox_dir = state_dir / "inbox"
     db_path = state_dir / "omnirouter.db"
@@ -573,17 +597,17 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, seed: int) -> None:
         ),
         env={HOOK_SECRET_ENV: HOOK_SECRET},
     )
-    traffic = Traffic(web_url, make_plan(rng, seed))
+    traffic = Traffic(web_url, make_plan(rng, seed, messages))
     resolver: Resolver | None = None
     threads: list[threading.Thread] = []
-    report: dict[str, Any] = {"seed": seed, "kill_points": kill_points, "kills": []}
+    report: dict[str, Any] = {"seed": seed, "messages": messages, "kills": []}
     started = time.monotonic()
     try:
         daemon.start()
         if broker is not None:
             resolver = Resolver(broker.port, inbox_dir, hook, seed).start()
         traffic.gate.set()
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + seconds
         threads = [
             threading.Thread(target=traffic.client, args=(deadline,), name=f"client-{i}")
             for i in range(N_CLIENTS)
@@ -596,10 +620,7 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, seed: int) -> None:
                 assert time.monotonic() < deadline, "clients stalled before the kill point"
                 assert not traffic.errors, traffic.errors[:5]
                 time.sleep(0.002)
-            # Round 0: hold the clients while the daemon is down, so its queues can be
-            # compared with the store right after the restart. Round 1: clients keep
-            # hammering the dead port and the restarting daemon.
-            quiet = round_no == 0
+            quiet = round_no % 2 == 0
             if quiet:
                 traffic.gate.clear()
                 if resolver is not None:
@@ -628,7 +649,7 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, seed: int) -> None:
             t.join(max(1.0, deadline - time.monotonic()))
         assert not any(t.is_alive() for t in threads), "clients did not finish"
         assert not traffic.errors, traffic.errors[:5]
-        assert len(traffic.acks) == N_MESSAGES
+        assert len(traffic.acks) == messages
         if resolver is not None:
             resolver.close()
             assert not resolver.errors, resolver.errors
@@ -642,17 +663,17 @@ def test_sigkill_under_load_loses_nothing(tmp_path: Path, seed: int) -> None:
         report["duplicate_answers"] = sum(1 for _, s, _ in traffic.answers if s == 200)
 
         wait_settled(ops_url, db_path)
-        figures = check_store(db_path, traffic.acks, final=True)
+        figures = check_store(db_path, traffic.acks, final=True, expected=messages)
         assert figures["outbox"] == 0
         report.update(check_deliveries(inbox_dir, hook, figures["assigned"], set()))
         report["assigned"] = len(figures["assigned"])
         report["queued_at_end"] = len(figures["queued"])
 
         assert daemon.stop() == 0
-        figures = check_store(db_path, traffic.acks, final=True)
+        figures = check_store(db_path, traffic.acks, final=True, expected=messages)
         check_deliveries(inbox_dir, hook, figures["assigned"], set())
         report["seconds"] = round(time.monotonic() - started, 1)
-        print("crash report:", json.dumps(report))
+        return report
     finally:
         traffic.halt.set()
         traffic.gate.set()
