@@ -1,7 +1,7 @@
 """Checks for the shipped systemd unit, systemd/omnirouter.service.
 
 `systemd-analyze verify` must accept the unit without warnings about it, and
-`systemd-analyze security --offline=true` must rate its exposure 2.5 or lower.
+`systemd-analyze security --offline=true` must rate its exposure 2.0 or lower.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 UNIT_NAME = "omnirouter.service"
 UNIT_PATH = Path(__file__).resolve().parent.parent / "systemd" / UNIT_NAME
-MAX_EXPOSURE = 2.5
+MAX_EXPOSURE = 2.0  # issue 13: at most 2.0 (the unit rates 1.1 today; keep it)
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
