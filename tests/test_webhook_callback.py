@@ -8,6 +8,7 @@ forged agent id (an agent on another tool) is shown refused and audited.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -174,3 +175,88 @@ async def test_a_tool_speaks_only_for_its_own_agents(tmp_path: Path) -> None:
         assert ticket is not None and ticket.status == "resolved"
     finally:
         await h.stop()
+
+
+async def test_round_trip_customer_sms_to_a_two_way_webhook_and_back(tmp_path: Path) -> None:
+    """SMS in → webhook → accept, reply (texted back), resolve (survey), low score reopens."""
+    import sqlite3
+
+    from tests.daemon_harness import DaemonProcess, base_config, http
+    from tests.peers_sms import ACCOUNT_SID, AUTH_TOKEN, TwilioEmulator, inbound_params
+
+    receiver = WebhookReceiver()
+    await receiver.start()
+    emulator = await TwilioEmulator().start()
+    web_port, ops_port, sms_port, cb_port = free_port(), free_port(), free_port(), free_port()
+    sms = f"http://127.0.0.1:{sms_port}"
+    config = base_config(
+        tmp_path / "state",
+        web_port=web_port,
+        ops_port=ops_port,
+        adapters=(
+            f'[[adapters]]\ntype = "webhook"\nname = "desk"\nurl = "{receiver.url}/desk"\n'
+            f'secret = "{WEBHOOK_SECRET}"\ncallback_port = {cb_port}\n'
+        ),
+        agents='[[agents]]\nid = "alice"\ncapacity = 3\ntool = "desk"\n',
+        extra=(
+            f'[[channels]]\ntype = "twilio"\nname = "sms"\nport = {sms_port}\n'
+            f'account_sid = "{ACCOUNT_SID}"\nauth_token = "{AUTH_TOKEN}"\n'
+            f'from_number = "+15005550006"\npublic_url = "{sms}"\n'
+            f'base_url = "{emulator.base_url}"\n'
+        ),
+    )
+    daemon = DaemonProcess(tmp_path, config)
+    db_path = tmp_path / "state" / "omnirouter.db"
+
+    def status(conversation: str) -> str:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5) as db:
+            row = db.execute("SELECT status FROM conversations WHERE id=?", (conversation,))
+            found = row.fetchone()
+        return str(found[0]) if found else ""
+
+    def texts_to(number: str) -> list[str]:
+        return [s.form["Body"] for s in emulator.sent if s.form.get("To") == number]
+
+    customer = "+14155550123"
+    try:
+        await asyncio.to_thread(daemon.start)
+        ops = f"http://127.0.0.1:{ops_port}"
+        await wait_until(lambda: http("GET", ops + "/readyz")[0] == 200, 20)
+        params = inbound_params("My order 4711 has not arrived", sender=customer)
+        assert (await emulator.post_signed(f"{sms}/sms", params))[0] == 200
+        await wait_until(lambda: len(receiver.deliveries) >= 1, 20)
+        work = receiver.deliveries[0]
+        assert work.json["kind"] == "assignment" and "4711" in work.json["message"]["text"]
+        callback = work.headers["X-Omnirouter-Callback"]
+        conversation = work.json["conversation_id"]
+
+        async def act(name: str, value: str = "") -> None:
+            body = {"agent_id": "alice", "action": name, "conversation_id": conversation}
+            if value:
+                body["value"] = value
+            status_code, _ = await post_signed(callback, json.dumps(body).encode())
+            assert status_code == 202
+
+        await act("accept")
+        await wait_until(lambda: status(conversation) == "accepted", 10)
+        await act("reply", "Your parcel left today.")
+        await wait_until(lambda: "Your parcel left today." in texts_to(customer), 20)
+        await act("resolve")
+        await wait_until(lambda: len(texts_to(customer)) >= 3, 20)  # ack, reply, survey
+        assert status(conversation) == "resolved"
+        # The customer answers the survey unhappy: the ticket reopens as work again.
+        low = inbound_params("1", sender=customer)
+        assert (await emulator.post_signed(f"{sms}/sms", low))[0] == 200
+        await wait_until(
+            lambda: any(
+                d.json.get("kind") == "assignment" and d.json["message"]["text"] == "1"
+                for d in receiver.deliveries
+            ),
+            20,
+        )
+        assert status(conversation) in ("new", "assigned")
+        assert await asyncio.to_thread(daemon.stop) == 0
+    finally:
+        daemon.close()
+        await receiver.stop()
+        await emulator.close()
