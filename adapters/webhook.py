@@ -451,6 +451,9 @@ class WebhookTool(HttpPostTool):
 
     config_model: ClassVar[type[WebhookConfig]] = WebhookConfig
     sends_actions = False  # outgoing only unless a callback is configured: see actions_enabled
+    # Callbacks are signed with the webhook's one secret, not per agent: the router takes
+    # them only for agents whose tool this webhook is (router.pipeline.actions_from).
+    acts_only_for_its_agents = True
 
     @classmethod
     def actions_enabled(cls, config: Any) -> bool:

@@ -338,7 +338,9 @@ class Daemon:
         tool: AgentTool = cls(section.name, section, self._ctx("adapters", section.name))
         self.tools[section.name] = tool
         self._driver_configs[("adapter", section.name)] = section
-        actions = self.pipeline.actions_from(section.name)
+        actions = self.pipeline.actions_from(
+            section.name, own_agents_only=bool(getattr(cls, "acts_only_for_its_agents", False))
+        )
         self.supervisor.spawn(f"adapter:{section.name}", lambda: tool.run(actions))
 
     def _start_channel(self, section: Any) -> None:

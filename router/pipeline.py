@@ -250,13 +250,18 @@ class Pipeline:
         """
         await self.decide(action, notify=True)
 
-    def actions_from(self, tool: str) -> ActionSink:
+    def actions_from(self, tool: str, *, own_agents_only: bool = False) -> ActionSink:
         """Return the action sink of the agent tool named `tool`.
 
-        A tool speaks only for the agents it serves: an action for an agent whose tool
-        is another one (a forged agent id in a webhook callback, a chat user mapped to
-        the wrong agent) is refused, never applied, and audited like any refusal.
+        With `own_agents_only`, for a tool that authenticates the sender as a whole rather
+        than each agent (a webhook callback signed with the webhook's one secret), the tool
+        speaks only for the agents it serves: an action for an agent whose tool is another
+        one is refused, never applied, and audited like any refusal. Tools that
+        authenticate each agent (MQTT logins bound by the broker's ACL, signed mailbox
+        tokens, mapped chat users) may carry actions of agents who get work elsewhere.
         """
+        if not own_agents_only:
+            return self.on_action
 
         async def sink(action: AgentAction) -> None:
             state = self.core.scheduler.states.get(action.agent_id)

@@ -668,6 +668,11 @@ def run_scenario(
         report.update(check_deliveries(inbox_dir, hook, figures["assigned"], set()))
         report["assigned"] = len(figures["assigned"])
         report["queued_at_end"] = len(figures["queued"])
+        if broker is not None:
+            # The agent's resolves freed slots that went to waiting work: deliveries were
+            # exercised throughout, not only the first handful.
+            slots = sum(capacity for capacity, _, _ in AGENTS.values())
+            assert report["assigned"] > slots, f"only {report['assigned']} messages assigned"
 
         assert daemon.stop() == 0
         figures = check_store(db_path, traffic.acks, final=True, expected=messages)

@@ -160,7 +160,7 @@ async def test_a_tool_speaks_only_for_its_own_agents(tmp_path: Path) -> None:
     try:
         receipt = await p.ingest(msg("Where is my order?", "dana"))
         forged = AgentAction("alice", "resolve", conversation_id=receipt.conversation_id)
-        await p.actions_from("some-other-webhook")(forged)
+        await p.actions_from("some-other-webhook", own_agents_only=True)(forged)
         assert h.store is not None
         ticket = await h.store.ticket(receipt.conversation_id)
         assert ticket is not None and ticket.status != "resolved"
@@ -170,7 +170,7 @@ async def test_a_tool_speaks_only_for_its_own_agents(tmp_path: Path) -> None:
             refused and "does not work through some-other-webhook" in refused[-1].detail["reason"]
         )
         # Through its own tool the same action is applied.
-        await p.actions_from("rec")(forged)
+        await p.actions_from("rec", own_agents_only=True)(forged)
         ticket = await h.store.ticket(receipt.conversation_id)
         assert ticket is not None and ticket.status == "resolved"
     finally:
