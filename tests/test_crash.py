@@ -573,13 +573,20 @@ def kill_points_for(rng: random.Random, kills: int, messages: int) -> list[int]:
 
 
 def run_scenario(
-    tmp_path: Path, seed: int, *, kills: int, messages: int, seconds: float = 90.0
+    tmp_path: Path,
+    seed: int,
+    *,
+    kills: int,
+    messages: int,
+    seconds: float = 90.0,
+    side: Any = None,
 ) -> dict[str, Any]:
     """Run the load, SIGKILL the daemon `kills` times, check every invariant; return figures.
 
     Even rounds hold the clients while the daemon is down, so its queues can be compared
     with the store right after the restart; odd rounds let the clients hammer the dead
-    port and the restarting daemon.
+    port and the restarting daemon. `side` (tests/reliability/mixed_intake.py's
+    SideChannels) adds e-mail and SMS intake, checked the same way.
     """
     rng = random.Random(seed)
     kill_points = kill_points_for(rng, kills, messages)
@@ -590,13 +597,12 @@ def run_scenario(
     broker = Mosquitto().start() if MOSQUITTO else None
     web_port, ops_port = fixed_port(rng), fixed_port(rng)
     web_url, ops_url = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{ops_port}"
-    daemon = DaemonProcess(
-        tmp_path,
-        crash_config(
-            state_dir, web_port, ops_port, hook.receiver.url, broker.port if broker else None
-        ),
-        env={HOOK_SECRET_ENV: HOOK_SECRET},
+    config = crash_config(
+        state_dir, web_port, ops_port, hook.receiver.url, broker.port if broker else None
     )
+    if side is not None:
+        config += "\n" + side.start().config()
+    daemon = DaemonProcess(tmp_path, config, env={HOOK_SECRET_ENV: HOOK_SECRET})
     traffic = Traffic(web_url, make_plan(rng, seed, messages))
     resolver: Resolver | None = None
     threads: list[threading.Thread] = []
@@ -614,6 +620,8 @@ def run_scenario(
         ]
         for t in threads:
             t.start()
+        if side is not None:
+            side.run(deadline)
 
         for round_no, point in enumerate(kill_points):
             while traffic.acked() < point:
@@ -625,11 +633,15 @@ def run_scenario(
                 traffic.gate.clear()
                 if resolver is not None:
                     resolver.paused.set()
+                if side is not None:
+                    side.paused.set()
             daemon.kill()
             with traffic.lock:
                 acks_at_kill = dict(traffic.acks)
             # Everything acknowledged before the kill is in the dead process's database.
             figures = check_store(db_path, acks_at_kill, final=False)
+            if side is not None:
+                figures.update(side.check(db_path, final=False))
             report["kills"].append(
                 {
                     "acked": len(acks_at_kill),
@@ -639,17 +651,27 @@ def run_scenario(
                 }
             )
             daemon.restart()
-            check_daemon_view(ops_url, db_path, exact=quiet)
+            if side is None:
+                check_daemon_view(ops_url, db_path, exact=quiet)
+            else:
+                # Mails appended before the pause may still be coming in: the views
+                # agree once the daemon has caught up.
+                wait_view(ops_url, db_path, exact=quiet)
             if quiet:
                 traffic.gate.set()
                 if resolver is not None:
                     resolver.paused.clear()
+                if side is not None:
+                    side.paused.clear()
 
         for t in threads:
             t.join(max(1.0, deadline - time.monotonic()))
         assert not any(t.is_alive() for t in threads), "clients did not finish"
         assert not traffic.errors, traffic.errors[:5]
         assert len(traffic.acks) == messages
+        if side is not None:
+            side.join(max(1.0, deadline - time.monotonic()))
+            report.update(wait_side(side, db_path))
         if resolver is not None:
             resolver.close()
             assert not resolver.errors, resolver.errors
@@ -692,6 +714,34 @@ def run_scenario(
         if broker is not None:
             broker.stop()
         hook.close()
+        if side is not None:
+            side.close()
+
+
+def wait_view(ops_url: str, db_path: Path, *, exact: bool, timeout: float = 20.0) -> None:
+    """Check the daemon's view until it agrees with the store (it may be catching up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_daemon_view(ops_url, db_path, exact=exact)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def wait_side(side: Any, db_path: Path, timeout: float = 30.0) -> dict[str, int]:
+    """Wait until every mail appended is stored; then check mail and SMS in full."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            figures: dict[str, int] = side.check(db_path, final=True)
+            return figures
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # -- unit level: a crash-like stop with pending outbox items --------------------------------

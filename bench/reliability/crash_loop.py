@@ -1,11 +1,14 @@
 """Crash loop benchmark: SIGKILL the real daemon N times under mixed load; audit everything.
 
-Usage: python bench/reliability/crash_loop.py [--kills 100] [--messages 5000] [--seed S]
+Usage: python bench/reliability/crash_loop.py [--kills 100] [--messages 3000]
+       [--mails 500] [--texts 500] [--seed S]
 
 Runs tests/test_crash.py's scenario (web intake with retried idempotency keys, MQTT
 resolver, inbox/MQTT/webhook deliveries) with `--kills` kill points spread over
-`--messages` messages. Every invariant is checked after each kill and at the end (see
-that module); a violation stops the run with the assertion. Prints one line per kill
+`--messages` web messages, with `--mails` customer mails APPENDed to Dovecot and
+`--texts` SMS from a retrying gateway arriving meanwhile (0 and 0: web only). Every
+invariant is checked after each kill and at the end (see that module); a violation
+stops the run with the assertion. Prints one line per kill
 (acknowledged, stored, outbox pending, queued) and a JSON line with the totals.
 Exit 0 when every invariant held, 1 otherwise.
 """
@@ -22,20 +25,33 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.reliability.mixed_intake import SideChannels  # noqa: E402
 from tests.test_crash import run_scenario  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=100)
-    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--mails", type=int, default=500)
+    parser.add_argument("--texts", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     seconds = 60 + args.kills * 6 + args.messages / 20
     with tempfile.TemporaryDirectory(prefix="omnirouter-crash-loop-") as tmp:
         try:
+            side = (
+                SideChannels(args.seed, mails=args.mails, texts=args.texts)
+                if args.mails or args.texts
+                else None
+            )
             report = run_scenario(
-                Path(tmp), args.seed, kills=args.kills, messages=args.messages, seconds=seconds
+                Path(tmp),
+                args.seed,
+                kills=args.kills,
+                messages=args.messages,
+                seconds=seconds,
+                side=side,
             )
         except AssertionError as exc:
             print(f"INVARIANT VIOLATED: {exc}", file=sys.stderr)
@@ -48,7 +64,9 @@ def main() -> int:
     print(
         f"{len(report['kills'])} kills, {report['messages']} messages acknowledged and stored "
         f"once, {report['assigned']} assigned once, {report['delivered']} delivered once per "
-        f"delivery id, {report['retried_keys']} keys retried, {report['seconds']} s"
+        f"delivery id, {report['retried_keys']} keys retried, "
+        f"{report.get('mails_stored', 0)} mails and {report.get('texts_stored', 0)} texts "
+        f"stored once, {report['seconds']} s"
     )
     print(json.dumps(report))
     return 0
