@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -41,7 +42,6 @@ from router.daemon import (
     EXIT_BAD_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
-    ensure_admin_token,
     open_store,
     run_daemon,
 )
@@ -116,9 +116,9 @@ def command(
     return register
 
 
-def _load(path: str | None) -> Config:
+def _load(path: str | None, *, secrets: bool = True) -> Config:
     try:
-        return load_config(Path(path) if path else None)
+        return load_config(Path(path) if path else None, secrets=secrets)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         raise SystemExit(EXIT_BAD_CONFIG) from None
@@ -145,6 +145,80 @@ def _config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="TOML config file (default: the embedded demo defaults)")
 
 
+def _state_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        help="the running daemon's state directory (default: $OMNIROUTER_STATE_DIR, else the "
+        "config's daemon.state_dir)",
+    )
+    p.add_argument(
+        "--token",
+        help="the ops API's admin token (default: $OMNIROUTER_ADMIN_TOKEN, the config's "
+        "ops.admin_token, else <state dir>/admin-token)",
+    )
+
+
+class StateNotFound(SystemExit):
+    """The daemon's state (store, admin token) is not where the command looked."""
+
+    def __init__(self, message: str) -> None:
+        print(message, file=sys.stderr)
+        super().__init__(EXIT_FAILURE)
+
+
+_WHERE_HINT = (
+    "pass the daemon's config (-c /etc/omnirouter/omnirouter.toml), its state directory "
+    "(--state-dir DIR) or set OMNIROUTER_STATE_DIR"
+)
+
+
+def _admin_config(args: argparse.Namespace) -> Config:
+    """Load the config for a command that reads a running daemon's state, never creating any.
+
+    Secrets that cannot be read here are left unresolved (only the admin token matters,
+    and it may come from --token or the state directory). The state directory comes
+    from --state-dir, $OMNIROUTER_STATE_DIR, or the config, in that order.
+    """
+    config = _load(getattr(args, "config", None), secrets=False)
+    chosen = getattr(args, "state_dir", None) or os.environ.get("OMNIROUTER_STATE_DIR")
+    if chosen:
+        daemon = config.daemon.model_copy(update={"state_dir": Path(chosen)})
+        config = config.model_copy(update={"daemon": daemon})
+    return config
+
+
+def _existing_store(config: Config) -> Config:
+    """Return config when its store exists; say clearly where it looked otherwise."""
+    path = config.db_path()
+    if not path.is_file():
+        raise StateNotFound(
+            f"no Omnirouter store at {path.resolve()} (nothing was created); {_WHERE_HINT}"
+        )
+    return config
+
+
+def _admin_token(args: argparse.Namespace, config: Config) -> tuple[str, str]:
+    """Return (token, where it came from) for the ops API; never create one."""
+    given = getattr(args, "token", None)
+    if given:
+        return given, "--token"
+    if os.environ.get("OMNIROUTER_ADMIN_TOKEN"):
+        return os.environ["OMNIROUTER_ADMIN_TOKEN"], "$OMNIROUTER_ADMIN_TOKEN"
+    unresolved = {where for where, _ in config.unresolved_secrets}
+    if config.ops.admin_token and "ops.admin_token" not in unresolved:
+        return config.ops.admin_token, "the config's ops.admin_token"
+    path = config.daemon.state_dir / "admin-token"
+    try:
+        return path.read_text().strip(), str(path.resolve())
+    except FileNotFoundError:
+        raise StateNotFound(
+            f"no admin token at {path.resolve()} (nothing was created); pass --token, or "
+            + _WHERE_HINT
+        ) from None
+    except PermissionError:
+        raise StateNotFound(f"cannot read {path}: run as the daemon's user or root") from None
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "json", "pretty"], default="auto")
 
@@ -161,14 +235,22 @@ group("config", "configuration tools")
 
 
 def _config_check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file")
+    p.add_argument("file", help="the TOML config (its conf.d/*.toml includes are read too)")
     p.add_argument("--show", action="store_true", help="print the resolved config, secrets masked")
+    p.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="check everything but the ${ENV} and file: secrets that cannot be read here "
+        "(an admin's laptop, CI on the config repository); lists the ones skipped",
+    )
 
 
 @command("config check", "validate a config file", _config_check_args)
 def cmd_config_check(args: argparse.Namespace) -> int:
     """Validate a config file (exit 11 when invalid); optionally print it, secrets masked."""
-    config = _load(args.file)
+    config = _load(args.file, secrets=not args.no_secrets)
+    for where, ref in config.unresolved_secrets:
+        print(f"not checked: {where} = {ref!r} (secret not available here)", file=sys.stderr)
     if args.show:
         from router.config import redacted_dump
 
@@ -264,7 +346,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 async def _with_store(config: Config, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    store = open_store(config)
+    store = open_store(_existing_store(config))
     await store.open()
     try:
         return await fn(store)
@@ -280,6 +362,7 @@ group("dead-letters", "list or replay dead letters")
 
 
 def _dead_letters_list_args(p: argparse.ArgumentParser) -> None:
+    _state_options(p)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -287,7 +370,7 @@ def _dead_letters_list_args(p: argparse.ArgumentParser) -> None:
 @command("dead-letters list", "list dead letters", _dead_letters_list_args, config=True)
 def cmd_dead_letters_list(args: argparse.Namespace) -> int:
     """Print the dead letters, newest first."""
-    config = _load(args.config)
+    config = _admin_config(args)
     items = _run(_with_store(config, lambda s: s.dead_letters(args.limit)))
     if args.json:
         from router.ops import dead_letter_view
@@ -308,6 +391,7 @@ def cmd_dead_letters_list(args: argparse.Namespace) -> int:
 
 
 def _dead_letters_replay_args(p: argparse.ArgumentParser) -> None:
+    _state_options(p)
     p.add_argument("ids", nargs="*", help="dead letter ids to replay")
     p.add_argument("--all", action="store_true", help="replay every dead letter")
 
@@ -320,7 +404,7 @@ def _dead_letters_replay_args(p: argparse.ArgumentParser) -> None:
 )
 def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
     """Move the named (or all) dead letters back to the outbox."""
-    config = _load(args.config)
+    config = _admin_config(args)
     if not args.ids and not args.all:
         print("name the dead letters to replay, or pass --all", file=sys.stderr)
         return 2
@@ -336,18 +420,25 @@ def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
 def _admin_call(
     args: argparse.Namespace, path: str, method: str = "GET", body: dict[str, Any] | None = None
 ) -> tuple[int, Any] | None:
-    config = _load(args.config)
-    token = ensure_admin_token(config)
+    config = _admin_config(args)
+    token, source = _admin_token(args, config)
+    url = _ops_url(config, args.ops_url)
     try:
-        return _http(
-            method,
-            _ops_url(config, args.ops_url) + path,
-            body,
-            headers={"Authorization": f"Bearer {token}"},
-        )
+        answer = _http(method, url + path, body, headers={"Authorization": f"Bearer {token}"})
     except OSError as exc:
-        print(f"cannot reach the ops API: {exc}. Is `omnirouter run` running?", file=sys.stderr)
+        print(
+            f"cannot reach the ops API at {url}: {exc}. Is `omnirouter run` running?",
+            file=sys.stderr,
+        )
         return None
+    if answer[0] == 401:
+        print(
+            f"the ops API at {url} refused the admin token from {source}: it belongs to "
+            f"another daemon or an old start; {_WHERE_HINT}, or pass --token",
+            file=sys.stderr,
+        )
+        return None
+    return answer
 
 
 def _admin_show(
@@ -392,7 +483,8 @@ def _queues_table(reply: Any) -> list[str]:
 
 
 def _admin_view_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ops-url")
+    _state_options(p)
+    p.add_argument("--ops-url", help="the ops API base URL (default: from the config)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
@@ -409,9 +501,15 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
 
 def _presence_args(p: argparse.ArgumentParser) -> None:
+    _state_options(p)
     p.add_argument("agent")
-    p.add_argument("state", choices=["on", "away", "off"])
-    p.add_argument("--ops-url")
+    p.add_argument(
+        "state",
+        choices=["on", "away", "off"],
+        help="on: takes new work; away: no new work, keeps its offers; off: off line, "
+        "unaccepted offers go back to the queue",
+    )
+    p.add_argument("--ops-url", help="the ops API base URL (default: from the config)")
 
 
 @command("presence", "set an agent on or off", _presence_args, config=True)
@@ -427,6 +525,7 @@ def _ticket_action_args(
     value: str | None = None, value_help: str = ""
 ) -> Callable[[argparse.ArgumentParser], None]:
     def add(p: argparse.ArgumentParser) -> None:
+        _state_options(p)
         p.add_argument("ticket", help="the ticket number, T-01J…")
         if value is not None:
             p.add_argument(value, help=value_help)
@@ -478,6 +577,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def _explain_args(p: argparse.ArgumentParser) -> None:
+    _state_options(p)
     p.add_argument("message_id")
     p.add_argument("--json", action="store_true", help="print the stored record as JSON")
 
@@ -485,7 +585,7 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
 @command("explain", "show a message's classification and routing", _explain_args, config=True)
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print why a stored message was labelled and routed as it was."""
-    config = _load(args.config)
+    config = _admin_config(args)
     stored = _run(_with_store(config, lambda s: s.message(args.message_id)))
     if stored is None:
         print(f"no message {args.message_id}", file=sys.stderr)
@@ -547,6 +647,7 @@ group("ticket", "tickets and their lifecycle")
 
 
 def _ticket_history_args(p: argparse.ArgumentParser) -> None:
+    _state_options(p)
     p.add_argument("ticket", help="the ticket number, T-…")
     p.add_argument("--json", action="store_true", help="one JSON object per event")
 
@@ -556,7 +657,7 @@ def cmd_ticket_history(args: argparse.Namespace) -> int:
     """Print every transition and agent action of a ticket, oldest first."""
     from router.model import TICKET_PREFIX
 
-    config = _load(args.config)
+    config = _admin_config(args)
     ticket: str = args.ticket
     conversation_id = ticket.removeprefix(TICKET_PREFIX)
     events = _run(_with_store(config, lambda s: s.ticket_events(conversation_id)))
@@ -633,6 +734,7 @@ def cmd_classifier_eval(args: argparse.Namespace) -> int:
 
 
 def _corrections_args(p: argparse.ArgumentParser) -> None:
+    _state_options(p)
     p.add_argument("--out", required=True, help="JSON lines for `classifier train --corrections`")
 
 
@@ -644,7 +746,7 @@ def _corrections_args(p: argparse.ArgumentParser) -> None:
 )
 def cmd_classifier_corrections(args: argparse.Namespace) -> int:
     """Write the agents' relabels as JSON lines for `classifier train --corrections`."""
-    config = _load(args.config)
+    config = _admin_config(args)
     records = _run(_with_store(config, lambda s: s.corrections()))
     with open(args.out, "w", encoding="utf-8") as f:
         for r in records:

@@ -12,7 +12,7 @@ import urllib.parse
 from datetime import UTC, datetime
 from typing import Any
 
-from router.cli import _admin_show, command, group
+from router.cli import _admin_show, _state_options, command, group
 
 group("contacts", "contacts across channels: find, show, merge, unmerge")
 
@@ -26,6 +26,7 @@ def _ts(at: float | None) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    _state_options(p)
     p.add_argument("--ops-url", help="the ops API (default: from the config)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
 
@@ -100,6 +101,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actor", default="ops", help="who merges (recorded in the audit)")
     p.add_argument("--reason", default="", help="why (recorded in the audit)")
     p.add_argument("--ops-url", help="the ops API (default: from the config)")
+    _state_options(p)
 
 
 @command("contacts merge", "make two contacts one (audited)", _merge_args, config=True)
@@ -114,6 +116,7 @@ def _unmerge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actor", default="ops", help="who splits (recorded in the audit)")
     p.add_argument("--reason", default="", help="why (recorded in the audit)")
     p.add_argument("--ops-url", help="the ops API (default: from the config)")
+    _state_options(p)
 
 
 @command("contacts unmerge", "undo a merge (audited)", _unmerge_args, config=True)

@@ -380,6 +380,13 @@ class Config(_Frozen):
     source: str = "<embedded defaults>"
     # Every string resolved from ${ENV} or file:, masked by redacted_dump wherever it appears.
     _secret_values: frozenset[str] = PrivateAttr(default=frozenset())
+    # (path, reference) of the secrets a `secrets=False` load left unresolved.
+    _unresolved: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+
+    @property
+    def unresolved_secrets(self) -> tuple[tuple[str, str], ...]:
+        """Return (path, reference) of every secret this load did not resolve."""
+        return self._unresolved
 
     def db_path(self) -> Path:
         """Return the SQLite path, resolved against the state directory."""
@@ -517,9 +524,16 @@ _NOTHING: Any = object()
 class _Loader:
     """Collect issues with their place, and the secret values met while resolving."""
 
-    def __init__(self, main: _Doc) -> None:
-        """Start with the main file; included entries are mapped back by `origins`."""
+    def __init__(self, main: _Doc, *, secrets: bool = True) -> None:
+        """Start with the main file; included entries are mapped back by `origins`.
+
+        With `secrets=False`, a `${ENV}` or `file:` reference that cannot be resolved
+        here is not an issue: it is recorded in `unresolved` and stands in with a dummy
+        value whose own checks are skipped (`config check --no-secrets`, admin commands).
+        """
         self.main = main
+        self.resolve_all = secrets
+        self.unresolved: dict[str, str] = {}  # path -> the reference left unresolved
         self.origins: dict[str, list[tuple[_Doc, int]]] = {k: [] for k in INCLUDABLE}
         self.issues: list[ConfigIssue] = []
         self.secrets: set[str] = set()
@@ -557,6 +571,8 @@ class _Loader:
 
     def add(self, path: str, message: str, *, got: Any = _NOTHING, secret: bool = False) -> None:
         """Record one issue at path; `got` is the offending value (shown unless secret)."""
+        if path in self.unresolved:
+            return  # the stand-in of a secret not resolved here: its checks are skipped
         self.flagged.add(path)
         doc, local = self.where(path)
         if got is not _NOTHING and not isinstance(got, dict | list | tuple):
@@ -585,7 +601,29 @@ def _is_placeholder(value: str) -> bool:
     )
 
 
+# What stands in for a secret that `secrets=False` leaves unresolved: long enough for
+# the length checks, and obviously not a real value if it ever shows.
+UNRESOLVED_STANDIN = "unresolved-secret-not-checked-0000"
+
+
 def _resolve_refs(value: Any, path: str, loader: _Loader) -> Any:
+    """Replace ${ENV} and file: references in every string, recursively."""
+    if loader.resolve_all or not isinstance(value, str):
+        return _resolve_refs_strict(value, path, loader)
+    if not (value.startswith("file:") or "${" in value):
+        return _resolve_refs_strict(value, path, loader)
+    before = len(loader.issues)
+    resolved = _resolve_refs_strict(value, path, loader)
+    if len(loader.issues) == before:
+        return resolved
+    # Not resolvable here (unset variable, unreadable file): skipped, not an issue.
+    del loader.issues[before:]
+    loader.flagged.discard(path)
+    loader.unresolved[path] = value
+    return UNRESOLVED_STANDIN
+
+
+def _resolve_refs_strict(value: Any, path: str, loader: _Loader) -> Any:
     """Replace ${ENV} and file: references in every string, recursively."""
     if isinstance(value, dict):
         return {k: _resolve_refs(v, f"{path}.{k}" if path else k, loader) for k, v in value.items()}
@@ -853,7 +891,10 @@ def _build(raw: dict[str, Any], loader: _Loader, source: str) -> Config:
     for secret in secrets:
         register_secret(secret)
     result = config.model_copy(update={"channels": channels, "adapters": adapters})
-    result._secret_values = frozenset(s for s in secrets if s)
+    result._secret_values = frozenset(s for s in secrets if s and s != UNRESOLVED_STANDIN)
+    result._unresolved = tuple(
+        (loader.where(path)[1], ref) for path, ref in sorted(loader.unresolved.items())
+    )
     return result
 
 
@@ -945,9 +986,11 @@ def _merge_includes(raw: dict[str, Any], main_path: Path | None, loader: _Loader
                 target.extend(value)
 
 
-def _load_text(text: str, *, source: str, base: Path, main_path: Path | None) -> Config:
+def _load_text(
+    text: str, *, source: str, base: Path, main_path: Path | None, secrets: bool = True
+) -> Config:
     """Parse, merge includes, resolve and validate one config document."""
-    loader = _Loader(_Doc(source, text, base))
+    loader = _Loader(_Doc(source, text, base), secrets=secrets)
     raw = _parse(text, source, loader)
     if raw is None:
         raise ConfigError(source, loader.issues)
@@ -956,16 +999,30 @@ def _load_text(text: str, *, source: str, base: Path, main_path: Path | None) ->
 
 
 def loads_config(
-    text: str, *, source: str = "<string>", base: str | os.PathLike[str] | None = None
+    text: str,
+    *,
+    source: str = "<string>",
+    base: str | os.PathLike[str] | None = None,
+    secrets: bool = True,
 ) -> Config:
-    """Load a config from TOML text; relative includes and file: refs resolve against base."""
+    """Load a config from TOML text; relative includes and file: refs resolve against base.
+
+    `secrets=False` leaves secrets that cannot be resolved here unresolved (see _Loader).
+    """
     return _load_text(
-        text, source=source, base=Path(base) if base is not None else Path.cwd(), main_path=None
+        text,
+        source=source,
+        base=Path(base) if base is not None else Path.cwd(),
+        main_path=None,
+        secrets=secrets,
     )
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Load a config file (and its conf.d includes), or the embedded defaults when path is None."""
+def load_config(path: str | os.PathLike[str] | None, *, secrets: bool = True) -> Config:
+    """Load a config file (and its conf.d includes), or the embedded defaults when path is None.
+
+    `secrets=False` leaves secrets that cannot be resolved here unresolved (see _Loader).
+    """
     if path is None:
         text = resources.files("router").joinpath("default.toml").read_text(encoding="utf-8")
         return _load_text(text, source="<embedded defaults>", base=Path.cwd(), main_path=None)
@@ -974,7 +1031,13 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     content = _read(file_path, loader)
     if content is None:
         raise ConfigError(str(file_path), loader.issues)
-    return _load_text(content, source=str(file_path), base=file_path.parent, main_path=file_path)
+    return _load_text(
+        content,
+        source=str(file_path),
+        base=file_path.parent,
+        main_path=file_path,
+        secrets=secrets,
+    )
 
 
 # -- showing a config -----------------------------------------------------------------
