@@ -262,6 +262,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@command(
+    "config schema",
+    "print the config file's JSON Schema (for editors; committed as config/omnirouter.schema.json)",
+)
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema generated from the config models."""
+    from router.config_schema import render
+
+    sys.stdout.write(render())
+    return EXIT_OK
+
+
 def _http(
     method: str, url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
