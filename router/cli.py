@@ -262,6 +262,34 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_diff_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("old", help="the config the daemon runs now")
+    p.add_argument("new", help="the edited config")
+    p.add_argument(
+        "--no-secrets", action="store_true", help="do not resolve secrets (see config check)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+@command(
+    "config diff",
+    "show what a reload from OLD to NEW would change (started, stopped, restarted, in place)",
+    _config_diff_args,
+)
+def cmd_config_diff(args: argparse.Namespace) -> int:
+    """Print the reload plan; exit 0 when nothing changes, 1 when something does."""
+    from router.config_diff import reload_plan, render
+
+    old = _load(args.old, secrets=not args.no_secrets)
+    new = _load(args.new, secrets=not args.no_secrets)
+    plan = reload_plan(old, new)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(render(plan)))
+    return EXIT_OK if plan.empty else EXIT_FAILURE
+
+
 @command(
     "config schema",
     "print the config file's JSON Schema (for editors; committed as config/omnirouter.schema.json)",

@@ -30,6 +30,7 @@ from aiohttp import web
 from router import __version__
 from router.backoff import backoff_delay
 from router.config import Config, ConfigError, load_config
+from router.config_diff import reload_plan
 from router.drivers import (
     ADAPTERS,
     CHANNELS,
@@ -526,16 +527,8 @@ class Daemon:
 
     async def _apply(self, new: Config) -> None:
         old = self.config
-        needs_restart = [
-            part
-            for part, a, b in (
-                ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
-                ("store", old.store, new.store),
-                ("ops", old.ops, new.ops),
-                ("outbox", old.outbox, new.outbox),
-            )
-            if a != b
-        ]
+        # The same plan `omnirouter config diff` shows.
+        needs_restart = reload_plan(old, new).needs_restart
         if needs_restart:
             log.warning("config.reload_needs_restart", sections=needs_restart)
         # Logging settings apply in place; the stream and format the CLI chose stay.
