@@ -220,13 +220,35 @@ def _admin_token(args: argparse.Namespace, config: Config) -> tuple[str, str]:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=["auto", "json", "pretty"], default="auto")
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "json", "pretty"],
+        default="auto",
+        help="auto: pretty on a terminal, JSON lines otherwise",
+    )
+    p.add_argument("--web-port", type=int, help="listen for the web channel here instead")
+    p.add_argument("--ops-port", type=int, help="serve the ops API here instead")
+
+
+def _with_ports(config: Config, web_port: int | None, ops_port: int | None) -> Config:
+    """Return config with the web channel's and the ops API's ports overridden (the demo)."""
+    if ops_port is not None:
+        config = config.model_copy(update={"ops": config.ops.model_copy(update={"port": ops_port})})
+    if web_port is not None:
+        web = _web_channel(config)
+        if web is None:
+            raise SystemExit("--web-port: no web channel is configured")
+        channels: list[Any] = list(config.channels)
+        index = next(i for i, c in enumerate(channels) if c is web)
+        channels[index] = channels[index].model_copy(update={"port": web_port})
+        config = config.model_copy(update={"channels": channels})
+    return config
 
 
 @command("run", "run the daemon", _run_args, config=True)
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM."""
-    config = _load(args.config)
+    config = _with_ports(_load(args.config), args.web_port, args.ops_port)
     _configure_logging(config, args.log_format)
     return _run(run_daemon(config, Path(args.config) if args.config else None))
 
