@@ -324,6 +324,18 @@ class Daemon:
             ops_port=self.ops_port,
             store=str(cfg.db_path()),
         )
+        if cfg.ops.enabled:
+            where = (
+                "ops.admin_token in the config"
+                if cfg.ops.admin_token
+                else str((cfg.daemon.state_dir / "admin-token").resolve())
+            )
+            source = "" if cfg.source == "<embedded defaults>" else f" -c {cfg.source}"
+            log.info(
+                "daemon.next_steps",
+                admin_token=where,
+                hint=f'omnirouter send "Where is my parcel?"{source}; omnirouter agents{source}',
+            )
 
     def _ctx(self, kind: str, name: str) -> DriverContext:
         return DriverContext(

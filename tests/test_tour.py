@@ -98,6 +98,9 @@ def test_twenty_customers_and_the_cli_resolving_until_the_queues_are_empty(
         assert all(a["open_conversations"] == 0 for a in agents)
         assert cli.main(["ticket", "history", tickets[0]]) == 0
         assert "resolved" in capsys.readouterr().out
+        # The daemon told the newcomer where the admin token is and what to try.
+        text = (tmp_path / "daemon.log").read_text()
+        assert "daemon.next_steps" in text and str(state / "admin-token") in text
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
