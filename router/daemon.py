@@ -333,7 +333,7 @@ class Daemon:
             source = "" if cfg.source == "<embedded defaults>" else f" -c {cfg.source}"
             log.info(
                 "daemon.next_steps",
-                admin_token=where,
+                ops_admin_key_in=where,
                 hint=f'omnirouter send "Where is my parcel?"{source}; omnirouter agents{source}',
             )
 
