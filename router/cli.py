@@ -377,12 +377,18 @@ def _ops_url(config: Config, override: str | None) -> str:
 
 
 def _send_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("text")
-    p.add_argument("--contact", default="demo@example.com")
-    p.add_argument("--name", default="")
-    p.add_argument("--subject", default="")
-    p.add_argument("--conversation", default="")
-    p.add_argument("--idempotency-key", default="")
+    p.add_argument("text", help="what the customer writes")
+    p.add_argument(
+        "--contact", default="demo@example.com", help="the customer's handle (e-mail, phone, id)"
+    )
+    p.add_argument("--name", default="", help="the customer's name")
+    p.add_argument("--subject", default="", help="a subject line")
+    p.add_argument(
+        "--conversation", default="", help="continue the conversation of this token or thread"
+    )
+    p.add_argument(
+        "--idempotency-key", default="", help="send again with the same key: stored once"
+    )
     p.add_argument("--url", help="web channel base URL (default: from the config)")
 
 
@@ -425,7 +431,7 @@ group("dead-letters", "list or replay dead letters")
 
 def _dead_letters_list_args(p: argparse.ArgumentParser) -> None:
     _state_options(p)
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -564,7 +570,7 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
 def _presence_args(p: argparse.ArgumentParser) -> None:
     _state_options(p)
-    p.add_argument("agent")
+    p.add_argument("agent", help="the agent's id")
     p.add_argument(
         "state",
         choices=["on", "away", "off"],
@@ -640,7 +646,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 def _explain_args(p: argparse.ArgumentParser) -> None:
     _state_options(p)
-    p.add_argument("message_id")
+    p.add_argument("message_id", help="the message id (a ULID, as in the delivery and logs)")
     p.add_argument("--json", action="store_true", help="print the stored record as JSON")
 
 

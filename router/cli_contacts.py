@@ -33,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _find_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", help="part of a handle, a name or an identifier")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     _common(p)
 
 

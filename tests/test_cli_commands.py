@@ -137,3 +137,20 @@ def test_ticket_history_prints_the_audit_from_the_store(
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["kind"], r["actor"], r["ticket"]) for r in rows][-1] == ("resolved", "bob", ticket)
     assert cli.main(["ticket", "history", "T-UNKNOWN", "-c", str(conf)]) == 1
+
+
+def test_every_argument_of_every_command_has_help() -> None:
+    import argparse
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+
+    walk(cli.build_parser(), [])
+    assert not missing, missing

@@ -25,7 +25,14 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     """Add the `simulate` arguments (and this module's usage as its description) to sp."""
     sp.description = __doc__
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
-    sp.add_argument("action", nargs="?", choices=["run", "generate", "check"], default="run")
+    sp.add_argument(
+        "action",
+        nargs="?",
+        choices=["run", "generate", "check"],
+        default="run",
+        help="run: replay a trace through the scheduler (default); generate: write a "
+        "scenario's trace; check: test assignment events against the SLA bars",
+    )
     sp.add_argument("--trace", help="trace file (JSON lines)")
     sp.add_argument("--out", help="assignment events (run) or trace (generate) to write")
     sp.add_argument(
@@ -36,10 +43,12 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--summary", help="write the summary JSON here (run)")
     sp.add_argument("--events", help="assignment events to check (check)")
     sp.add_argument("--scenario", choices=sorted(SCENARIOS), help="generate: which scenario")
-    sp.add_argument("--seed", type=int, default=1)
-    sp.add_argument("--hours", type=float)
-    sp.add_argument("--agents", type=int)
-    sp.add_argument("--utilisation", type=float)
+    sp.add_argument("--seed", type=int, default=1, help="random seed (generate; default 1)")
+    sp.add_argument("--hours", type=float, help="generate: trace length (scenario default)")
+    sp.add_argument("--agents", type=int, help="generate: roster size (scenario default)")
+    sp.add_argument(
+        "--utilisation", type=float, help="generate: offered load per agent, 0-1 (scenario default)"
+    )
     sp.add_argument("--json", action="store_true", help="print summaries as JSON")
 
 
