@@ -37,7 +37,8 @@ def main() -> int:
     parser.add_argument("--texts", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    seconds = 60 + args.kills * 6 + args.messages / 20
+    # Each kill costs a restart (and, on quiet rounds, waiting for the views to agree).
+    seconds = 120 + args.kills * 12 + args.messages / 20 + (args.mails + args.texts) / 5
     with tempfile.TemporaryDirectory(prefix="omnirouter-crash-loop-") as tmp:
         try:
             side = (
