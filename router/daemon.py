@@ -47,7 +47,7 @@ from router.metrics import Metrics
 from router.ops import OpsApi
 from router.outbox import Dispatcher
 from router.pipeline import Pipeline
-from router.store import DeadLetter, OutboxItem, Store
+from router.store import DeadLetter, OutboxItem, Store, StoreUnavailable
 from router.store.sqlite import SqliteStore
 
 log = structlog.get_logger("router.daemon")
@@ -693,7 +693,15 @@ async def run_daemon(config: Config, config_path: Path | None) -> int:
     try:
         await daemon.start()
     except Exception as exc:
-        log.error("daemon.start_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        # A port in use or an unreadable store is the operator's to fix, not a bug: one
+        # line, no traceback. Anything else keeps its traceback for the bug report.
+        expected = isinstance(exc, ListenError | StoreUnavailable | PermissionError)
+        log.error(
+            "daemon.start_failed", error=f"{type(exc).__name__}: {exc}", exc_info=not expected
+        )
+        if expected:
+            hint = " (is another omnirouter running?)" if isinstance(exc, ListenError) else ""
+            print(f"omnirouter: cannot start: {exc}{hint}", file=sys.stderr)
         with contextlib.suppress(Exception):
             await daemon.stop()
         return EXIT_FAILURE

@@ -192,3 +192,8 @@ def test_second_daemon_on_a_busy_port_exits_1_without_ready(
     failed = daemon.log_events("daemon.start_failed")
     assert len(failed) == 1
     assert f"cannot listen on 127.0.0.1:{web_port}" in failed[0]["error"]
+    # One line for the operator, no traceback: a busy port is not a bug.
+    assert "exception" not in failed[0]
+    text = daemon.log_text()
+    assert "Traceback" not in text
+    assert "omnirouter: cannot start: " in text and "is another omnirouter running?" in text
