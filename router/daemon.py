@@ -38,6 +38,7 @@ from router.drivers import (
     AgentTool,
     Channel,
     DriverContext,
+    DriverError,
     DriverState,
     load_driver,
 )
@@ -156,7 +157,9 @@ class Supervisor:
                     error=f"{type(exc).__name__}: {exc}",
                     restart_in=round(delay, 2),
                     failures=failures,
-                    exc_info=True,
+                    # A driver's own operational error (a port in use, a peer away)
+                    # explains itself; a traceback is for the unexpected.
+                    exc_info=not isinstance(exc, DriverError),
                 )
                 await asyncio.sleep(delay)
 
