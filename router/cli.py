@@ -390,6 +390,7 @@ def _send_args(p: argparse.ArgumentParser) -> None:
         "--idempotency-key", default="", help="send again with the same key: stored once"
     )
     p.add_argument("--url", help="web channel base URL (default: from the config)")
+    _state_options(p)
 
 
 @command("send", "send a test message to the web channel", _send_args, config=True)
@@ -410,7 +411,23 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"cannot reach the web channel: {exc}. Is `omnirouter run` running?", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(reply, indent=2, ensure_ascii=False))
+    if 200 <= status < 300 and isinstance(reply, dict):
+        print(_routed_line(args, reply), file=sys.stderr)
     return EXIT_OK if 200 <= status < 300 else EXIT_FAILURE
+
+
+def _routed_line(args: argparse.Namespace, reply: dict[str, Any]) -> str:
+    """Return "T-… complaint P2 → alice" from the store, when this machine can read it."""
+    ticket = reply.get("ticket", "?")
+    try:
+        config = _existing_store(_admin_config(args))
+        stored = _run(_with_store(config, lambda s: s.message(str(reply.get("message_id")))))
+    except (SystemExit, Exception):  # the daemon's state is elsewhere: the answer is enough
+        return f"{ticket}: {reply.get('state', '?')}"
+    if not stored:
+        return f"{ticket}: {reply.get('state', '?')}"
+    who = (stored.get("assignment") or {}).get("agent_id") or f"waiting in {stored['queue']}"
+    return f"{ticket}: {stored['label']} {stored['severity']} → {who}"
 
 
 async def _with_store(config: Config, fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:

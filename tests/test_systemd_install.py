@@ -2,9 +2,9 @@
 
 Every command of the README block runs in order, except `apt-get` (the machine has
 python3-venv) and `systemctl`/`journalctl` (no systemd in the test). Two changes keep it
-fast and offline: the venv sees the installed dependencies (`--system-site-packages`)
-and pip installs only the project (`--no-deps`; the build backend comes from the index). What is checked:
-the venv's `omnirouter` is the unit's ExecStart, `config check --no-secrets` passes on
+fast: the venv sees the installed dependencies (`--system-site-packages`) and pip
+installs only the project (`--no-deps`; the build backend comes from the index). What is
+checked: the venv's `omnirouter` is the unit's ExecStart, `config check --no-secrets` passes on
 the installed example, and `systemd-analyze verify` accepts the unit as installed.
 """
 
