@@ -11,8 +11,11 @@ With OMNIROUTER_SCREENSHOTS=1 it writes docs/status-desktop.png and docs/status-
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -349,3 +352,34 @@ async def test_page_follows_the_daemon_live(
             cli, "status", "--json", "-c", str(d.config_path), env=env
         )
         assert as_json.returncode == 0 and '"dead_letters"' in as_json.stdout
+        await watch_until_interrupted(d.config_path, env)
+
+
+async def watch_until_interrupted(config_path: Path, env: dict[str, str]) -> None:
+    """Run `omnirouter status --watch --json`: one JSON line per refresh, Ctrl-C ends it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router.cli",
+        "status",
+        "--watch",
+        "--json",
+        "-c",
+        str(config_path),
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            for _ in range(2):  # two refreshes, each a whole document on one line
+                assert "dead_letters" in json.loads(await proc.stdout.readline())
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
