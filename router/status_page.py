@@ -8,7 +8,8 @@ Routes, added to the ops API by `StatusPage.add_routes`:
 * `POST /status/login`: the form posts the admin token; when it matches, the server
   keeps a random session id in memory and sets it as an HttpOnly, SameSite=Strict
   cookie (browsers cannot send a bearer header by themselves). `POST /status/logout`
-  forgets it. Sessions die with the process or after `SESSION_TTL`.
+  forgets it. Sessions die with the process or after `SESSION_TTL`. Past
+  `LOGIN_FAILURES_PER_MINUTE` wrong tokens a minute, logins answer 429.
 * `GET /v1/status`: the JSON, for the bearer token (as every /v1 route) or the cookie.
 
 Every answer carries a strict Content-Security-Policy (no inline script or style),
@@ -22,7 +23,7 @@ import hmac
 import json
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ COOKIE = "omnirouter_status"
 SESSION_TTL = 12 * 3600.0
 MAX_SESSIONS = 256  # the oldest session is dropped past this (memory stays bounded)
 NEWEST_DEAD_LETTERS = 5
+# Wrong tokens accepted per minute (all clients together) before logins answer 429: a
+# configured token may be short, and the form must not become a guessing oracle.
+LOGIN_FAILURES_PER_MINUTE = 10
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -74,6 +78,7 @@ class StatusPage:
         self._token = admin_token
         self._clock = clock
         self._sessions: OrderedDict[str, float] = OrderedDict()  # session id -> expiry
+        self._failures: deque[float] = deque(maxlen=LOGIN_FAILURES_PER_MINUTE)
         self._assets = {
             path: _Asset((STATIC / name).read_bytes(), ctype)
             for path, (name, ctype) in _ASSETS.items()
@@ -127,9 +132,17 @@ class StatusPage:
 
     async def login(self, request: web.Request) -> web.Response:
         """Check the posted token; on a match set the session cookie. Back to the page."""
+        now = self._clock()
+        if len(self._failures) == self._failures.maxlen and now - self._failures[0] < 60:
+            return web.json_response(
+                {"error": {"code": "too_many_logins", "message": "too many wrong tokens; wait"}},
+                status=429,
+                headers={**HEADERS, "Retry-After": str(int(60 - (now - self._failures[0])) + 1)},
+            )
         form = await request.post()
         token = form.get("token")
         if not isinstance(token, str) or not self._token_ok(token):
+            self._failures.append(now)
             return _see_other("/status?login=failed")
         answer = _see_other("/status")
         answer.set_cookie(

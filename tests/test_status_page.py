@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from router.cli_status import render_status
@@ -29,7 +30,7 @@ from router.daemon import OutboxDeadLetters
 from router.delivery import Delivery
 from router.errors import PermanentError
 from router.ops import OpsApi
-from router.status_page import CSP, STATIC
+from router.status_page import CSP, LOGIN_FAILURES_PER_MINUTE, STATIC, StatusPage
 from tests import peers
 from tests.daemon_harness import REPO, DaemonProcess, base_config, http, ports
 from tests.test_daemon_e2e import agents, cli, spawn, webhook_adapter, with_outbox
@@ -149,6 +150,26 @@ async def test_login_sets_an_httponly_strict_cookie_that_reads_the_json(
     # The server forgot the session: its id no longer opens anything, even replayed.
     resp = await client.get("/v1/status", headers={"Cookie": f"omnirouter_status={sid}"})
     assert resp.status == 401
+
+
+async def test_wrong_tokens_are_throttled() -> None:
+    now = [1000.0]
+    page = StatusPage(object(), TOKEN.encode(), clock=lambda: now[0])  # type: ignore[arg-type]
+    app = web.Application()
+    page.add_routes(app)
+    async with TestClient(TestServer(app)) as client:
+
+        async def login(token: str) -> int:
+            resp = await client.post("/status/login", data={"token": token}, allow_redirects=False)
+            return resp.status
+
+        assert [await login("guess") for _ in range(LOGIN_FAILURES_PER_MINUTE)] == [
+            303
+        ] * LOGIN_FAILURES_PER_MINUTE
+        # Past the limit even the right token waits: guessing gains nothing.
+        assert await login(TOKEN) == 429
+        now[0] += 61
+        assert await login(TOKEN) == 303
 
 
 async def test_status_json_shape_queues_agents_and_dead_letters(
