@@ -15,15 +15,14 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from router.cli import EXIT_FAILURE, EXIT_OK, _admin_call, command
+from router.cli import EXIT_FAILURE, EXIT_OK, _admin_call, _admin_view_args, command
 
 WATCH_INTERVAL = 2.0
 _CLEAR = "\033[H\033[2J"  # cursor home, clear screen
 
 
 def _status_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ops-url", help="the ops API (default: from the config)")
-    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    _admin_view_args(p)  # --state-dir, --token, --ops-url, --json as `omnirouter agents`
     p.add_argument(
         "--watch", action="store_true", help=f"refresh every {WATCH_INTERVAL:g} s until Ctrl-C"
     )
