@@ -964,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Command groups kept in modules of their own register themselves on import.
-from router import cli_contacts  # noqa: E402, F401
+from router import cli_contacts, cli_status  # noqa: E402, F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,10 @@ class AgentDesk(Protocol):
         """Return every queue with its depth and waiting times."""
         ...
 
+    async def status_board(self) -> dict[str, Any]:
+        """Return queues by class and severity, agents, crisis alerts and outbox counts."""
+        ...
+
     async def set_presence(self, agent_id: str, present: bool, *, away: bool = False) -> bool:
         """Set an agent's presence; False for an unknown agent."""
         ...
@@ -224,6 +228,9 @@ class OpsApi:
         app.router.add_post("/v1/contacts/merge", admin(self.merge_contacts))
         app.router.add_get("/v1/contacts/{ref}", admin(self.show_contact))
         app.router.add_post("/v1/contacts/{ref}/unmerge", admin(self.unmerge_contact))
+        from router.status_page import StatusPage  # imported here: it imports this module
+
+        StatusPage(self, self._admin_token).add_routes(app)
         return app
 
     def _admin(self, handler: Handler) -> Handler:

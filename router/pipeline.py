@@ -39,13 +39,22 @@ from router.metrics import Metrics
 from router.model import InboundMessage
 from router.outbox import Dispatcher
 from router.queue_work import QueueWork, work_from_stored
-from router.roster import agents_from_config, agents_view, policy_from_config, queues_view
+from router.roster import (
+    agents_from_config,
+    agents_view,
+    board_view,
+    policy_from_config,
+    queues_view,
+)
 from router.schedule import Scheduler, Work
 from router.store import Store
 from router.threads import Threads
 from router.tickets import Tickets
 
 log = structlog.get_logger("router.pipeline")
+
+# How much of a waiting message's subject the status page shows.
+STATUS_EXCERPT_CHARS = 60
 
 __all__ = ["Pipeline", "agents_from_config", "make_classifier"]
 
@@ -370,3 +379,28 @@ class Pipeline:
     def queues_view(self) -> list[dict[str, Any]]:
         """Return each queue's waiting messages, oldest deadline first (ops API)."""
         return queues_view(self.core.scheduler, self.core.clock())
+
+    async def status_board(self) -> dict[str, Any]:
+        """Return queues by class and severity, agents, crisis alerts and outbox counts.
+
+        For the status page (`GET /v1/status`): the oldest waiting messages carry a short
+        excerpt of their subject (or text) so an operator can tell them apart.
+        """
+        core = self.core
+        now = core.clock()
+        board = board_view(core.scheduler, now)
+        for item in board["waiting"]:
+            stored = await core.store.message(item["message_id"])
+            words = (stored.get("subject") or stored.get("text") or "") if stored else ""
+            item["excerpt"] = " ".join(str(words).split())[:STATUS_EXCERPT_CHARS]
+        crisis = core.crisis
+        board["crisis"] = {
+            "enabled": crisis is not None,
+            "open": [
+                {"reason": reason, "key": key, "started_at": started}
+                for reason, key, started in (crisis.open_alerts() if crisis else [])
+            ],
+        }
+        board["outbox"] = await core.store.delivery_counts()
+        board["now"] = now
+        return board

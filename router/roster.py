@@ -6,8 +6,8 @@ from typing import Any
 
 from router.config import Config
 from router.drivers import tool_sends_actions
-from router.model import LABELS, Agent
-from router.schedule import OverflowStep, Policy, Scheduler
+from router.model import LABELS, Agent, ticket_number
+from router.schedule import OverflowStep, Policy, Scheduler, Work
 
 
 def agents_from_config(config: Config) -> list[Agent]:
@@ -85,3 +85,80 @@ def queues_view(scheduler: Scheduler, now: float) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+_SEVERITY_RANK = {"P0": 0, "P1": 1, "P2": 2, "P3": 3}
+
+
+def board_view(scheduler: Scheduler, now: float, *, waiting_limit: int = 8) -> dict[str, Any]:
+    """Return the status page's picture of queues and agents (ops API `/v1/status`).
+
+    Queues are cut by department, class and severity, each with its oldest wait and
+    the SLA that wait runs against (so a page can say "12 min of 15"); agents carry
+    their load per channel-type pool and whether a shift covers them now.
+    """
+    groups: dict[tuple[str, str, str], list[Work]] = {}
+    waiting = scheduler.waiting()
+    for w in waiting:
+        groups.setdefault((w.department, w.label, w.severity), []).append(w)
+    queues: list[dict[str, Any]] = []
+    for (department, label, severity), items in groups.items():
+        oldest = min(items, key=lambda w: w.arrival)
+        queues.append(
+            {
+                "queue": department,
+                "label": label,
+                "severity": severity,
+                "depth": len(items),
+                "overdue": sum(1 for w in items if w.deadline < now),
+                "oldest_wait_s": round(now - oldest.arrival, 3),
+                "oldest_sla_s": round(oldest.deadline - oldest.arrival, 3),
+                "next_due_s": round(min(w.deadline for w in items) - now, 3),
+            }
+        )
+    queues.sort(key=lambda q: (_SEVERITY_RANK.get(q["severity"], 9), q["queue"], q["label"]))
+    agents: list[dict[str, Any]] = []
+    for state in scheduler.iter_states():
+        a = state.agent
+        pools = dict(a.capacities) if a.capacities else {"*": a.capacity}
+        for pool in (*state.used, *state.external):
+            pools.setdefault(pool, 0)
+        agents.append(
+            {
+                "id": a.id,
+                "name": a.name,
+                "presence": "on" if state.online else "off",
+                "on_shift": not a.shifts or any(sh.contains(now) for sh in a.shifts),
+                "tool": a.tool,
+                "open_conversations": state.load,
+                "load": [
+                    {
+                        "channel_type": pool,
+                        "used": state.used.get(pool, 0) + state.external.get(pool, 0),
+                        "capacity": cap,
+                    }
+                    for pool, cap in sorted(pools.items())
+                ],
+                "queues": sorted(a.queues),
+            }
+        )
+    agents.sort(key=lambda a: a["id"])
+    oldest_first = sorted(waiting, key=lambda w: w.arrival)[:waiting_limit]
+    return {
+        "queues": queues,
+        "waiting_total": len(waiting),
+        "waiting": [
+            {
+                "message_id": w.id,
+                "ticket": ticket_number(w.conversation),
+                "queue": w.department,
+                "label": w.label,
+                "severity": w.severity,
+                "channel_type": w.channel_type,
+                "wait_s": round(now - w.arrival, 3),
+                "due_s": round(w.deadline - now, 3),
+            }
+            for w in oldest_first
+        ],
+        "agents": agents,
+    }
