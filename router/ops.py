@@ -28,6 +28,7 @@ from router.contacts import ContactChange
 from router.drivers import AgentAction, Presence
 from router.http import HttpLimits, new_app
 from router.model import LABELS, TICKET_PREFIX
+from router.openapi import add_openapi_route
 from router.store import DeadLetter, TicketEvent
 
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -224,6 +225,7 @@ class OpsApi:
         app.router.add_post("/v1/contacts/merge", admin(self.merge_contacts))
         app.router.add_get("/v1/contacts/{ref}", admin(self.show_contact))
         app.router.add_post("/v1/contacts/{ref}/unmerge", admin(self.unmerge_contact))
+        add_openapi_route(app, "ops")
         return app
 
     def _admin(self, handler: Handler) -> Handler:
