@@ -56,6 +56,7 @@ from router.drivers import (
 )
 from router.http import GuardedRunner, HttpLimits, new_app, start_site
 from router.model import Attachment, InboundMessage, new_ulid, utcnow
+from router.openapi import add_openapi_route
 from router.store import StoreUnavailable
 
 MESSAGES_PATH = "/v1/messages"
@@ -285,13 +286,7 @@ class WebChannel(ChannelBase):
                 self.config.max_attachment_bytes + FORM_OVERHEAD if self.config.widget else 0,
             ),
         )
-        app = new_app(limits)
-        app.router.add_route("*", MESSAGES_PATH, self._handle_messages)
-        app.router.add_route("*", TICKETS_PATH + "{ticket}", self._handle_ticket)
-        app.router.add_route("*", HEALTH_PATH, self._handle_health)
-        if self.widget is not None:
-            self.widget.add_routes(app)
-        app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
+        app = self.app(limits)
         # No access log (see router.http): one line per request is the pipeline's job
         # (it logs each routed message once).
         runner = GuardedRunner(
@@ -326,6 +321,18 @@ class WebChannel(ChannelBase):
                 if self.state != DriverState.TRANSIENT_DISCONNECT:
                     self._set_state(DriverState.STOPPED)
                 self._done.set()
+
+    def app(self, limits: HttpLimits) -> web.Application:
+        """Return the application with every route (router/openapi.json describes them)."""
+        app = new_app(limits)
+        app.router.add_route("*", MESSAGES_PATH, self._handle_messages)
+        app.router.add_route("*", TICKETS_PATH + "{ticket}", self._handle_ticket)
+        app.router.add_route("*", HEALTH_PATH, self._handle_health)
+        if self.widget is not None:
+            self.widget.add_routes(app)
+        add_openapi_route(app, "customer")
+        app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
+        return app
 
     async def stop(self) -> None:
         """Refuse new messages with 503, let in-flight ones finish, then close the listener."""

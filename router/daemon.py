@@ -497,6 +497,9 @@ class Daemon:
         """Update gauges that are cheaper to read on scrape than to maintain."""
         m = self.metrics
         m.outbox_backlog.set(self.dispatcher.backlog)
+        # Depth alone hides a stuck queue that is short; the oldest wait shows it.
+        for queue in self.pipeline.queues_view():
+            m.queue_oldest_wait.labels(queue=queue["queue"]).set(queue["oldest_wait_s"])
         for kind, group in (("channel", self.channels), ("adapter", self.tools)):
             for name, d in group.items():
                 for state in DriverState:

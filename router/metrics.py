@@ -133,6 +133,13 @@ class Metrics:
             ["queue"],
             registry=r,
         )
+        self.queue_oldest_wait = Gauge(
+            "omnirouter_queue_oldest_wait_seconds",
+            "How long the longest-waiting message of each queue has waited (0: empty), "
+            "refreshed at each scrape.",
+            ["queue"],
+            registry=r,
+        )
         self.agent_load = Gauge(
             "omnirouter_agent_open_conversations",
             "Open conversations held by each agent.",

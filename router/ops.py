@@ -28,6 +28,7 @@ from router.contacts import ContactChange
 from router.drivers import AgentAction, Presence
 from router.http import HttpLimits, new_app
 from router.model import LABELS, TICKET_PREFIX
+from router.openapi import add_openapi_route
 from router.store import DeadLetter, TicketEvent
 
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -231,6 +232,7 @@ class OpsApi:
         from router.status_page import StatusPage  # imported here: it imports this module
 
         StatusPage(self, self._admin_token).add_routes(app)
+        add_openapi_route(app, "ops")
         return app
 
     def _admin(self, handler: Handler) -> Handler:

@@ -2,12 +2,12 @@
 
 Routes, added to the ops API by `StatusPage.add_routes`:
 
-* `GET /status`: the page (plain HTML, one script, one style sheet under
+* `GET /dashboard`: the page (plain HTML, one script, one style sheet under
   `router/static/`, no build step). It holds no data itself: its script polls
   `GET /v1/status` every 2 s and shows a login form while that answers 401.
-* `POST /status/login`: the form posts the admin token; when it matches, the server
+* `POST /dashboard/login`: the form posts the admin token; when it matches, the server
   keeps a random session id in memory and sets it as an HttpOnly, SameSite=Strict
-  cookie (browsers cannot send a bearer header by themselves). `POST /status/logout`
+  cookie (browsers cannot send a bearer header by themselves). `POST /dashboard/logout`
   forgets it. Sessions die with the process or after `SESSION_TTL`. Past
   `LOGIN_FAILURES_PER_MINUTE` wrong tokens a minute, logins answer 429.
 * `GET /v1/status`: the JSON, for the bearer token (as every /v1 route) or the cookie.
@@ -55,9 +55,9 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 _ASSETS = {
-    "/status": ("status.html", "text/html; charset=utf-8"),
-    "/status/status.js": ("status.js", "text/javascript; charset=utf-8"),
-    "/status/status.css": ("status.css", "text/css; charset=utf-8"),
+    "/dashboard": ("status.html", "text/html; charset=utf-8"),
+    "/dashboard/status.js": ("status.js", "text/javascript; charset=utf-8"),
+    "/dashboard/status.css": ("status.css", "text/css; charset=utf-8"),
 }
 
 
@@ -88,8 +88,8 @@ class StatusPage:
         """Add the page, its assets, the login and the JSON to the ops API's app."""
         for path in self._assets:
             app.router.add_get(path, self.asset)
-        app.router.add_post("/status/login", self.login)
-        app.router.add_post("/status/logout", self.logout)
+        app.router.add_post("/dashboard/login", self.login)
+        app.router.add_post("/dashboard/logout", self.logout)
         app.router.add_get("/v1/status", self.status)
 
     # -- sessions ------------------------------------------------------------------------
@@ -143,8 +143,8 @@ class StatusPage:
         token = form.get("token")
         if not isinstance(token, str) or not self._token_ok(token):
             self._failures.append(now)
-            return _see_other("/status?login=failed")
-        answer = _see_other("/status")
+            return _see_other("/dashboard?login=failed")
+        answer = _see_other("/dashboard")
         answer.set_cookie(
             COOKIE,
             self._new_session(),
@@ -161,7 +161,7 @@ class StatusPage:
     async def logout(self, request: web.Request) -> web.Response:
         """Forget the session and clear the cookie."""
         self._sessions.pop(request.cookies.get(COOKIE, ""), None)
-        answer = _see_other("/status")
+        answer = _see_other("/dashboard")
         answer.del_cookie(COOKIE, path="/")
         return answer
 

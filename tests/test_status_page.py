@@ -89,9 +89,9 @@ async def test_page_and_assets_carry_a_strict_csp_and_no_inline_code(
 ) -> None:
     client, _ = ops
     for path, kind in (
-        ("/status", "text/html"),
-        ("/status/status.js", "text/javascript"),
-        ("/status/status.css", "text/css"),
+        ("/dashboard", "text/html"),
+        ("/dashboard/status.js", "text/javascript"),
+        ("/dashboard/status.css", "text/css"),
     ):
         resp = await client.get(path)
         assert resp.status == 200, path
@@ -102,7 +102,7 @@ async def test_page_and_assets_carry_a_strict_csp_and_no_inline_code(
     assert "default-src 'self'" in CSP and "unsafe-inline" not in CSP
     html = (STATIC / "status.html").read_text()
     # Scripts only by src, no style blocks or attributes, no inline handlers.
-    assert re.findall(r"<script[^>]*>", html) == ['<script src="/status/status.js" defer>']
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/dashboard/status.js" defer>']
     assert "<style" not in html and " style=" not in html
     assert not re.search(r"\son[a-z]+=", html)
     js = (STATIC / "status.js").read_text()
@@ -113,13 +113,13 @@ async def test_login_sets_an_httponly_strict_cookie_that_reads_the_json(
     ops: tuple[TestClient[Any, Any], Harness],
 ) -> None:
     client, _ = ops
-    wrong = await client.post("/status/login", data={"token": "guess"}, allow_redirects=False)
+    wrong = await client.post("/dashboard/login", data={"token": "guess"}, allow_redirects=False)
     assert wrong.status == 303
-    assert wrong.headers["Location"] == "/status?login=failed"
+    assert wrong.headers["Location"] == "/dashboard?login=failed"
     assert "Set-Cookie" not in wrong.headers
 
-    right = await client.post("/status/login", data={"token": TOKEN}, allow_redirects=False)
-    assert right.status == 303 and right.headers["Location"] == "/status"
+    right = await client.post("/dashboard/login", data={"token": TOKEN}, allow_redirects=False)
+    assert right.status == 303 and right.headers["Location"] == "/dashboard"
     cookie = right.headers["Set-Cookie"]
     assert cookie.startswith("omnirouter_status=")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
@@ -133,7 +133,7 @@ async def test_login_sets_an_httponly_strict_cookie_that_reads_the_json(
     assert "queues" in await resp.json()
 
     behind_proxy = await client.post(
-        "/status/login",
+        "/dashboard/login",
         data={"token": TOKEN},
         headers={"X-Forwarded-Proto": "https"},
         allow_redirects=False,
@@ -143,7 +143,7 @@ async def test_login_sets_an_httponly_strict_cookie_that_reads_the_json(
     sid = cookie.split(";")[0].split("=", 1)[1]
     client.session.cookie_jar.clear()
     out = await client.post(
-        "/status/logout", headers={"Cookie": f"omnirouter_status={sid}"}, allow_redirects=False
+        "/dashboard/logout", headers={"Cookie": f"omnirouter_status={sid}"}, allow_redirects=False
     )
     assert out.status == 303
     assert 'omnirouter_status=""' in out.headers["Set-Cookie"]
@@ -160,7 +160,7 @@ async def test_wrong_tokens_are_throttled() -> None:
     async with TestClient(TestServer(app)) as client:
 
         async def login(token: str) -> int:
-            resp = await client.post("/status/login", data={"token": token}, allow_redirects=False)
+            resp = await client.post("/dashboard/login", data={"token": token}, allow_redirects=False)
             return resp.status
 
         assert [await login("guess") for _ in range(LOGIN_FAILURES_PER_MINUTE)] == [
@@ -283,7 +283,7 @@ async def test_page_follows_the_daemon_live(
         page.on("dialog", lambda dialog: violations.append("dialog: " + dialog.message))
 
         # Without a session the page asks for the token; a wrong one is refused.
-        await page.goto(ops_url + "/status")
+        await page.goto(ops_url + "/dashboard")
         await page.locator("#login").wait_for()
         await page.locator("#token").fill("not-the-token")
         await page.locator("#login button").click()
@@ -361,7 +361,7 @@ async def test_page_follows_the_daemon_live(
         assert width <= 390
         await shoot(page, "status-phone.png")
         assert violations == []
-        assert page.url == ops_url + "/status"  # never reloaded since the login
+        assert page.url == ops_url + "/dashboard"  # never reloaded since the login
         await context.close()
 
         # The terminal view of the same daemon.
