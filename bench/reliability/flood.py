@@ -79,6 +79,7 @@ class RssSampler:
     """Sample a process's RSS every SAMPLE_EVERY seconds in a thread, with phase labels."""
 
     def __init__(self, pid: int) -> None:
+        """Prepare to sample pid; start() begins."""
         self.pid = pid
         self.phase = "start"
         self.samples: list[tuple[float, str, int]] = []  # (monotonic, phase, bytes)
@@ -86,10 +87,12 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
 
     def start(self) -> RssSampler:
+        """Start sampling in the background."""
         self._thread.start()
         return self
 
     def _run(self) -> None:
+        """Sample until stop(), labelling each sample with the current phase."""
         while not self._stop.is_set():
             self.samples.append((time.monotonic(), self.phase, rss_bytes(self.pid)))
             self._stop.wait(SAMPLE_EVERY)
@@ -105,6 +108,7 @@ class RssSampler:
         return max((b for _, p, b in self.samples if p in phases), default=0)
 
     def stop(self) -> None:
+        """Stop sampling."""
         self._stop.set()
         self._thread.join(5)
 
@@ -124,6 +128,7 @@ class Load:
     """The clients: POST numbered messages, count answers, keep the acknowledged keys."""
 
     def __init__(self, session: Any, url: str) -> None:
+        """Send through session to url; nothing counted yet."""
         self.session = session
         self.url = url
         self.n = 0
@@ -235,6 +240,7 @@ def check_stored(db_path: Path, acked: dict[str, str]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Start the daemon in tmp, measure R, flood, drain, check the store; return figures."""
     import aiohttp
 
     web_port, ops_port = ports()
@@ -310,6 +316,7 @@ def report(r: dict[str, Any]) -> None:
     """Print the figures as a table."""
 
     def mib(key: str) -> str:
+        """Return a byte figure in MiB."""
         return f"{r[key] / 2**20:.1f} MiB"
 
     rows = [
@@ -343,6 +350,7 @@ def report(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the bench and print the table and the JSON line; return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measure", type=float, default=5.0, help="seconds to measure R")
     parser.add_argument("--flood", type=float, default=20.0, help="seconds of flood")

@@ -184,9 +184,11 @@ class TcpProxy:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     async def _set_delay(self, seconds: float) -> None:
+        """Delay chunks read from now on."""
         self._delay = seconds
 
     async def _set_flowing(self, flowing: bool) -> None:
+        """Let chunks through, or hold every reader and writer."""
         if flowing:
             self._flowing.set()
         else:
@@ -201,6 +203,7 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._accept, sock=sock)
 
     async def _cut(self) -> None:
+        """Close the listener and drop every connection."""
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -214,6 +217,7 @@ class TcpProxy:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def _restore(self) -> None:
+        """No delay, flowing, listening."""
         self._delay = 0.0
         self._flowing.set()
         if self._server is None:

@@ -90,6 +90,7 @@ class Client:
     """POSTs numbered messages and keeps every answer."""
 
     def __init__(self, web_url: str) -> None:
+        """POST to web_url's message endpoint."""
         self.url = web_url + "/v1/messages"
         self.acked: dict[str, str] = {}  # Idempotency-Key -> message id, from 2xx answers
         self.refused: list[str] = []  # keys answered 503 (not yet stored)

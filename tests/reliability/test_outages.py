@@ -64,6 +64,7 @@ class MqttInbox:
     """Subscribe straight to the broker (not through the proxy) and keep every delivery."""
 
     def __init__(self, port: int) -> None:
+        """Connect to the broker on port and subscribe to every agent's inbox."""
         self.deliveries: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
@@ -77,9 +78,11 @@ class MqttInbox:
             raise RuntimeError("the test subscriber did not subscribe")
 
     def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
+        """Subscribe on every (re)connect."""
         client.subscribe(f"{PREFIX}/+/inbox", qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Keep one delivery."""
         with self._lock:
             self.deliveries.append(json.loads(msg.payload))
 
