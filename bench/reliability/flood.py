@@ -1,6 +1,6 @@
 """Flood benchmark: the daemon's memory when offered ten times what it can take (issue 13).
 
-Usage: python bench/reliability/flood.py [--measure 5] [--flood 20] [--factor 10]
+Usage: python bench/reliability/flood.py [--measure 5] [--flood 20] [--factor 10] [--tool-down]
                                          [--clients 400] [--agents 20]
 
 Starts the real daemon (tests.daemon_harness.DaemonProcess) with a web channel, SQLite
@@ -50,6 +50,7 @@ for path in (REPO, REPO / "bench"):
 from ingest import cpu_seconds, percentile  # noqa: E402
 
 from tests.daemon_harness import DaemonProcess, base_config, ports  # noqa: E402
+from tests.peers import free_port  # noqa: E402
 
 SAMPLE_EVERY = 0.5
 AGENT_CAPACITY = 1000  # the config's maximum per agent
@@ -113,15 +114,32 @@ class RssSampler:
         self._thread.join(5)
 
 
-def daemon_config(state_dir: Path, web_port: int, ops_port: int, agents: int) -> str:
-    """Return the config: web channel, inbox tool, `agents` agents of capacity 1000."""
+def daemon_config(
+    state_dir: Path, web_port: int, ops_port: int, agents: int, tool_down: bool = False
+) -> str:
+    """Return the config: web channel, `agents` agents of capacity 1000 on one tool.
+
+    The tool is the file inbox, or with tool_down a webhook whose receiver is not
+    there (nothing listens on its port): every delivery then waits in the outbox.
+    """
+    tool = "inbox"
+    adapters = '[[adapters]]\ntype = "inbox"\nname = "inbox"\n'
+    if tool_down:
+        tool = "hook"
+        adapters = (
+            f'[[adapters]]\ntype = "webhook"\nname = "hook"\n'
+            f'url = "http://127.0.0.1:{free_port()}/down"\nsecret = "flood-bench-secret"\n'
+            "timeout = 1\n"
+        )
     roster = "\n".join(
-        f'[[agents]]\nid = "a{i:02d}"\ncapacity = {AGENT_CAPACITY}\ntool = "inbox"\n'
+        f'[[agents]]\nid = "a{i:02d}"\ncapacity = {AGENT_CAPACITY}\ntool = "{tool}"\n'
         f'skills = ["en", "zh"]\n'
         for i in range(agents)
     )
     # The defaults a deployment would run with, except a faster outbox scan.
-    return base_config(state_dir, web_port=web_port, ops_port=ops_port, agents=roster)
+    return base_config(
+        state_dir, web_port=web_port, ops_port=ops_port, adapters=adapters, agents=roster
+    )
 
 
 class Load:
@@ -246,8 +264,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     web_port, ops_port = ports()
     state = tmp / "state"
     db_path = state / "omnirouter.db"
-    daemon = DaemonProcess(tmp, daemon_config(state, web_port, ops_port, args.agents))
-    result: dict[str, Any] = {"bench": "flood", "clients": args.clients, "factor": args.factor}
+    config = daemon_config(state, web_port, ops_port, args.agents, args.tool_down)
+    daemon = DaemonProcess(tmp, config)
+    result: dict[str, Any] = {
+        "bench": "flood",
+        "clients": args.clients,
+        "factor": args.factor,
+        "tool_down": args.tool_down,
+    }
     try:
         daemon.start()
         sampler = RssSampler(daemon.pid).start()
@@ -288,11 +312,14 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         sampler.phase = "drain"
         drain_started = time.monotonic()
-        while time.monotonic() - drain_started < 60:
+        cpu0 = cpu_seconds(daemon.pid)
+        # With the tool down nothing drains: watch the idle daemon hold its backlog.
+        while time.monotonic() - drain_started < (10 if args.tool_down else 60):
             if await asyncio.to_thread(outbox_size, db_path) == 0:
                 break
             await asyncio.sleep(0.5)
         result["drain_s"] = time.monotonic() - drain_started
+        result["drain_cpu_share"] = (cpu_seconds(daemon.pid) - cpu0) / result["drain_s"]
         result["outbox_after_drain"] = await asyncio.to_thread(outbox_size, db_path)
         await asyncio.sleep(1.0)
         result["rss_after_drain"] = sampler.now()
@@ -333,7 +360,11 @@ def report(r: dict[str, Any]) -> None:
         ("RSS peak during the flood", mib("rss_peak_flood")),
         ("RSS right after the flood", mib("rss_after_flood")),
         ("outbox after the flood", str(r["outbox_after_flood"])),
-        ("drained in", f"{r['drain_s']:.1f} s (outbox {r['outbox_after_drain']})"),
+        (
+            "drain",
+            f"{r['drain_s']:.1f} s, outbox {r['outbox_after_drain']} left, "
+            f"daemon CPU {r['drain_cpu_share']:.0%} of a core meanwhile",
+        ),
         ("RSS after the drain", mib("rss_after_drain")),
         ("answers in total", json.dumps(r["answers_total"], sort_keys=True)),
         (
@@ -358,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=400, help="concurrent clients")
     parser.add_argument("--agents", type=int, default=20, help="agents of capacity 1000")
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the store goes")
+    parser.add_argument(
+        "--tool-down",
+        action="store_true",
+        help="agents on a webhook nobody answers: every delivery waits in the outbox",
+    )
     args = parser.parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="omnirouter-flood-", dir=args.tmpdir) as tmp:
