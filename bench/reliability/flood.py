@@ -15,6 +15,10 @@ Starts the real daemon (tests.daemon_harness.DaemonProcess) with a web channel, 
 3. **Drain.** Wait (up to 60 s) for the outbox to empty, so the figure "after" is the
    daemon's memory once its backlog is gone.
 
+With `--tool-down` the agents' tool is a webhook nobody answers: the assignments stay
+in the outbox, the drain phase lasts 10 s, and then the daemon's CPU is measured for
+5 s while it only holds the backlog.
+
 The daemon's RSS (psutil when installed, else VmRSS from /proc/PID/status) is sampled
 every 0.5 s throughout. Printed: baseline RSS (after a warm-up, before the flood), peak
 RSS, RSS right after the flood and after the drain, the answers by status, the request
@@ -320,6 +324,12 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             await asyncio.sleep(0.5)
         result["drain_s"] = time.monotonic() - drain_started
         result["drain_cpu_share"] = (cpu_seconds(daemon.pid) - cpu0) / result["drain_s"]
+        if args.tool_down:
+            # What holding the backlog costs once only the agents' deliveries wait.
+            cpu0 = cpu_seconds(daemon.pid)
+            await asyncio.sleep(5.0)
+            result["hold_cpu_share"] = (cpu_seconds(daemon.pid) - cpu0) / 5.0
+            result["outbox_held"] = await asyncio.to_thread(outbox_size, db_path)
         result["outbox_after_drain"] = await asyncio.to_thread(outbox_size, db_path)
         await asyncio.sleep(1.0)
         result["rss_after_drain"] = sampler.now()
@@ -366,6 +376,15 @@ def report(r: dict[str, Any]) -> None:
             f"daemon CPU {r['drain_cpu_share']:.0%} of a core meanwhile",
         ),
         ("RSS after the drain", mib("rss_after_drain")),
+    ]
+    if "hold_cpu_share" in r:
+        rows.append(
+            (
+                "holding the backlog (5 s)",
+                f"{r['outbox_held']} items, daemon CPU {r['hold_cpu_share']:.0%} of a core",
+            )
+        )
+    rows += [
         ("answers in total", json.dumps(r["answers_total"], sort_keys=True)),
         (
             "every 201 stored once",
