@@ -26,6 +26,15 @@ Two things aiomqtt does not do for us, handled here:
 * paho keeps unacknowledged messages in its client and re-sends them after a
   reconnect of the *same* client. We build a fresh client per connection, so a
   delivery that failed here is re-sent only by the outbox, with its own id.
+* A broker that hangs (a stuck process, a black-holed route) keeps its TCP connection
+  open; paho notices only after one to two keepalive periods, and until then every
+  publish times out and spends one of the outbox's attempts: a hang of a minute could
+  dead-letter a backlog. So when a publish gets no PUBACK within `publish_timeout` and
+  *no* publish on the connection was acknowledged for that long either, the broker is
+  taken as unresponsive: the connection is dropped and the tool goes to
+  `transient_disconnect` at once, so the outbox holds its items without spending
+  attempts while `run()` reconnects. (A slow but working broker still acknowledges
+  other publishes, so a single late PUBACK does not drop the connection.)
 
 Delivery is at least once: a PUBACK lost with the connection makes the outbox send
 the same delivery id again. Receivers dedupe on `delivery_id`.
@@ -41,6 +50,7 @@ import os
 import re
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +159,12 @@ class _Session:
     # The deadlines of deliveries waiting for their PUBACK; end() expires them at once.
     waiting: set[asyncio.Timeout] = field(default_factory=set)
     offline_sent: bool = False  # the retained "offline" status went out (a clean stop)
+    # When the broker last acknowledged something on this connection (time.monotonic()).
+    last_ack: float = field(default_factory=time.monotonic)
+    # Resolved with a reason when deliveries show the broker stopped answering.
+    unresponsive: asyncio.Future[str] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
     def end(self) -> None:
         """Mark the connection as gone and wake every delivery still waiting for a PUBACK."""
@@ -259,7 +275,7 @@ class MqttTool(AgentToolBase):
                     delay = self._transient(failures, f"broker refused the connection: {exc}")
                     failures += 1
             except aiomqtt.MqttError as exc:
-                if self.state == DriverState.CONNECTED:
+                if self.state == DriverState.CONNECTED or isinstance(exc, _Unresponsive):
                     failures = 0  # the connection worked: start the backoff from the bottom
                 delay = self._transient(failures, f"connection failed or lost: {exc}")
                 failures += 1
@@ -294,11 +310,25 @@ class MqttTool(AgentToolBase):
                 await client.publish(
                     self.status_topic, _status_payload("online"), qos=1, retain=True
                 )
+            session.last_ack = time.monotonic()
             self._set_state(DriverState.CONNECTED)
-            async for message in client.messages:
-                action = self._parse_message(message)
-                if action is not None:
-                    queue.put_nowait(action)
+            reader = asyncio.create_task(self._read_actions(client, queue))
+            try:
+                await asyncio.wait(
+                    (reader, session.unresponsive), return_when=asyncio.FIRST_COMPLETED
+                )
+                if reader.done():
+                    reader.result()  # the connection ended: raise why (an MqttError)
+            finally:
+                if not reader.done():
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+            # The broker stopped answering: report it now, before the DISCONNECT (which a
+            # hung broker may never acknowledge) is given up on, so the outbox holds items.
+            reason = session.unresponsive.result()
+            self._set_state(DriverState.TRANSIENT_DISCONNECT, reason)
+            raise _Unresponsive(reason)
         except asyncio.CancelledError:
             # A clean stop sends no last will: say "offline" before disconnecting.
             await self._announce_offline(session)
@@ -308,6 +338,15 @@ class MqttTool(AgentToolBase):
             session.end()  # wake deliveries still waiting for a PUBACK
             # Graceful DISCONNECT when still connected; a no-op after a lost connection.
             await client.__aexit__(None, None, None)
+
+    async def _read_actions(
+        self, client: aiomqtt.Client, queue: asyncio.Queue[AgentAction]
+    ) -> None:
+        """Queue the actions arriving on the connection until it ends."""
+        async for message in client.messages:
+            action = self._parse_message(message)
+            if action is not None:
+                queue.put_nowait(action)
 
     async def _enter(self, client: aiomqtt.Client) -> None:
         """Connect the client; if cancelled meanwhile, close the connection once it is up."""
@@ -456,11 +495,18 @@ class MqttTool(AgentToolBase):
                 raise TransientError(
                     f"mqtt {self.name}: connection lost before the PUBACK"
                 ) from None
-            raise TimedOut(
-                f"mqtt {self.name}: no PUBACK within {self.config.publish_timeout} s"
-            ) from None
+            error = f"mqtt {self.name}: no PUBACK within {self.config.publish_timeout} s"
+            silent = time.monotonic() - session.last_ack
+            if silent >= self.config.publish_timeout and not session.unresponsive.done():
+                # Nothing at all acknowledged for that long: the broker hangs (see the
+                # module doc); drop the connection rather than spend attempts on it.
+                session.unresponsive.set_result(
+                    f"broker unresponsive: no PUBACK for {silent:.1f} s"
+                )
+            raise TimedOut(error) from None
         except Exception as exc:
             raise _translate(exc) from exc
+        session.last_ack = time.monotonic()
         self._succeeded()
 
     # -- helpers ---------------------------------------------------------------
@@ -498,6 +544,10 @@ def presence_from_payload(payload: Any) -> str | None:
 
 def _status_payload(status: str) -> bytes:
     return json.dumps({"status": status, "router": socket.gethostname()}).encode()
+
+
+class _Unresponsive(aiomqtt.MqttError):
+    """The connection is up but the broker acknowledges nothing: reconnect."""
 
 
 def _connect_code(exc: MqttConnectError) -> int | None:

@@ -36,6 +36,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# ContactBook.seen() looks for handles that left the repeat-contact window at most
+# once per this many messages (more rarely while the book is larger).
+SWEEP_EVERY = 4096
+
 # The identifier kinds a channel may vouch for, and what their values look like.
 _PHONE = re.compile(r"\+[1-9]\d{5,14}")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -121,6 +125,11 @@ class ContactBook:
         self.children: dict[str, set[str]] = {}
         self.handles: dict[str, set[str]] = {}
         self.recent: dict[str, deque[float]] = {}
+        # The longest window count() was asked for: times older than that are never
+        # counted again, so seen() sweeps handles with nothing newer (0: not yet known).
+        self.horizon = 0.0
+        self._seen_since_sweep = 0
+        self._sweep_after = SWEEP_EVERY  # calls of seen() until the next sweep
 
     # -- who is who --------------------------------------------------------------
 
@@ -196,8 +205,23 @@ class ContactBook:
     # -- repeat contacts ---------------------------------------------------------
 
     def seen(self, key: str, at: float) -> None:
-        """Record one message from handle `key` at `at`."""
+        """Record one message from handle `key` at `at`; now and then drop stale handles.
+
+        count() prunes only the handles it is asked about, so a handle that wrote once
+        and never again kept its entry (about 0.6 KiB) for the daemon's lifetime: memory
+        grew with every distinct contact (bench/reliability/flood.py). The next sweep
+        comes after as many calls as handles were left (at least SWEEP_EVERY), so the
+        cost stays amortised O(1) per message.
+        """
         self.recent.setdefault(key, deque()).append(at)
+        self._seen_since_sweep += 1
+        if self.horizon and self._seen_since_sweep >= self._sweep_after:
+            since = at - self.horizon
+            stale = [k for k, times in self.recent.items() if not times or times[-1] < since]
+            for k in stale:
+                del self.recent[k]
+            self._seen_since_sweep = 0
+            self._sweep_after = max(SWEEP_EVERY, len(self.recent))
 
     def count(self, key: str, identifiers: Iterable[str], now: float, window: float) -> int:
         """Return how many messages the contact wrote within `window`, this one included.
@@ -205,6 +229,7 @@ class ContactBook:
         Counts every handle of the contact (and of contacts a verified identifier of
         this message links it to), across channels.
         """
+        self.horizon = max(self.horizon, window)
         keys = self.handles_of(self.roots_for(key, identifiers))
         keys.add(key)
         since = now - window

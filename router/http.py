@@ -226,8 +226,22 @@ class _GuardedHandler(web.RequestHandler):
     listener = ""
 
     def is_idle(self) -> bool:
-        """Return whether no request is being handled or waiting (safe to evict)."""
-        return not self._request_in_progress and not self._messages
+        """Return whether the connection waits for its next request (safe to evict).
+
+        Waiting means aiohttp's read loop is parked on its waiter with nothing queued.
+        "No request in progress and none queued" is not enough: between taking a
+        request off the queue and the first step of its handler task (a separate task,
+        not started eagerly before Python 3.12) both are false, and evicting then lets
+        the handler commit the message while its 201 can no longer be sent. A fresh
+        connection whose read loop has not started yet is not idle either.
+        """
+        waiter = self._waiter
+        return (
+            waiter is not None
+            and not waiter.done()
+            and not self._messages
+            and not self._request_in_progress
+        )
 
     def handle_error(
         self,

@@ -316,6 +316,33 @@ async def test_publish_timeout_is_timed_out(mosquitto: Mosquitto, tmp_path: Path
             mosquitto.resume()
 
 
+async def test_a_hung_broker_drops_the_connection_after_one_timeout(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # No PUBACK at all for publish_timeout: the broker hangs. The tool must not wait for
+    # the keepalive (up to two periods) to notice, or every outbox retry meanwhile would
+    # spend an attempt; it reports transient_disconnect (the outbox then holds items).
+    tool = make_tool(mosquitto, tmp_path, publish_timeout=0.3, keepalive=60, connect_timeout=0.5)
+    async with running(tool):
+        await wait_state(tool, DriverState.CONNECTED)
+        await tool.deliver(make_delivery(0))  # acknowledged: the clock starts here
+        mosquitto.pause()
+        try:
+            with pytest.raises(TimedOut):
+                await tool.deliver(make_delivery(1))
+            await wait_state(tool, DriverState.TRANSIENT_DISCONNECT)
+            assert "broker unresponsive" in tool.last_error
+            with pytest.raises(TransientError, match="not connected"):
+                await tool.deliver(make_delivery(2))
+        finally:
+            mosquitto.resume()
+        await wait_state(tool, DriverState.CONNECTED, within=10)
+        async with subscriber(mosquitto, f"{PREFIX}/alice/inbox") as sub:
+            await tool.deliver(make_delivery(3))
+            [message] = await receive(sub, 1)
+        assert json.loads(message.payload)["delivery_id"] == make_delivery(3).id
+
+
 async def test_not_connected_deliver_is_transient_at_once(tmp_path: Path) -> None:
     config = MqttConfig(type="mqtt", name="mq", host="127.0.0.1", port=1)
     ctx = DriverContext(state_dir=tmp_path, log=structlog.get_logger())

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from channels.email.authres import dmarc_domains, sender_verified
 from router.contacts import (
+    SWEEP_EVERY,
     ContactBook,
     email_identifier,
     phone_identifier,
@@ -98,6 +99,31 @@ def test_the_book_counts_across_handles_and_an_unmerge_splits_exactly() -> None:
     assert book.count("email:ann@x.org", (), now=115.0, window=100.0) == 3  # 10.0 left the window
     book.unmerged("c_b")
     assert book.count("email:ann@x.org", (), now=115.0, window=100.0) == 2
+
+
+def test_handles_that_left_the_window_are_swept_from_the_book() -> None:
+    # One message each from many handles, never again: their times must not stay in
+    # memory for the daemon's lifetime (bench/reliability/flood.py).
+    book = ContactBook()
+    assert book.count("email:first@x.org", (), now=0.0, window=100.0) == 1  # learns the window
+    for n in range(SWEEP_EVERY):
+        book.seen(f"email:old{n}@x.org", float(n % 50))
+    book.seen("email:ann@x.org", 150.0)  # within 100 s of the sweep below
+    for n in range(SWEEP_EVERY):
+        book.seen(f"email:new{n}@x.org", 200.0)
+    assert not any(k.startswith("email:old") for k in book.recent)
+    assert len(book.recent) == SWEEP_EVERY + 1
+    for n in range(10 * SWEEP_EVERY):  # a steady stream of one-off handles stays bounded
+        book.seen(f"email:later{n}@x.org", 1000.0 + n / 10)
+    assert len(book.recent) <= 4 * SWEEP_EVERY
+    assert book.count("email:later40959@x.org", (), now=5096.0, window=100.0) == 2
+
+
+def test_no_sweep_before_the_window_is_known() -> None:
+    book = ContactBook()  # a restore replays times before anything asks for a count
+    for n in range(2 * SWEEP_EVERY):
+        book.seen(f"email:c{n}@x.org", float(n))
+    assert len(book.recent) == 2 * SWEEP_EVERY
 
 
 # -- linking at ingest --------------------------------------------------------------------

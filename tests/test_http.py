@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import gzip
 import io
 import json
@@ -27,7 +28,7 @@ import channels.web
 import router.logging as rlog
 from router.config import load_config
 from router.daemon import ensure_admin_token
-from router.http import AcceptErrorLog
+from router.http import AcceptErrorLog, _GuardedHandler
 from router.logging import clear_secrets, configure_logging, mask_secrets
 from router.model import InboundMessage
 from tests.test_channel_web import MESSAGE, FakePipeline, serve
@@ -161,6 +162,46 @@ async def test_full_listener_evicts_idle_connections_and_refuses_when_all_are_bu
             resp.release()
         for _, writer in idle:
             writer.close()
+
+
+async def test_a_request_taken_but_not_yet_handled_is_not_idle(
+    pipeline: FakePipeline, tmp_path: Path
+) -> None:
+    """A read request whose handler has not started yet is busy, not idle (eviction lost 201s).
+
+    bench/reliability/flood.py --clients 1000 (over max_connections) stored about 1,000
+    messages whose clients got a disconnect instead of their 201: the connection was
+    evicted as idle in that window, and the handler still committed the message.
+    """
+    pipeline.gate = asyncio.Event()
+    async with serve(pipeline, tmp_path) as (_, url):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+        handler = None
+        for _ in range(100):
+            handlers = [o for o in gc.get_objects() if isinstance(o, _GuardedHandler)]
+            if handlers and handlers[0].is_idle():
+                handler = handlers[0]
+                break
+            await asyncio.sleep(0.01)
+        assert handler is not None, "the connection never became idle"
+        body = json.dumps(MESSAGE).encode()
+        seen: list[bool] = []
+        # The request arrives; the read loop takes it at the next loop step, and the
+        # callback below runs right after that step, before the handler task's first.
+        handler.data_received(HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        asyncio.get_running_loop().call_soon(lambda: seen.append(handler.is_idle()))
+        try:
+            for _ in range(100):
+                if pipeline.calls:
+                    break
+                await asyncio.sleep(0.01)
+            assert pipeline.calls and seen == [False]
+            assert not handler.is_idle()  # inside the sink
+        finally:
+            pipeline.gate.set()  # a failed check must not leave stop() waiting on the sink
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 201 "), head
+        writer.close()
 
 
 # -- malformed requests, encodings, hang-ups ---------------------------------------------

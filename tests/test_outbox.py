@@ -183,6 +183,66 @@ async def test_a_disconnected_target_holds_items_without_spending_attempts(
     assert tool.delivered[0].attempt == 1
 
 
+class WatchedTool(ScriptedTool):
+    """A ScriptedTool that counts how often the dispatcher looks at its state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+        self._state = DriverState.TRANSIENT_DISCONNECT
+
+    @property  # type: ignore[override]
+    def state(self) -> DriverState:
+        self.looks += 1
+        return self._state
+
+    @state.setter
+    def state(self, value: DriverState) -> None:
+        self._state = value
+
+
+async def test_a_long_outage_costs_one_look_per_recheck_not_one_per_item(
+    store: SqliteStore,
+) -> None:
+    # Items held for a down tool used to wake once a second each: O(backlog) work per
+    # second for the whole outage (bench/reliability/flood.py --tool-down).
+    tool = WatchedTool()
+    d = Dispatcher(store, lambda: {"t": tool}, FAST, Metrics())
+    items = [item() for _ in range(300)]
+    for it in items:
+        await put(store, it)
+    task = await run_dispatcher(d)
+    for it in items:
+        d.submit(it)
+    await wait_for(lambda: tool.looks >= len(items))  # each was looked at once, then parked
+    looks = tool.looks
+    await asyncio.sleep(2.5)  # two rechecks, and the scan every 0.05 s meanwhile
+    assert tool.looks - looks <= 10, tool.looks - looks
+    assert tool.attempts == [] and d.backlog == len(items)
+    tool.state = DriverState.CONNECTED
+    await wait_for(lambda: len(tool.delivered) == len(items), timeout=5)
+    await stop(task)
+    assert sorted(x.id for x in tool.delivered) == sorted(it.id for it in items)
+    assert {x.attempt for x in tool.delivered} == {1}
+
+
+async def test_stopping_forgets_parked_items_so_a_restart_sends_them(store: SqliteStore) -> None:
+    tool = WatchedTool()
+    d = Dispatcher(store, lambda: {"t": tool}, FAST, Metrics())
+    it = item()
+    await put(store, it)
+    task = await run_dispatcher(d)
+    d.submit(it)
+    await wait_for(lambda: tool.looks >= 1)
+    await stop(task)
+    assert d.backlog == 0  # not "known" any more: the scan of a new run() finds it
+    tool.state = DriverState.CONNECTED
+    task = await run_dispatcher(d)
+    await wait_for(lambda: len(tool.delivered) == 1)
+    await stop(task)
+    assert tool.delivered[0].id == it.id
+
+
 async def test_unknown_target_is_a_dead_letter_with_a_reason(store: SqliteStore) -> None:
     d = Dispatcher(store, lambda: {}, FAST, Metrics())
     it = item(target="gone")
