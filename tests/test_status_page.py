@@ -160,7 +160,9 @@ async def test_wrong_tokens_are_throttled() -> None:
     async with TestClient(TestServer(app)) as client:
 
         async def login(token: str) -> int:
-            resp = await client.post("/dashboard/login", data={"token": token}, allow_redirects=False)
+            resp = await client.post(
+                "/dashboard/login", data={"token": token}, allow_redirects=False
+            )
             return resp.status
 
         assert [await login("guess") for _ in range(LOGIN_FAILURES_PER_MINUTE)] == [
