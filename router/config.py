@@ -657,6 +657,11 @@ def _resolve_refs_strict(value: Any, path: str, loader: _Loader) -> Any:
         file_path = Path(_ENV_REF.sub(lambda m: env(m, secret=False), value[5:]))
         if len(loader.issues) > missing:
             return ""
+        if "\x00" in str(file_path):
+            # TOML allows "\u0000"; the OS does not, and pathlib raised ValueError
+            # ("embedded null byte") past the OSError handler: a traceback, not this.
+            loader.add(path, "the secret file path contains a NUL character")
+            return ""
         if not file_path.is_absolute():
             file_path = loader.where(path)[0].base / file_path
         try:
@@ -919,6 +924,10 @@ def _parse(text: str, source: str, loader: _Loader) -> dict[str, Any] | None:
         m = _TOML_POS.search(message)
         line = int(m[1]) if m else None
         column = int(m[2]) if m else None
+        if m is None and "at end of document" in message:
+            # tomllib gives no line for an error at the very end (an unterminated string
+            # or table header): name the last line, so every syntax error says where.
+            line = max(1, len(text.splitlines()))
         loader.add_file(source, f"invalid TOML: {_TOML_POS.sub('', message)}", line, column)
         return None
 
@@ -945,8 +954,12 @@ def _merge_includes(raw: dict[str, Any], main_path: Path | None, loader: _Loader
     if not isinstance(patterns, list):
         return  # reported by validation of daemon.include
     done: set[Path] = set() if main_path is None else {main_path.resolve()}
-    for pattern in patterns:
+    for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
+            continue
+        if "\x00" in pattern:
+            # As for file: refs: glob would raise ValueError ("embedded null byte").
+            loader.add(f"daemon.include[{i}]", "must not contain a NUL character")
             continue
         for name in sorted(glob.glob(os.path.join(loader.main.base, os.path.expandvars(pattern)))):
             inc = Path(name)

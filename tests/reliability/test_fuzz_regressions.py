@@ -1,0 +1,65 @@
+"""Every failing case the fuzz campaign found, as a plain test with its literal input.
+
+Each was a real bug, fixed in the product code with a comment saying why; these keep it
+fixed whatever the fuzzer's seeds or strategies become.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from channels.sms.twilio import signature, signature_valid
+from router.config import ConfigError, build_config, loads_config
+
+URL = "https://example.com/sms"
+
+
+def test_twilio_signature_header_with_raw_bytes_is_refused_not_raised() -> None:
+    """aiohttp hands a header's non-UTF-8 bytes over as lone surrogates.
+
+    Found: `X-Twilio-Signature: \\xff\\xfe` arrives as "\\udcff\\udcfe" and
+    signature_valid raised UnicodeEncodeError, so the forged request got a 500 and a
+    logged traceback instead of a 403.
+    """
+    assert signature_valid("token", URL, [("Body", "hi")], "\udcff\udcfe") is False
+
+
+def test_twilio_signature_of_text_with_a_lone_surrogate_does_not_raise() -> None:
+    """Found: signature() raised UnicodeEncodeError on a lone surrogate in a parameter."""
+    signed = signature("token", URL, [("id", "\ud8c5")])
+    assert signed and signed.isascii()
+    assert signature_valid("token", URL, [("id", "\ud8c5")], signed) is True
+    assert signature_valid("token", URL, [("id", "x")], signed) is False
+
+
+def test_secret_file_reference_with_a_nul_is_a_config_error() -> None:
+    """Found: `file:m\\u0000issing` (valid TOML) raised ValueError from pathlib."""
+    text = '[[adapters]]\ntype = "webhook"\nname = "w"\nsecret = "file:m\\u0000issing"\n'
+    with pytest.raises(ConfigError) as caught:
+        loads_config(text)
+    paths = [issue.path for issue in caught.value.issues]
+    assert "adapters[0].secret" in paths
+
+
+def test_secret_file_reference_with_a_nul_in_a_dict_is_a_config_error() -> None:
+    """The same case as the fuzzer found it, through build_config (nested, unknown keys)."""
+    doc = {"classifier": {"secret": {"keywords": [{"x": "file:m\x00issing"}]}}}
+    with pytest.raises(ConfigError) as caught:
+        build_config(doc, source="fuzz.toml")
+    assert all(issue.path for issue in caught.value.issues)
+
+
+def test_include_pattern_with_a_nul_is_a_config_error() -> None:
+    """Found by reading the same code path: glob raised ValueError on a NUL in a pattern."""
+    with pytest.raises(ConfigError) as caught:
+        loads_config('[daemon]\ninclude = ["conf.d\\u0000/*.toml"]\n')
+    assert [issue.path for issue in caught.value.issues] == ["daemon.include[0]"]
+
+
+@pytest.mark.parametrize("text", ['"', "a = [1,", "[daemon", 'a = "x\n'])
+def test_toml_error_at_the_end_of_the_text_names_a_line(text: str) -> None:
+    """Found: an error "at end of document" had neither a field nor a line."""
+    with pytest.raises(ConfigError) as caught:
+        loads_config(text)
+    (issue,) = caught.value.issues
+    assert issue.line is not None and issue.line >= 1, issue
