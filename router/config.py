@@ -606,6 +606,15 @@ def _is_placeholder(value: str) -> bool:
 UNRESOLVED_STANDIN = "unresolved-secret-not-checked-0000"
 
 
+def _child(path: str, key: str) -> str:
+    """Return the dotted path of key under path; an empty key ([""] is valid TOML) quoted.
+
+    Unquoted, an empty key at the top gave an issue with no path at all.
+    """
+    name = key or '""'
+    return f"{path}.{name}" if path else name
+
+
 def _resolve_refs(value: Any, path: str, loader: _Loader) -> Any:
     """Replace ${ENV} and file: references in every string, recursively."""
     if loader.resolve_all or not isinstance(value, str):
@@ -626,7 +635,7 @@ def _resolve_refs(value: Any, path: str, loader: _Loader) -> Any:
 def _resolve_refs_strict(value: Any, path: str, loader: _Loader) -> Any:
     """Replace ${ENV} and file: references in every string, recursively."""
     if isinstance(value, dict):
-        return {k: _resolve_refs(v, f"{path}.{k}" if path else k, loader) for k, v in value.items()}
+        return {k: _resolve_refs(v, _child(path, k), loader) for k, v in value.items()}
     if isinstance(value, list):
         return [_resolve_refs(v, f"{path}[{i}]", loader) for i, v in enumerate(value)]
     if not isinstance(value, str):
@@ -693,7 +702,7 @@ def _add_validation_errors(
             if isinstance(part, int):
                 loc += f"[{part}]"
             else:
-                loc = f"{loc}.{part}" if loc else str(part)
+                loc = _child(loc, str(part))
         if loc in loader.flagged:
             continue  # e.g. "too short" after "environment variable X is not set"
         secret, parent = _walk(model, err["loc"])

@@ -63,3 +63,14 @@ def test_toml_error_at_the_end_of_the_text_names_a_line(text: str) -> None:
         loads_config(text)
     (issue,) = caught.value.issues
     assert issue.line is not None and issue.line >= 1, issue
+
+
+def test_an_empty_table_name_is_named_in_the_error() -> None:
+    """Found: `[""]` (valid TOML) gave "unknown setting" with an empty path."""
+    text = '[daemon]\nshutdown_timeout = 20\n[""]\nhost = "127.0.0.1"\n'
+    with pytest.raises(ConfigError) as caught:
+        loads_config(text)
+    assert [(i.path, i.message) for i in caught.value.issues] == [('""', "unknown setting")]
+    with pytest.raises(ConfigError) as caught:
+        build_config({"daemon": {"": 1}}, source="fuzz.toml")
+    assert [i.path for i in caught.value.issues] == ['daemon.""']
