@@ -6,10 +6,16 @@ fixed whatever the fuzzer's seeds or strategies become.
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
 from channels.sms.twilio import signature, signature_valid
 from router.config import ConfigError, build_config, loads_config
+from tests.peers_sms import TwilioEmulator
+from tests.test_channel_sms import serve
+from tests.test_channel_web import FakePipeline
 
 URL = "https://example.com/sms"
 
@@ -22,6 +28,29 @@ def test_twilio_signature_header_with_raw_bytes_is_refused_not_raised() -> None:
     logged traceback instead of a 403.
     """
     assert signature_valid("token", URL, [("Body", "hi")], "\udcff\udcfe") is False
+
+
+async def test_twilio_webhook_with_raw_bytes_in_the_signature_is_a_403(tmp_path: Path) -> None:
+    """The same case over HTTP: the real channel answers 403 (it answered 500)."""
+    emulator = await TwilioEmulator().start()
+    try:
+        async with serve(tmp_path, FakePipeline(), emulator) as (channel, base):
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(base.split(":")[-1]))
+            body = b"Body=hi&From=%2B14155550123&MessageSid=SM1"
+            writer.write(
+                b"POST /sms HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"X-Twilio-Signature: \xff\xfe\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+            )
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+            assert channel.counts["bad_signature"] == 1
+    finally:
+        await emulator.close()
 
 
 def test_twilio_signature_of_text_with_a_lone_surrogate_does_not_raise() -> None:
