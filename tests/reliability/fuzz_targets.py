@@ -12,10 +12,12 @@ show what share of the cases reached the deep paths rather than the first guard.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import quopri
 import re
+import shutil
 import string
 import tempfile
 from collections.abc import Callable
@@ -532,6 +534,7 @@ def config_texts(draw: st.DrawFn) -> str:
 
 
 _EMPTY_DIR = Path(tempfile.mkdtemp(prefix="omnirouter-fuzz-"))
+atexit.register(shutil.rmtree, _EMPTY_DIR, ignore_errors=True)
 
 
 def _check_config_error(exc: ConfigError, needs_path: bool) -> None:
