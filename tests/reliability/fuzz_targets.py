@@ -332,13 +332,15 @@ NORMALISE = Target(
 
 AGENT_IDS = st.sampled_from(["alice", "bo", "", "ag-1", "王"]) | st.text(max_size=12)
 _JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | WILD_TEXT
-JSON_VALUES = st.recursive(
-    _JSON_SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+
+
+def _json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Return JSON arrays and objects of inner (a named function: hypothesis reads the
+    source of an `extend` lambda to check it recurses, which fails on a wrapped lambda)."""
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+JSON_VALUES = st.recursive(_JSON_SCALARS, _json_containers, max_leaves=12)
 ACTION_VALUES = st.sampled_from(
     ["on", "away", "off", "inquiry", "complaint", "suggestion", "agent:bo", "queue:vip", "queue:"]
 )
@@ -447,14 +449,15 @@ CONFIG_SCALARS = (
     | st.floats(allow_nan=True)
     | st.booleans()
 )
-CONFIG_TREES = st.recursive(
-    CONFIG_SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=3)
-        | st.dictionaries(st.sampled_from(CONFIG_KEYS) | st.text(max_size=6), inner, max_size=4)
-    ),
-    max_leaves=16,
-)
+
+
+def _config_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Return arrays and tables of inner, keyed mostly by names the loader knows."""
+    keys = st.sampled_from(CONFIG_KEYS) | st.text(max_size=6)
+    return st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4)
+
+
+CONFIG_TREES = st.recursive(CONFIG_SCALARS, _config_containers, max_leaves=16)
 BASE_CONFIG: dict[str, Any] = {
     "daemon": {"shutdown_timeout": 20},
     "ops": {"host": "127.0.0.1", "port": 8081},
