@@ -499,18 +499,7 @@ class WebChannel(ChannelBase):
             )
         # Already read by router.http's middleware (within read_timeout and the size cap).
         body = await request.read()
-        try:
-            # Decoded strictly here rather than by json.loads(bytes), which would also
-            # take UTF-16/32 and encoded surrogates ("surrogatepass").
-            document = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
-        except UnicodeDecodeError:
-            raise _Rejected(400, "invalid_encoding", "the body is not valid UTF-8") from None
-        except _DuplicateKey as exc:
-            raise _Rejected(
-                400, "duplicate_field", "a key appears more than once", _field_name(exc.key)
-            ) from None
-        except (ValueError, RecursionError):
-            raise _Rejected(400, "invalid_json", "the body is not valid JSON") from None
+        document = parse_body(body)
         if len(body) > config.max_body_bytes:  # chunked: no Content-Length to check first
             raise _too_large(config.max_body_bytes)
         fields = self.validate(document)
@@ -768,6 +757,26 @@ class WebChannel(ChannelBase):
         self.log.info("web.store_recovered", error=self._store_outage)
         self._store_outage = None
         self.last_error = ""
+
+
+def parse_body(body: bytes) -> object:
+    """Return the JSON document of a request body; raise Rejected (400) naming why not.
+
+    Pure (no request, no channel), so the reliability fuzzer drives it directly with
+    `WebChannel.validate`: together they are everything the API does with a body.
+    """
+    try:
+        # Decoded strictly here rather than by json.loads(bytes), which would also
+        # take UTF-16/32 and encoded surrogates ("surrogatepass").
+        return json.loads(body.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise _Rejected(400, "invalid_encoding", "the body is not valid UTF-8") from None
+    except _DuplicateKey as exc:
+        raise _Rejected(
+            400, "duplicate_field", "a key appears more than once", _field_name(exc.key)
+        ) from None
+    except (ValueError, RecursionError):
+        raise _Rejected(400, "invalid_json", "the body is not valid JSON") from None
 
 
 def _clean_text(value: object, field: str) -> str:

@@ -606,6 +606,15 @@ def _is_placeholder(value: str) -> bool:
 UNRESOLVED_STANDIN = "unresolved-secret-not-checked-0000"
 
 
+def _child(path: str, key: str) -> str:
+    """Return the dotted path of key under path; an empty key ([""] is valid TOML) quoted.
+
+    Unquoted, an empty key at the top gave an issue with no path at all.
+    """
+    name = key or '""'
+    return f"{path}.{name}" if path else name
+
+
 def _resolve_refs(value: Any, path: str, loader: _Loader) -> Any:
     """Replace ${ENV} and file: references in every string, recursively."""
     if loader.resolve_all or not isinstance(value, str):
@@ -626,7 +635,7 @@ def _resolve_refs(value: Any, path: str, loader: _Loader) -> Any:
 def _resolve_refs_strict(value: Any, path: str, loader: _Loader) -> Any:
     """Replace ${ENV} and file: references in every string, recursively."""
     if isinstance(value, dict):
-        return {k: _resolve_refs(v, f"{path}.{k}" if path else k, loader) for k, v in value.items()}
+        return {k: _resolve_refs(v, _child(path, k), loader) for k, v in value.items()}
     if isinstance(value, list):
         return [_resolve_refs(v, f"{path}[{i}]", loader) for i, v in enumerate(value)]
     if not isinstance(value, str):
@@ -656,6 +665,11 @@ def _resolve_refs_strict(value: Any, path: str, loader: _Loader) -> Any:
         missing = len(loader.issues)
         file_path = Path(_ENV_REF.sub(lambda m: env(m, secret=False), value[5:]))
         if len(loader.issues) > missing:
+            return ""
+        if "\x00" in str(file_path):
+            # TOML allows "\u0000"; the OS does not, and pathlib raised ValueError
+            # ("embedded null byte") past the OSError handler: a traceback, not this.
+            loader.add(path, "the secret file path contains a NUL character")
             return ""
         if not file_path.is_absolute():
             file_path = loader.where(path)[0].base / file_path
@@ -688,7 +702,7 @@ def _add_validation_errors(
             if isinstance(part, int):
                 loc += f"[{part}]"
             else:
-                loc = f"{loc}.{part}" if loc else str(part)
+                loc = _child(loc, str(part))
         if loc in loader.flagged:
             continue  # e.g. "too short" after "environment variable X is not set"
         secret, parent = _walk(model, err["loc"])
@@ -919,6 +933,10 @@ def _parse(text: str, source: str, loader: _Loader) -> dict[str, Any] | None:
         m = _TOML_POS.search(message)
         line = int(m[1]) if m else None
         column = int(m[2]) if m else None
+        if m is None and "at end of document" in message:
+            # tomllib gives no line for an error at the very end (an unterminated string
+            # or table header): name the last line, so every syntax error says where.
+            line = max(1, len(text.splitlines()))
         loader.add_file(source, f"invalid TOML: {_TOML_POS.sub('', message)}", line, column)
         return None
 
@@ -945,8 +963,12 @@ def _merge_includes(raw: dict[str, Any], main_path: Path | None, loader: _Loader
     if not isinstance(patterns, list):
         return  # reported by validation of daemon.include
     done: set[Path] = set() if main_path is None else {main_path.resolve()}
-    for pattern in patterns:
+    for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
+            continue
+        if "\x00" in pattern:
+            # As for file: refs: glob would raise ValueError ("embedded null byte").
+            loader.add(f"daemon.include[{i}]", "must not contain a NUL character")
             continue
         for name in sorted(glob.glob(os.path.join(loader.main.base, os.path.expandvars(pattern)))):
             inc = Path(name)

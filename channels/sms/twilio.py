@@ -98,7 +98,14 @@ def signature(
     for key, value in params:
         values.setdefault(key, set()).add(value)
     data = url + "".join(key + v for key in sorted(values) for v in sorted(values[key]))
-    digest = hmac.new(token.encode(), data.encode(), _HASHES[algorithm.upper()]).digest()
+    # surrogatepass: text with a lone surrogate (how Python spells undecodable bytes)
+    # gives a signature that matches nothing instead of raising UnicodeEncodeError in
+    # the webhook handler; valid text encodes exactly as before.
+    digest = hmac.new(
+        token.encode("utf-8", "surrogatepass"),
+        data.encode("utf-8", "surrogatepass"),
+        _HASHES[algorithm.upper()],
+    ).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
@@ -117,12 +124,17 @@ def signature_valid(
     """
     if algorithm.upper() not in _HASHES:
         return False
+    # A signature is base64, so ASCII. aiohttp hands a header's non-UTF-8 bytes over
+    # as lone surrogates ("\udcff"), which given.encode() refused with an exception:
+    # a forged header got a 500 and a logged traceback instead of a 403.
+    if not given.isascii():
+        return False
     try:
         parsed = urlparse(url)
         variants = (_without_port(parsed), _with_port(parsed))
     except ValueError:  # an invalid port
         return False
-    given_bytes = given.encode()
+    given_bytes = given.encode("ascii")
     # The URL as written first: it is the one Twilio signs unless a proxy rewrote it.
     candidates = [url, *(v for v in variants if v != url)] if url in variants else variants
     return any(

@@ -1,0 +1,1 @@
+"""Reliability tests (issue 13): fuzzing and fault campaigns, bounded for CI."""
