@@ -8,7 +8,7 @@ campaign of tests/reliability/fuzz_engine.py: a pool of seed cases drawn by hypo
 health checks off; `--seed-share` of the cases, 2 % by default), then cheap structural
 mutations of those seeds for the rest. Hypothesis alone generates 50–200 structured
 cases/s here, which would make a million cases take hours; seeds plus mutations reach a
-million in minutes (see docs/reliability-fuzz.md for measured figures).
+million in minutes (see docs/RELIABILITY.md ("Fuzzing") for measured figures).
 
 A failing case does not stop the run: failures are counted and the first input of each
 distinct one (by exception type and place) is printed, so one run reports every bug.
