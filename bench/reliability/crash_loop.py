@@ -1,15 +1,15 @@
 """Crash loop benchmark: SIGKILL the real daemon N times under mixed load; audit everything.
 
 Usage: python bench/reliability/crash_loop.py [--kills 100] [--messages 3000]
-       [--mails 500] [--texts 500] [--seed S]
+       [--mails 500] [--texts 500] [--chats 500] [--seed S]
 
 Runs tests/test_crash.py's scenario (web intake with retried idempotency keys, MQTT
 resolver, inbox/MQTT/webhook deliveries) with `--kills` kill points spread over
-`--messages` web messages, with `--mails` customer mails APPENDed to Dovecot and
-`--texts` SMS from a retrying gateway arriving meanwhile (0 and 0: web only). Every
-invariant is checked after each kill and at the end (see that module); a violation
-stops the run with the assertion. Prints one line per kill
-(acknowledged, stored, outbox pending, queued) and a JSON line with the totals.
+`--messages` web messages, with `--mails` customer mails APPENDed to Dovecot, `--texts`
+SMS from a retrying gateway and `--chats` Telegram messages arriving meanwhile (all 0:
+web only). Every invariant is checked after each kill and at the end (see that module);
+a violation stops the run with the assertion. Prints one line per kill (acknowledged,
+stored, outbox pending, queued) and a JSON line with the totals.
 Exit 0 when every invariant held, 1 otherwise.
 """
 
@@ -35,15 +35,18 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--mails", type=int, default=500)
     parser.add_argument("--texts", type=int, default=500)
+    parser.add_argument("--chats", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     # Each kill costs a restart (and, on quiet rounds, waiting for the views to agree).
-    seconds = 120 + args.kills * 12 + args.messages / 20 + (args.mails + args.texts) / 5
+    seconds = (
+        120 + args.kills * 12 + args.messages / 20 + (args.mails + args.texts + args.chats) / 5
+    )
     with tempfile.TemporaryDirectory(prefix="omnirouter-crash-loop-") as tmp:
         try:
             side = (
-                SideChannels(args.seed, mails=args.mails, texts=args.texts)
-                if args.mails or args.texts
+                SideChannels(args.seed, mails=args.mails, texts=args.texts, chats=args.chats)
+                if args.mails or args.texts or args.chats
                 else None
             )
             report = run_scenario(
@@ -66,7 +69,8 @@ def main() -> int:
         f"{len(report['kills'])} kills, {report['messages']} messages acknowledged and stored "
         f"once, {report['assigned']} assigned once, {report['delivered']} delivered once per "
         f"delivery id, {report['retried_keys']} keys retried, "
-        f"{report.get('mails_stored', 0)} mails and {report.get('texts_stored', 0)} texts "
+        f"{report.get('mails_stored', 0)} mails, {report.get('texts_stored', 0)} texts and "
+        f"{report.get('chats_stored', 0)} Telegram messages "
         f"stored once, {report['seconds']} s"
     )
     print(json.dumps(report))

@@ -1,14 +1,17 @@
-"""E-mail and SMS intake beside the web load of the crash scenario (tests/test_crash.py).
+"""E-mail, SMS and Telegram intake beside the web load of the crash scenario (tests/test_crash.py).
 
 `SideChannels` runs a private Dovecot (customers' mails are APPENDed to the support
 mailbox while the daemon lives and dies), an SMTP sink for the acknowledgements, and an
 SMS gateway played by threads: texts are POSTed to the daemon's `sms_http` channel
 (secret-authenticated, the gateway's id on each) and retried until answered 200, as a
-gateway does; the daemon's texts back go to a small threaded HTTP server.
+gateway does; the daemon's texts back go to a small threaded HTTP server. Telegram
+customers write to a bot whose Bot API is the emulator of tests/peers_telegram.py
+(long polling; it holds each update until the daemon confirms it by its offset).
 
 What it checks, from the daemon's database: every mail APPENDed is stored once (by its
 Message-ID) once the daemon has caught up, never twice at any kill; every text answered
-200 is stored once under the gateway's id.
+200 is stored once under the gateway's id; every Telegram message sent is stored once
+(chat and message id) once the daemon has caught up.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from tests.peers import free_port
 from tests.peers_mail import PASSWORD, USER, Dovecot, SmtpServer
+from tests.peers_telegram import TOKEN, BotApiEmulator
 
 SMS_SECRET = "crash-sms-gateway-secret-0123"
 SUPPORT = "support@shop.test"
@@ -48,9 +52,11 @@ class _GatewaySink(BaseHTTPRequestHandler):
 class SideChannels:
     """Mail and SMS traffic for the crash scenario; see the module doc."""
 
-    def __init__(self, seed: int, mails: int, texts: int) -> None:
+    def __init__(self, seed: int, mails: int, texts: int, chats: int = 0) -> None:
         self.rng = random.Random(seed ^ 0x5EED)
-        self.mails, self.texts = mails, texts
+        self.mails, self.texts, self.chats = mails, texts, chats
+        self.bot = BotApiEmulator() if chats else None
+        self.chatted: list[str] = []  # "chat:message_id" of every Telegram message sent
         self.dovecot = Dovecot()
         self.smtp = SmtpServer()
         self.sms_port = free_port()
@@ -69,6 +75,8 @@ class SideChannels:
     def start(self) -> SideChannels:
         self.dovecot.start()
         self.smtp.start()
+        if self.bot is not None:
+            self.bot.start()
         threading.Thread(target=self.gateway.serve_forever, daemon=True).start()
         return self
 
@@ -91,6 +99,12 @@ class SideChannels:
             f'auth = "secret"\nsecret = "{SMS_SECRET}"\nmethod = "POST"\n'
             "[channels.outbound]\n"
             f'url = "{gateway}/send?to={{to}}&text={{text}}"\n'
+        ) + (
+            f'\n[[channels]]\ntype = "telegram"\nname = "tg"\ntoken = "{TOKEN}"\n'
+            f'base_url = "{self.bot.base_url}"\nbase_file_url = "{self.bot.base_file_url}"\n'
+            "poll_timeout = 2\ntimeout = 5\n"
+            if self.bot is not None
+            else ""
         )
 
     def run(self, deadline: float) -> None:
@@ -99,6 +113,8 @@ class SideChannels:
             threading.Thread(target=self._mail_loop, args=(deadline,), name="mails"),
             threading.Thread(target=self._sms_loop, args=(deadline,), name="texts"),
         ]
+        if self.bot is not None:
+            self.threads.append(threading.Thread(target=self._chat_loop, name="chats"))
         for t in self.threads:
             t.start()
 
@@ -113,6 +129,8 @@ class SideChannels:
         self.gateway.server_close()
         self.smtp.stop()
         self.dovecot.close()
+        if self.bot is not None:
+            self.bot.stop()
 
     # -- traffic ---------------------------------------------------------------------
 
@@ -153,6 +171,23 @@ class SideChannels:
         except Exception as exc:
             with self.lock:
                 self.errors.append(f"mail loop: {type(exc).__name__}: {exc}")
+
+    def _chat_loop(self) -> None:
+        assert self.bot is not None
+        try:
+            for n in range(self.chats):
+                while self.paused.is_set() and not self.halt.is_set():
+                    time.sleep(0.02)
+                if self.halt.is_set():
+                    return
+                update = self.bot.send_text(700_000 + n % 40, f"Where is my order {n}? #{n}")
+                message = update["message"]
+                with self.lock:
+                    self.chatted.append(f"{message['chat']['id']}:{message['message_id']}")
+                time.sleep(self.rng.uniform(0.01, 0.08))
+        except Exception as exc:
+            with self.lock:
+                self.errors.append(f"chat loop: {type(exc).__name__}: {exc}")
 
     def _sms_loop(self, deadline: float) -> None:
         url = f"http://127.0.0.1:{self.sms_port}/sms"
@@ -200,6 +235,7 @@ class SideChannels:
         """Check mail and SMS against the store; return figures for the report."""
         with self.lock:
             appended, acked = list(self.appended), set(self.acked_texts)
+            chatted = list(self.chatted)
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
         try:
             mail_ids = [
@@ -212,6 +248,9 @@ class SideChannels:
                     "GROUP BY external_id"
                 )
             }
+            chats = [
+                r[0] for r in conn.execute("SELECT external_id FROM messages WHERE channel='tg'")
+            ]
         finally:
             conn.close()
         # Compared without the angle brackets, however the parser keeps them.
@@ -223,10 +262,19 @@ class SideChannels:
         missing_texts = [g for g in acked if g not in texts]
         assert not missing_texts, f"texts answered 200 but not stored: {missing_texts[:5]}"
         assert all(n == 1 for n in texts.values()), "a text is stored twice"
+        assert len(chats) == len(set(chats)), "a Telegram message is stored twice"
+        assert set(chats) <= set(chatted), "a Telegram message is stored that was never sent"
         if final:
             assert not self.errors, self.errors[:3]
             assert len(appended) == self.mails and set(mail_ids) == set(appended), (
                 f"{len(set(appended) - set(mail_ids))} appended mails not stored"
             )
             assert len(acked) == self.texts == len(texts)
-        return {"mails_stored": len(mail_ids), "texts_stored": len(texts)}
+            assert len(chatted) == self.chats and set(chats) == set(chatted), (
+                f"{len(set(chatted) - set(chats))} Telegram messages not stored"
+            )
+        return {
+            "mails_stored": len(mail_ids),
+            "texts_stored": len(texts),
+            "chats_stored": len(chats),
+        }
