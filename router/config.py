@@ -228,6 +228,10 @@ class OutboxConfig(_Frozen):
     backoff_cap: float = Field(default=300.0, gt=0, le=86400)
     concurrency: int = Field(default=256, ge=1, le=10000)
     poll_interval: float = Field(default=5.0, gt=0, le=3600)
+    # Items held in memory per agent tool while it is down; beyond it they wait in the
+    # store only, and the scan brings them back when the tool is up (memory stays
+    # bounded however long the outage and the intake).
+    max_held_per_tool: int = Field(default=10_000, ge=10, le=10_000_000)
 
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -24,7 +24,7 @@ import structlog
 
 from router.backoff import backoff_delay
 from router.config import OutboxConfig
-from router.delivery import AGENT_PAYLOADS, CUSTOMER_PAYLOADS, ChannelTarget, Outbound
+from router.delivery import AGENT_PAYLOADS, CUSTOMER_PAYLOADS, ChannelTarget, Outbound, ToolTarget
 from router.drivers import (
     AgentTool,
     Channel,
@@ -45,6 +45,9 @@ _TARGET_DOWN_RECHECK = 1.0
 _DOWN = (DriverState.CONNECTING, DriverState.TRANSIENT_DISCONNECT)
 # How long an item waits while the store cannot record outcomes before being looked at again.
 _STORE_DOWN_RECHECK = 1.0
+# Items read per scan, and how soon to scan again while the store holds more.
+_SCAN_PAGE = 1000
+_SCAN_AGAIN = 0.2
 # How many sent ids to remember (far more than can be in flight between a read and
 # the commit of their delete).
 _SENT_MEMORY = 50_000
@@ -81,6 +84,7 @@ class Dispatcher:
         # wake-ups a second for as long as the outage lasted (bench/reliability/flood.py
         # --tool-down: 29 % of a core for 9,900 held items, 7 % after).
         self._parked: dict[str, list[OutboxItem]] = {}
+        self._held_full_logged: set[str] = set()  # tools whose backlog overflowed to the store
         self._park_timers: dict[str, asyncio.TimerHandle] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._done_batch: list[str] = []
@@ -105,6 +109,8 @@ class Dispatcher:
         """Queue a committed item for sending (now or at its next_attempt_at)."""
         if item.id in self._known or item.id in self._sent:
             return
+        if self._held_full(item):
+            return  # its tool is down and holds its share: it waits in the store
         self._known.add(item.id)
         self._idle.clear()
         delay = item.next_attempt_at - self.clock()
@@ -133,9 +139,27 @@ class Dispatcher:
         self._timers.pop(item.id, None)
         self._enqueue(item)
 
+    def _held_full(self, item: OutboxItem) -> bool:
+        """Whether item's tool is down with `max_held_per_tool` items held already."""
+        target = item.target
+        if not isinstance(target, ToolTarget):
+            return False
+        return len(self._parked.get(target.name, ())) >= self.config.max_held_per_tool
+
     def _park(self, name: str, item: OutboxItem) -> None:
-        """Hold item until tool `name` is no longer down (looked at once a recheck)."""
-        self._parked.setdefault(name, []).append(item)
+        """Hold item until tool `name` is no longer down (looked at once a recheck).
+
+        At `max_held_per_tool` the item is let go instead: it is committed, so the scan
+        finds it again once the tool is back. Memory stays bounded through any outage.
+        """
+        held = self._parked.setdefault(name, [])
+        if len(held) >= self.config.max_held_per_tool:
+            if name not in self._held_full_logged:
+                self._held_full_logged.add(name)
+                log.warning("outbox.tool_backlog_in_store", tool=name, held=len(held))
+            self._forget(item.id)
+            return
+        held.append(item)
         if name not in self._park_timers:
             loop = asyncio.get_running_loop()
             self._park_timers[name] = loop.call_later(_TARGET_DOWN_RECHECK, self._recheck, name)
@@ -148,6 +172,7 @@ class Dispatcher:
             loop = asyncio.get_running_loop()
             self._park_timers[name] = loop.call_later(_TARGET_DOWN_RECHECK, self._recheck, name)
             return
+        self._held_full_logged.discard(name)
         for item in self._parked.pop(name, []):
             self._enqueue(item)  # _attempt looks at the state (and the store) again
 
@@ -192,10 +217,16 @@ class Dispatcher:
         while True:
             done: set[str] = set()
             self._done_during_scan = done
+            backlog = False
             try:
-                for item in await self.store.due_outbox(self.clock(), 1000):
+                due = await self.store.due_outbox(self.clock(), _SCAN_PAGE)
+                before = len(self._known)
+                for item in due:
                     if item.id not in done:
                         self.submit(item)
+                # A full page that brought new work in: more waits in the store (a
+                # tool back after an outage longer than it could hold): look again soon.
+                backlog = len(due) == _SCAN_PAGE and len(self._known) > before
             except asyncio.CancelledError:
                 raise
             except StoreUnavailable:
@@ -204,7 +235,7 @@ class Dispatcher:
                 log.warning("outbox.scan_failed", error=str(exc))
             finally:
                 self._done_during_scan = None
-            await asyncio.sleep(self.config.poll_interval)
+            await asyncio.sleep(_SCAN_AGAIN if backlog else self.config.poll_interval)
 
     async def _send(self, item: OutboxItem) -> None:
         try:

@@ -282,3 +282,36 @@ async def test_submitting_twice_sends_once(store: SqliteStore) -> None:
     await asyncio.sleep(0.15)  # let a scan run: the item is gone from the store by now
     await stop(task)
     assert len(tool.delivered) == 1
+
+
+async def test_a_long_outage_holds_a_bounded_backlog_and_loses_nothing(
+    store: SqliteStore,
+) -> None:
+    # bench/reliability/flood.py --tool-down: memory grew with every item held for a
+    # down tool. Now at most max_held_per_tool are held; the rest wait in the store, and
+    # a tool that is up meanwhile is not held back.
+    down, up = WatchedTool(), ScriptedTool()
+    config = OutboxConfig(
+        max_attempts=4,
+        backoff_base=0.01,
+        backoff_cap=0.05,
+        poll_interval=0.05,
+        max_held_per_tool=50,
+    )
+    d = Dispatcher(store, lambda: {"t": down, "u": up}, config, Metrics())
+    items = [item() for _ in range(400)]
+    others = [item("u") for _ in range(20)]
+    for it in [*items, *others]:
+        await put(store, it)
+    task = await run_dispatcher(d)
+    for it in [*items, *others]:
+        d.submit(it)
+    await wait_for(lambda: len(up.delivered) == len(others))
+    await asyncio.sleep(0.3)  # scans come and go meanwhile: nothing more is held
+    assert d.backlog <= 50, d.backlog
+    assert down.attempts == []
+    down.state = DriverState.CONNECTED
+    await wait_for(lambda: len(down.delivered) >= len(items), timeout=15)
+    await stop(task)
+    assert sorted(x.id for x in down.delivered) == sorted(it.id for it in items)
+    assert {x.attempt for x in down.delivered} == {1}
