@@ -127,7 +127,7 @@ def board_view(scheduler: Scheduler, now: float, *, waiting_limit: int = 8) -> d
             {
                 "id": a.id,
                 "name": a.name,
-                "presence": "on" if state.online else "off",
+                "presence": "on" if state.online else "away" if state.away else "off",
                 "on_shift": not a.shifts or any(sh.contains(now) for sh in a.shifts),
                 "tool": a.tool,
                 "open_conversations": state.load,

@@ -126,6 +126,7 @@ class AgentState:
     streak: int = 0  # complaints received in a row
     last_timeout: float = -math.inf
     protected: bool = False  # skilled in a protected class
+    away: bool = False  # off line by choice for a while: keeps its offers (not persisted)
     # Slots per pool that other workers hold (seen in the store, not decided here).
     external: dict[str, int] = field(default_factory=dict)
 
@@ -292,6 +293,7 @@ class Scheduler:
         """
         state = self.states[agent_id]
         state.online = online
+        state.away = away and not online
         state.agent = replace(state.agent, present=online)
         returned: list[Returned] = []
         if not online and not away:

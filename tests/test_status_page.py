@@ -181,7 +181,7 @@ async def test_status_json_shape_queues_agents_and_dead_letters(
     pipeline = h.pipeline
     assert pipeline is not None
     # bo takes one conversation; his tool refuses it for good: a dead letter.
-    assert await pipeline.set_presence("alice", False)
+    assert await pipeline.set_presence("alice", False, away=True)
     await pipeline.ingest(msg("Where is my invoice for order 1234?", "c0"))
     await h.settle()
     assert await pipeline.set_presence("bo", False)
@@ -209,6 +209,7 @@ async def test_status_json_shape_queues_agents_and_dead_letters(
     assert set(agents_by_id) == {"alice", "bo"}
     bo = agents_by_id["bo"]
     assert bo["presence"] == "off" and bo["on_shift"] is True
+    assert agents_by_id["alice"]["presence"] == "away"  # off line by choice, keeps offers
     assert bo["load"] == [{"channel_type": "*", "used": 1, "capacity": 1}]
     assert bo["open_conversations"] == 1
 
