@@ -881,18 +881,49 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _simulate_args(p: argparse.ArgumentParser) -> None:
-    from router.sim.command import add_arguments
-
-    add_arguments(p)
+group("simulate", "drive the real scheduler on a virtual clock: run, generate, check")
 
 
-@command("simulate", "drive the real scheduler on a virtual clock from a trace", _simulate_args)
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """Run, generate or check a simulation."""
+def _simulate(args: argparse.Namespace, action: str) -> int:
     from router.sim.command import cmd_simulate as simulate
 
+    args.action = action
     return simulate(args)
+
+
+def _sim_args(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        from router.sim import command
+
+        getattr(command, f"add_{name}_arguments")(p)
+
+    return add
+
+
+@command(
+    "simulate run",
+    "replay a trace through the scheduler (and other policies) on a virtual clock",
+    _sim_args("run"),
+)
+def cmd_simulate_run(args: argparse.Namespace) -> int:
+    """Replay a trace; print (and write) each policy's summary."""
+    return _simulate(args, "run")
+
+
+@command("simulate generate", "write the trace of a named scenario", _sim_args("generate"))
+def cmd_simulate_generate(args: argparse.Namespace) -> int:
+    """Write a scenario's trace (JSON lines)."""
+    return _simulate(args, "generate")
+
+
+@command(
+    "simulate check",
+    "check assignment events against the invariants and the SLA bars",
+    _sim_args("check"),
+)
+def cmd_simulate_check(args: argparse.Namespace) -> int:
+    """Check events against their trace; exit 1 when an invariant breaks."""
+    return _simulate(args, "check")
 
 
 def _staffing_args(p: argparse.ArgumentParser) -> None:
@@ -967,10 +998,23 @@ def build_parser() -> argparse.ArgumentParser:
 from router import cli_contacts, cli_status  # noqa: E402, F401
 
 
+def normalised(argv: list[str]) -> list[str]:
+    """Return argv with what earlier versions accepted spelled the current way.
+
+    `omnirouter simulate --trace T …` (before `simulate` had subcommands) means
+    `omnirouter simulate run --trace T …`.
+    """
+    if argv[:1] == ["simulate"] and (
+        len(argv) == 1 or argv[1] not in ("run", "generate", "check", "-h", "--help")
+    ):
+        return ["simulate", "run", *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `omnirouter` console script."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(normalised(sys.argv[1:] if argv is None else argv))
     if rest and not args.passthrough:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest

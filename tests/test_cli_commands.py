@@ -47,8 +47,10 @@ def test_a_duplicate_or_an_orphan_is_refused() -> None:
             {"all": True},
         ),
         (["classifier", "corrections", "--out", "o"], cli.cmd_classifier_corrections, {"out": "o"}),
-        (["simulate", "check", "--trace", "t"], cli.cmd_simulate, {"action": "check"}),
-        (["simulate", "--trace", "t"], cli.cmd_simulate, {"action": "run"}),
+        (["simulate", "check", "--trace", "t"], cli.cmd_simulate_check, {"trace": "t"}),
+        (["simulate", "run", "--trace", "t"], cli.cmd_simulate_run, {"policy": "omnirouter"}),
+        (cli.normalised(["simulate", "--trace", "t"]), cli.cmd_simulate_run, {"trace": "t"}),
+        (["simulate", "generate", "--seed", "3"], cli.cmd_simulate_generate, {"seed": 3}),
         (["presence", "alice", "away"], cli.cmd_presence, {"state": "away"}),
     ],
 )

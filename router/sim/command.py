@@ -1,6 +1,6 @@
-"""`omnirouter simulate`: replay a trace, generate one, or check three files.
+"""`omnirouter simulate run|generate|check`: replay a trace, generate one, or check three files.
 
-omnirouter simulate --trace T.jsonl --out A.jsonl [--policy P[,P…]] [--summary S.json]
+omnirouter simulate run --trace T.jsonl --out A.jsonl [--policy P[,P…]] [--summary S.json]
 omnirouter simulate generate --scenario NAME --seed N [--out T.jsonl] [--hours H] …
 omnirouter simulate check --trace T.jsonl --events A.jsonl
 """
@@ -21,35 +21,39 @@ EXIT_INVARIANTS = 1
 EXIT_USAGE = 2
 
 
-def add_arguments(sp: argparse.ArgumentParser) -> None:
-    """Add the `simulate` arguments (and this module's usage as its description) to sp."""
-    sp.description = __doc__
-    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+def add_run_arguments(sp: argparse.ArgumentParser) -> None:
+    """Add the arguments of `simulate run` (replay a trace through the scheduler)."""
+    sp.add_argument("--trace", help="the trace to replay (JSON lines)")
     sp.add_argument(
-        "action",
-        nargs="?",
-        choices=["run", "generate", "check"],
-        default="run",
-        help="run: replay a trace through the scheduler (default); generate: write a "
-        "scenario's trace; check: test assignment events against the SLA bars",
+        "--out", help="write the assignment events here (one file per policy: NAME.POLICY.jsonl)"
     )
-    sp.add_argument("--trace", help="trace file (JSON lines)")
-    sp.add_argument("--out", help="assignment events (run) or trace (generate) to write")
     sp.add_argument(
         "--policy",
         default="omnirouter",
         help=f"one or more of {', '.join(POLICIES)}, comma-separated, or 'all'",
     )
-    sp.add_argument("--summary", help="write the summary JSON here (run)")
-    sp.add_argument("--events", help="assignment events to check (check)")
-    sp.add_argument("--scenario", choices=sorted(SCENARIOS), help="generate: which scenario")
-    sp.add_argument("--seed", type=int, default=1, help="random seed (generate; default 1)")
-    sp.add_argument("--hours", type=float, help="generate: trace length (scenario default)")
-    sp.add_argument("--agents", type=int, help="generate: roster size (scenario default)")
-    sp.add_argument(
-        "--utilisation", type=float, help="generate: offered load per agent, 0-1 (scenario default)"
-    )
+    sp.add_argument("--summary", help="write the summary JSON here")
+    sp.add_argument("--seed", type=int, default=1, help="seed of the policies' ties (default 1)")
     sp.add_argument("--json", action="store_true", help="print summaries as JSON")
+
+
+def add_generate_arguments(sp: argparse.ArgumentParser) -> None:
+    """Add the arguments of `simulate generate` (write a scenario's trace)."""
+    sp.add_argument("--scenario", choices=sorted(SCENARIOS), help="which scenario (required)")
+    sp.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    sp.add_argument("--out", help="write the trace here (default: standard output)")
+    sp.add_argument("--hours", type=float, help="trace length (default: the scenario's)")
+    sp.add_argument("--agents", type=int, help="roster size (default: the scenario's)")
+    sp.add_argument(
+        "--utilisation", type=float, help="offered load per agent, 0-1 (default: the scenario's)"
+    )
+
+
+def add_check_arguments(sp: argparse.ArgumentParser) -> None:
+    """Add the arguments of `simulate check` (test events against the invariants and bars)."""
+    sp.add_argument("--trace", help="the trace the events came from (JSON lines)")
+    sp.add_argument("--events", help="the assignment events to check (JSON lines)")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
