@@ -45,6 +45,9 @@ _TARGET_DOWN_RECHECK = 1.0
 _DOWN = (DriverState.CONNECTING, DriverState.TRANSIENT_DISCONNECT)
 # How long an item waits while the store cannot record outcomes before being looked at again.
 _STORE_DOWN_RECHECK = 1.0
+# Failed sends in a row that mark a customer channel down, and its longest cool-down.
+_CHANNEL_TRIP = 5
+_CHANNEL_COOLDOWN_MAX = 30.0
 # Items read per scan, and how soon to scan again while the store holds more.
 _SCAN_PAGE = 1000
 _SCAN_AGAIN = 0.2
@@ -85,6 +88,13 @@ class Dispatcher:
         # --tool-down: 29 % of a core for 9,900 held items, 7 % after).
         self._parked: dict[str, list[OutboxItem]] = {}
         self._held_full_logged: set[str] = set()  # tools whose backlog overflowed to the store
+        # A customer channel whose sends keep failing (its SMS gateway, SMTP server or API
+        # is down): its items wait parked without spending attempts, and are tried again
+        # (half open) when the cool-down ends. channel key -> failures in a row, and
+        # channel key -> when it may be tried again (present while open).
+        self._channel_failures: dict[str, int] = {}
+        self._open: dict[str, float] = {}
+        self._cooldown: dict[str, float] = {}
         self._park_timers: dict[str, asyncio.TimerHandle] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._done_batch: list[str] = []
@@ -140,11 +150,10 @@ class Dispatcher:
         self._enqueue(item)
 
     def _held_full(self, item: OutboxItem) -> bool:
-        """Whether item's tool is down with `max_held_per_tool` items held already."""
+        """Whether item's target is down with `max_held_per_tool` items held already."""
         target = item.target
-        if not isinstance(target, ToolTarget):
-            return False
-        return len(self._parked.get(target.name, ())) >= self.config.max_held_per_tool
+        key = target.name if isinstance(target, ToolTarget) else str(target)
+        return len(self._parked.get(key, ())) >= self.config.max_held_per_tool
 
     def _park(self, name: str, item: OutboxItem) -> None:
         """Hold item until tool `name` is no longer down (looked at once a recheck).
@@ -165,8 +174,15 @@ class Dispatcher:
             self._park_timers[name] = loop.call_later(_TARGET_DOWN_RECHECK, self._recheck, name)
 
     def _recheck(self, name: str) -> None:
-        """Release a tool's parked items once it is not down, else look again later."""
+        """Release a target's parked items once it is not down, else look again later."""
         del self._park_timers[name]
+        reopens = self._open.get(name)
+        if reopens is not None and reopens > time.monotonic():
+            loop = asyncio.get_running_loop()
+            self._park_timers[name] = loop.call_later(
+                reopens - time.monotonic(), self._recheck, name
+            )
+            return
         tool = self.tools().get(name)
         if tool is not None and tool.state in _DOWN:
             loop = asyncio.get_running_loop()
@@ -253,6 +269,10 @@ class Dispatcher:
             # sends do not depend on its intake connection: their own failures decide.)
             self._park(target.name, item)
             return
+        channel_key = str(target) if isinstance(target, ChannelTarget) else ""
+        if channel_key in self._open and self._open[channel_key] > time.monotonic():
+            self._park(channel_key, item)  # its channel's sends are failing: wait, unspent
+            return
         if self.store.condition is not StoreCondition.OK:
             # The outcome could not be recorded: an attempt now would be spent for nothing.
             self._retry_later(item, _STORE_DOWN_RECHECK)
@@ -281,6 +301,12 @@ class Dispatcher:
         except PermanentError as exc:
             await self._dead(item, attempt, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
+            if channel_key and not isinstance(exc, RateLimited):
+                if self._channel_failed(channel_key, exc):
+                    # Failing while the channel is known down: not the item's fault, so
+                    # not spent; it waits with the others for the next try.
+                    self._park(channel_key, item)
+                    return
             if attempt >= self.config.max_attempts:
                 await self._dead(
                     item, attempt, f"{type(exc).__name__}: {exc} (after {attempt} attempts)"
@@ -321,10 +347,45 @@ class Dispatcher:
                 delay,
             )
         else:
+            if channel_key:
+                self._channel_ok(channel_key)
             self.metrics.child(self.metrics.deliveries, str(item.target), "ok").inc()
             if self.on_delivered is not None:
                 self.on_delivered(item)
             self._mark_done(item.id)
+
+    def _channel_failed(self, key: str, exc: Exception) -> bool:
+        """Count a failed send of a channel; return True when it is known down (open).
+
+        At `_CHANNEL_TRIP` failures in a row the channel opens: its items wait parked for
+        a cool-down (1 s, doubling up to 30 s), then are tried again; a failure then
+        keeps it open without spending the item's attempt.
+        """
+        failures = self._channel_failures.get(key, 0) + 1
+        self._channel_failures[key] = failures
+        was_open = key in self._open
+        if not was_open and failures < _CHANNEL_TRIP:
+            return False
+        if was_open and self._open[key] > time.monotonic():
+            return True  # another item of this try already opened it again
+        cooldown = min(_CHANNEL_COOLDOWN_MAX, self._cooldown.get(key, 0.5) * 2)
+        self._cooldown[key] = cooldown
+        self._open[key] = time.monotonic() + cooldown
+        if not was_open:
+            log.warning(
+                "outbox.channel_failing",
+                target=key,
+                failures=failures,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        return was_open
+
+    def _channel_ok(self, key: str) -> None:
+        """A send of the channel went through: it is not down."""
+        self._channel_failures.pop(key, None)
+        self._cooldown.pop(key, None)
+        if self._open.pop(key, None) is not None:
+            log.info("outbox.channel_recovered", target=key)
 
     async def _send_to_customer(self, item: OutboxItem, channel_name: str, attempt: int) -> None:
         """Hand an acknowledgement or reply to the channel the customer wrote from."""

@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -315,3 +316,63 @@ async def test_a_long_outage_holds_a_bounded_backlog_and_loses_nothing(
     await stop(task)
     assert sorted(x.id for x in down.delivered) == sorted(it.id for it in items)
     assert {x.attempt for x in down.delivered} == {1}
+
+
+class FlakyChannel:
+    """A customer channel whose sends fail while `down` (its gateway or server is away)."""
+
+    answers_customers = True
+    state = DriverState.CONNECTED
+
+    def __init__(self) -> None:
+        self.down = True
+        self.failures = 0
+        self.sent: list[tuple[str, int]] = []  # (outbox id, attempt)
+
+    async def send(self, outbound: Any) -> None:
+        if self.down:
+            self.failures += 1
+            raise TransientError("gateway: connection refused")
+        self.sent.append((outbound.id, outbound.attempt))
+
+
+def customer_item() -> OutboxItem:
+    from router.delivery import ChannelTarget
+
+    now = time.time()
+    return OutboxItem(
+        id=new_ulid(),
+        target=ChannelTarget("sms"),
+        agent_id="",
+        address="+4915112345678",
+        payload=payloads.ack(),
+        message_id=new_ulid(),
+        next_attempt_at=now,
+        created_at=now,
+    )
+
+
+async def test_a_failing_customer_channel_holds_its_sends_instead_of_dead_lettering(
+    store: SqliteStore,
+) -> None:
+    # An SMS gateway away for longer than max_attempts' backoff used to turn every
+    # acknowledgement into a dead letter (tests/reliability/test_chat_sms_outages.py).
+    channel = FlakyChannel()
+    d = Dispatcher(store, dict, FAST, Metrics(), channels=lambda: {"sms": channel})
+    items = [customer_item() for _ in range(6)]
+    for it in items:
+        await put(store, it)
+    task = await run_dispatcher(d)
+    for it in items:
+        d.submit(it)
+    await asyncio.sleep(3.0)  # FAST gives up after 4 attempts in well under a second
+    assert await store.dead_letters(10) == []
+    failures = channel.failures
+    await asyncio.sleep(1.0)
+    assert channel.failures - failures <= len(items) + 1  # held: about one try per cool-down
+    channel.down = False
+    await wait_for(lambda: len(channel.sent) == len(items), timeout=40)
+    await stop(task)
+    assert sorted(i for i, _ in channel.sent) == sorted(it.id for it in items)
+    assert all(attempt <= FAST.max_attempts for _, attempt in channel.sent)
+    assert await store.dead_letters(10) == []
