@@ -391,7 +391,10 @@ class Intake:
         if link is not None:
             self.contacts.learn(contact_key, link.person_id, link.identifiers, link.links)
             for child, parent in link.links:
-                log.info("contact.linked", contact=child, joined=parent, handle=contact_key)
+                # Contact ids only: the handle (an address, a phone number) stays out of logs.
+                log.info(
+                    "contact.linked", contact=child, joined=parent, via=contact_key.split(":", 1)[0]
+                )
         self.contacts.seen(contact_key, now)
 
     def _confirming_channel(self, handle: str) -> str | None:
