@@ -443,6 +443,20 @@ def test_email_sender_is_verified_only_by_our_own_dmarc_pass() -> None:
     assert dmarc_domains("other; dmarc=pass header.from=x.org", "mx.example.com") is None
 
 
+def test_our_servers_several_headers_count_and_what_came_from_outside_does_not() -> None:
+    # OpenDKIM and OpenDMARC each add one, above our MTA's own Received line.
+    dkim = "Authentication-Results: mx.example.com; dkim=pass header.d=x.org\r\n"
+    dmarc = "Authentication-Results: mx.example.com; dmarc=pass header.from=x.org\r\n"
+    ours = "Received: from out.x.org by mx.example.com; Thu, 3 Dec 2026 10:00:00 +0000\r\n"
+    theirs = "Received: from laptop by out.x.org; Thu, 3 Dec 2026 09:59:00 +0000\r\n"
+    assert sender_verified(mail(dkim + dmarc + ours + theirs), "ann@x.org", "mx.example.com")
+    # A "pass" with our name that came with the mail, below the second Received: ignored.
+    assert not sender_verified(mail(dkim + ours + theirs + dmarc), "ann@x.org", "mx.example.com")
+    # Two of ours that disagree about the domain: not verified.
+    failed = dmarc.replace("dmarc=pass", "dmarc=fail")
+    assert not sender_verified(mail(dmarc + failed + ours), "ann@x.org", "mx.example.com")
+
+
 def test_telegram_vouches_for_its_user_and_their_own_contact_card() -> None:
     from telegram import Message
 
