@@ -631,20 +631,9 @@ class SlackAppTool(ChatTool):
 
     async def run(self, actions: ActionSink) -> None:
         """Listen for Slack's signed callbacks and probe the webhook until cancelled."""
-        app = web.Application(client_max_size=_SLACK_MAX_BODY)
-
-        async def callback(request: web.Request) -> web.Response:
-            return await self._callback(request, actions)
-
-        app.router.add_post(self.app_config.callback_path, callback)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.app_config.callback_host, self.app_config.callback_port)
-            await site.start()
-            await super().run(actions)
-        finally:
-            await runner.cleanup()
+        cfg = self.app_config
+        where = (cfg.callback_host, cfg.callback_port, cfg.callback_path)
+        await self._run_with_callbacks(actions, where, _SLACK_MAX_BODY, self._callback)
 
     async def _callback(self, request: web.Request, actions: ActionSink) -> web.Response:
         """Verify one interactive callback and hand its button clicks to the router."""

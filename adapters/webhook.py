@@ -293,6 +293,37 @@ class HttpPostTool(AgentToolBase):
         finally:
             self._set_state(DriverState.STOPPED)
 
+    async def _run_with_callbacks(
+        self,
+        actions: ActionSink,
+        where: tuple[str, int, str],
+        max_bytes: int,
+        handler: Callable[[web.Request, ActionSink], Awaitable[web.StreamResponse]],
+    ) -> None:
+        """Serve POST callbacks at (host, port, path) to `handler` while `run` keeps the breaker.
+
+        The tools whose receivers answer back (a webhook's callback, Slack's buttons)
+        listen here; a port that cannot be bound parks the tool with the reason.
+        """
+        host, port, path = where
+        app = web.Application(client_max_size=max_bytes)
+
+        async def callback(request: web.Request) -> web.StreamResponse:
+            return await handler(request, actions)
+
+        app.router.add_post(path, callback)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                self.last_error = f"cannot listen for callbacks on port {port}: {exc.strerror}"
+                raise PermanentError(self.last_error) from None
+            await HttpPostTool.run(self, actions)
+        finally:
+            await runner.cleanup()
+
     async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> None:
         """POST body and return on an accepted answer; raise by the taxonomy otherwise."""
         session = self._ensure_session()
@@ -476,28 +507,12 @@ class WebhookTool(HttpPostTool):
 
     async def run(self, actions: ActionSink) -> None:
         """Serve the callback endpoint (when configured) and keep the breaker, until cancelled."""
-        port = self.config.callback_port
-        if port is None:
+        cfg = self.config
+        if cfg.callback_port is None:
             await super().run(actions)
             return
-        app = web.Application(client_max_size=CALLBACK_MAX_BYTES)
-
-        async def callback(request: web.Request) -> web.Response:
-            return await self._callback(request, actions)
-
-        app.router.add_post(self.config.callback_path, callback)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.config.callback_host, port)
-            try:
-                await site.start()
-            except OSError as exc:
-                self.last_error = f"cannot listen for callbacks on port {port}: {exc.strerror}"
-                raise PermanentError(self.last_error) from None
-            await super().run(actions)
-        finally:
-            await runner.cleanup()
+        where = (cfg.callback_host, cfg.callback_port, cfg.callback_path)
+        await self._run_with_callbacks(actions, where, CALLBACK_MAX_BYTES, self._callback)
 
     async def _callback(self, request: web.Request, actions: ActionSink) -> web.Response:
         """Verify one signed action from the receiver and hand it to the router."""
@@ -545,10 +560,11 @@ class WebhookTool(HttpPostTool):
             if not verify_signature(self._secret, stamp, body, given, now=now):
                 return None
             key = given
-        # A signed request is good for TOLERANCE seconds: take each one once.
-        for seen, at in list(self._seen_signatures.items()):
-            if at < now - 2 * TOLERANCE:
-                del self._seen_signatures[seen]
+        # A signed request is good for TOLERANCE seconds: take each one once. The dict is
+        # in arrival order, so the expired ones are at its front.
+        seen = self._seen_signatures
+        while seen and next(iter(seen.values())) < now - 2 * TOLERANCE:
+            del seen[next(iter(seen))]
         if key in self._seen_signatures:
             return None
         self._seen_signatures[key] = now
