@@ -25,28 +25,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from tests.peers import free_port
 from tests.peers_mail import PASSWORD, USER, Dovecot, SmtpServer
 from tests.peers_telegram import TOKEN, BotApiEmulator
+from tests.reliability.outage_kit import GatewaySink
 
 SMS_SECRET = "crash-sms-gateway-secret-0123"
 SUPPORT = "support@shop.test"
-
-
-class _GatewaySink(BaseHTTPRequestHandler):
-    """The gateway's send API: counts the daemon's texts, answers 202."""
-
-    def do_GET(self) -> None:
-        self.server.sent.append(self.path)  # type: ignore[attr-defined]
-        self.send_response(202)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
 
 
 class SideChannels:
@@ -60,8 +47,7 @@ class SideChannels:
         self.dovecot = Dovecot()
         self.smtp = SmtpServer()
         self.sms_port = free_port()
-        self.gateway = ThreadingHTTPServer(("127.0.0.1", 0), _GatewaySink)
-        self.gateway.sent = []  # type: ignore[attr-defined]
+        self.gateway = GatewaySink()
         self.appended: list[str] = []  # Message-IDs in the mailbox
         self.acked_texts: set[str] = set()  # gateway ids answered 200
         self.errors: list[str] = []
@@ -77,12 +63,11 @@ class SideChannels:
         self.smtp.start()
         if self.bot is not None:
             self.bot.start()
-        threading.Thread(target=self.gateway.serve_forever, daemon=True).start()
         return self
 
     def config(self) -> str:
         """Return the daemon's channel sections for mail and SMS."""
-        gateway = f"http://127.0.0.1:{self.gateway.server_address[1]}"
+        gateway = f"http://127.0.0.1:{self.gateway.port}"
         return (
             '[[channels]]\ntype = "email"\nname = "support"\n'
             "[channels.imap]\n"
@@ -125,8 +110,7 @@ class SideChannels:
     def close(self) -> None:
         self.halt.set()
         self.join(5)
-        self.gateway.shutdown()
-        self.gateway.server_close()
+        self.gateway.close()
         self.smtp.stop()
         self.dovecot.close()
         if self.bot is not None:

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.daemon_harness import DaemonProcess, base_config, http, ports
+from tests.daemon_harness import DaemonProcess, base_config, ports
 from tests.peers import free_port
 from tests.peers_telegram import TOKEN, BotApiEmulator
+from tests.reliability.outage_kit import DaemonProbes, GatewaySink, start_outage
 from tests.reliability.tcp_proxy import TcpProxy
 from tests.test_crash import read_db
 from tests.test_webhook_breaker import apoll
@@ -34,30 +32,17 @@ from tests.test_webhook_breaker import apoll
 SECRET = "outage-sms-gateway-secret-01"
 
 
-class _Sink(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        self.server.sent.append(query.get("to", [""])[0])  # type: ignore[attr-defined]
-        self.send_response(202)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-
-class ChatWorld:
+class ChatWorld(DaemonProbes):
     """The daemon with a Telegram channel and an SMS gateway channel, each peer proxied."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.bot = BotApiEmulator().start()
-        self.gateway = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-        self.gateway.sent = []  # type: ignore[attr-defined]
-        threading.Thread(target=self.gateway.serve_forever, daemon=True).start()
+        self.gateway = GatewaySink()
         self.tg_proxy = TcpProxy("127.0.0.1", self.bot.port).start()
-        self.sms_proxy = TcpProxy("127.0.0.1", self.gateway.server_address[1]).start()
+        self.sms_proxy = TcpProxy("127.0.0.1", self.gateway.port).start()
         web_port, ops_port = ports()
         self.sms_port = free_port()
-        self.ops = f"http://127.0.0.1:{ops_port}"
+        self.ops_url = f"http://127.0.0.1:{ops_port}"
         tg = f"http://{self.tg_proxy.url_host}"
         channels = (
             f'[[channels]]\ntype = "telegram"\nname = "tg"\ntoken = "{TOKEN}"\n'
@@ -70,6 +55,7 @@ class ChatWorld:
             f'url = "http://{self.sms_proxy.url_host}/send?to={{to}}&text={{text}}"\n'
         )
         self.state = tmp_path / "state"
+        self.db_path = self.state / "omnirouter.db"
         config = base_config(
             self.state,
             web_port=web_port,
@@ -86,8 +72,7 @@ class ChatWorld:
         self.daemon.close()
         self.tg_proxy.stop()
         self.sms_proxy.stop()
-        self.gateway.shutdown()
-        self.gateway.server_close()
+        self.gateway.close()
         self.bot.stop()
 
     def chat(self, count: int) -> None:
@@ -130,18 +115,7 @@ class ChatWorld:
         return {s.chat_id for s in list(self.bot.sent)}
 
     def acked_numbers(self) -> set[str]:
-        return set(self.gateway.sent)  # type: ignore[attr-defined]
-
-    def ready(self) -> tuple[int, Any]:
-        status, report, _ = http("GET", self.ops + "/readyz")
-        return status, report
-
-    def outbox_and_dead(self) -> tuple[int, int]:
-        with read_db(self.state / "omnirouter.db") as db:
-            return (
-                db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0],
-                db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0],
-            )
+        return set(self.gateway.sent)
 
 
 @pytest.fixture
@@ -155,15 +129,11 @@ def world(tmp_path: Path) -> Iterator[ChatWorld]:
         w.close()
 
 
-def _outage(proxy: TcpProxy, mode: str) -> None:
-    {"slow": lambda: proxy.delay(0.3), "hung": proxy.pause, "dead": proxy.cut}[mode]()
-
-
 async def test_telegram_api_slow_then_hung_then_dead(world: ChatWorld) -> None:
     w = world
     await apoll(lambda: w.ready()[0] == 200, 20, "ready")
     for mode in ("slow", "hung", "dead"):
-        _outage(w.tg_proxy, mode)
+        start_outage(w.tg_proxy, mode)
         await asyncio.to_thread(w.chat, 4)
         if mode != "slow":
             await apoll(
@@ -187,7 +157,7 @@ async def test_sms_gateway_slow_then_hung_then_dead(world: ChatWorld) -> None:
     w = world
     await apoll(lambda: w.ready()[0] == 200, 20, "ready")
     for mode in ("slow", "hung", "dead"):
-        _outage(w.sms_proxy, mode)
+        start_outage(w.sms_proxy, mode)
         await asyncio.to_thread(w.text, 4)  # answered 200 at once: intake does not wait
         numbers = {f"+4915100{int(t.split('-')[1]):05d}" for t in w.texts[-4:]}
         if mode != "slow":

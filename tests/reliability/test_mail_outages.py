@@ -27,12 +27,12 @@ import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Literal
 
 import pytest
 
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
 from tests.peers_mail import DOVECOT, PASSWORD, USER, Dovecot, SmtpServer
+from tests.reliability.outage_kit import DaemonProbes, start_outage
 from tests.reliability.tcp_proxy import TcpProxy
 from tests.test_crash import read_db
 from tests.test_webhook_breaker import apoll
@@ -41,12 +41,11 @@ pytestmark = pytest.mark.skipif(
     DOVECOT is None, reason="needs dovecot (Debian package: dovecot-imapd)"
 )
 
-Mode = Literal["slow", "hung", "dead"]
 SUPPORT = "support@shop.test"
 ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
 
 
-class MailWorld:
+class MailWorld(DaemonProbes):
     """The daemon, Dovecot and the SMTP sink, each mail server behind its own proxy."""
 
     def __init__(self, tmp_path: Path) -> None:
@@ -56,7 +55,7 @@ class MailWorld:
         self.smtp_proxy = TcpProxy("127.0.0.1", self.smtp.port).start()
         web_port, ops_port = ports()
         self.web = f"http://127.0.0.1:{web_port}"
-        self.ops = f"http://127.0.0.1:{ops_port}"
+        self.ops_url = f"http://127.0.0.1:{ops_port}"
         channel = (
             '[[channels]]\ntype = "email"\nname = "support"\n'
             "[channels.imap]\n"
@@ -69,6 +68,7 @@ class MailWorld:
             f'from_address = "{SUPPORT}"\ntimeout = 3\n'
         )
         self.state = tmp_path / "state"
+        self.db_path = self.state / "omnirouter.db"
         config = base_config(
             self.state,
             web_port=web_port,
@@ -132,17 +132,6 @@ class MailWorld:
             out[str(msg["In-Reply-To"]).strip().strip("<>")].append(str(msg["Message-ID"]))
         return out
 
-    def ready(self) -> tuple[int, Any]:
-        status, report, _ = http("GET", self.ops + "/readyz")
-        return status, report
-
-    def outbox_and_dead(self) -> tuple[int, int]:
-        with read_db(self.state / "omnirouter.db") as db:
-            return (
-                db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0],
-                db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0],
-            )
-
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[MailWorld]:
@@ -153,15 +142,6 @@ def world(tmp_path: Path) -> Iterator[MailWorld]:
     finally:
         print(w.daemon.log_text()[-4000:])
         w.close()
-
-
-def _outage(proxy: TcpProxy, mode: Mode) -> None:
-    if mode == "slow":
-        proxy.delay(0.3)
-    elif mode == "hung":
-        proxy.pause()
-    else:
-        proxy.cut()
 
 
 async def _all_in(w: MailWorld, within: float, what: str) -> None:
@@ -189,7 +169,7 @@ async def test_imap_slow_then_hung_then_dead(world: MailWorld) -> None:
     w = world
     await apoll(lambda: w.ready()[0] == 200, 20, "ready with IMAP connected")
     for mode in ("slow", "hung", "dead"):
-        _outage(w.imap_proxy, mode)
+        start_outage(w.imap_proxy, mode)
         before = len(w.appended)
         await asyncio.to_thread(w.append, 4)
         assert await asyncio.to_thread(w.post) == 201  # the web channel does not wait
@@ -215,7 +195,7 @@ async def test_smtp_slow_then_hung_then_dead(world: MailWorld) -> None:
     await apoll(lambda: w.ready()[0] == 200, 20, "ready with IMAP connected")
     started = time.monotonic()
     for mode in ("slow", "hung", "dead"):
-        _outage(w.smtp_proxy, mode)
+        start_outage(w.smtp_proxy, mode)
         before = len(w.appended)
         await asyncio.to_thread(w.append, 4)
         # Intake goes on: the mails are taken while their acknowledgements cannot leave.

@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -44,6 +44,7 @@ from tests.peers import (
     Mosquitto,
     WebhookReceiver,
 )
+from tests.reliability.outage_kit import DaemonProbes, Mode, start_outage
 from tests.reliability.tcp_proxy import TcpProxy
 from tests.test_crash import read_db
 from tests.test_webhook_breaker import apoll
@@ -55,9 +56,6 @@ PREFIX = "omnirouter/agents"
 # adapter name -> the agent whose tool it is
 AGENT_OF = {"mqtt": "mq", "hook": "hk"}
 BATCH = 12  # messages POSTed per phase
-SLOW = 0.3  # seconds of delay each way for a slow peer
-
-Mode = Literal["slow", "hung", "dead"]
 
 
 class MqttInbox:
@@ -98,7 +96,7 @@ class MqttInbox:
 
 
 @dataclass
-class World:
+class World(DaemonProbes):
     """The daemon, its two peers behind their proxies, and what the clients were told."""
 
     daemon: DaemonProcess
@@ -147,18 +145,6 @@ class World:
             self.acked[key] = answer["message_id"]
             ids.append(answer["message_id"])
         return ids
-
-    def ready(self) -> tuple[int, dict[str, Any]]:
-        """Return /readyz's status and report."""
-        status, body, _ = http("GET", self.ops_url + "/readyz")
-        return status, body
-
-    def outbox_and_dead(self) -> tuple[int, int]:
-        """Return the outbox's and the dead letters' sizes, from the database."""
-        with read_db(self.db_path) as db:
-            outbox = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-            dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-        return outbox, dead
 
 
 @pytest.fixture
@@ -223,12 +209,7 @@ async def all_delivered(w: World, message_ids: list[str], within: float, what: s
 async def ride_out(w: World, name: str, mode: Mode) -> None:
     """Make one peer slow, hung or dead; post through it; check the daemon; restore; drain."""
     proxy, other = w.proxies[name], next(n for n in w.proxies if n != name)
-    if mode == "slow":
-        proxy.delay(SLOW)
-    elif mode == "hung":
-        proxy.pause()
-    else:
-        proxy.cut()
+    start_outage(proxy, mode)
     started = time.monotonic()
     batch = await asyncio.to_thread(w.post, BATCH)
     assigned = await apoll(lambda: w.all_assigned(batch), 10, f"{mode} {name}: all assigned")
