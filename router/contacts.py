@@ -124,6 +124,7 @@ class ContactBook:
         self.parent: dict[str, str] = {}
         self.children: dict[str, set[str]] = {}
         self.handles: dict[str, set[str]] = {}
+        self.identifiers: dict[str, set[str]] = {}  # contact -> the identifiers it owns
         self.recent: dict[str, deque[float]] = {}
         # The longest window count() was asked for: times older than that are never
         # counted again, so seen() sweeps handles with nothing newer (0: not yet known).
@@ -184,9 +185,14 @@ class ContactBook:
         self.owner.setdefault(key, person)
         self.handles.setdefault(self.owner[key], set()).add(key)
         for identifier in identifiers:
-            self.owner.setdefault(identifier, person)
+            self.learn_identifier(identifier, person)
         for child, parent in links:
             self.merged(child, parent)
+
+    def learn_identifier(self, identifier: str, person: str) -> None:
+        """Record a verified identifier and the contact it was first seen for."""
+        owner = self.owner.setdefault(identifier, person)
+        self.identifiers.setdefault(owner, set()).add(identifier)
 
     def merged(self, child: str, parent: str) -> None:
         """Record that contact `child` joined `parent`."""
@@ -220,8 +226,26 @@ class ContactBook:
             stale = [k for k, times in self.recent.items() if not times or times[-1] < since]
             for k in stale:
                 del self.recent[k]
+                self._forget_if_alone(k)
             self._seen_since_sweep = 0
             self._sweep_after = max(SWEEP_EVERY, len(self.recent))
+
+    def _forget_if_alone(self, key: str) -> None:
+        """Drop a quiet handle's contact when it has no other handle and no link.
+
+        Nothing of it can count any more (its times left the window), and its next
+        message teaches the book again from the store's answer. Linked contacts stay:
+        a message from another handle must find them.
+        """
+        person = self.owner.get(key)
+        if person is None or person in self.parent or person in self.children:
+            return
+        if self.handles.get(person, set()) - {key}:
+            return
+        del self.owner[key]
+        self.handles.pop(person, None)
+        for identifier in self.identifiers.pop(person, ()):
+            self.owner.pop(identifier, None)
 
     def count(self, key: str, identifiers: Iterable[str], now: float, window: float) -> int:
         """Return how many messages the contact wrote within `window`, this one included.

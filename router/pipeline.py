@@ -198,7 +198,7 @@ class Pipeline:
         for key, person in snap.contact_handles:
             book.learn(key, person)
         for identifier, person in snap.contact_identifiers:
-            book.owner.setdefault(identifier, person)
+            book.learn_identifier(identifier, person)
         for contact_key, at in snap.recent_contacts:
             book.seen(contact_key, at)
         for item in snap.pending_outbox:
@@ -354,7 +354,7 @@ class Pipeline:
         for handle in view["handles"]:
             book.learn(handle["key"], handle["contact"])
         for ident in view["identifiers"]:
-            book.owner.setdefault(ident["identifier"], ident["contact"])
+            book.learn_identifier(ident["identifier"], ident["contact"])
 
     # -- time and queues -----------------------------------------------------------
 

@@ -119,6 +119,24 @@ def test_handles_that_left_the_window_are_swept_from_the_book() -> None:
     assert book.count("email:later40959@x.org", (), now=5096.0, window=100.0) == 2
 
 
+def test_a_swept_one_off_contact_leaves_the_book_and_a_linked_one_stays() -> None:
+    book = ContactBook()
+    assert book.count("sms:+4915112345678", (), now=0.0, window=100.0) == 1
+    book.learn("sms:+4915112345678", "c_linked", ("phone:+4915112345678",))
+    book.learn("telegram:4711", "c_tg", ("telegram:4711",), links=(("c_tg", "c_linked"),))
+    book.seen("sms:+4915112345678", 0.0)
+    book.seen("telegram:4711", 0.0)
+    for n in range(2 * SWEEP_EVERY):  # one-off handles, long after
+        book.learn(f"email:c{n}@x.org", f"c_{n}", (f"email:c{n}@x.org",))
+        book.seen(f"email:c{n}@x.org", 1000.0 + n)
+    # Whoever left the window and stands alone is gone from every map...
+    assert "email:c0@x.org" not in book.owner and "c_0" not in book.handles
+    assert "c_0" not in book.identifiers
+    assert len(book.owner) <= 4 * SWEEP_EVERY + 4
+    # ...while the linked contact is still found by its identifier.
+    assert book.roots_for("sms:+4915112345678", ("telegram:4711",)) == {"c_linked"}
+
+
 def test_no_sweep_before_the_window_is_known() -> None:
     book = ContactBook()  # a restore replays times before anything asks for a count
     for n in range(2 * SWEEP_EVERY):
