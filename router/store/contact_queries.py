@@ -232,7 +232,7 @@ def unmerge(c: sqlite3.Connection, ref: str, actor: str, reason: str, at: float)
         )
     c.execute("UPDATE people SET merged_into=NULL, merged_at=NULL WHERE id=?", (person,))
     c.execute(
-        "INSERT OR IGNORE INTO contact_separations(person_id, other_id) VALUES (?,?)",
+        "INSERT INTO contact_separations(person_id, other_id) VALUES (?,?) ON CONFLICT DO NOTHING",
         (person, parent),
     )
     _event(c, at, "unmerge", person, parent, actor, {"reason": reason, "ref": ref})
@@ -324,19 +324,21 @@ def contact_view(
 
 def find_contacts(c: sqlite3.Connection, query: str, limit: int) -> list[dict[str, Any]]:
     """Return contacts whose handle, name or identifier contains `query` (case-insensitive)."""
-    like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    # lower() on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not.
+    like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     persons = [
         r[0]
         for r in c.execute(
-            "SELECT person_id FROM contacts WHERE (key LIKE ? ESCAPE '\\' OR name LIKE ? "
-            "ESCAPE '\\') AND person_id IS NOT NULL ORDER BY created_at DESC LIMIT ?",
+            "SELECT person_id FROM contacts WHERE (lower(key) LIKE ? ESCAPE '\\' "
+            "OR lower(name) LIKE ? ESCAPE '\\') AND person_id IS NOT NULL "
+            "ORDER BY created_at DESC LIMIT ?",
             (like, like, limit * 4),
         )
     ]
     persons += [
         r[0]
         for r in c.execute(
-            "SELECT person_id FROM contact_identifiers WHERE identifier LIKE ? ESCAPE '\\' "
+            "SELECT person_id FROM contact_identifiers WHERE lower(identifier) LIKE ? ESCAPE '\\' "
             "ORDER BY first_seen DESC LIMIT ?",
             (like, limit * 4),
         )

@@ -30,6 +30,8 @@ from router.store import (
 )
 from router.store.contact_queries import book_rows, link_contact
 
+# Between a closed ticket's thread key and its id (ASCII record separator: never in a key).
+_CLOSED_KEY_SEPARATOR = "\x1e"
 _DELETE_CHUNK = 500  # ids per DELETE statement (SQLite's bound-parameter limit is higher)
 _OUTBOX_COLUMNS = (
     "id, target, agent_id, address, kind, payload, message_id, attempts, next_attempt_at, "
@@ -55,13 +57,22 @@ def secret(c: sqlite3.Connection) -> bytes:
 
 
 def write_probe(c: sqlite3.Connection) -> None:
-    """Write a page and take it back: fails as a real write would on a full or failing disk."""
+    """Write a page and take it back: fails as a real write would on a full or failing disk.
+
+    SQLite only (the PostgreSQL engine has its own probe in `router.store.pg_engine`).
+    """
     page_size = c.execute("PRAGMA page_size").fetchone()[0]
     c.execute(
         "INSERT OR REPLACE INTO meta(key, value) VALUES ('write_probe', zeroblob(?))",
         (page_size,),
     )
     c.execute("DELETE FROM meta WHERE key='write_probe'")
+
+
+def rows_as_dicts(cur: Any) -> list[dict[str, Any]]:
+    """Return a cursor's rows as dicts keyed by column name (any DB-API cursor)."""
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def set_presence(c: sqlite3.Connection, agent_id: str, present: bool) -> bool:
@@ -179,8 +190,8 @@ def close_conversation(c: sqlite3.Connection, conversation_id: str, at: float, w
     """
     c.execute(
         "UPDATE conversations SET state='closed', status='closed', closed_at=?, updated_at=?, "
-        "survey_until=NULL, thread_key=thread_key || char(30) || id WHERE id=?",
-        (at, at, conversation_id),
+        "survey_until=NULL, thread_key=thread_key || ? || id WHERE id=?",
+        (at, at, _CLOSED_KEY_SEPARATOR, conversation_id),
     )
     add_event(c, conversation_id, at, EventKind.CLOSED, ROUTER, TicketState.CLOSED, {"reason": why})
 
@@ -468,8 +479,10 @@ def sync_agents(c: sqlite3.Connection, agents: list[Agent]) -> dict[str, bool]:
 
 def outbox_dead(c: sqlite3.Connection, item_id: str, attempts: int, reason: str, at: float) -> None:
     """Move an outbox item to dead_letters."""
+    # A replayed item that fails again replaces its old dead letter.
+    c.execute("DELETE FROM dead_letters WHERE id=?", (item_id,))
     c.execute(
-        "INSERT OR REPLACE INTO dead_letters(id, target, agent_id, address, kind, "
+        "INSERT INTO dead_letters(id, target, agent_id, address, kind, "
         "payload, message_id, "
         "attempts, reason, created_at, dead_at) SELECT id, target, agent_id, address, "
         "kind, payload, "
@@ -482,14 +495,17 @@ def outbox_dead(c: sqlite3.Connection, item_id: str, attempts: int, reason: str,
 def replay_dead_letters(c: sqlite3.Connection, ids: list[str] | None, at: float) -> int:
     """Move dead letters back to the outbox with a fresh attempt count."""
     where, args = (
-        ("", ()) if ids is None else (f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
+        # Never empty: SQLite needs a WHERE between INSERT ... SELECT and its ON CONFLICT.
+        ("WHERE true", ())
+        if ids is None
+        else (f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
     )
     c.execute(
-        "INSERT OR IGNORE INTO outbox(id, target, agent_id, address, kind, payload, "
+        "INSERT INTO outbox(id, target, agent_id, address, kind, payload, "
         "message_id, attempts, "
         "next_attempt_at, created_at) SELECT id, target, agent_id, address, kind, "
         "payload, message_id, 0, ?, "
-        f"created_at FROM dead_letters {where}",
+        f"created_at FROM dead_letters {where} ON CONFLICT (id) DO NOTHING",
         (at, *args),
     )
     return c.execute(f"DELETE FROM dead_letters {where}", args).rowcount
@@ -523,54 +539,49 @@ def ticket(c: sqlite3.Connection, conversation_id: str) -> TicketView | None:
 
 def message(c: sqlite3.Connection, message_id: str) -> dict[str, Any] | None:
     """Return one message with classification and routing."""
-    c.row_factory = sqlite3.Row
-    try:
-        row = c.execute("SELECT * FROM messages WHERE id=?", (message_id,)).fetchone()
-        if row is None:
-            return None
-        out = {k: row[k] for k in row.keys() if k != "raw"}
-        for k in ("scores", "signals", "features", "thread_refs"):  # JSON, decoded
-            out[k] = json.loads(out[k])
-        contact = c.execute(
-            "SELECT handle, name FROM contacts WHERE key=?", (out["contact_key"],)
-        ).fetchone()
-        out["contact_handle"] = contact["handle"] if contact else ""
-        out["contact_name"] = contact["name"] if contact else ""
-        out["classification"] = {
-            "label": out["label"],
-            "confidence": out["confidence"],
-            "scores": out["scores"],
-            "severity": out["severity"],
-            "signals": out["signals"],
-            "language": out["language"],
-            "model_version": out["model_version"],
-            "features": out["features"],
-        }
-        a = c.execute("SELECT * FROM assignments WHERE message_id=?", (message_id,)).fetchone()
-        assignment = dict(a) if a else None
-        if assignment is not None:
-            raw_explain = assignment.get("explain") or ""
-            assignment["explain"] = json.loads(raw_explain) if raw_explain else None
-        out["assignment"] = assignment
-        out["offer_history"] = [
-            dict(r)
-            for r in c.execute(
-                "SELECT agent_id, assigned_at, ended_at, outcome FROM assignment_history "
-                "WHERE message_id=? ORDER BY id",
-                (message_id,),
-            )
-        ]
-        out["attachments"] = [
-            dict(r)
-            for r in c.execute(
-                "SELECT name, mime_type, size, sha256, storage_ref FROM attachments "
-                "WHERE message_id=? ORDER BY rowid",
-                (message_id,),
-            )
-        ]
-        return out
-    finally:
-        c.row_factory = None
+    found = rows_as_dicts(c.execute("SELECT * FROM messages WHERE id=?", (message_id,)))
+    if not found:
+        return None
+    out = {k: v for k, v in found[0].items() if k != "raw"}
+    for k in ("scores", "signals", "features", "thread_refs"):  # JSON, decoded
+        out[k] = json.loads(out[k])
+    contact = c.execute(
+        "SELECT handle, name FROM contacts WHERE key=?", (out["contact_key"],)
+    ).fetchone()
+    out["contact_handle"] = contact[0] if contact else ""
+    out["contact_name"] = contact[1] if contact else ""
+    out["classification"] = {
+        "label": out["label"],
+        "confidence": out["confidence"],
+        "scores": out["scores"],
+        "severity": out["severity"],
+        "signals": out["signals"],
+        "language": out["language"],
+        "model_version": out["model_version"],
+        "features": out["features"],
+    }
+    rows = rows_as_dicts(c.execute("SELECT * FROM assignments WHERE message_id=?", (message_id,)))
+    assignment = rows[0] if rows else None
+    if assignment is not None:
+        raw_explain = assignment.get("explain") or ""
+        assignment["explain"] = json.loads(raw_explain) if raw_explain else None
+    out["assignment"] = assignment
+    out["offer_history"] = rows_as_dicts(
+        c.execute(
+            "SELECT agent_id, assigned_at, ended_at, outcome FROM assignment_history "
+            "WHERE message_id=? ORDER BY id",
+            (message_id,),
+        )
+    )
+    # `rowid` is SQLite's insertion order; the PostgreSQL schema has a column of that name.
+    out["attachments"] = rows_as_dicts(
+        c.execute(
+            "SELECT name, mime_type, size, sha256, storage_ref FROM attachments "
+            "WHERE message_id=? ORDER BY rowid",
+            (message_id,),
+        )
+    )
+    return out
 
 
 def delivery_counts(c: sqlite3.Connection) -> dict[str, int]:
@@ -741,13 +752,15 @@ def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool
         return True
     if a.pool == "*":
         held, joins = c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN id=? THEN 1 ELSE 0 END), 0) "
+            "FROM conversations "
             "WHERE agent_id=? AND state='open'",
             (conversation_id, a.agent_id),
         ).fetchone()
     else:
         held, joins = c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN id=? THEN 1 ELSE 0 END), 0) "
+            "FROM conversations "
             "WHERE agent_id=? AND state='open' AND channel_type=?",
             (conversation_id, a.agent_id, a.pool),
         ).fetchone()
@@ -901,8 +914,8 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
                 now_status = str(TicketState.ACCEPTED)  # the customer answered: agent's turn
             c.execute(
                 "UPDATE conversations SET updated_at=?, agent_id=COALESCE(?, agent_id), "
-                "severity=MIN(severity, ?), status=? WHERE id=?",
-                (at, agent_id, cls.severity, now_status, conversation_id),
+                "severity=CASE WHEN severity < ? THEN severity ELSE ? END, status=? WHERE id=?",
+                (at, agent_id, cls.severity, cls.severity, now_status, conversation_id),
             )
             if now_status != was:
                 if now_status == TicketState.ASSIGNED:
