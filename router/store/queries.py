@@ -29,6 +29,7 @@ from router.store import (
     TicketView,
 )
 from router.store.contact_queries import book_rows, link_contact
+from router.store.portable import marks, rows_as_dicts
 
 # Between a closed ticket's thread key and its id (ASCII record separator: never in a key).
 _CLOSED_KEY_SEPARATOR = "\x1e"
@@ -67,12 +68,6 @@ def write_probe(c: sqlite3.Connection) -> None:
         (page_size,),
     )
     c.execute("DELETE FROM meta WHERE key='write_probe'")
-
-
-def rows_as_dicts(cur: Any) -> list[dict[str, Any]]:
-    """Return a cursor's rows as dicts keyed by column name (any DB-API cursor)."""
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def set_presence(c: sqlite3.Connection, agent_id: str, present: bool) -> bool:
@@ -472,7 +467,7 @@ def sync_agents(c: sqlite3.Connection, agents: list[Agent]) -> dict[str, bool]:
         )
     ids = [a.id for a in agents]
     rows = c.execute(
-        f"SELECT id, present FROM agents WHERE id IN ({','.join('?' * len(ids))})", ids
+        f"SELECT id, present FROM agents WHERE id IN ({marks(len(ids))})", ids
     ).fetchall()
     return {r[0]: bool(r[1]) for r in rows}
 
@@ -496,9 +491,7 @@ def replay_dead_letters(c: sqlite3.Connection, ids: list[str] | None, at: float)
     """Move dead letters back to the outbox with a fresh attempt count."""
     where, args = (
         # Never empty: SQLite needs a WHERE between INSERT ... SELECT and its ON CONFLICT.
-        ("WHERE true", ())
-        if ids is None
-        else (f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
+        ("WHERE true", ()) if ids is None else (f"WHERE id IN ({marks(len(ids))})", tuple(ids))
     )
     c.execute(
         "INSERT INTO outbox(id, target, agent_id, address, kind, payload, "
@@ -595,9 +588,9 @@ def count_messages(c: sqlite3.Connection, labels: list[str], since: float, until
     """Count messages with one of these labels ingested in [since, until)."""
     if not labels:
         return 0
-    marks = ",".join("?" * len(labels))
+    in_list = marks(len(labels))
     row = c.execute(
-        f"SELECT COUNT(*) FROM messages WHERE label IN ({marks}) "
+        f"SELECT COUNT(*) FROM messages WHERE label IN ({in_list}) "
         "AND ingested_at >= ? AND ingested_at < ?",
         (*labels, since, until),
     ).fetchone()
@@ -697,7 +690,7 @@ def delete_outbox(c: sqlite3.Connection, ids: list[str]) -> None:
     """Delete delivered outbox items."""
     for start in range(0, len(ids), _DELETE_CHUNK):
         chunk = ids[start : start + _DELETE_CHUNK]
-        c.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        c.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
 
 
 def insert_outbox(c: sqlite3.Connection, o: OutboxItem) -> None:
