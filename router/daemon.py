@@ -248,6 +248,20 @@ def ensure_admin_token(config: Config) -> str:
 
 def open_store(config: Config) -> Store:
     """Return the configured store backend (not yet opened)."""
+    if config.store.backend == "postgresql":
+        # Imported here: psycopg is only needed by installations that use PostgreSQL.
+        from router.store.postgres import PostgresStore
+
+        assert config.store.url is not None  # the config requires it
+        return PostgresStore(
+            config.store.url,
+            pool_size=config.store.pool_size,
+            statement_timeout=config.store.statement_timeout,
+            connect_timeout=config.store.connect_timeout,
+            raw_max_bytes=config.store.raw_max_bytes,
+            sslmode=config.store.sslmode,
+            sslrootcert=config.store.sslrootcert,
+        )
     return SqliteStore(
         config.db_path(),
         synchronous=config.store.synchronous,
@@ -325,7 +339,7 @@ class Daemon:
             adapters=sorted(self.tools),
             agents=len(cfg.agents),
             ops_port=self.ops_port,
-            store=str(cfg.db_path()),
+            store=cfg.store_label(),
         )
         if cfg.ops.enabled:
             where = (

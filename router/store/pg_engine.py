@@ -165,6 +165,8 @@ class PgEngine:
         self.threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        # Bumped whenever a worker finds its connection broken (see _main).
+        self._generation = 0
         self.units = 0
         self.reruns = 0  # serialization races lost and run again (a contention figure)
 
@@ -261,6 +263,7 @@ class PgEngine:
 
     def _main(self) -> None:
         conn: psycopg.Connection[Any] | None = None
+        generation = self._generation
         try:
             while True:
                 try:
@@ -269,10 +272,16 @@ class PgEngine:
                     item = None  # a probe is due
                 if item is _STOP:
                     return
+                if conn is not None and generation != self._generation:
+                    # Another worker lost its connection since this one last worked: this
+                    # one may be as dead (a restarted server, a cut network). A ping now
+                    # costs one round trip; finding out with a caller's unit fails it.
+                    conn = self._checked(conn)
                 if conn is None or conn.closed:
                     conn = self._reconnect(item)
                     if conn is None:
                         continue
+                generation = self._generation
                 if item is None:
                     self._next_probe = time.monotonic() + _PROBE_INTERVAL
                     self._execute(conn, self.probe)
@@ -285,10 +294,22 @@ class PgEngine:
                     assert self._loop is not None
                     self._loop.call_soon_threadsafe(_settle, fut, ok, value)
                 if conn.closed or conn.broken:
+                    self._generation += 1
+                    conn.close()
                     conn = None
         finally:
             if conn is not None:
                 conn.close()
+
+    @staticmethod
+    def _checked(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
+        """Return the connection if it still answers, else close it and return None."""
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error:
+            conn.close()
+            return None
+        return conn
 
     def _reconnect(self, item: Any) -> psycopg.Connection[Any] | None:
         """Open the worker's connection; on failure fail the item it holds and pause."""
@@ -371,6 +392,8 @@ class PgEngine:
                 return
             self._condition = condition
         now = time.monotonic()
+        if condition is not StoreCondition.OK:
+            self._generation += 1  # every worker checks its connection before the next unit
         if condition is StoreCondition.OK:
             log.info(
                 "store.recovered", previous=str(previous), after=round(now - self._down_since, 1)

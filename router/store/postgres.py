@@ -40,6 +40,8 @@ class PostgresStore(SqlStore):
         connect_timeout: float = 10.0,
         raw_max_bytes: int = 256 * 1024,
         application_name: str = "omnirouter",
+        sslmode: str | None = None,
+        sslrootcert: str | None = None,
     ) -> None:
         self.url = url
         self.raw_max_bytes = raw_max_bytes
@@ -50,16 +52,21 @@ class PostgresStore(SqlStore):
             # A transaction left open by a stuck worker must not hold locks forever.
             f"-c idle_in_transaction_session_timeout={int(max(statement_timeout, 1) * 2000)}"
         )
+        connect_kwargs: dict[str, Any] = {
+            "options": options,
+            "connect_timeout": max(1, int(connect_timeout)),
+            "application_name": application_name,
+        }
+        if sslmode:
+            connect_kwargs["sslmode"] = sslmode
+        if sslrootcert:
+            connect_kwargs["sslrootcert"] = sslrootcert
         self.engine = PgEngine(
             url,
             pool_size=pool_size,
             prepare=self._prepare,
             probe=probe,
-            connect_kwargs={
-                "options": options,
-                "connect_timeout": max(1, int(connect_timeout)),
-                "application_name": application_name,
-            },
+            connect_kwargs=connect_kwargs,
         )
 
     def _prepare(self, conn: psycopg.Connection[Any]) -> None:
