@@ -29,6 +29,18 @@ from tests.peers import free_port
 psycopg = pytest.importorskip("psycopg", reason="needs psycopg (pip install 'omnirouter[test]')")
 
 
+INITDB_OPTIONS = ("-E", "UTF8", "--locale=C", "--no-sync")
+# A test server: nothing to survive a power cut, room for several daemons' pools.
+SERVER_OPTIONS = (
+    "-c",
+    "listen_addresses=127.0.0.1",
+    "-c",
+    "fsync=off",
+    "-c",
+    "max_connections=300",
+)
+
+
 @dataclass(frozen=True)
 class PgServer:
     """A server the tests may create databases on (`admin_dsn` names its postgres db)."""
@@ -83,18 +95,17 @@ def _private_cluster() -> Iterator[PgServer | None]:
     base = Path(tempfile.mkdtemp(prefix="omnirouter-pg-"))
     os.chown(base, pw.pw_uid, pw.pw_gid)
     port = free_port()
-    as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if os.getuid() == 0 else {}
+    root = os.getuid() == 0
+    as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if root else {}
     subprocess.run(
-        [bindir / "initdb", "-D", base / "data", "-U", "postgres", "-A", "trust", "-E", "UTF8"]
-        + ["--locale=C", "--no-sync"],
+        [bindir / "initdb", "-D", base / "data", "-U", "postgres", "-A", "trust", *INITDB_OPTIONS],
         check=True,
         capture_output=True,
         **as_user,  # type: ignore[arg-type]
     )
-    log = open(base / "server.log", "wb")  # noqa: SIM115 (lives as long as the server)
+    log = open(base / "server.log", "wb")  # lives as long as the server
     proc = subprocess.Popen(
-        [bindir / "postgres", "-D", base / "data", "-p", str(port), "-k", base]
-        + ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300"],
+        [bindir / "postgres", "-D", base / "data", "-p", str(port), "-k", base, *SERVER_OPTIONS],
         stdout=log,
         stderr=subprocess.STDOUT,
         **as_user,  # type: ignore[arg-type]
