@@ -1249,3 +1249,30 @@ async def test_an_answer_to_a_survey_no_longer_pending_is_an_ordinary_message(
     result = await store.ingest(late)
     assert result.survey_score is None and result.state == "queued"
     assert result.conversation_id == late.conversation_id != first.conversation_id
+
+
+async def test_a_follow_up_placed_without_knowing_the_open_conversation_waits(
+    store: Store,
+) -> None:
+    """Another instance placed a follow-up as a new thread: the holder keeps it (sticky)."""
+    first = new_message(thread_key="t-sticky", assign_to="alice")
+    await store.ingest(first)
+    # Proposed a fresh conversation id (did not know the thread) and chose bob.
+    blind = new_message(thread_key="t-sticky", assign_to="bob", ingested_at=T0 + 5)
+    result = await store.ingest(blind)
+    assert result.conversation_id == first.conversation_id
+    assert not result.assigned and result.state == "queued"
+    assert result.outbox == ()  # bob's delivery was not committed
+    snap = await store.snapshot(T0 + 5, HOUR)
+    assert [(c.conversation_id, c.agent_id) for c in snap.open_conversations] == [
+        (first.conversation_id, "alice")
+    ]
+    assert [q.message_id for q in snap.queued] == [blind.message_id]
+    # Knowing the conversation and its holder, a caller may still move it on purpose
+    # (the holder went off line): that assignment stands.
+    moved = new_message(thread_key="t-sticky", assign_to="bob", ingested_at=T0 + 9)
+    moved = dataclasses.replace(moved, conversation_id=first.conversation_id)
+    assert moved.assignment is not None
+    moved.assignment.conversation_id = first.conversation_id
+    again = await store.ingest(moved)
+    assert again.assigned and again.state == "assigned"

@@ -809,8 +809,21 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             # Too late to reopen: the old ticket is closed, this message starts a new one.
             close_conversation(c, row[0], at, "a follow-up came after the reopen window")
             row = None
-    refused = new.assignment is not None and not has_room(
-        c, new.assignment, row[0] if row is not None else conversation_id
+    # The caller placed the message without knowing the thread's open conversation (it
+    # proposed a new id): another instance opened it and an agent holds it. Giving the
+    # message to someone else would split the conversation; it waits instead, and the
+    # caller learns the holder (sticky placement) before placing it again.
+    unknown_holder = (
+        new.assignment is not None
+        and row is not None
+        and row[1] == "open"
+        and row[2] is not None
+        and row[2] != new.assignment.agent_id
+        and row[0] != conversation_id
+    )
+    refused = new.assignment is not None and (
+        unknown_holder
+        or not has_room(c, new.assignment, row[0] if row is not None else conversation_id)
     )
     assignment = None if refused else new.assignment
     agent_id = assignment.agent_id if assignment else None
