@@ -328,6 +328,9 @@ class Daemon:
         if interval is not None:
             self.supervisor.spawn("watchdog", lambda: self._watchdog(interval))
         self.supervisor.spawn("queue-tick", self._queue_tick)
+        if self.store.shared:
+            # Other instances route on the same store: follow what they change.
+            self.supervisor.spawn("shared-routing", self.pipeline.shared.run)
         self._last_status = self._status_line()
         self.notifier.send(READY=1, STATUS=self._last_status)
         log.info(

@@ -8,7 +8,12 @@ Selected by `[store] url = "postgresql://…"` (or `store = "postgresql://…"`)
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
+import secrets
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,6 +26,8 @@ from router.store.pg_migrations import migrate
 from router.store.sql_store import SqlStore
 
 T = TypeVar("T")
+# The LISTEN/NOTIFY channel on which instances announce committed routing changes.
+CHANGES_CHANNEL = "omnirouter_changes"
 
 
 def probe(c: Any) -> None:
@@ -42,8 +49,15 @@ class PostgresStore(SqlStore):
         application_name: str = "omnirouter",
         sslmode: str | None = None,
         sslrootcert: str | None = None,
+        instance: str = "",
     ) -> None:
         self.url = url
+        # Names this instance in its change notices, so it ignores its own.
+        self.instance = instance or f"pid-{os.getpid()}-{secrets.token_hex(4)}"
+        self._callbacks: list[Callable[[], None]] = []
+        self._listener: threading.Thread | None = None
+        self._listening = threading.Event()  # set while the listener should run
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.raw_max_bytes = raw_max_bytes
         self._secret: bytes | None = None
         options = (
@@ -61,6 +75,7 @@ class PostgresStore(SqlStore):
             connect_kwargs["sslmode"] = sslmode
         if sslrootcert:
             connect_kwargs["sslrootcert"] = sslrootcert
+        self.connect_kwargs = connect_kwargs
         self.engine = PgEngine(
             url,
             pool_size=pool_size,
@@ -68,6 +83,7 @@ class PostgresStore(SqlStore):
             probe=probe,
             connect_kwargs=connect_kwargs,
         )
+        self.notices_received = 0  # other instances' change notices (tests, metrics)
 
     def _prepare(self, conn: psycopg.Connection[Any]) -> None:
         migrate(conn)
@@ -75,10 +91,67 @@ class PostgresStore(SqlStore):
     async def open(self) -> None:
         """Connect, migrate the schema (one instance at a time), start the workers."""
         await self.engine.open()
+        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         """Commit what is queued, then close the connections."""
+        self._listening.clear()
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join)
+            self._listener = None
         await self.engine.close()
+
+    # -- change notices between instances (LISTEN/NOTIFY) ------------------------------
+
+    async def _run_change(self, fn: Callable[[Any], T]) -> T:
+        """Run the unit and, in its transaction, tell the other instances (NOTIFY).
+
+        PostgreSQL delivers the notice only if the transaction commits, and folds equal
+        notices of one transaction into one.
+        """
+        instance = self.instance
+
+        def unit(c: Any) -> T:
+            value = fn(c)
+            c.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, instance))
+            return value
+
+        return await self._run(unit)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the loop when another instance commits a routing change.
+
+        It is also called after the listener (re)connects: notices sent while it was
+        not listening are lost, so whoever listens should look at the store again.
+        """
+        self._callbacks.append(callback)
+        if self._listener is None:
+            self._listening.set()
+            self._listener = threading.Thread(target=self._listen, name="pg-listener", daemon=True)
+            self._listener.start()
+
+    def _notify(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        for callback in self._callbacks:
+            loop.call_soon_threadsafe(callback)
+
+    def _listen(self) -> None:
+        """Hold a connection that LISTENs; reconnect after a failure (the store's probe
+        and workers report the outage; this only waits and tries again)."""
+        while self._listening.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, **self.connect_kwargs) as conn:
+                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    self._notify()  # catch up on whatever happened before
+                    while self._listening.is_set():
+                        for notice in conn.notifies(timeout=1.0):
+                            if notice.payload != self.instance:
+                                self.notices_received += 1
+                                self._notify()
+            except psycopg.Error:
+                time.sleep(1.0)
 
     @property
     def condition(self) -> StoreCondition:
@@ -94,6 +167,11 @@ class PostgresStore(SqlStore):
     def pending_deletes(self) -> int:
         """Count delivered outbox items whose delete is not committed yet (stop reports it)."""
         return self.engine.deferred_pending
+
+    @property
+    def shared(self) -> bool:
+        """Several instances may share a PostgreSQL store."""
+        return True
 
     async def outbox_done(self, ids: list[str]) -> None:
         """Delete delivered items in a commit of their own (deferred only if the store is down).

@@ -24,6 +24,7 @@ from router.store import (
     OutboxItem,
     PendingSurvey,
     QueuedMessage,
+    RoutingView,
     Snapshot,
     TicketEvent,
     TicketView,
@@ -1110,6 +1111,51 @@ def outbox_item(r: tuple[Any, ...]) -> OutboxItem:
         next_attempt_at=r[8],
         created_at=r[9],
     )
+
+
+def routing_view(
+    c: sqlite3.Connection, streak_labels: frozenset[str], depth: int, since: float
+) -> RoutingView:
+    """Return open conversations, queued messages, presence and streaks since `since`."""
+    view = RoutingView()
+    view.open_conversations = [
+        OpenConversation(*r)
+        for r in c.execute(
+            "SELECT id, channel, thread_key, agent_id, channel_type FROM conversations "
+            "WHERE state='open'"
+        )
+    ]
+    view.queued = [
+        QueuedMessage(*r)
+        for r in c.execute(
+            "SELECT id, conversation_id, queue, label, severity, language, sla_deadline, "
+            "ingested_at, channel_type "
+            "FROM messages WHERE state='queued' ORDER BY id"
+        )
+    ]
+    view.presence = {r[0]: bool(r[1]) for r in c.execute("SELECT id, present FROM agents")}
+    # Each agent's latest assignments, newest first (a window function: both engines).
+    latest = c.execute(
+        "SELECT agent_id, label, assigned_at FROM ("
+        "SELECT a.agent_id, m.label, a.assigned_at, ROW_NUMBER() OVER "
+        "(PARTITION BY a.agent_id ORDER BY a.assigned_at DESC, a.message_id DESC) AS n "
+        "FROM assignments a JOIN messages m ON m.id = a.message_id "
+        "WHERE a.assigned_at >= ?) AS recent "
+        "WHERE n <= ? ORDER BY agent_id, assigned_at DESC",
+        (since, depth),
+    )
+    counting: set[str] = set()
+    for agent_id, label, assigned_at in latest:
+        if agent_id not in view.streaks:
+            view.streaks[agent_id] = (0, float(assigned_at))
+            counting.add(agent_id)
+        if agent_id in counting:
+            if label in streak_labels:
+                streak, last = view.streaks[agent_id]
+                view.streaks[agent_id] = (streak + 1, last)
+            else:
+                counting.discard(agent_id)
+    return view
 
 
 def snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapshot:
