@@ -48,6 +48,7 @@ class SharedRouting:
         self.interval = interval  # the fallback look when no notice comes
         self.min_gap = min_gap  # notices closer than this fold into one look
         self._wake = asyncio.Event()
+        core.resync_soon = self.notice
         self._missing: dict[Hashable, float] = {}  # what the store lacks, since when
         self.resyncs = 0
         self.adopted = 0  # messages and conversations learnt from other instances

@@ -1276,3 +1276,38 @@ async def test_a_follow_up_placed_without_knowing_the_open_conversation_waits(
     moved.assignment.conversation_id = first.conversation_id
     again = await store.ingest(moved)
     assert again.assigned and again.state == "assigned"
+
+
+async def test_a_streak_grown_meanwhile_refuses_the_assignment(store: Store) -> None:
+    """Complaint rotation across instances: a decision made on a stale streak is refused."""
+    streak = {"streak_limit": 3, "streak_labels": ("complaint",)}
+    for i in range(3):  # alice already took three complaints in a row
+        done = new_message(label="complaint", ingested_at=T0 + i, thread_key=f"s{i}")
+        done = dataclasses.replace(
+            done,
+            assignment=dataclasses.replace(assignment_for(done, "alice", at=T0 + i)),
+        )
+        assert (await store.ingest(done)).assigned
+    # Another instance decided on a streak of 1: the store knows it is 3 now.
+    stale = new_message(label="complaint", ingested_at=T0 + 10, thread_key="s-stale")
+    stale = dataclasses.replace(
+        stale,
+        assignment=dataclasses.replace(
+            assignment_for(stale, "alice", at=T0 + 10), streak_seen=1, **streak
+        ),
+    )
+    result = await store.ingest(stale)
+    assert not result.assigned and result.state == "queued"
+    # Seen right (3: the deciding instance knew, and had nobody else), it stands.
+    aware = dataclasses.replace(assignment_for(stale, "alice", at=T0 + 11), streak_seen=3, **streak)
+    item = outbox_item(stale.message_id, agent_id="alice", conversation_id=stale.conversation_id)
+    assert await store.assign(aware, item)
+    # An inquiry does not count towards the streak check at all.
+    inquiry = new_message(label="inquiry", ingested_at=T0 + 12, thread_key="s-inq")
+    inquiry = dataclasses.replace(
+        inquiry,
+        assignment=dataclasses.replace(
+            assignment_for(inquiry, "alice", at=T0 + 12), streak_seen=0, **streak
+        ),
+    )
+    assert (await store.ingest(inquiry)).assigned

@@ -734,6 +734,27 @@ def insert_assignment(c: sqlite3.Connection, a: Assignment) -> None:
     )
 
 
+def streak_allows(c: sqlite3.Connection, a: Assignment, label: str) -> bool:
+    """Whether the agent's complaint streak is still what the deciding instance saw.
+
+    Refuses only when it grew meanwhile (another instance gave the agent streak work)
+    and reached the limit: the decision was made on a streak that is no longer true.
+    """
+    if a.streak_seen is None or label not in a.streak_labels or a.streak_limit <= 0:
+        return True
+    latest = c.execute(
+        "SELECT m.label FROM assignments x JOIN messages m ON m.id = x.message_id "
+        "WHERE x.agent_id=? ORDER BY x.assigned_at DESC, x.message_id DESC LIMIT ?",
+        (a.agent_id, a.streak_limit),
+    ).fetchall()
+    actual = 0
+    for (previous,) in latest:
+        if previous not in a.streak_labels:
+            break
+        actual += 1
+    return actual <= a.streak_seen or actual < a.streak_limit
+
+
 def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool:
     """Tell whether the agent may take one more conversation (checked in the transaction).
 
@@ -825,6 +846,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
     refused = new.assignment is not None and (
         unknown_holder
         or not has_room(c, new.assignment, row[0] if row is not None else conversation_id)
+        or not streak_allows(c, new.assignment, new.classification.label)
     )
     assignment = None if refused else new.assignment
     agent_id = assignment.agent_id if assignment else None
@@ -1067,13 +1089,14 @@ def _insert_message(
 def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
     """Assign a queued message and queue its delivery; False when it is not queued."""
     row = c.execute(
-        "SELECT conversation_id FROM messages WHERE id=? AND state='queued'", (a.message_id,)
+        "SELECT conversation_id, label FROM messages WHERE id=? AND state='queued'",
+        (a.message_id,),
     ).fetchone()
     if row is None:
         return False
     # The message's own conversation, whatever the caller believed it to be.
     conversation_id = row[0]
-    if not has_room(c, a, conversation_id):
+    if not has_room(c, a, conversation_id) or not streak_allows(c, a, row[1]):
         return False
     c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
     at = a.assigned_at.timestamp()
