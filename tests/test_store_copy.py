@@ -9,6 +9,7 @@ the Store API of the other backend and compared call by call.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sqlite3
 import subprocess
 import sys
@@ -342,6 +343,74 @@ async def test_a_failure_mid_copy_rolls_the_target_back(tmp_path: Path, dsn: str
     with pytest.raises(CopyError, match="copying table corrections"):
         copy_store(str(path), str(target))
     assert not target.exists()
+
+
+def _grow_sqlite(path: Path, *, column: bool = True) -> None:
+    """What a later migration does: a new table and a new column (as migration 6 will)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE later_leases (name TEXT PRIMARY KEY, holder TEXT, until REAL)")
+        conn.execute("INSERT INTO later_leases VALUES ('imap:support', 'node-1', 1.5)")
+        if column:
+            conn.execute("ALTER TABLE outbox ADD COLUMN later_owner TEXT NOT NULL DEFAULT ''")
+            conn.execute("UPDATE outbox SET later_owner = 'node-1'")
+
+
+def _grow_postgres(dsn: str) -> None:
+    from router.store.pg_migrations import migrate as pg_migrate
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pg_migrate(conn)
+        conn.execute(
+            "CREATE TABLE later_leases (name TEXT PRIMARY KEY, holder TEXT, until DOUBLE PRECISION)"
+        )
+        conn.execute("ALTER TABLE outbox ADD COLUMN later_owner TEXT NOT NULL DEFAULT ''")
+
+
+async def test_tables_and_columns_a_later_migration_adds_are_copied(
+    tmp_path: Path, dsn: str
+) -> None:
+    path, _built, before = await _source(tmp_path, n=6)
+    _grow_sqlite(path)
+    _grow_postgres(dsn)
+
+    report = copy_store(str(path), dsn)
+
+    assert dict(report.tables)["later_leases"] == 1
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT * FROM later_leases").fetchall() == [
+            ("imap:support", "node-1", 1.5)
+        ]
+        owners = conn.execute("SELECT DISTINCT later_owner FROM outbox").fetchall()
+    assert owners == [("node-1",)] and before["outbox"]
+
+
+async def test_data_the_target_schema_cannot_hold_is_refused(tmp_path: Path, dsn: str) -> None:
+    path, _built, _ = await _source(tmp_path, n=3)
+    _grow_sqlite(path)  # the SQLite side migrated further than the PostgreSQL side
+
+    with pytest.raises(CopyError, match=r"table later_leases .* no counterpart"):
+        copy_store(str(path), dsn)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM later_leases")
+    with pytest.raises(CopyError, match=r"table outbox: column.* later_owner have no counterpart"):
+        copy_store(str(path), dsn)
+    assert {t: n for t, n in _row_counts(dsn).items() if n and t != "meta"} == {
+        "schema_migrations": 1
+    }
+
+
+async def test_the_source_is_only_read_and_a_newer_one_is_refused(tmp_path: Path, dsn: str) -> None:
+    path, built, before = await _source(tmp_path, n=3)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    back = tmp_path / "copy.db"
+    copy_store(str(path), str(back))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert await _read(SqliteStore(back), built) == before
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version={latest_version() + 1}")
+    with pytest.raises(CopyError, match="newer than this omnirouter"):
+        copy_store(str(path), dsn)
+    assert _row_counts(dsn) == {}  # refused before the target was touched
 
 
 def test_endpoints_and_plain_refusals(tmp_path: Path) -> None:

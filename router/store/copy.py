@@ -210,7 +210,10 @@ class SqliteSide(Side):
             # Private from the start, as the store makes it: -wal and -shm copy its mode.
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             self.created = True
-        self.conn = self._connect("rw")
+        # A source is only read (unless it needs migrating): a copy of someone else's
+        # store, or one on a read-only mount, can be copied from.
+        self.mode = "rw" if create else "ro"
+        self.conn = self._connect(self.mode)
 
     def _connect(self, mode: str) -> sqlite3.Connection:
         uri = f"file:{urllib.parse.quote(str(self.path))}?mode={mode}"
@@ -225,6 +228,12 @@ class SqliteSide(Side):
         return sqlite_migrations.latest_version()
 
     def migrate(self) -> None:
+        if self.mode == "ro":
+            if self.version() >= self.latest():
+                return  # nothing to write (a newer schema is refused before this)
+            self.conn.close()
+            self.mode = "rw"
+            self.conn = self._connect(self.mode)
         sqlite_migrations.migrate(self.conn)
 
     def tables(self) -> dict[str, Table]:
@@ -251,10 +260,12 @@ class SqliteSide(Side):
         return self.conn.execute(sql, params)
 
     def begin_read(self) -> None:
-        # Reopened read-only; the snapshot starts at the first read after BEGIN and
-        # holds until the end (in WAL mode the daemon keeps writing meanwhile).
-        self.conn.close()
-        self.conn = self._connect("ro")
+        # Read-only; the snapshot starts at the first read after BEGIN and holds until
+        # the end (in WAL mode the daemon keeps writing meanwhile).
+        if self.mode != "ro":
+            self.conn.close()
+            self.mode = "ro"
+            self.conn = self._connect(self.mode)
         self.conn.execute("BEGIN")
         self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
 
@@ -598,6 +609,12 @@ def _prepare_source(source: Side) -> tuple[int, int] | None:
     before = _guard(source, source.version)
     if before == 0:
         raise CopyError(f"{source.endpoint.label} is not an Omnirouter store (no schema)")
+    latest = source.latest()
+    if before > latest:
+        raise CopyError(
+            f"{source.endpoint.label} has schema v{before}, newer than this omnirouter's "
+            f"(v{latest}): copy it with the omnirouter that wrote it"
+        )
     _guard(source, source.migrate)
     after = _guard(source, source.version)
     return (before, after) if after != before else None
