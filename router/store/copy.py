@@ -559,7 +559,7 @@ def copy_store(source_text: str, target_text: str) -> CopyReport:
             target, _guard(target, target.tables) if _guard(target, target.version) else {}
         )
         _guard(target, target.migrate)
-        report.schema = target.version()
+        report.schema = _guard(target, target.version)
         _guard(source, source.begin_read)
         source_tables = _guard(source, source.tables)
         counts = {name: _guard(source, lambda n=name: source.count(n)) for name in source_tables}
@@ -684,5 +684,5 @@ def _verify(target: Side, steps: list[Step], counts: dict[str, int], when: str) 
         if have != counts[step.source.name]:
             raise CopyError(
                 f"table {name}: {have} rows in the target {when}, "
-                f"{counts[step.source.name]} in the source"
+                f"{counts[step.source.name]} in the source (did something else write to it?)"
             )
