@@ -413,6 +413,41 @@ async def test_the_source_is_only_read_and_a_newer_one_is_refused(tmp_path: Path
     assert _row_counts(dsn) == {}  # refused before the target was touched
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_writes_after_the_snapshot_are_not_copied(
+    tmp_path: Path, pg_server: Any, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A daemon still writing during the copy: the copy holds one consistent snapshot."""
+    from router.store import copy as store_copy
+    from tests.peers_pg import fresh_database
+
+    path, _built, _ = await _source(tmp_path, n=3)
+    with fresh_database(pg_server) as first, fresh_database(pg_server) as second:
+        source, target = (str(path), first) if kind == "sqlite" else (first, second)
+        if kind == "postgresql":
+            copy_store(str(path), first)
+        side = store_copy.SqliteSide if kind == "sqlite" else store_copy.PostgresSide
+        begin_read = side.begin_read
+        insert = "INSERT INTO agents(id, name, capacity, tool) VALUES ('late', '', 1, 'mqtt')"
+
+        def write_after_the_snapshot(self: Any) -> None:
+            begin_read(self)
+            if kind == "sqlite":
+                with sqlite3.connect(path) as conn:
+                    conn.execute(insert)
+            else:
+                with psycopg.connect(first, autocommit=True) as conn:
+                    conn.execute(insert)
+
+        monkeypatch.setattr(side, "begin_read", write_after_the_snapshot)
+        report = copy_store(source, target)
+
+        assert dict(report.tables)["agents"] == 2
+        with psycopg.connect(target) as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM agents ORDER BY id")]
+        assert ids == ["alice", "bob"]
+
+
 def test_endpoints_and_plain_refusals(tmp_path: Path) -> None:
     assert parse_endpoint("sqlite:/var/x.db") == Endpoint("sqlite", "/var/x.db")
     assert parse_endpoint("sqlite:///var/x.db") == Endpoint("sqlite", "/var/x.db")
