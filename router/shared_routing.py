@@ -67,6 +67,7 @@ class SharedRouting:
             except TimeoutError:
                 pass
             self._wake.clear()
+            log.debug("shared.wake")
             await self.resync()
             await asyncio.sleep(self.min_gap)
 
@@ -80,11 +81,23 @@ class SharedRouting:
         )
         async with core.drain_lock:
             now = core.clock()
+            adopted, forgotten = self.adopted, self.forgotten
             returned = self.apply(view, now)
+            log.debug(
+                "shared.resync",
+                open=len(view.open_conversations),
+                queued=len(view.queued),
+                adopted=self.adopted - adopted,
+                forgotten=self.forgotten - forgotten,
+                waiting=core.scheduler.waiting_count(),
+                pending=len(self._missing),
+            )
             for back in returned:
                 await self.queues.take_back(back, now)
         self.resyncs += 1
+        log.debug("shared.drain")
         await self.queues.drain()
+        log.debug("shared.drained")
         core.update_gauges()
 
     def apply(self, view: RoutingView, now: float) -> list[Returned]:

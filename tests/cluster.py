@@ -57,6 +57,7 @@ class AgentDesk:
         self.requests = 0
         self.resolved: set[str] = set()
         self.resolve_failures = 0
+        self.refusals: dict[str, int] = {}  # why instances refused a resolve (diagnostics)
         self._lock = threading.Lock()
         self._todo: list[tuple[float, Delivery, int]] = []
         self._stop = threading.Event()
@@ -146,6 +147,9 @@ class AgentDesk:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
+            reason = exc.read().decode(errors="replace")[:200]
+            with self._lock:
+                self.refusals[reason] = self.refusals.get(reason, 0) + 1
             return int(exc.code)
         except OSError:
             return 0

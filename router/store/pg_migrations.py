@@ -165,6 +165,8 @@ def _v001(c: Any) -> None:
             explain TEXT NOT NULL DEFAULT ''
         );
         CREATE INDEX assignments_conversation ON assignments(conversation_id);
+        -- an agent's latest assignments (the complaint streak check across instances)
+        CREATE INDEX assignments_agent_time ON assignments(agent_id, assigned_at);
         CREATE TABLE outbox (
             id TEXT PRIMARY KEY,
             target TEXT NOT NULL,
