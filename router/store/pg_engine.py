@@ -3,13 +3,16 @@
 Why threads with psycopg's synchronous connections rather than an async driver: the
 units of work (`router.store.queries`) are plain functions of a DB-API connection,
 shared with the SQLite store, so every business rule is written once. A unit runs in
-its own SERIALIZABLE transaction: the checks the SQLite store gets from its single
-writer (a message still queued, an agent's capacity, one lease holder) hold here
-against every other instance too, because PostgreSQL aborts whichever of two
-conflicting transactions would break a serial order. The engine then runs the unit
-again (units have no effects outside the database), as it does after a deadlock or a
-unique-key race (two instances storing the same message: the second run finds the
-first one's row and reports a duplicate).
+its own READ COMMITTED transaction and locks the rows it is about to change
+(`SELECT … FOR UPDATE`, see `router.store.portable.for_update`), which gives it what
+the SQLite store gets from its single writer: a message still queued, an agent's room,
+a conversation's holder cannot change under it. (SERIALIZABLE was tried first: with
+ULID keys every ingest inserts at the right edge of the same index pages, and the
+page-level predicate locks made a fifth of all transactions fail and run again.) A
+unit that loses a race on a unique key (two instances storing the same message or
+opening the same thread), a deadlock or a serialization failure is run again (units
+have no effects outside the database): the second run finds the first one's rows.
+Read-only units run in a REPEATABLE READ, READ ONLY snapshot.
 
 Deferred units (the outbox's deletes) are gathered and committed together by the
 next free worker. The condition (ok, full, readonly, failing) follows the server's
@@ -241,13 +244,17 @@ class PgEngine:
 
     # -- submitting --------------------------------------------------------------
 
-    async def run(self, fn: Callable[[Any], T]) -> T:
-        """Run a unit in its own transaction; return its result once committed."""
+    async def run(self, fn: Callable[[Any], T], *, read_only: bool = False) -> T:
+        """Run a unit in its own transaction; return its result once committed.
+
+        `read_only`: the unit only reads; it runs in a REPEATABLE READ READ ONLY
+        transaction (a snapshot, no serializable bookkeeping).
+        """
         if not self.accepting:
             raise RuntimeError("store is not open")
         assert self._loop is not None
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fn, fut))
+        self._queue.put((_read_only(fn) if read_only else fn, fut))
         return await fut
 
     def defer(self, fn: Unit, size: int = 1) -> None:
@@ -414,6 +421,16 @@ class PgEngine:
                 return
             if item is not _STOP and item is not _DEFERRED and item is not None:
                 _settle(item[1], False, exc)
+
+
+def _read_only(fn: Unit) -> Unit:
+    """Wrap a unit so its transaction is a REPEATABLE READ, READ ONLY snapshot."""
+
+    def unit(c: Any) -> Any:
+        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        return fn(c)
+
+    return unit
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -1,8 +1,11 @@
 """The PostgreSQL backend: the shared SQL store (`SqlStore`) on a pool of connections.
 
 For several router instances sharing the work: every instance opens the same
-database; each unit of work is one SERIALIZABLE transaction (`router.store.pg_engine`),
-so two instances can never assign one message twice or fill an agent past capacity.
+database; each unit of work is one READ COMMITTED transaction that locks the rows it
+is about to change (`router.store.portable.for_update`: the agent whose load grows,
+the conversation, the queued message), so two instances can never assign one message
+twice or fill an agent past capacity; unique keys settle the rest (a message stored
+twice, a thread opened twice) and the losing unit runs again (`router.store.pg_engine`).
 Selected by `[store] url = "postgresql://…"` (or `store = "postgresql://…"`).
 """
 
@@ -66,7 +69,6 @@ class PostgresStore(SqlStore):
         self.raw_max_bytes = raw_max_bytes
         self._secret: bytes | None = None
         options = (
-            "-c default_transaction_isolation=serializable "
             f"-c statement_timeout={int(statement_timeout * 1000)} "
             # A transaction left open by a stuck worker must not hold locks forever.
             f"-c idle_in_transaction_session_timeout={int(max(statement_timeout, 1) * 2000)}"
@@ -207,6 +209,12 @@ class PostgresStore(SqlStore):
             await self.engine.run(unit)
         except StoreUnavailable:
             self.engine.defer(unit, len(ids))  # never dropped: committed when it is back
+
+    async def _read(self, fn: Callable[[Any], T]) -> T:
+        """Run a read in a REPEATABLE READ, READ ONLY transaction: one consistent
+        snapshot, and no predicate locks that would make writers' SERIALIZABLE
+        transactions fail and run again."""
+        return await self.engine.run(fn, read_only=True)
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
         return await self.engine.run(fn)

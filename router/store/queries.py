@@ -30,7 +30,7 @@ from router.store import (
     TicketView,
 )
 from router.store.contact_queries import book_rows, link_contact
-from router.store.portable import marks, rows_as_dicts
+from router.store.portable import for_update, marks, rows_as_dicts
 
 # Between a closed ticket's thread key and its id (ASCII record separator: never in a key).
 _CLOSED_KEY_SEPARATOR = "\x1e"
@@ -137,7 +137,8 @@ def resolve_conversation(
 ) -> str | None:
     """Close an open conversation and its messages; return the agent who held it."""
     row = c.execute(
-        "SELECT agent_id FROM conversations WHERE id=? AND state='open'", (conversation_id,)
+        f"SELECT agent_id FROM conversations WHERE id=? AND state='open'{for_update(c)}",
+        (conversation_id,),
     ).fetchone()
     if row is None:
         return None
@@ -200,7 +201,7 @@ def close_resolved(
         r[0]
         for r in c.execute(
             "SELECT id FROM conversations WHERE state='resolved' AND resolved_at<=? "
-            "ORDER BY resolved_at LIMIT ?",
+            f"ORDER BY resolved_at LIMIT ?{for_update(c, skip_locked=True)}",
             (resolved_before, limit),
         )
     ]
@@ -263,7 +264,8 @@ def reply(
 ) -> bool:
     """Queue an agent's answer and mark the ticket waiting on the customer; False if not theirs."""
     row = c.execute(
-        "SELECT status FROM conversations WHERE id=? AND state='open' AND agent_id=?",
+        f"SELECT status FROM conversations WHERE id=? AND state='open' AND agent_id=?"
+        f"{for_update(c)}",
         (conversation_id, agent_id),
     ).fetchone()
     if row is None:
@@ -304,7 +306,7 @@ def transfer(
     Returns the ids, oldest first; empty when the conversation is not open.
     """
     row = c.execute(
-        "SELECT agent_id, status FROM conversations WHERE id=? AND state='open'",
+        f"SELECT agent_id, status FROM conversations WHERE id=? AND state='open'{for_update(c)}",
         (conversation_id,),
     ).fetchone()
     if row is None:
@@ -367,7 +369,7 @@ def withdraw_offer(
     """Take back unaccepted assignments of the message's conversation from the agent."""
     row = c.execute(
         "SELECT conversation_id FROM assignments WHERE message_id=? AND agent_id=? "
-        "AND accepted_at IS NULL AND resolved_at IS NULL",
+        f"AND accepted_at IS NULL AND resolved_at IS NULL{for_update(c)}",
         (message_id, agent_id),
     ).fetchone()
     if row is None:
@@ -375,7 +377,7 @@ def withdraw_offer(
     conversation_id = row[0]
     rows = c.execute(
         "SELECT message_id, assigned_at FROM assignments WHERE conversation_id=? "
-        "AND agent_id=? AND accepted_at IS NULL AND resolved_at IS NULL",
+        f"AND agent_id=? AND accepted_at IS NULL AND resolved_at IS NULL{for_update(c)}",
         (conversation_id, agent_id),
     ).fetchall()
     ids = [r[0] for r in rows]
@@ -765,6 +767,9 @@ def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool
     """
     if a.capacity <= 0:
         return True
+    # Every unit that adds to an agent's load checks here first: holding the agent's
+    # row makes two instances' checks (room, streak) for one agent take turns.
+    c.execute(f"SELECT id FROM agents WHERE id=?{for_update(c)}", (a.agent_id,)).fetchall()
     if a.pool == "*":
         held, joins = c.execute(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN id=? THEN 1 ELSE 0 END), 0) "
@@ -822,7 +827,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
     reopened = False
     row = c.execute(
         "SELECT id, state, agent_id, resolved_at, status FROM conversations "
-        "WHERE channel=? AND thread_key=?",
+        f"WHERE channel=? AND thread_key=?{for_update(c)}",
         (m.channel, new.thread_key),
     ).fetchone()
     if row is not None and row[1] == "resolved" and survey is None:
@@ -1001,7 +1006,8 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
 def _survey_answer(c: sqlite3.Connection, new: NewMessage) -> str | None:
     """Record a survey answer on the surveyed ticket; return its id (None: not pending)."""
     row = c.execute(
-        "SELECT id FROM conversations WHERE id=? AND state='resolved' AND survey_until>=?",
+        "SELECT id FROM conversations WHERE id=? AND state='resolved' AND survey_until>=?"
+        f"{for_update(c)}",
         (new.survey_of, new.ingested_at),
     ).fetchone()
     if row is None:
@@ -1089,7 +1095,7 @@ def _insert_message(
 def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
     """Assign a queued message and queue its delivery; False when it is not queued."""
     row = c.execute(
-        "SELECT conversation_id, label FROM messages WHERE id=? AND state='queued'",
+        f"SELECT conversation_id, label FROM messages WHERE id=? AND state='queued'{for_update(c)}",
         (a.message_id,),
     ).fetchone()
     if row is None:

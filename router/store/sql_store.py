@@ -73,6 +73,10 @@ class SqlStore(ABC):
         A store no other instance can use never calls it.
         """
 
+    async def _read(self, fn: Callable[[Any], T]) -> T:
+        """Run a unit that only reads (a backend may run it without write isolation)."""
+        return await self._run(fn)
+
     @abstractmethod
     def _defer(self, fn: Callable[[Any], Any], size: int) -> None:
         """Queue a unit nobody waits for (standing for `size` items) to commit soon."""
@@ -81,7 +85,7 @@ class SqlStore(ABC):
 
     async def ping(self) -> bool:
         """Return True when the writer answers a trivial query."""
-        return await self._run(q.ping)
+        return await self._read(q.ping)
 
     async def secret(self) -> bytes:
         """Return the installation secret created by the first migration."""
@@ -140,7 +144,7 @@ class SqlStore(ABC):
 
     async def ticket_events(self, conversation_id: str) -> list[TicketEvent]:
         """Return a ticket's audit rows, oldest first."""
-        return await self._run(lambda c: q.ticket_events(c, conversation_id))
+        return await self._read(lambda c: q.ticket_events(c, conversation_id))
 
     async def withdraw_offer(
         self, message_id: str, agent_id: str, at: float, outcome: str
@@ -150,15 +154,15 @@ class SqlStore(ABC):
 
     async def pending_offers(self) -> list[tuple[str, str, str, float]]:
         """Return (message id, conversation id, agent id, assigned at) of open offers."""
-        return await self._run(q.pending_offers)
+        return await self._read(q.pending_offers)
 
     async def timed_out_agents(self) -> dict[str, set[str]]:
         """Return, per queued message, the agents who let it time out."""
-        return await self._run(q.timed_out_agents)
+        return await self._read(q.timed_out_agents)
 
     async def open_loads(self) -> dict[tuple[str, str], int]:
         """Count open conversations per (agent, channel type), whoever assigned them."""
-        return await self._run(q.open_loads)
+        return await self._read(q.open_loads)
 
     async def accept(self, conversation_id: str, agent_id: str, at: float) -> bool:
         """Stamp accepted_at on the agent's open assignments in the conversation."""
@@ -174,7 +178,7 @@ class SqlStore(ABC):
 
     async def snapshot(self, now: float, repeat_window: float) -> Snapshot:
         """Load what the router keeps in memory."""
-        return await self._run(lambda c: q.snapshot(c, now, repeat_window))
+        return await self._read(lambda c: q.snapshot(c, now, repeat_window))
 
     async def routing_view(
         self,
@@ -184,7 +188,7 @@ class SqlStore(ABC):
         conversations: frozenset[str] | None = None,
     ) -> RoutingView:
         """Return the routing state every instance shares (see `router.store.Store`)."""
-        return await self._run(
+        return await self._read(
             lambda c: q.routing_view(c, streak_labels, depth, since, conversations)
         )
 
@@ -223,7 +227,7 @@ class SqlStore(ABC):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """List dead letters, newest first."""
-        return await self._run(lambda c: q.dead_letters(c, limit))
+        return await self._read(lambda c: q.dead_letters(c, limit))
 
     async def replay_dead_letters(self, ids: list[str] | None, at: float) -> int:
         """Move dead letters back to the outbox with a fresh attempt count."""
@@ -231,7 +235,7 @@ class SqlStore(ABC):
 
     async def ticket(self, conversation_id: str) -> TicketView | None:
         """Return the customer-visible status of a ticket."""
-        return await self._run(lambda c: q.ticket(c, conversation_id))
+        return await self._read(lambda c: q.ticket(c, conversation_id))
 
     async def stored_message(self, message_id: str) -> StoredMessage | None:
         """Return one message as the router rebuilds it (a queued message's delivery)."""
@@ -240,17 +244,17 @@ class SqlStore(ABC):
 
     async def message(self, message_id: str) -> dict[str, Any] | None:
         """Return one message with classification and routing."""
-        return await self._run(lambda c: q.message(c, message_id))
+        return await self._read(lambda c: q.message(c, message_id))
 
     async def delivery_counts(self) -> dict[str, int]:
         """Return pending and dead outbox counts."""
-        return await self._run(q.delivery_counts)
+        return await self._read(q.delivery_counts)
 
     async def count_messages(self, labels: list[str], since: float, until: float) -> int:
         """Count messages with one of these labels ingested in [since, until)."""
         if not labels:
             return 0
-        return await self._run(lambda c: q.count_messages(c, labels, since, until))
+        return await self._read(lambda c: q.count_messages(c, labels, since, until))
 
     async def enqueue_outbox(self, items: list[OutboxItem]) -> None:
         """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
@@ -264,21 +268,21 @@ class SqlStore(ABC):
 
     async def corrections(self) -> list[dict[str, Any]]:
         """Return the latest correction per message as training records (text, label, lang)."""
-        return await self._run(q.corrections)
+        return await self._read(q.corrections)
 
     async def reply_context(self, conversation_id: str) -> dict[str, Any] | None:
         """Return where an answer in this conversation goes: channel, contact, subject, refs."""
-        return await self._run(lambda c: q.reply_context(c, conversation_id))
+        return await self._read(lambda c: q.reply_context(c, conversation_id))
 
     # -- contacts across channels (router/contacts.py) ------------------------------
 
     async def contact(self, ref: str, since: float) -> dict[str, Any] | None:
         """Return the whole contact a reference names (id, handle key or identifier)."""
-        return await self._run(lambda c: cq.contact_view(c, ref, since))
+        return await self._read(lambda c: cq.contact_view(c, ref, since))
 
     async def find_contacts(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
         """Return contacts whose handle, name or identifier contains `query`."""
-        return await self._run(lambda c: cq.find_contacts(c, query, limit))
+        return await self._read(lambda c: cq.find_contacts(c, query, limit))
 
     async def merge_contacts(
         self, into: str, other: str, actor: str, reason: str, at: float
