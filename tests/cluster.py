@@ -341,29 +341,34 @@ class LoadSampler:
 
 
 def history_violations(dsn: str, capacities: dict[str, int]) -> list[str]:
-    """Replay every assignment's open interval per agent; name any moment over capacity.
+    """Replay every agent's assignments and resolves in commit order; name any excess.
 
-    An assignment holds its agent's slot from its commit until its resolve; ordering
-    the events by time with resolves first at equal times, the count of open
-    conversations per agent must never exceed the agent's capacity.
+    The audit (ticket_events) numbers one agent's assigned and resolved events in the
+    order they committed: the store takes the agent's row lock before writing either.
+    Counting +1 per assignment to an agent and -1 when its conversation is resolved,
+    withdrawn or transferred, the open conversations of every agent must never exceed
+    its capacity.
     """
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT agent_id, conversation_id, min(assigned_at), max(resolved_at) "
-            "FROM assignments GROUP BY agent_id, conversation_id"
+            "SELECT id, conversation_id, kind, detail FROM ticket_events "
+            "WHERE kind IN ('assigned', 'resolved', 'withdrawn', 'transferred') ORDER BY id"
         ).fetchall()
-    events: list[tuple[float, int, str]] = []
-    for agent, _conv, start, end in rows:
-        events.append((start, 1, agent))
-        if end is not None:
-            events.append((end, -1, agent))
-    events.sort(key=lambda e: (e[0], e[1]))
+    holder: dict[str, str] = {}
     open_now: dict[str, int] = {}
     problems: list[str] = []
-    for at, delta, agent in events:
-        open_now[agent] = open_now.get(agent, 0) + delta
-        if open_now[agent] > capacities.get(agent, 0):
-            problems.append(f"{agent} held {open_now[agent]} at {at:.3f}")
+    for event_id, conversation, kind, detail in rows:
+        agent = json.loads(detail).get("agent", "")
+        if kind == "assigned":
+            previous = holder.get(conversation)
+            if previous:
+                open_now[previous] -= 1  # moved from another agent
+            holder[conversation] = agent
+            open_now[agent] = open_now.get(agent, 0) + 1
+            if open_now[agent] > capacities.get(agent, 0):
+                problems.append(f"{agent} held {open_now[agent]} at event {event_id}")
+        elif holder.get(conversation):
+            open_now[holder.pop(conversation)] -= 1
     return problems
 
 

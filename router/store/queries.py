@@ -142,6 +142,7 @@ def resolve_conversation(
     ).fetchone()
     if row is None:
         return None
+    lock_agent(c, row[0])
     c.execute(
         "UPDATE conversations SET state='resolved', status='resolved', resolved_at=?, "
         "updated_at=?, survey_until=? WHERE id=?",
@@ -312,6 +313,7 @@ def transfer(
     if row is None:
         return []
     holder = row[0] or ""
+    lock_agent(c, holder)
     held = c.execute(
         "SELECT message_id, agent_id, assigned_at FROM assignments WHERE conversation_id=? "
         "AND resolved_at IS NULL",
@@ -375,6 +377,7 @@ def withdraw_offer(
     if row is None:
         return []
     conversation_id = row[0]
+    lock_agent(c, agent_id)
     rows = c.execute(
         "SELECT message_id, assigned_at FROM assignments WHERE conversation_id=? "
         f"AND agent_id=? AND accepted_at IS NULL AND resolved_at IS NULL{for_update(c)}",
@@ -757,6 +760,17 @@ def streak_allows(c: sqlite3.Connection, a: Assignment, label: str) -> bool:
     return actual <= a.streak_seen or actual < a.streak_limit
 
 
+def lock_agent(c: sqlite3.Connection, agent_id: str | None) -> None:
+    """Hold the agent's row until the commit (PostgreSQL; SQLite's writer holds all).
+
+    Every unit that changes an agent's load takes it after the conversation's row:
+    two instances' checks for one agent (room, streak) take turns, and the audit rows
+    of one agent's assignments and resolves are numbered in the order they commit.
+    """
+    if agent_id:
+        c.execute(f"SELECT id FROM agents WHERE id=?{for_update(c)}", (agent_id,)).fetchall()
+
+
 def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool:
     """Tell whether the agent may take one more conversation (checked in the transaction).
 
@@ -767,9 +781,7 @@ def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool
     """
     if a.capacity <= 0:
         return True
-    # Every unit that adds to an agent's load checks here first: holding the agent's
-    # row makes two instances' checks (room, streak) for one agent take turns.
-    c.execute(f"SELECT id FROM agents WHERE id=?{for_update(c)}", (a.agent_id,)).fetchall()
+    lock_agent(c, a.agent_id)
     if a.pool == "*":
         held, joins = c.execute(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN id=? THEN 1 ELSE 0 END), 0) "
@@ -1100,15 +1112,17 @@ def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
     ).fetchone()
     if row is None:
         return False
-    # The message's own conversation, whatever the caller believed it to be.
+    # The message's own conversation, whatever the caller believed it to be. Locked
+    # before the agent (as ingest and resolve do), so two units never wait on each other.
     conversation_id = row[0]
+    before = c.execute(
+        f"SELECT agent_id, status FROM conversations WHERE id=?{for_update(c)}",
+        (conversation_id,),
+    ).fetchone()
     if not has_room(c, a, conversation_id) or not streak_allows(c, a, row[1]):
         return False
     c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
     at = a.assigned_at.timestamp()
-    before = c.execute(
-        "SELECT agent_id, status FROM conversations WHERE id=?", (conversation_id,)
-    ).fetchone()
     held, status = (before[0], before[1]) if before else (None, "")
     if held != a.agent_id:
         status = str(TicketState.ASSIGNED)
