@@ -309,7 +309,10 @@ class Daemon:
         self.notifier.send(STATUS="opening store")
         await self.store.open()
         # Alive before anything is sent: until then another instance may take our sends.
-        await self.leases.acquire(self.leases.instance_lease)
+        try:
+            await self.leases.acquire(self.leases.instance_lease)
+        except StoreUnavailable as exc:  # reads still work; the heartbeat tries again
+            log.warning("lease.renew_failed", lease=self.leases.instance_lease, error=str(exc))
         self.supervisor.spawn("lease:instance", self.leases.heartbeat)
         self.metrics.instance_info.labels(instance=self.instance).set(1)
         for a in cfg.adapters:
