@@ -73,18 +73,19 @@ def readiness(ops: str) -> tuple[int, dict[str, Any]]:
     return status, body
 
 
-def stored(store: Path) -> list[str]:
-    """Return the external ids of the Telegram messages in the shared store."""
+def query(store: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Run a read-only query on the shared store."""
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
     try:
-        return [
-            r[0]
-            for r in conn.execute(
-                "SELECT external_id FROM messages WHERE channel=? ORDER BY id", (CHANNEL,)
-            )
-        ]
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def stored(store: Path) -> list[str]:
+    """Return the external ids of the Telegram messages in the shared store."""
+    sql = f"SELECT external_id FROM messages WHERE channel='{CHANNEL}' ORDER BY id"
+    return [r[0] for r in query(store, sql)]
 
 
 def test_one_instance_polls_and_the_other_takes_over_when_it_dies(
@@ -112,14 +113,21 @@ def test_one_instance_polls_and_the_other_takes_over_when_it_dies(
     assert 'omnirouter_instance_info{instance="b"} 1.0' in metrics
     assert "omnirouter_leases_held 1.0" in metrics
 
+    # a reads the first message; its acknowledgement meets flood control and waits in
+    # the outbox, a's to send.
     chat = 4242
+    api.rate_limits = [LEASE_TTL + 1]
     api.send_text(chat, "Hello, where is my order 4711?")
     poll(lambda: len(stored(store)) == 1, what="the first message stored")
-    (ack,) = poll(lambda: api.sent_to(chat), what="its acknowledgement")
-    assert "T-" in ack.text
+    poll(
+        lambda: query(store, "SELECT owner, attempts FROM outbox") == [("a", 1)],
+        what="a's first attempt at the acknowledgement, refused",
+    )
+    assert api.sent_to(chat) == []
     assert a.log_events("telegram.polling") and not b.log_events("telegram.polling")
 
-    # a dies without a word: its lease lapses and b starts reading the bot.
+    # a dies without a word before its retry: its lease lapses, b starts reading the bot
+    # and sends a's acknowledgement, once.
     a.kill()
     poll(
         lambda: f"channel:{CHANNEL}" in readiness(ops_b)[1]["leases"],
@@ -128,9 +136,16 @@ def test_one_instance_polls_and_the_other_takes_over_when_it_dies(
     )
     assert [e["lease"] for e in b.log_events("lease.acquired")] == [f"channel:{CHANNEL}"]
     poll(lambda: readiness(ops_b)[1]["drivers"][CHANNEL]["state"] == "connected", what="b polls")
+    (ack,) = poll(lambda: api.sent_to(chat), what="the acknowledgement, sent by b")
+    (ticket,) = query(store, "SELECT conversation_id FROM messages")
+    assert f"T-{ticket[0]}" in ack.text
+    poll(lambda: query(store, "SELECT id FROM outbox") == [], what="the outbox empty")
     api.send_text(chat, "It was due on Monday.")
     poll(lambda: len(stored(store)) == 2, what="the second message stored, by b")
     assert len(set(stored(store))) == 2  # each update once
+    # The first ticket's acknowledgement went out once. (The follow-up starts a ticket
+    # of its own here: the channel's chat threads are kept in each instance's state_dir.)
+    assert [s.text for s in api.sent_to(chat)].count(ack.text) == 1
 
     # b stops gracefully and gives its leases up: nothing is left held.
     assert b.stop() == 0
