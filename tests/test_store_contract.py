@@ -710,7 +710,7 @@ async def test_due_outbox_order_and_due_time(store: Store) -> None:
     assert [o.id for o in await store.due_outbox(T0 + 25, 10)] == [early.id, mid.id]
     assert [o.id for o in await store.due_outbox(T0 + 99, 10)] == [early.id, mid.id, late.id]
     assert [o.id for o in await store.due_outbox(T0 + 99, 2)] == [early.id, mid.id]
-    # Reading does not claim: the same items are due again.
+    # Reading does not take them out: the same items are due again.
     assert len(await store.due_outbox(T0 + 99, 10)) == 3
 
 
