@@ -189,6 +189,8 @@ def _admin_config(args: argparse.Namespace) -> Config:
 
 def _existing_store(config: Config) -> Config:
     """Return config when its store exists; say clearly where it looked otherwise."""
+    if config.store.backend == "postgresql":
+        return config  # a server: opening it says whether it is there
     path = config.db_path()
     if not path.is_file():
         raise StateNotFound(
@@ -865,6 +867,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         f"backed up {len(report.databases)} database(s) and {report.files} file(s), "
         f"{report.bytes / 1e6:.1f} MB, into {args.out}; each database passed integrity_check"
     )
+    if config.store.backend == "postgresql":
+        print(
+            f"the store itself is {config.store_label()}: back it up with the server's tools "
+            "(pg_dump, or base backups with WAL archiving)"
+        )
     return EXIT_OK
 
 
@@ -877,7 +884,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return None
 
     _run(_with_store(config, noop))
-    print(f"store at {config.db_path()} is up to date")
+    print(f"store at {config.store_label()} is up to date")
     return EXIT_OK
 
 

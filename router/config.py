@@ -37,6 +37,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
@@ -125,12 +126,45 @@ class DaemonConfig(_Frozen):
 
 
 class StoreConfig(_Frozen):
-    """Where messages are kept."""
+    """Where messages are kept: an embedded SQLite file, or a PostgreSQL database shared
+    by several instances (`url`; the backend follows from it)."""
 
-    backend: Literal["sqlite"] = "sqlite"
-    path: str = "omnirouter.db"  # relative to daemon.state_dir unless absolute
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    path: str = "omnirouter.db"  # SQLite: relative to daemon.state_dir unless absolute
     synchronous: Literal["full", "normal"] = "full"
     raw_max_bytes: int = Field(default=256 * 1024, ge=0, le=64 * 1024 * 1024)
+    # PostgreSQL: postgresql://user@host:5432/dbname?sslmode=verify-full. Keep the
+    # password out of the file: libpq's PGPASSWORD / ~/.pgpass, or ${ENV} in the URL.
+    url: str | None = Field(default=None, json_schema_extra={"secret": True})
+    pool_size: int = Field(default=4, ge=1, le=64)  # connections (and threads) per instance
+    statement_timeout: float = Field(default=30.0, gt=0, le=3600)  # seconds, per statement
+    connect_timeout: float = Field(default=10.0, gt=0, le=300)
+    # TLS to the server (libpq's sslmode and CA file); unset: what the URL says.
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        None
+    )
+    sslrootcert: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_from_url(cls, data: Any) -> Any:
+        """A `url` selects PostgreSQL unless `backend` is given."""
+        if isinstance(data, dict) and data.get("url") and "backend" not in data:
+            data = {**data, "backend": "postgresql"}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def _url_for_postgresql(self) -> StoreConfig:
+        if self.backend == "postgresql" and not self.url:
+            raise ValueError("url: required when backend is postgresql")
+        return self
 
 
 class OpsConfig(_Frozen):
@@ -393,10 +427,32 @@ class Config(_Frozen):
     # (path, reference) of the secrets a `secrets=False` load left unresolved.
     _unresolved: tuple[tuple[str, str], ...] = PrivateAttr(default=())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _store_shorthand(cls, data: Any) -> Any:
+        """`store = "postgresql://…"` is short for `[store] url = "postgresql://…"`."""
+        if isinstance(data, dict) and isinstance(data.get("store"), str):
+            data = {**data, "store": {"url": data["store"]}}
+        return data
+
     @property
     def unresolved_secrets(self) -> tuple[tuple[str, str], ...]:
         """Return (path, reference) of every secret this load did not resolve."""
         return self._unresolved
+
+    def store_label(self) -> str:
+        """Name the store for people: the SQLite file, or the PostgreSQL server and database.
+
+        Never the URL's password or parameters (they may carry secrets).
+        """
+        if self.store.backend == "postgresql" and self.store.url:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.store.url)
+            host = parts.hostname or "localhost"
+            port = f":{parts.port}" if parts.port else ""
+            return f"postgresql://{host}{port}{parts.path}"
+        return str(self.db_path())
 
     def db_path(self) -> Path:
         """Return the SQLite path, resolved against the state directory."""

@@ -55,6 +55,9 @@ class Core:
     # (conversation id, answer accepted until). Loaded from the store at restore, so
     # intake tells an answer from a new message without a read per message.
     surveys: dict[ThreadKey, tuple[str, float]] = field(default_factory=dict)
+    # Called when the store refused a decision made on stale state (another instance
+    # changed it): look at the shared routing state again soon. A no-op alone.
+    resync_soon: Callable[[], None] = field(default=lambda: None)
 
     async def send_now(self, items: list[OutboxItem]) -> None:
         """Commit sends not caused by an ingest, then hand them to the outbox."""

@@ -255,6 +255,21 @@ def instance_id(config: Config) -> str:
 
 def open_store(config: Config, instance: str = "") -> Store:
     """Return the configured store backend (not yet opened), committing as `instance`."""
+    if config.store.backend == "postgresql":
+        # Imported here: psycopg is only needed by installations that use PostgreSQL.
+        from router.store.postgres import PostgresStore
+
+        assert config.store.url is not None  # the config requires it
+        return PostgresStore(
+            config.store.url,
+            pool_size=config.store.pool_size,
+            statement_timeout=config.store.statement_timeout,
+            connect_timeout=config.store.connect_timeout,
+            raw_max_bytes=config.store.raw_max_bytes,
+            sslmode=config.store.sslmode,
+            sslrootcert=config.store.sslrootcert,
+            instance=instance,
+        )
     return SqliteStore(
         config.db_path(),
         synchronous=config.store.synchronous,
@@ -333,6 +348,9 @@ class Daemon:
         if interval is not None:
             self.supervisor.spawn("watchdog", lambda: self._watchdog(interval))
         self.supervisor.spawn("queue-tick", self._queue_tick)
+        if self.store.shared:
+            # Other instances route on the same store: follow what they change.
+            self.supervisor.spawn("shared-routing", self.pipeline.shared.run)
         self._last_status = self._status_line()
         self.notifier.send(READY=1, STATUS=self._last_status)
         log.info(
@@ -345,7 +363,7 @@ class Daemon:
             adapters=sorted(self.tools),
             agents=len(cfg.agents),
             ops_port=self.ops_port,
-            store=str(cfg.db_path()),
+            store=cfg.store_label(),
         )
         if cfg.ops.enabled:
             where = (

@@ -69,6 +69,17 @@ def make_assignment(
     # A new slot is checked against the agent's capacity in the commit itself, so two
     # workers cannot overfill an agent; a sticky follow-up takes no new slot.
     check = state is not None and choice.new_slot
+    policy = core.scheduler.policy
+    streak_seen: int | None = None
+    if (
+        check
+        and state is not None
+        and core.store.shared
+        and policy.complaint_streak_limit
+        and work.label in policy.streak_labels
+    ):
+        # The decision already counted this message in the agent's streak.
+        streak_seen = max(0, state.streak - 1)
     return Assignment(
         message_id=work.id,
         conversation_id=conversation_id,
@@ -81,6 +92,9 @@ def make_assignment(
         capacity=state.capacity(ct) if check and state is not None else 0,
         pool=state.pool(ct) if check and state is not None else "*",
         explain=choice.explain,
+        streak_seen=streak_seen,
+        streak_limit=policy.complaint_streak_limit,
+        streak_labels=tuple(sorted(policy.streak_labels)),
     )
 
 
@@ -249,6 +263,7 @@ class Intake:
             core.scheduler.undo(choice, requeue=False)
             choice = None
             core.scheduler.sync_external(await core.store.open_loads())
+            core.resync_soon()
         # Whatever this message was, the thread's survey is over (answered, or the ticket
         # reopened or closed by the message).
         core.surveys.pop(key, None)

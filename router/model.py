@@ -231,3 +231,11 @@ class Assignment:
     capacity: int = 0
     pool: str = "*"
     explain: dict[str, Any] | None = None  # the scheduler's record of why this agent
+    # Complaint rotation across instances: the agent's streak (assignments in a row
+    # with one of `streak_labels`) as the deciding instance saw it. When the store's
+    # streak is longer and at `streak_limit`, another instance gave the agent work
+    # meanwhile: the store refuses, and the decision is made again on fresh state.
+    # None (one instance, or not streak work): no check.
+    streak_seen: int | None = None
+    streak_limit: int = 0
+    streak_labels: tuple[str, ...] = ()

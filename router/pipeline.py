@@ -47,6 +47,7 @@ from router.roster import (
     queues_view,
 )
 from router.schedule import Scheduler, Work
+from router.shared_routing import SharedRouting
 from router.store import Store
 from router.threads import Threads
 from router.tickets import Tickets
@@ -94,6 +95,8 @@ class Pipeline:
         self.intake = Intake(self.core, self.alerts)
         self.queues = QueueWork(self.core, self.alerts)
         self.agent_work = AgentWork(self.core, self.queues)
+        # With other instances on the store (PostgreSQL): their changes, folded in.
+        self.shared = SharedRouting(self.core, self.queues)
         # Set once restore() has rebuilt memory: agent tools start first (pending outbox
         # items need them) and may hand over actions that only make sense afterwards.
         self._restored = asyncio.Event()

@@ -118,6 +118,7 @@ class QueueWork:
             again = await core.store.message(w.id)
             if again is not None and again.get("state") == "queued":
                 core.scheduler.sync_external(await core.store.open_loads())
+                core.resync_soon()
                 core.scheduler.submit(w)
                 return None
             return False

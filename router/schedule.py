@@ -1004,6 +1004,10 @@ class Scheduler:
         items = [w for w in self._waiting.values() if department in (None, w.department)]
         return sorted(items, key=Work.order)
 
+    def knows(self, message_id: str) -> bool:
+        """Tell whether a message waits here or is offered from here."""
+        return message_id in self._waiting or message_id in self._offers
+
     def waiting_count(self) -> int:
         """Return how many messages wait."""
         return len(self._waiting)

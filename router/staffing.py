@@ -547,6 +547,11 @@ def staffing_report(
     else:
         until = time.time() if now is None else now
         since = until - days * DAY
+        if config.store.backend != "sqlite":
+            raise StaffingError(
+                "staffing reads the observed traffic from an SQLite store; with "
+                f"{config.store_label()} give a trace (--trace) exported from it"
+            )
         path = config.db_path()
         observations = observe_db(path, since, until, tz, default_handle)
         on_day = _parse_day(day, tz)

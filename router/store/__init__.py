@@ -16,6 +16,7 @@ holds items without spending attempts it could not record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -289,6 +290,18 @@ class Snapshot:
     contact_links: list[tuple[str, str]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class RoutingView:
+    """What every instance sharing a store must agree on to route (`Store.routing_view`)."""
+
+    open_conversations: list[OpenConversation] = field(default_factory=list)
+    queued: list[QueuedMessage] = field(default_factory=list)
+    presence: dict[str, bool] = field(default_factory=dict)
+    # Per agent: how many of its latest assignments in a row carry one of the streak
+    # labels (complaint rotation), and when its latest assignment was made.
+    streaks: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
 class Store(Protocol):
     """Durable state. Every method is one committed transaction (or `StoreUnavailable`).
 
@@ -409,6 +422,21 @@ class Store(Protocol):
 
         The pending outbox is what `due_outbox` would hand out, whenever due (claimed).
         """
+
+    async def routing_view(
+        self, streak_labels: frozenset[str], depth: int, since: float
+    ) -> RoutingView:
+        """Return the routing state every instance shares: open conversations and their
+        holders, queued messages, presence, and each agent's streak over its latest
+        `depth` assignments made since `since`."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other router instances may use this store at the same time."""
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the event loop when another instance changed routing state
+        (new or queued work, assignments, resolves, presence); never for this one's."""
 
     async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
         """Claim and return pending items due at or before now, oldest first.

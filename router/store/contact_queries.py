@@ -15,6 +15,7 @@ from typing import Any
 
 from router.contacts import CONTACT_ID, ContactChange, ContactLink, valid_identifier
 from router.store.migrations import new_person_id
+from router.store.portable import marks
 
 _MAX_DEPTH = 1000  # a merge chain longer than this is a corrupt database, not a customer
 
@@ -70,8 +71,8 @@ def members_of(c: sqlite3.Connection, root: str) -> list[str]:
 
 def _separated(c: sqlite3.Connection, a: list[str], b: list[str]) -> bool:
     """Whether an unmerge ever separated a contact of `a` from one of `b`."""
-    marks_a = ",".join("?" * len(a))
-    marks_b = ",".join("?" * len(b))
+    marks_a = marks(len(a))
+    marks_b = marks(len(b))
     row = c.execute(
         f"SELECT 1 FROM contact_separations WHERE (person_id IN ({marks_a}) AND other_id IN "
         f"({marks_b})) OR (person_id IN ({marks_b}) AND other_id IN ({marks_a})) LIMIT 1",
@@ -140,7 +141,7 @@ def link_contact(
         created = {
             r[0]: r[1]
             for r in c.execute(
-                f"SELECT id, created_at FROM people WHERE id IN ({','.join('?' * len(roots))})",
+                f"SELECT id, created_at FROM people WHERE id IN ({marks(len(roots))})",
                 roots,
             )
         }
@@ -232,7 +233,7 @@ def unmerge(c: sqlite3.Connection, ref: str, actor: str, reason: str, at: float)
         )
     c.execute("UPDATE people SET merged_into=NULL, merged_at=NULL WHERE id=?", (person,))
     c.execute(
-        "INSERT OR IGNORE INTO contact_separations(person_id, other_id) VALUES (?,?)",
+        "INSERT INTO contact_separations(person_id, other_id) VALUES (?,?) ON CONFLICT DO NOTHING",
         (person, parent),
     )
     _event(c, at, "unmerge", person, parent, actor, {"reason": reason, "ref": ref})
@@ -251,12 +252,12 @@ def contact_view(
         return None
     root = root_of(c, person)
     members = members_of(c, root)
-    marks = ",".join("?" * len(members))
+    in_list = marks(len(members))
     people = [
         {"id": r[0], "created_at": r[1], "name": r[2], "merged_into": r[3], "merged_at": r[4]}
         for r in c.execute(
             "SELECT id, created_at, name, merged_into, merged_at FROM people "
-            f"WHERE id IN ({marks}) ORDER BY created_at, id",
+            f"WHERE id IN ({in_list}) ORDER BY created_at, id",
             members,
         )
     ]
@@ -264,7 +265,7 @@ def contact_view(
         {"key": r[0], "channel_type": r[1], "handle": r[2], "name": r[3], "contact": r[4]}
         for r in c.execute(
             f"SELECT key, channel_type, handle, name, person_id FROM contacts "
-            f"WHERE person_id IN ({marks}) ORDER BY created_at, key",
+            f"WHERE person_id IN ({in_list}) ORDER BY created_at, key",
             members,
         )
     ]
@@ -272,12 +273,12 @@ def contact_view(
         {"identifier": r[0], "contact": r[1], "first_handle": r[2], "first_seen": r[3]}
         for r in c.execute(
             f"SELECT identifier, person_id, contact_key, first_seen FROM contact_identifiers "
-            f"WHERE person_id IN ({marks}) ORDER BY first_seen, identifier",
+            f"WHERE person_id IN ({in_list}) ORDER BY first_seen, identifier",
             members,
         )
     ]
     keys = [h["key"] for h in handles] or [""]
-    kmarks = ",".join("?" * len(keys))
+    kmarks = marks(len(keys))
     recent = c.execute(
         f"SELECT count(*) FROM messages WHERE contact_key IN ({kmarks}) AND ingested_at>=?",
         (*keys, since),
@@ -303,7 +304,7 @@ def contact_view(
         ContactEvent(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])).to_dict()
         for r in c.execute(
             f"SELECT at, action, person_id, other_id, actor, detail FROM contact_events "
-            f"WHERE person_id IN ({marks}) OR other_id IN ({marks}) ORDER BY id",
+            f"WHERE person_id IN ({in_list}) OR other_id IN ({in_list}) ORDER BY id",
             (*members, *members),
         )
     ]
@@ -324,19 +325,21 @@ def contact_view(
 
 def find_contacts(c: sqlite3.Connection, query: str, limit: int) -> list[dict[str, Any]]:
     """Return contacts whose handle, name or identifier contains `query` (case-insensitive)."""
-    like = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    # lower() on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not.
+    like = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     persons = [
         r[0]
         for r in c.execute(
-            "SELECT person_id FROM contacts WHERE (key LIKE ? ESCAPE '\\' OR name LIKE ? "
-            "ESCAPE '\\') AND person_id IS NOT NULL ORDER BY created_at DESC LIMIT ?",
+            "SELECT person_id FROM contacts WHERE (lower(key) LIKE ? ESCAPE '\\' "
+            "OR lower(name) LIKE ? ESCAPE '\\') AND person_id IS NOT NULL "
+            "ORDER BY created_at DESC LIMIT ?",
             (like, like, limit * 4),
         )
     ]
     persons += [
         r[0]
         for r in c.execute(
-            "SELECT person_id FROM contact_identifiers WHERE identifier LIKE ? ESCAPE '\\' "
+            "SELECT person_id FROM contact_identifiers WHERE lower(identifier) LIKE ? ESCAPE '\\' "
             "ORDER BY first_seen DESC LIMIT ?",
             (like, limit * 4),
         )
@@ -349,16 +352,16 @@ def find_contacts(c: sqlite3.Connection, query: str, limit: int) -> list[dict[st
             continue
         seen.add(root)
         members = members_of(c, root)
-        marks = ",".join("?" * len(members))
+        in_list = marks(len(members))
         handles = [
             r[0]
             for r in c.execute(
-                f"SELECT key FROM contacts WHERE person_id IN ({marks}) ORDER BY created_at",
+                f"SELECT key FROM contacts WHERE person_id IN ({in_list}) ORDER BY created_at",
                 members,
             )
         ]
         name = c.execute(
-            f"SELECT name FROM contacts WHERE person_id IN ({marks}) AND name!='' LIMIT 1",
+            f"SELECT name FROM contacts WHERE person_id IN ({in_list}) AND name!='' LIMIT 1",
             members,
         ).fetchone()
         out.append({"id": root, "name": name[0] if name else "", "handles": handles})

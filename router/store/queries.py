@@ -24,12 +24,16 @@ from router.store import (
     OutboxItem,
     PendingSurvey,
     QueuedMessage,
+    RoutingView,
     Snapshot,
     TicketEvent,
     TicketView,
 )
 from router.store.contact_queries import book_rows, link_contact
+from router.store.portable import marks, rows_as_dicts
 
+# Between a closed ticket's thread key and its id (ASCII record separator: never in a key).
+_CLOSED_KEY_SEPARATOR = "\x1e"
 _DELETE_CHUNK = 500  # ids per DELETE statement (SQLite's bound-parameter limit is higher)
 _OUTBOX_COLUMNS = (
     "id, target, agent_id, address, kind, payload, message_id, attempts, next_attempt_at, "
@@ -56,7 +60,10 @@ def secret(c: sqlite3.Connection) -> bytes:
 
 
 def write_probe(c: sqlite3.Connection) -> None:
-    """Write a page and take it back: fails as a real write would on a full or failing disk."""
+    """Write a page and take it back: fails as a real write would on a full or failing disk.
+
+    SQLite only (the PostgreSQL engine has its own probe in `router.store.pg_engine`).
+    """
     page_size = c.execute("PRAGMA page_size").fetchone()[0]
     c.execute(
         "INSERT OR REPLACE INTO meta(key, value) VALUES ('write_probe', zeroblob(?))",
@@ -98,7 +105,7 @@ def claim_outbox(
     for start in range(0, len(taken), _DELETE_CHUNK):
         chunk = taken[start : start + _DELETE_CHUNK]
         c.execute(
-            f"UPDATE outbox SET owner=? WHERE id IN ({','.join('?' * len(chunk))})",
+            f"UPDATE outbox SET owner=? WHERE id IN ({marks(len(chunk))})",
             (owner, *chunk),
         )
     return [outbox_item(r) for r in rows]
@@ -236,8 +243,8 @@ def close_conversation(c: sqlite3.Connection, conversation_id: str, at: float, w
     """
     c.execute(
         "UPDATE conversations SET state='closed', status='closed', closed_at=?, updated_at=?, "
-        "survey_until=NULL, thread_key=thread_key || char(30) || id WHERE id=?",
-        (at, at, conversation_id),
+        "survey_until=NULL, thread_key=thread_key || ? || id WHERE id=?",
+        (at, at, _CLOSED_KEY_SEPARATOR, conversation_id),
     )
     add_event(c, conversation_id, at, EventKind.CLOSED, ROUTER, TicketState.CLOSED, {"reason": why})
 
@@ -526,15 +533,17 @@ def sync_agents(c: sqlite3.Connection, agents: list[Agent]) -> dict[str, bool]:
         )
     ids = [a.id for a in agents]
     rows = c.execute(
-        f"SELECT id, present FROM agents WHERE id IN ({','.join('?' * len(ids))})", ids
+        f"SELECT id, present FROM agents WHERE id IN ({marks(len(ids))})", ids
     ).fetchall()
     return {r[0]: bool(r[1]) for r in rows}
 
 
 def outbox_dead(c: sqlite3.Connection, item_id: str, attempts: int, reason: str, at: float) -> None:
     """Move an outbox item to dead_letters."""
+    # A replayed item that fails again replaces its old dead letter.
+    c.execute("DELETE FROM dead_letters WHERE id=?", (item_id,))
     c.execute(
-        "INSERT OR REPLACE INTO dead_letters(id, target, agent_id, address, kind, "
+        "INSERT INTO dead_letters(id, target, agent_id, address, kind, "
         "payload, message_id, "
         "attempts, reason, created_at, dead_at) SELECT id, target, agent_id, address, "
         "kind, payload, "
@@ -549,17 +558,15 @@ def replay_dead_letters(
 ) -> int:
     """Move dead letters back to the outbox with a fresh attempt count."""
     where, args = (
-        # (A WHERE in every case: SQLite needs one before an upsert's ON CONFLICT.)
-        ("WHERE true", ())
-        if ids is None
-        else (f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids))
+        # Never empty: SQLite needs a WHERE between INSERT ... SELECT and its ON CONFLICT.
+        ("WHERE true", ()) if ids is None else (f"WHERE id IN ({marks(len(ids))})", tuple(ids))
     )
     c.execute(
         "INSERT INTO outbox(id, target, agent_id, address, kind, payload, "
         "message_id, attempts, "
         "next_attempt_at, created_at, owner) SELECT id, target, agent_id, address, kind, "
         "payload, message_id, 0, ?, "
-        f"created_at, ? FROM dead_letters {where} ON CONFLICT(id) DO NOTHING",
+        f"created_at, ? FROM dead_letters {where} ON CONFLICT (id) DO NOTHING",
         (at, owner, *args),
     )
     return c.execute(f"DELETE FROM dead_letters {where}", args).rowcount
@@ -593,54 +600,49 @@ def ticket(c: sqlite3.Connection, conversation_id: str) -> TicketView | None:
 
 def message(c: sqlite3.Connection, message_id: str) -> dict[str, Any] | None:
     """Return one message with classification and routing."""
-    c.row_factory = sqlite3.Row
-    try:
-        row = c.execute("SELECT * FROM messages WHERE id=?", (message_id,)).fetchone()
-        if row is None:
-            return None
-        out = {k: row[k] for k in row.keys() if k != "raw"}
-        for k in ("scores", "signals", "features", "thread_refs"):  # JSON, decoded
-            out[k] = json.loads(out[k])
-        contact = c.execute(
-            "SELECT handle, name FROM contacts WHERE key=?", (out["contact_key"],)
-        ).fetchone()
-        out["contact_handle"] = contact["handle"] if contact else ""
-        out["contact_name"] = contact["name"] if contact else ""
-        out["classification"] = {
-            "label": out["label"],
-            "confidence": out["confidence"],
-            "scores": out["scores"],
-            "severity": out["severity"],
-            "signals": out["signals"],
-            "language": out["language"],
-            "model_version": out["model_version"],
-            "features": out["features"],
-        }
-        a = c.execute("SELECT * FROM assignments WHERE message_id=?", (message_id,)).fetchone()
-        assignment = dict(a) if a else None
-        if assignment is not None:
-            raw_explain = assignment.get("explain") or ""
-            assignment["explain"] = json.loads(raw_explain) if raw_explain else None
-        out["assignment"] = assignment
-        out["offer_history"] = [
-            dict(r)
-            for r in c.execute(
-                "SELECT agent_id, assigned_at, ended_at, outcome FROM assignment_history "
-                "WHERE message_id=? ORDER BY id",
-                (message_id,),
-            )
-        ]
-        out["attachments"] = [
-            dict(r)
-            for r in c.execute(
-                "SELECT name, mime_type, size, sha256, storage_ref FROM attachments "
-                "WHERE message_id=? ORDER BY rowid",
-                (message_id,),
-            )
-        ]
-        return out
-    finally:
-        c.row_factory = None
+    found = rows_as_dicts(c.execute("SELECT * FROM messages WHERE id=?", (message_id,)))
+    if not found:
+        return None
+    out = {k: v for k, v in found[0].items() if k != "raw"}
+    for k in ("scores", "signals", "features", "thread_refs"):  # JSON, decoded
+        out[k] = json.loads(out[k])
+    contact = c.execute(
+        "SELECT handle, name FROM contacts WHERE key=?", (out["contact_key"],)
+    ).fetchone()
+    out["contact_handle"] = contact[0] if contact else ""
+    out["contact_name"] = contact[1] if contact else ""
+    out["classification"] = {
+        "label": out["label"],
+        "confidence": out["confidence"],
+        "scores": out["scores"],
+        "severity": out["severity"],
+        "signals": out["signals"],
+        "language": out["language"],
+        "model_version": out["model_version"],
+        "features": out["features"],
+    }
+    rows = rows_as_dicts(c.execute("SELECT * FROM assignments WHERE message_id=?", (message_id,)))
+    assignment = rows[0] if rows else None
+    if assignment is not None:
+        raw_explain = assignment.get("explain") or ""
+        assignment["explain"] = json.loads(raw_explain) if raw_explain else None
+    out["assignment"] = assignment
+    out["offer_history"] = rows_as_dicts(
+        c.execute(
+            "SELECT agent_id, assigned_at, ended_at, outcome FROM assignment_history "
+            "WHERE message_id=? ORDER BY id",
+            (message_id,),
+        )
+    )
+    # `rowid` is SQLite's insertion order; the PostgreSQL schema has a column of that name.
+    out["attachments"] = rows_as_dicts(
+        c.execute(
+            "SELECT name, mime_type, size, sha256, storage_ref FROM attachments "
+            "WHERE message_id=? ORDER BY rowid",
+            (message_id,),
+        )
+    )
+    return out
 
 
 def delivery_counts(c: sqlite3.Connection) -> dict[str, int]:
@@ -654,9 +656,9 @@ def count_messages(c: sqlite3.Connection, labels: list[str], since: float, until
     """Count messages with one of these labels ingested in [since, until)."""
     if not labels:
         return 0
-    marks = ",".join("?" * len(labels))
+    in_list = marks(len(labels))
     row = c.execute(
-        f"SELECT COUNT(*) FROM messages WHERE label IN ({marks}) "
+        f"SELECT COUNT(*) FROM messages WHERE label IN ({in_list}) "
         "AND ingested_at >= ? AND ingested_at < ?",
         (*labels, since, until),
     ).fetchone()
@@ -756,7 +758,7 @@ def delete_outbox(c: sqlite3.Connection, ids: list[str]) -> None:
     """Delete delivered outbox items."""
     for start in range(0, len(ids), _DELETE_CHUNK):
         chunk = ids[start : start + _DELETE_CHUNK]
-        c.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        c.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
 
 
 def insert_outbox(c: sqlite3.Connection, o: OutboxItem, *, owner: str) -> None:
@@ -800,6 +802,27 @@ def insert_assignment(c: sqlite3.Connection, a: Assignment) -> None:
     )
 
 
+def streak_allows(c: sqlite3.Connection, a: Assignment, label: str) -> bool:
+    """Whether the agent's complaint streak is still what the deciding instance saw.
+
+    Refuses only when it grew meanwhile (another instance gave the agent streak work)
+    and reached the limit: the decision was made on a streak that is no longer true.
+    """
+    if a.streak_seen is None or label not in a.streak_labels or a.streak_limit <= 0:
+        return True
+    latest = c.execute(
+        "SELECT m.label FROM assignments x JOIN messages m ON m.id = x.message_id "
+        "WHERE x.agent_id=? ORDER BY x.assigned_at DESC, x.message_id DESC LIMIT ?",
+        (a.agent_id, a.streak_limit),
+    ).fetchall()
+    actual = 0
+    for (previous,) in latest:
+        if previous not in a.streak_labels:
+            break
+        actual += 1
+    return actual <= a.streak_seen or actual < a.streak_limit
+
+
 def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool:
     """Tell whether the agent may take one more conversation (checked in the transaction).
 
@@ -812,13 +835,15 @@ def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool
         return True
     if a.pool == "*":
         held, joins = c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN id=? THEN 1 ELSE 0 END), 0) "
+            "FROM conversations "
             "WHERE agent_id=? AND state='open'",
             (conversation_id, a.agent_id),
         ).fetchone()
     else:
         held, joins = c.execute(
-            "SELECT COUNT(*), COALESCE(SUM(id=?), 0) FROM conversations "
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN id=? THEN 1 ELSE 0 END), 0) "
+            "FROM conversations "
             "WHERE agent_id=? AND state='open' AND channel_type=?",
             (conversation_id, a.agent_id, a.pool),
         ).fetchone()
@@ -874,8 +899,22 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
             # Too late to reopen: the old ticket is closed, this message starts a new one.
             close_conversation(c, row[0], at, "a follow-up came after the reopen window")
             row = None
-    refused = new.assignment is not None and not has_room(
-        c, new.assignment, row[0] if row is not None else conversation_id
+    # The caller placed the message without knowing the thread's open conversation (it
+    # proposed a new id): another instance opened it and an agent holds it. Giving the
+    # message to someone else would split the conversation; it waits instead, and the
+    # caller learns the holder (sticky placement) before placing it again.
+    unknown_holder = (
+        new.assignment is not None
+        and row is not None
+        and row[1] == "open"
+        and row[2] is not None
+        and row[2] != new.assignment.agent_id
+        and row[0] != conversation_id
+    )
+    refused = new.assignment is not None and (
+        unknown_holder
+        or not has_room(c, new.assignment, row[0] if row is not None else conversation_id)
+        or not streak_allows(c, new.assignment, new.classification.label)
     )
     assignment = None if refused else new.assignment
     agent_id = assignment.agent_id if assignment else None
@@ -972,8 +1011,8 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
                 now_status = str(TicketState.ACCEPTED)  # the customer answered: agent's turn
             c.execute(
                 "UPDATE conversations SET updated_at=?, agent_id=COALESCE(?, agent_id), "
-                "severity=MIN(severity, ?), status=? WHERE id=?",
-                (at, agent_id, cls.severity, now_status, conversation_id),
+                "severity=CASE WHEN severity < ? THEN severity ELSE ? END, status=? WHERE id=?",
+                (at, agent_id, cls.severity, cls.severity, now_status, conversation_id),
             )
             if now_status != was:
                 if now_status == TicketState.ASSIGNED:
@@ -1118,13 +1157,14 @@ def _insert_message(
 def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem, *, owner: str) -> bool:
     """Assign a queued message and queue its delivery; False when it is not queued."""
     row = c.execute(
-        "SELECT conversation_id FROM messages WHERE id=? AND state='queued'", (a.message_id,)
+        "SELECT conversation_id, label FROM messages WHERE id=? AND state='queued'",
+        (a.message_id,),
     ).fetchone()
     if row is None:
         return False
     # The message's own conversation, whatever the caller believed it to be.
     conversation_id = row[0]
-    if not has_room(c, a, conversation_id):
+    if not has_room(c, a, conversation_id) or not streak_allows(c, a, row[1]):
         return False
     c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
     at = a.assigned_at.timestamp()
@@ -1162,6 +1202,51 @@ def outbox_item(r: tuple[Any, ...]) -> OutboxItem:
         next_attempt_at=r[8],
         created_at=r[9],
     )
+
+
+def routing_view(
+    c: sqlite3.Connection, streak_labels: frozenset[str], depth: int, since: float
+) -> RoutingView:
+    """Return open conversations, queued messages, presence and streaks since `since`."""
+    view = RoutingView()
+    view.open_conversations = [
+        OpenConversation(*r)
+        for r in c.execute(
+            "SELECT id, channel, thread_key, agent_id, channel_type FROM conversations "
+            "WHERE state='open'"
+        )
+    ]
+    view.queued = [
+        QueuedMessage(*r)
+        for r in c.execute(
+            "SELECT id, conversation_id, queue, label, severity, language, sla_deadline, "
+            "ingested_at, channel_type "
+            "FROM messages WHERE state='queued' ORDER BY id"
+        )
+    ]
+    view.presence = {r[0]: bool(r[1]) for r in c.execute("SELECT id, present FROM agents")}
+    # Each agent's latest assignments, newest first (a window function: both engines).
+    latest = c.execute(
+        "SELECT agent_id, label, assigned_at FROM ("
+        "SELECT a.agent_id, m.label, a.assigned_at, ROW_NUMBER() OVER "
+        "(PARTITION BY a.agent_id ORDER BY a.assigned_at DESC, a.message_id DESC) AS n "
+        "FROM assignments a JOIN messages m ON m.id = a.message_id "
+        "WHERE a.assigned_at >= ?) AS recent "
+        "WHERE n <= ? ORDER BY agent_id, assigned_at DESC",
+        (since, depth),
+    )
+    counting: set[str] = set()
+    for agent_id, label, assigned_at in latest:
+        if agent_id not in view.streaks:
+            view.streaks[agent_id] = (0, float(assigned_at))
+            counting.add(agent_id)
+        if agent_id in counting:
+            if label in streak_labels:
+                streak, last = view.streaks[agent_id]
+                view.streaks[agent_id] = (streak + 1, last)
+            else:
+                counting.discard(agent_id)
+    return view
 
 
 def snapshot(c: sqlite3.Connection, now: float, repeat_window: float, *, owner: str) -> Snapshot:

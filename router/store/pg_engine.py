@@ -1,0 +1,426 @@
+"""The PostgreSQL engine: a few worker threads, each with a connection, running units.
+
+Why threads with psycopg's synchronous connections rather than an async driver: the
+units of work (`router.store.queries`) are plain functions of a DB-API connection,
+shared with the SQLite store, so every business rule is written once. A unit runs in
+its own SERIALIZABLE transaction: the checks the SQLite store gets from its single
+writer (a message still queued, an agent's capacity, one lease holder) hold here
+against every other instance too, because PostgreSQL aborts whichever of two
+conflicting transactions would break a serial order. The engine then runs the unit
+again (units have no effects outside the database), as it does after a deadlock or a
+unique-key race (two instances storing the same message: the second run finds the
+first one's row and reports a duplicate).
+
+Deferred units (the outbox's deletes) are gathered and committed together by the
+next free worker. The condition (ok, full, readonly, failing) follows the server's
+SQLSTATE classes; a lost connection is reopened on the next unit; while the store is
+not ok an idle worker probes it about once a second.
+
+`PgConnection` gives the units the small slice of the sqlite3 API they use:
+`execute`/`executemany` with `?` placeholders, cursors with `fetchone`, `fetchall`,
+iteration, `rowcount` and `description`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+from psycopg import errors as pg_errors
+from psycopg.types.numeric import FloatLoader
+
+from router.store import StoreCondition, StoreUnavailable
+
+log = structlog.get_logger("router.store")
+
+T = TypeVar("T")
+Unit = Callable[[Any], Any]
+
+_STOP = object()
+_DEFERRED = object()
+_PROBE_INTERVAL = 1.0
+# Reruns of a unit that lost a serialization race before giving up (each after a
+# short random pause so the contenders do not collide again in step).
+_MAX_RERUNS = 30
+_RERUN = (
+    pg_errors.SerializationFailure,
+    pg_errors.DeadlockDetected,
+    pg_errors.UniqueViolation,
+)
+
+
+class PgConnection:
+    """A psycopg connection speaking the sqlite3 dialect the units are written in."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        """Run one statement with `?` placeholders; return its cursor."""
+        cur = self.raw.cursor()
+        if params:
+            cur.execute(translate(sql), _adapt(params))
+        else:
+            cur.execute(sql)  # without parameters psycopg reads no placeholders
+        return cur
+
+    def executemany(self, sql: str, rows: Any) -> psycopg.Cursor[Any]:
+        """Run one statement for each parameter row."""
+        cur = self.raw.cursor()
+        cur.executemany(translate(sql), [_adapt(r) for r in rows])
+        return cur
+
+
+def _adapt(params: Sequence[Any]) -> Sequence[Any]:
+    """Pass values as the SQLite units hand them, except memoryviews (bytes here)."""
+    if any(isinstance(p, memoryview) for p in params):
+        return [bytes(p) if isinstance(p, memoryview) else p for p in params]
+    return params
+
+
+_TRANSLATED: dict[str, str] = {}
+
+
+def translate(sql: str) -> str:
+    """Turn `?` placeholders into psycopg's `%s` (and a literal `%` into `%%`).
+
+    Question marks and percent signs inside quoted literals and identifiers are text,
+    not placeholders. Cached: the units use a few hundred distinct statements.
+    """
+    done = _TRANSLATED.get(sql)
+    if done is not None:
+        return done
+    out: list[str] = []
+    quote = ""
+    for ch in sql:
+        if quote:
+            out.append("%%" if ch == "%" else ch)
+            if ch == quote:
+                quote = ""
+        elif ch in ("'", '"'):
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%":
+            out.append("%%")
+        else:
+            out.append(ch)
+    done = "".join(out)
+    if len(_TRANSLATED) < 4096:
+        _TRANSLATED[sql] = done
+    return done
+
+
+def condition_of(exc: BaseException) -> StoreCondition | None:
+    """Return the store condition a server error reveals, or None when it is the unit's."""
+    if not isinstance(exc, psycopg.Error):
+        return None
+    state = exc.sqlstate or ""
+    if state == "53100":  # disk_full
+        return StoreCondition.FULL
+    if state == "25006":  # read_only_sql_transaction (a standby, or default_read_only)
+        return StoreCondition.READONLY
+    if state[:2] in ("08", "53", "57", "58", "XX") or isinstance(exc, psycopg.OperationalError):
+        # connection, resources, operator intervention (shutdown, statement timeout),
+        # system and internal errors: the server's state, not the unit's fault
+        return StoreCondition.FAILING
+    return None
+
+
+class PgEngine:
+    """Runs units of work on `pool_size` connections, each unit in its own transaction."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool_size: int,
+        prepare: Callable[[psycopg.Connection[Any]], None],
+        probe: Unit,
+        connect_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.conninfo = conninfo
+        self.pool_size = pool_size
+        self.prepare = prepare  # runs once before the workers start (migrations)
+        self.probe = probe
+        self.connect_kwargs = dict(connect_kwargs or {})
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._deferred: queue.SimpleQueue[tuple[Unit, int]] = queue.SimpleQueue()
+        self._deferred_lock = threading.Lock()
+        self._deferred_pending = 0
+        self._condition = StoreCondition.OK
+        self._condition_lock = threading.Lock()
+        self._down_since = 0.0
+        self._next_probe = 0.0
+        self.threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        # Bumped whenever a worker finds its connection broken (see _main).
+        self._generation = 0
+        self.units = 0
+        self.reruns = 0  # serialization races lost and run again (a contention figure)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """Open one connection configured for the units (autocommit outside transactions)."""
+        conn: psycopg.Connection[Any] = psycopg.connect(
+            self.conninfo,
+            autocommit=True,
+            cursor_factory=psycopg.ClientCursor,
+            **self.connect_kwargs,
+        )
+        # SUM and AVG of integers are NUMERIC in PostgreSQL: the units expect numbers
+        # they can do float arithmetic with, as SQLite gives them.
+        conn.adapters.register_loader("numeric", FloatLoader)
+        return conn
+
+    async def open(self) -> None:
+        """Run `prepare` on a first connection, then start the workers."""
+        if self.threads:
+            raise RuntimeError("store is already open")
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+
+        def first() -> None:
+            conn = self.connect()
+            try:
+                self.prepare(conn)
+            finally:
+                conn.close()
+
+        await asyncio.to_thread(first)
+        for i in range(self.pool_size):
+            thread = threading.Thread(target=self._main, name=f"pg-worker-{i}", daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the workers."""
+        if not self.threads:
+            return
+        self._closing = True
+        if self._deferred_pending:
+            self._queue.put(_DEFERRED)
+        for _ in self.threads:
+            self._queue.put(_STOP)
+        for thread in self.threads:
+            await asyncio.to_thread(thread.join)
+        self.threads = []
+        self._fail_leftovers(RuntimeError("store is closed"))
+
+    @property
+    def alive(self) -> bool:
+        """Whether every worker runs."""
+        return bool(self.threads) and all(t.is_alive() for t in self.threads)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new units are taken."""
+        return bool(self.threads) and not self._closing
+
+    @property
+    def condition(self) -> StoreCondition:
+        """Return whether the database can commit (set by the last unit that tried)."""
+        return self._condition
+
+    @property
+    def deferred_pending(self) -> int:
+        """Count the items deferred units stand for that are not committed yet."""
+        return self._deferred_pending
+
+    # -- submitting --------------------------------------------------------------
+
+    async def run(self, fn: Callable[[Any], T]) -> T:
+        """Run a unit in its own transaction; return its result once committed."""
+        if not self.accepting:
+            raise RuntimeError("store is not open")
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((fn, fut))
+        return await fut
+
+    def defer(self, fn: Unit, size: int = 1) -> None:
+        """Queue a unit nobody waits for; a free worker commits the deferred ones together."""
+        if not self.accepting:
+            raise RuntimeError("store is not open")
+        with self._deferred_lock:
+            self._deferred_pending += size
+        self._deferred.put((fn, size))
+        self._queue.put(_DEFERRED)
+
+    # -- the workers ---------------------------------------------------------------
+
+    def _main(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        generation = self._generation
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=self._probe_wait())
+                except queue.Empty:
+                    item = None  # a probe is due
+                if item is _STOP:
+                    return
+                if conn is not None and generation != self._generation:
+                    # Another worker lost its connection since this one last worked: this
+                    # one may be as dead (a restarted server, a cut network). A ping now
+                    # costs one round trip; finding out with a caller's unit fails it.
+                    conn = self._checked(conn)
+                if conn is None or conn.closed:
+                    conn = self._reconnect(item)
+                    if conn is None:
+                        continue
+                generation = self._generation
+                if item is None:
+                    self._next_probe = time.monotonic() + _PROBE_INTERVAL
+                    self._execute(conn, self.probe)
+                elif item is _DEFERRED:
+                    self._run_deferred(conn)
+                else:
+                    fn, fut = item
+                    ok, value = self._execute(conn, fn)
+                    self.units += 1
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(_settle, fut, ok, value)
+                if conn.closed or conn.broken:
+                    self._generation += 1
+                    conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+
+    @staticmethod
+    def _checked(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
+        """Return the connection if it still answers, else close it and return None."""
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error:
+            conn.close()
+            return None
+        return conn
+
+    def _reconnect(self, item: Any) -> psycopg.Connection[Any] | None:
+        """Open the worker's connection; on failure fail the item it holds and pause."""
+        try:
+            return self.connect()
+        except psycopg.Error as exc:
+            condition = condition_of(exc) or StoreCondition.FAILING
+            self._set_condition(condition, exc)
+            unavailable = StoreUnavailable(condition, str(exc))
+            unavailable.__cause__ = exc
+            if item is _DEFERRED:
+                self._queue.put(_DEFERRED)
+            elif item is not None:
+                _, fut = item
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(_settle, fut, False, unavailable)
+            time.sleep(0.2)  # the server is away: do not spin
+            return None
+
+    def _execute(self, conn: psycopg.Connection[Any], fn: Unit) -> tuple[bool, Any]:
+        """Run `fn` in a transaction, again after a lost serialization race."""
+        wrapped = PgConnection(conn)
+        for attempt in range(_MAX_RERUNS + 1):
+            try:
+                with conn.transaction():
+                    value = fn(wrapped)
+            except _RERUN as exc:
+                if attempt == _MAX_RERUNS:
+                    return False, exc
+                self.reruns += 1
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                continue
+            except Exception as exc:
+                condition = condition_of(exc)
+                if condition is None:
+                    return False, exc
+                self._set_condition(condition, exc)
+                unavailable = StoreUnavailable(condition, str(exc))
+                unavailable.__cause__ = exc
+                return False, unavailable
+            self._set_condition(StoreCondition.OK, None)
+            return True, value
+        raise AssertionError("unreachable")
+
+    def _run_deferred(self, conn: psycopg.Connection[Any]) -> None:
+        """Commit every deferred unit waiting, together; keep them if the store refused."""
+        units: list[tuple[Unit, int]] = []
+        while True:
+            try:
+                units.append(self._deferred.get_nowait())
+            except queue.Empty:
+                break
+        if not units:
+            return
+
+        def together(c: Any) -> None:
+            for fn, _ in units:
+                fn(c)
+
+        ok, error = self._execute(conn, together)
+        if ok:
+            with self._deferred_lock:
+                self._deferred_pending -= sum(size for _, size in units)
+        elif isinstance(error, StoreUnavailable):
+            for unit in units:
+                self._deferred.put(unit)
+        else:
+            log.error("store.deferred_unit_failed", size=len(units), exc_info=error)
+
+    def _probe_wait(self) -> float | None:
+        if self._condition is StoreCondition.OK:
+            return None
+        return max(0.0, self._next_probe - time.monotonic())
+
+    def _set_condition(self, condition: StoreCondition, error: Exception | None) -> None:
+        """Record the condition; log only a change."""
+        with self._condition_lock:
+            previous = self._condition
+            if condition is previous:
+                return
+            self._condition = condition
+        now = time.monotonic()
+        if condition is not StoreCondition.OK:
+            self._generation += 1  # every worker checks its connection before the next unit
+        if condition is StoreCondition.OK:
+            log.info(
+                "store.recovered", previous=str(previous), after=round(now - self._down_since, 1)
+            )
+            return
+        if previous is StoreCondition.OK:
+            self._down_since = now
+            self._next_probe = now + _PROBE_INTERVAL
+        log.warning(
+            "store.unavailable", condition=str(condition), previous=str(previous), error=str(error)
+        )
+
+    def _fail_leftovers(self, exc: BaseException) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item is not _DEFERRED and item is not None:
+                _settle(item[1], False, exc)
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Hand the waiting caller its unit's result (runs on the event loop)."""
+    if fut.done():  # the caller was cancelled; the unit still ran (or failed)
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
