@@ -9,13 +9,23 @@ with its agent whichever instance the customer's next message reaches.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from tests.cluster import (
+    AgentDesk,
+    Cluster,
+    LoadSampler,
+    history_violations,
+    post_all,
+    wait_drained,
+)
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
 from tests.peers_pg import PgServer, fresh_database, pg_server
 
@@ -139,3 +149,52 @@ def test_two_instances_share_one_agents_capacity_and_queue(
     # A third customer waits on either instance: alice still holds erik's conversation.
     third = a.post("Hello", "fay@example.com", "k-4")
     assert third["state"] == "queued"
+
+
+# -- three instances, one killed, thousands of messages ---------------------------------
+
+MESSAGES = int(os.environ.get("OMNIROUTER_CLUSTER_MESSAGES", "5000"))
+CAPACITIES = {f"agent{i}": 3 for i in range(6)}
+
+
+def test_three_instances_one_killed_every_message_assigned_once(tmp_path: Path, dsn: str) -> None:
+    """5,000 messages over three instances' web intake; one SIGKILLed at 40 %.
+
+    The agents resolve every ticket as it arrives, so the whole load goes through the
+    agents' 18 slots: every message is stored once, assigned once and delivered under
+    one delivery id, and no agent is ever over capacity (sampled from the database
+    throughout, and replayed from the assignment history afterwards).
+    """
+    desk = AgentDesk().start()
+    cluster = Cluster(tmp_path, dsn, desk.url, list(CAPACITIES.items()), size=3)
+    desk.cluster = cluster
+    sampler = LoadSampler(dsn, CAPACITIES)
+    try:
+        cluster.start()
+        sampler.start()
+        report = post_all(cluster, MESSAGES, kill_at=int(MESSAGES * 0.4), kill_index=0)
+        counts = wait_drained(dsn, MESSAGES, within=180)
+        sampler.stop()
+    finally:
+        sampler.stop()
+        cluster.close()
+        desk.stop()
+        for instance in cluster.instances:
+            print(f"--- {instance.name} ---\n{instance.daemon.log_text()[-3000:]}")
+    # Every customer got an answer, and a retried post its first ticket.
+    assert len(report.answered) == MESSAGES
+    assert counts == {"resolved": MESSAGES}, counts
+    with psycopg.connect(dsn) as conn:
+        assignments = dict(conn.execute("SELECT message_id, agent_id FROM assignments").fetchall())
+        tickets = conn.execute("SELECT count(*) FROM conversations").fetchone()
+    assert len(assignments) == MESSAGES  # one row per message: assigned once
+    assert tickets == (MESSAGES,)
+    # Delivered under one delivery id per message, to the agent the store names.
+    ids_by_message: dict[str, set[str]] = {}
+    for d in desk.deliveries:
+        ids_by_message.setdefault(d.message_id, set()).add(d.delivery_id)
+        assert assignments[d.message_id] == d.agent_id
+    assert set(ids_by_message) == set(assignments)
+    assert all(len(ids) == 1 for ids in ids_by_message.values())
+    assert sampler.samples > 10 and sampler.violations == []
+    assert history_violations(dsn, CAPACITIES) == []
