@@ -78,7 +78,13 @@ class Notifier:
         if address:
             # "@name" is an abstract socket: the kernel wants a leading NUL byte instead.
             self._address = "\0" + address[1:] if address.startswith("@") else address
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: when the manager does not read (hung, or a harness that reads
+            # only now and then) its queue fills, and a blocking send would freeze the
+            # event loop with it. A notice that does not fit is dropped and logged once.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+        self._dropping = False
 
     @property
     def enabled(self) -> bool:
@@ -92,8 +98,15 @@ class Notifier:
         payload = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
         try:
             self._sock.sendto(payload, self._address)
+        except BlockingIOError:
+            if not self._dropping:
+                self._dropping = True
+                log.warning("sd_notify.dropped", reason="the service manager's queue is full")
+            return
         except OSError as exc:
             log.warning("sd_notify.failed", error=str(exc))
+            return
+        self._dropping = False
 
     def close(self) -> None:
         """Close the socket."""

@@ -262,8 +262,10 @@ class Intake:
             # this scheduler learns what the others hold.
             core.scheduler.undo(choice, requeue=False)
             choice = None
-            core.scheduler.sync_external(await core.store.open_loads())
-            core.resync_soon()
+            if core.store.shared:
+                core.resync_soon()  # the replica of the others' work catches up
+            else:
+                core.scheduler.sync_external(await core.store.open_loads())
         # Whatever this message was, the thread's survey is over (answered, or the ticket
         # reopened or closed by the message).
         core.surveys.pop(key, None)

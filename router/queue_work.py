@@ -117,8 +117,10 @@ class QueueWork:
             core.scheduler.undo(choice, requeue=False)
             again = await core.store.message(w.id)
             if again is not None and again.get("state") == "queued":
-                core.scheduler.sync_external(await core.store.open_loads())
-                core.resync_soon()
+                if core.store.shared:
+                    core.resync_soon()  # the replica of the others' work catches up
+                else:
+                    core.scheduler.sync_external(await core.store.open_loads())
                 core.scheduler.submit(w)
                 return None
             return False

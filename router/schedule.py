@@ -1004,6 +1004,10 @@ class Scheduler:
         items = [w for w in self._waiting.values() if department in (None, w.department)]
         return sorted(items, key=Work.order)
 
+    def mark(self) -> int:
+        """Return a number below the `seq` of every work submitted from now on."""
+        return next(self._seq)
+
     def knows(self, message_id: str) -> bool:
         """Tell whether a message waits here or is offered from here."""
         return message_id in self._waiting or message_id in self._offers

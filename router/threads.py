@@ -60,6 +60,10 @@ class Threads:
         if self._open.get(key) == conversation_id:
             del self._open[key]
 
+    def busy(self, key: ThreadKey) -> bool:
+        """Tell whether a message of the thread is being routed (its lock is in use)."""
+        return key in self._users
+
     def lock(self, key: ThreadKey) -> _ThreadLock:
         """Return an async context manager holding the thread's lock."""
         return _ThreadLock(self, key)

@@ -57,6 +57,7 @@ class AgentDesk:
         self.requests = 0
         self.resolved: set[str] = set()
         self.resolve_failures = 0
+        self.refusals: dict[str, int] = {}  # why instances refused a resolve (diagnostics)
         self._lock = threading.Lock()
         self._todo: list[tuple[float, Delivery, int]] = []
         self._stop = threading.Event()
@@ -107,26 +108,34 @@ class AgentDesk:
             self._todo.append((time.monotonic() + self.handle_time, d, 0))
 
     def _resolver(self) -> None:
-        """Resolve delivered tickets through a live instance, retrying on another one."""
-        while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                due = [t for t in self._todo if t[0] <= now]
-                self._todo = [t for t in self._todo if t[0] > now]
-            if not due:
-                time.sleep(0.005)
-                continue
-            for _, d, tries in due:
-                if d.ticket in self.resolved:
+        """Resolve delivered tickets through a live instance, retrying on another one.
+
+        Several agents work at once: the resolves go out in parallel.
+        """
+        with ThreadPoolExecutor(8) as pool:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                with self._lock:
+                    due = [t for t in self._todo if t[0] <= now]
+                    self._todo = [t for t in self._todo if t[0] > now]
+                if not due:
+                    time.sleep(0.005)
                     continue
-                status = self._resolve(d)
-                if status == 200:
-                    self.resolved.add(d.ticket)
-                elif tries < 200:
-                    # The instance asked has not learnt the assignment yet, or is dead.
-                    self.resolve_failures += 1
-                    with self._lock:
-                        self._todo.append((time.monotonic() + 0.05, d, tries + 1))
+                list(pool.map(self._resolve_one, due))
+
+    def _resolve_one(self, todo: tuple[float, Delivery, int]) -> None:
+        _, d, tries = todo
+        if d.ticket in self.resolved:
+            return
+        status = self._resolve(d)
+        if status == 200:
+            with self._lock:
+                self.resolved.add(d.ticket)
+        elif tries < 400:
+            # The instance asked has not learnt the assignment yet, or is dead.
+            with self._lock:
+                self.resolve_failures += 1
+                self._todo.append((time.monotonic() + 0.05, d, tries + 1))
 
     def _resolve(self, d: Delivery) -> int:
         cluster = self.cluster
@@ -146,6 +155,9 @@ class AgentDesk:
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
+            reason = exc.read().decode(errors="replace")[:200]
+            with self._lock:
+                self.refusals[reason] = self.refusals.get(reason, 0) + 1
             return int(exc.code)
         except OSError:
             return 0

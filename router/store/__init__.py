@@ -294,6 +294,9 @@ class Snapshot:
 class RoutingView:
     """What every instance sharing a store must agree on to route (`Store.routing_view`)."""
 
+    # The conversations the view covers: None for all of them, else only these (their
+    # open state and queued messages; presence and streaks are always whole).
+    scope: frozenset[str] | None = None
     open_conversations: list[OpenConversation] = field(default_factory=list)
     queued: list[QueuedMessage] = field(default_factory=list)
     presence: dict[str, bool] = field(default_factory=dict)
@@ -424,7 +427,11 @@ class Store(Protocol):
         """
 
     async def routing_view(
-        self, streak_labels: frozenset[str], depth: int, since: float
+        self,
+        streak_labels: frozenset[str],
+        depth: int,
+        since: float,
+        conversations: frozenset[str] | None = None,
     ) -> RoutingView:
         """Return the routing state every instance shares: open conversations and their
         holders, queued messages, presence, and each agent's streak over its latest
@@ -437,6 +444,10 @@ class Store(Protocol):
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the event loop when another instance changed routing state
         (new or queued work, assignments, resolves, presence); never for this one's."""
+
+    def take_changes(self) -> tuple[frozenset[str] | None, bool]:
+        """Return what other instances changed since the last call: the conversations
+        (None: anything may have changed, look at everything) and whether presence did."""
 
     async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
         """Claim and return pending items due at or before now, oldest first.

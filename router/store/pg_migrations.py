@@ -165,6 +165,8 @@ def _v001(c: Any) -> None:
             explain TEXT NOT NULL DEFAULT ''
         );
         CREATE INDEX assignments_conversation ON assignments(conversation_id);
+        -- an agent's latest assignments (the complaint streak check across instances)
+        CREATE INDEX assignments_agent_time ON assignments(agent_id, assigned_at);
         CREATE TABLE outbox (
             id TEXT PRIMARY KEY,
             target TEXT NOT NULL,
@@ -247,6 +249,54 @@ def _v001(c: Any) -> None:
     )
     c.execute(
         "INSERT INTO meta(key, value) VALUES ('secret', %s)", (secrets.token_bytes(32).hex(),)
+    )
+    # Change notices for the other instances (router.shared_routing): whatever commits a
+    # change to a conversation, a message's state or an agent's presence announces it
+    # on commit, whichever code path made it. The payload names the announcing instance
+    # (its connections' application_name) so it can skip its own notices.
+    c.execute(
+        """
+        CREATE FUNCTION omnirouter_conversation_changed() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('omnirouter_changes',
+                current_setting('application_name') || ' c ' || NEW.id);
+            RETURN NULL;
+        END $$
+        """
+    )
+    c.execute(
+        """
+        CREATE FUNCTION omnirouter_message_changed() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('omnirouter_changes',
+                current_setting('application_name') || ' c ' || NEW.conversation_id);
+            RETURN NULL;
+        END $$
+        """
+    )
+    c.execute(
+        """
+        CREATE FUNCTION omnirouter_agent_changed() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('omnirouter_changes',
+                current_setting('application_name') || ' a ' || NEW.id);
+            RETURN NULL;
+        END $$
+        """
+    )
+    _script(
+        c,
+        """
+        CREATE TRIGGER conversations_changed AFTER INSERT OR UPDATE ON conversations
+            FOR EACH ROW EXECUTE FUNCTION omnirouter_conversation_changed();
+        CREATE TRIGGER messages_changed AFTER INSERT OR UPDATE OF state, conversation_id
+            ON messages FOR EACH ROW EXECUTE FUNCTION omnirouter_message_changed();
+        CREATE TRIGGER agents_changed AFTER INSERT OR UPDATE OF present ON agents
+            FOR EACH ROW EXECUTE FUNCTION omnirouter_agent_changed()
+        """,
     )
 
 

@@ -28,6 +28,8 @@ from router.store.sql_store import SqlStore
 T = TypeVar("T")
 # The LISTEN/NOTIFY channel on which instances announce committed routing changes.
 CHANGES_CHANNEL = "omnirouter_changes"
+# Changed conversations remembered between looks; beyond this a whole look is cheaper.
+_MAX_CHANGED = 2000
 
 
 def probe(c: Any) -> None:
@@ -46,7 +48,6 @@ class PostgresStore(SqlStore):
         statement_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         raw_max_bytes: int = 256 * 1024,
-        application_name: str = "omnirouter",
         sslmode: str | None = None,
         sslrootcert: str | None = None,
         instance: str = "",
@@ -55,6 +56,10 @@ class PostgresStore(SqlStore):
         # Names this instance in its change notices, so it ignores its own.
         self.instance = instance or f"pid-{os.getpid()}-{secrets.token_hex(4)}"
         self._callbacks: list[Callable[[], None]] = []
+        self._changes_lock = threading.Lock()
+        self._changed: set[str] = set()  # conversations other instances changed
+        self._presence_changed = False
+        self._look_at_all = True  # nothing seen yet: the first look is a whole one
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()  # set while the listener should run
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,7 +74,8 @@ class PostgresStore(SqlStore):
         connect_kwargs: dict[str, Any] = {
             "options": options,
             "connect_timeout": max(1, int(connect_timeout)),
-            "application_name": application_name,
+            # Names this instance in the triggers' change notices (see pg_migrations).
+            "application_name": self.instance[:63],
         }
         if sslmode:
             connect_kwargs["sslmode"] = sslmode
@@ -103,26 +109,13 @@ class PostgresStore(SqlStore):
 
     # -- change notices between instances (LISTEN/NOTIFY) ------------------------------
 
-    async def _run_change(self, fn: Callable[[Any], T]) -> T:
-        """Run the unit and, in its transaction, tell the other instances (NOTIFY).
-
-        PostgreSQL delivers the notice only if the transaction commits, and folds equal
-        notices of one transaction into one.
-        """
-        instance = self.instance
-
-        def unit(c: Any) -> T:
-            value = fn(c)
-            c.execute("SELECT pg_notify(?, ?)", (CHANGES_CHANNEL, instance))
-            return value
-
-        return await self._run(unit)
-
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the loop when another instance commits a routing change.
 
-        It is also called after the listener (re)connects: notices sent while it was
-        not listening are lost, so whoever listens should look at the store again.
+        The database's triggers announce every change of a conversation, of a message's
+        state and of an agent's presence (see pg_migrations); `take_changes` tells
+        which. It is also called after the listener (re)connects: notices sent while it
+        was not listening are lost, so the next look must be a whole one.
         """
         self._callbacks.append(callback)
         if self._listener is None:
@@ -130,7 +123,18 @@ class PostgresStore(SqlStore):
             self._listener = threading.Thread(target=self._listen, name="pg-listener", daemon=True)
             self._listener.start()
 
-    def _notify(self) -> None:
+    def take_changes(self) -> tuple[frozenset[str] | None, bool]:
+        """Return (conversations changed elsewhere, or None: look at everything; presence
+        changed) since the last call, and forget them."""
+        with self._changes_lock:
+            changed = None if self._look_at_all else frozenset(self._changed)
+            presence = self._presence_changed
+            self._changed.clear()
+            self._look_at_all = False
+            self._presence_changed = False
+        return changed, presence
+
+    def _wake(self) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -144,14 +148,30 @@ class PostgresStore(SqlStore):
             try:
                 with psycopg.connect(self.url, autocommit=True, **self.connect_kwargs) as conn:
                     conn.execute(f"LISTEN {CHANGES_CHANNEL}")
-                    self._notify()  # catch up on whatever happened before
+                    with self._changes_lock:
+                        self._look_at_all = True  # whatever happened while not listening
+                    self._wake()
                     while self._listening.is_set():
                         for notice in conn.notifies(timeout=1.0):
-                            if notice.payload != self.instance:
-                                self.notices_received += 1
-                                self._notify()
+                            self._noted(notice.payload)
             except psycopg.Error:
                 time.sleep(1.0)
+
+    def _noted(self, payload: str) -> None:
+        """Record one notice: "<instance> c <conversation id>" or "<instance> a <agent>"."""
+        instance, _, rest = payload.partition(" ")
+        if instance == self.instance:
+            return
+        kind, _, key = rest.partition(" ")
+        self.notices_received += 1
+        with self._changes_lock:
+            if kind == "a":
+                self._presence_changed = True
+            elif len(self._changed) < _MAX_CHANGED:
+                self._changed.add(key)
+            else:
+                self._look_at_all = True  # a flood: one whole look is cheaper
+        self._wake()
 
     @property
     def condition(self) -> StoreCondition:

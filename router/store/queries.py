@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from typing import Any
+from typing import Any, cast
 
 from router.delivery import WithdrawnPayload, payload_from_dict, payload_to_dict, target_from_str
 from router.lifecycle import CUSTOMER, LOW_SCORE, ROUTER, EventKind, TicketState
@@ -1205,15 +1205,28 @@ def outbox_item(r: tuple[Any, ...]) -> OutboxItem:
 
 
 def routing_view(
-    c: sqlite3.Connection, streak_labels: frozenset[str], depth: int, since: float
+    c: sqlite3.Connection,
+    streak_labels: frozenset[str],
+    depth: int,
+    since: float,
+    conversations: frozenset[str] | None = None,
 ) -> RoutingView:
-    """Return open conversations, queued messages, presence and streaks since `since`."""
-    view = RoutingView()
+    """Return open conversations, queued messages, presence and streaks since `since`.
+
+    With `conversations`, only those conversations and their queued messages (a look at
+    what changed); presence and streaks are always whole (they are small).
+    """
+    view = RoutingView(scope=conversations)
+    where, args = "", cast(tuple[str, ...], ())
+    if conversations is not None:
+        ids = tuple(conversations)
+        where, args = f" AND id IN ({marks(len(ids))})", ids
     view.open_conversations = [
         OpenConversation(*r)
         for r in c.execute(
             "SELECT id, channel, thread_key, agent_id, channel_type FROM conversations "
-            "WHERE state='open'"
+            f"WHERE state='open'{where}",
+            args,
         )
     ]
     view.queued = [
@@ -1221,7 +1234,9 @@ def routing_view(
         for r in c.execute(
             "SELECT id, conversation_id, queue, label, severity, language, sla_deadline, "
             "ingested_at, channel_type "
-            "FROM messages WHERE state='queued' ORDER BY id"
+            f"FROM messages WHERE state='queued'{where.replace(' id IN', ' conversation_id IN')} "
+            "ORDER BY id",
+            args,
         )
     ]
     view.presence = {r[0]: bool(r[1]) for r in c.execute("SELECT id, present FROM agents")}

@@ -69,13 +69,6 @@ class SqlStore(ABC):
     async def _run(self, fn: Callable[[Any], T]) -> T:
         """Run one unit of work in a transaction and return its result once committed."""
 
-    async def _run_change(self, fn: Callable[[Any], T]) -> T:
-        """Run a unit that changes what routing depends on (see `on_change`).
-
-        Other instances sharing the database learn of it; one instance alone: `_run`.
-        """
-        return await self._run(fn)
-
     def on_change(self, callback: Callable[[], None]) -> None:  # noqa: B027 (a no-op here)
         """Call `callback` (on the event loop) when another instance changed routing state.
 
@@ -101,13 +94,11 @@ class SqlStore(ABC):
     async def ingest(self, new: NewMessage) -> IngestResult:
         """Commit a message with its contact, conversation, assignment and outbox item."""
         raw = new.inbound.raw[: self.raw_max_bytes] if self.raw_max_bytes else b""
-        return await self._run_change(lambda c: q.ingest(c, new, raw, owner=self.instance))
+        return await self._run(lambda c: q.ingest(c, new, raw, owner=self.instance))
 
     async def assign(self, assignment: Assignment, outbox: OutboxItem) -> bool:
         """Assign a queued message and queue its delivery in one transaction."""
-        return await self._run_change(
-            lambda c: q.assign(c, assignment, outbox, owner=self.instance)
-        )
+        return await self._run(lambda c: q.assign(c, assignment, outbox, owner=self.instance))
 
     async def resolve_conversation(
         self,
@@ -119,7 +110,7 @@ class SqlStore(ABC):
         survey_until: float | None = None,
     ) -> str | None:
         """Close an open conversation and its messages; return the agent who held it."""
-        return await self._run_change(
+        return await self._run(
             lambda c: q.resolve_conversation(
                 c, conversation_id, at, actor, survey, survey_until, owner=self.instance
             )
@@ -127,7 +118,7 @@ class SqlStore(ABC):
 
     async def close_resolved(self, resolved_before: float, at: float, limit: int) -> list[str]:
         """Close tickets resolved at or before resolved_before; return their ids."""
-        return await self._run_change(lambda c: q.close_resolved(c, resolved_before, at, limit))
+        return await self._run(lambda c: q.close_resolved(c, resolved_before, at, limit))
 
     async def reply(self, conversation_id: str, agent_id: str, item: OutboxItem, at: float) -> bool:
         """Commit an agent's answer and mark the ticket waiting on the customer."""
@@ -145,7 +136,7 @@ class SqlStore(ABC):
         notice: OutboxItem | None = None,
     ) -> list[str]:
         """Take an open conversation from its holder; its messages wait again."""
-        return await self._run_change(
+        return await self._run(
             lambda c: q.transfer(
                 c, conversation_id, actor, to, queue, at, notice, owner=self.instance
             )
@@ -163,9 +154,7 @@ class SqlStore(ABC):
         self, message_id: str, agent_id: str, at: float, outcome: str
     ) -> list[str]:
         """Take back unaccepted assignments of the message's conversation from the agent."""
-        return await self._run_change(
-            lambda c: q.withdraw_offer(c, message_id, agent_id, at, outcome)
-        )
+        return await self._run(lambda c: q.withdraw_offer(c, message_id, agent_id, at, outcome))
 
     async def pending_offers(self) -> list[tuple[str, str, str, float]]:
         """Return (message id, conversation id, agent id, assigned at) of open offers."""
@@ -181,25 +170,35 @@ class SqlStore(ABC):
 
     async def accept(self, conversation_id: str, agent_id: str, at: float) -> bool:
         """Stamp accepted_at on the agent's open assignments in the conversation."""
-        return await self._run_change(lambda c: q.accept(c, conversation_id, agent_id, at))
+        return await self._run(lambda c: q.accept(c, conversation_id, agent_id, at))
 
     async def sync_agents(self, agents: list[Agent]) -> dict[str, bool]:
         """Upsert the roster from config; an agent's stored presence outlives restarts."""
-        return await self._run_change(lambda c: q.sync_agents(c, agents))
+        return await self._run(lambda c: q.sync_agents(c, agents))
 
     async def set_presence(self, agent_id: str, present: bool) -> bool:
         """Store an agent's presence."""
-        return await self._run_change(lambda c: q.set_presence(c, agent_id, present))
+        return await self._run(lambda c: q.set_presence(c, agent_id, present))
 
     async def snapshot(self, now: float, repeat_window: float) -> Snapshot:
         """Load what the router keeps in memory (this instance's pending sends, claimed)."""
         return await self._run(lambda c: q.snapshot(c, now, repeat_window, owner=self.instance))
 
     async def routing_view(
-        self, streak_labels: frozenset[str], depth: int, since: float
+        self,
+        streak_labels: frozenset[str],
+        depth: int,
+        since: float,
+        conversations: frozenset[str] | None = None,
     ) -> RoutingView:
         """Return the routing state every instance shares (see `router.store.Store`)."""
-        return await self._run(lambda c: q.routing_view(c, streak_labels, depth, since))
+        return await self._run(
+            lambda c: q.routing_view(c, streak_labels, depth, since, conversations)
+        )
+
+    def take_changes(self) -> tuple[frozenset[str] | None, bool]:
+        """Nothing changes behind this store's back (one instance): nothing to look at."""
+        return frozenset(), False
 
     @property
     def shared(self) -> bool:
