@@ -348,6 +348,7 @@ class MailboxTool(AgentToolBase):
 
     config_model: ClassVar[type[MailboxConfig]] = MailboxConfig
     sends_actions = True  # agents answer by mail: replies and #commands come back
+    single_owner = True  # one reader of the reply mailbox at a time (any instance mails work)
 
     def __init__(self, name: str, config: MailboxConfig, ctx: DriverContext) -> None:
         """Prepare the tool; nothing connects until run() or deliver()."""

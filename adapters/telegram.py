@@ -368,6 +368,7 @@ class TelegramTool(AgentToolBase):
 
     config_model: ClassVar[type[TelegramToolConfig]] = TelegramToolConfig
     sends_actions = True  # buttons, replies, slash commands and presence come back
+    single_owner = True  # getUpdates allows one poller per bot (any instance posts)
 
     def __init__(self, name: str, config: TelegramToolConfig, ctx: DriverContext) -> None:
         """Prepare the tool; nothing connects until run() or deliver()."""

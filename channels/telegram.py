@@ -496,6 +496,12 @@ class TelegramChannel(ChannelBase):
 
     config_model: ClassVar[type[TelegramConfig]] = TelegramConfig
     answers_customers = True  # acknowledgements and agent replies go to the chat
+    single_owner = True  # when polling: getUpdates allows one poller per bot
+
+    @classmethod
+    def single_owner_for(cls, config: TelegramConfig) -> bool:
+        """Poll on one instance only; in webhook mode every instance takes Telegram's POSTs."""
+        return config.mode == "polling"
 
     def __init__(self, name: str, config: TelegramConfig, ctx: DriverContext) -> None:
         """Prepare the channel; nothing connects until run() or send()."""

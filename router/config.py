@@ -117,6 +117,12 @@ class DaemonConfig(_Frozen):
     # Message bodies are customer data: they stay out of logs unless asked for.
     log_bodies: bool = False
     include: list[str] = Field(default_factory=list)  # globs of conf.d files, relative to this file
+    # This instance's id among several sharing one store (leases, outbox ownership, the
+    # instance label). Unset: <hostname>-<6 hex of the state_dir>, stable across restarts.
+    instance: str | None = Field(default=None, pattern=NAME_RE)
+    # Seconds a lease lasts unrenewed (renewed every third of it): how soon another
+    # instance takes over the pulling channels and pending sends of one that died.
+    lease_ttl: float = Field(default=15.0, ge=3, le=600)
 
 
 class StoreConfig(_Frozen):

@@ -3,8 +3,8 @@
 A channel or adapter whose section changed in any way is restarted (stopped, then started
 with the new section); one that appears is started, one that disappears is stopped.
 Agents, routing, scheduling, classifier, SLA and lifecycle settings apply in place.
-`daemon.state_dir`, `store`, `ops` and `outbox` are read once at start: a change there
-is reported and waits for a restart of the daemon.
+`daemon.state_dir`, `daemon.instance`, `daemon.lease_ttl`, `store`, `ops` and `outbox`
+are read once at start: a change there is reported and waits for a restart of the daemon.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from pydantic import BaseModel
 from router.config import Config
 
 # Read once at start; a reload logs them and leaves them as they were.
-RESTART_SECTIONS = ("daemon.state_dir", "store", "ops", "outbox")
+RESTART_SECTIONS = (
+    "daemon.state_dir",
+    "daemon.instance",
+    "daemon.lease_ttl",
+    "store",
+    "ops",
+    "outbox",
+)
 # Applied in place by a reload.
 LIVE_SECTIONS = ("classifier", "sla", "routing", "scheduling", "lifecycle")
 
@@ -110,8 +117,9 @@ def reload_plan(old: Config, new: Config) -> ReloadPlan:
     """Return what reloading `old` into `new` would do."""
     plan = ReloadPlan()
     for part in RESTART_SECTIONS:
-        if part == "daemon.state_dir":
-            if old.daemon.state_dir != new.daemon.state_dir:
+        if part.startswith("daemon."):
+            setting = part.removeprefix("daemon.")
+            if getattr(old.daemon, setting) != getattr(new.daemon, setting):
                 plan.needs_restart.append(part)
         elif getattr(old, part) != getattr(new, part):
             plan.needs_restart.append(part)

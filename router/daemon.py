@@ -35,6 +35,7 @@ from router.drivers import (
     ADAPTERS,
     CHANNELS,
     EXIT_CONFIG,
+    UP_STATES,
     AgentTool,
     Channel,
     DriverContext,
@@ -43,6 +44,7 @@ from router.drivers import (
     load_driver,
 )
 from router.http import AcceptErrorLog, GuardedRunner, HttpLimits, ListenError, start_site
+from router.leases import Leases, default_instance
 from router.logging import register_secret, set_verbosity
 from router.metrics import Metrics
 from router.ops import OpsApi
@@ -259,8 +261,13 @@ def ensure_admin_token(config: Config) -> str:
     return token
 
 
-def open_store(config: Config) -> Store:
-    """Return the configured store backend (not yet opened)."""
+def instance_id(config: Config) -> str:
+    """Return this daemon's instance id: `[daemon] instance`, else one derived at runtime."""
+    return config.daemon.instance or default_instance(config.daemon.state_dir)
+
+
+def open_store(config: Config, instance: str = "") -> Store:
+    """Return the configured store backend (not yet opened), committing as `instance`."""
     if config.store.backend == "postgresql":
         # Imported here: psycopg is only needed by installations that use PostgreSQL.
         from router.store.postgres import PostgresStore
@@ -274,11 +281,13 @@ def open_store(config: Config) -> Store:
             raw_max_bytes=config.store.raw_max_bytes,
             sslmode=config.store.sslmode,
             sslrootcert=config.store.sslrootcert,
+            instance=instance,
         )
     return SqliteStore(
         config.db_path(),
         synchronous=config.store.synchronous,
         raw_max_bytes=config.store.raw_max_bytes,
+        instance=instance,
     )
 
 
@@ -293,7 +302,11 @@ class Daemon:
         self.metrics = Metrics()
         self.notifier = Notifier()
         self.supervisor = Supervisor(self.metrics)
-        self.store: Store = open_store(config)
+        # Several instances may share the store: this one's id owns its outbox items and
+        # leases (router.leases); the same on every restart.
+        self.instance = instance_id(config)
+        self.store: Store = open_store(config, self.instance)
+        self.leases = Leases(self.store, self.instance, config.daemon.lease_ttl)
         self.tools: dict[str, AgentTool] = {}
         self.channels: dict[str, Channel] = {}
         self._driver_configs: dict[tuple[str, str], Any] = {}
@@ -323,6 +336,13 @@ class Daemon:
         self.admin_token = ensure_admin_token(cfg)
         self.notifier.send(STATUS="opening store")
         await self.store.open()
+        # Alive before anything is sent: until then another instance may take our sends.
+        try:
+            await self.leases.acquire(self.leases.instance_lease)
+        except StoreUnavailable as exc:  # reads still work; the heartbeat tries again
+            log.warning("lease.renew_failed", lease=self.leases.instance_lease, error=str(exc))
+        self.supervisor.spawn("lease:instance", self.leases.heartbeat)
+        self.metrics.instance_info.labels(instance=self.instance).set(1)
         for a in cfg.adapters:
             self._start_tool(a)
         # Channels are registered (not run yet) before the outbox starts: its first scan
@@ -349,6 +369,7 @@ class Daemon:
         log.info(
             "daemon.ready",
             version=self.version,
+            instance=self.instance,
             config=cfg.source,
             state_dir=str(cfg.daemon.state_dir),
             channels=sorted(self.channels),
@@ -387,7 +408,13 @@ class Daemon:
         actions = self.pipeline.actions_from(
             section.name, own_agents_only=bool(getattr(cls, "acts_only_for_its_agents", False))
         )
-        self.supervisor.spawn(f"adapter:{section.name}", lambda: tool.run(actions))
+        self._spawn_run(
+            f"adapter:{section.name}",
+            f"tool:{section.name}",
+            bool(cls.single_owner_for(section)),
+            lambda: tool.run(actions),
+            tool.standby,
+        )
 
     def _start_channel(self, section: Any) -> None:
         self._add_channel(section)
@@ -405,7 +432,33 @@ class Daemon:
     def _run_channel(self, name: str) -> None:
         """Run a registered channel's intake under supervision."""
         channel = self.channels[name]
-        self.supervisor.spawn(f"channel:{name}", lambda: channel.run(self.pipeline.ingest))
+        section = self._driver_configs[("channel", name)]
+        single_owner = load_driver(CHANNELS, section.type).single_owner_for(section)
+        self._spawn_run(
+            f"channel:{name}",
+            f"channel:{name}",
+            bool(single_owner),
+            lambda: channel.run(self.pipeline.ingest),
+            channel.standby,
+        )
+
+    def _spawn_run(
+        self,
+        task: str,
+        lease: str,
+        single_owner: bool,
+        run: Callable[[], Awaitable[Any]],
+        standby: Callable[[], None],
+    ) -> None:
+        """Run a driver's `run()` under supervision; a single-owner one only under its lease.
+
+        Its source allows one reader at a time: with several instances on one store only
+        the holder of `lease` reads it (router.leases); the others keep it on standby.
+        """
+        if single_owner:
+            self.supervisor.spawn(task, lambda: self.leases.hold(lease, run, standby))
+        else:
+            self.supervisor.spawn(task, run)
 
     async def _wait_channels_listening(
         self, timeout: float = 10.0, *, fail_on_listen_error: bool = False
@@ -415,7 +468,7 @@ class Daemon:
         # retried for ever behind READY=1: it is most likely a second instance.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(c.state == DriverState.CONNECTED for c in self.channels.values()):
+            if all(c.state in UP_STATES for c in self.channels.values()):
                 return
             if fail_on_listen_error:
                 for name in self.channels:
@@ -510,23 +563,25 @@ class Daemon:
         ready = (
             store_ok
             and not self._stopping.is_set()
-            and all(d["state"] == DriverState.CONNECTED for d in drivers.values())
+            and all(d["state"] in UP_STATES for d in drivers.values())
         )
         return {
             "ready": ready,
             "stopping": self._stopping.is_set(),
             "store": "ok" if store_ok else "down",
+            "instance": self.instance,
+            # Held by this instance, with when each lapses unless renewed (Unix time).
+            "leases": self.leases.holding(),
             "drivers": drivers,
             # The names an operator must look at (e.g. a webhook whose breaker is open).
-            "degraded": sorted(
-                name for name, d in drivers.items() if d["state"] != DriverState.CONNECTED
-            ),
+            "degraded": sorted(name for name, d in drivers.items() if d["state"] not in UP_STATES),
         }
 
     def refresh_metrics(self) -> None:
         """Update gauges that are cheaper to read on scrape than to maintain."""
         m = self.metrics
         m.outbox_backlog.set(self.dispatcher.backlog)
+        m.leases_held.set(len(self.leases.holding()))
         # Depth alone hides a stuck queue that is short; the oldest wait shows it.
         for queue in self.pipeline.queues_view():
             m.queue_oldest_wait.labels(queue=queue["queue"]).set(queue["oldest_wait_s"])
@@ -679,6 +734,8 @@ class Daemon:
                 await asyncio.wait_for(tool.stop(), max(0.1, deadline - time.monotonic()))
         if self._ops_runner is not None:
             await self._ops_runner.cleanup()
+        # Gone on purpose: another instance takes over our pending sends at once.
+        await self.leases.release(self.leases.instance_lease)
         try:
             counts = await self.store.delivery_counts()
         except Exception as exc:  # a full or failing store must not keep the stop from finishing

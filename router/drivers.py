@@ -73,6 +73,13 @@ class DriverState(StrEnum):
     CONNECTED = "connected"  # working
     TRANSIENT_DISCONNECT = "transient_disconnect"  # lost its peer, backing off before retrying
     BAD_CREDENTIALS = "bad_credentials"  # parked: retrying would only hammer the peer
+    # Another instance holds this single-owner driver's lease and reads its source;
+    # here it only sends (router.leases). Counts as up.
+    STANDBY = "standby"
+
+
+# The states in which a driver does its job on this instance (ready, not degraded).
+UP_STATES = frozenset({DriverState.CONNECTED, DriverState.STANDBY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +165,10 @@ class DriverBase:
     sends_actions: ClassVar[bool] = False
     # A customer channel whose `send(Outbound)` answers customers (acks, agent replies).
     answers_customers: ClassVar[bool] = False
+    # Its `run()` reads a source that allows one reader at a time (an IMAP mailbox,
+    # Telegram's getUpdates). With several instances on one store, only the one holding
+    # the lease `channel:<name>` / `tool:<name>` runs it; sending works on every one.
+    single_owner: ClassVar[bool] = False
 
     def __init__(self, name: str, ctx: DriverContext) -> None:
         """Start stopped, with no error and no success yet."""
@@ -180,6 +191,18 @@ class DriverBase:
             DriverState.TRANSIENT_DISCONNECT: self.log.warning,
         }.get(state, self.log.info)
         level("driver.state", old=str(old), new=str(state), error=error or None)
+
+    @classmethod
+    def single_owner_for(cls, config: Any) -> bool:
+        """Whether a driver with this config reads a one-reader source (default: its class says).
+
+        A driver whose intake mode is a setting (Telegram: polling or webhook) overrides it.
+        """
+        return cls.single_owner
+
+    def standby(self) -> None:
+        """Show that another instance runs this driver's intake; it still sends from here."""
+        self._set_state(DriverState.STANDBY)
 
     def _succeeded(self) -> None:
         """Record that a piece of work went through (shown as last_success in /readyz)."""
@@ -245,6 +268,9 @@ class Channel(Protocol):
     def details(self) -> dict[str, Any]:
         """Return driver-specific figures for /readyz."""
 
+    def standby(self) -> None:
+        """Show that another instance runs this channel's intake."""
+
     async def send(self, outbound: Outbound) -> None:
         """Send an acknowledgement or reply to a customer (answering channels only)."""
 
@@ -266,6 +292,9 @@ class AgentTool(Protocol):
 
     def details(self) -> dict[str, Any]:
         """Return driver-specific figures for /readyz."""
+
+    def standby(self) -> None:
+        """Show that another instance runs this tool's intake."""
 
     async def run(self, actions: ActionSink) -> None:
         """Keep the connection alive (and listen for agent actions) until cancelled."""

@@ -163,6 +163,18 @@ class Metrics:
             "Outbox items queued, waiting for a retry or in flight in this process.",
             registry=r,
         )
+        self.instance_info = Gauge(
+            "omnirouter_instance_info",
+            "1, labelled with this instance's id (`[daemon] instance`).",
+            ["instance"],
+            registry=r,
+        )
+        self.leases_held = Gauge(
+            "omnirouter_leases_held",
+            "Leases this instance holds: its own, and one per single-owner channel or tool "
+            "it reads.",
+            registry=r,
+        )
         self.driver_up = Gauge(
             "omnirouter_driver_connected",
             "1 when a channel or adapter is connected, by kind and name.",

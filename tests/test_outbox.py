@@ -79,7 +79,7 @@ async def put(store: SqliteStore, it: OutboxItem) -> None:
     # here the row is written alone, through the store's own writer thread.
     from router.store.sqlite import _insert_outbox
 
-    await store._run(lambda c: _insert_outbox(c, it))
+    await store._run(lambda c: _insert_outbox(c, it, owner=""))
 
 
 async def run_dispatcher(d: Dispatcher) -> asyncio.Task[None]:

@@ -41,8 +41,8 @@ class Backend:
     # connections two concurrent units may commit either way round (PostgreSQL).
     commits_in_order = True
 
-    def new(self) -> Store:
-        """Return a new, unopened store on this backend's database."""
+    def new(self, instance: str = "") -> Store:
+        """Return a new, unopened store on this backend's database, for `instance`."""
         raise NotImplementedError
 
     def schema_version(self) -> int:
@@ -64,8 +64,8 @@ class SqliteBackend(Backend):
     def __init__(self, tmp_path: Path) -> None:
         self.path = tmp_path / "state" / "router.db"
 
-    def new(self) -> Store:
-        return SqliteStore(self.path)
+    def new(self, instance: str = "") -> Store:
+        return SqliteStore(self.path, instance=instance)
 
     def schema_version(self) -> int:
         conn = sqlite3.connect(self.path)
@@ -90,10 +90,11 @@ class PostgresBackend(Backend):
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
 
-    def new(self) -> Store:
+    def new(self, instance: str = "") -> Store:
         from router.store.postgres import PostgresStore
 
-        return PostgresStore(self.dsn, pool_size=2)
+        # (Without an instance, a PostgreSQL store names itself pid-…: still no lease.)
+        return PostgresStore(self.dsn, pool_size=2, instance=instance)
 
     def schema_version(self) -> int:
         import psycopg
@@ -751,7 +752,7 @@ async def test_due_outbox_order_and_due_time(store: Store) -> None:
     assert [o.id for o in await store.due_outbox(T0 + 25, 10)] == [early.id, mid.id]
     assert [o.id for o in await store.due_outbox(T0 + 99, 10)] == [early.id, mid.id, late.id]
     assert [o.id for o in await store.due_outbox(T0 + 99, 2)] == [early.id, mid.id]
-    # Reading does not claim: the same items are due again.
+    # Reading does not take them out: the same items are due again.
     assert len(await store.due_outbox(T0 + 99, 10)) == 3
 
 
@@ -1249,6 +1250,106 @@ async def test_an_answer_to_a_survey_no_longer_pending_is_an_ordinary_message(
     result = await store.ingest(late)
     assert result.survey_score is None and result.state == "queued"
     assert result.conversation_id == late.conversation_id != first.conversation_id
+
+
+# -- several instances on one database: leases and outbox ownership ------------------------
+
+TTL = 15.0
+
+
+@pytest_asyncio.fixture
+async def two(backend: Backend) -> AsyncIterator[tuple[Store, Store]]:
+    """Two instances, a and b, sharing the backend's database."""
+    a, b = backend.new(instance="a"), backend.new(instance="b")
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await b.close()
+        await a.close()
+
+
+async def test_a_lease_has_one_holder_until_it_expires(two: tuple[Store, Store]) -> None:
+    a, b = two
+    assert await a.acquire_lease("channel:mail", "a", TTL, T0) is True
+    assert await b.acquire_lease("channel:mail", "b", TTL, T0 + 1) is False
+    assert await a.acquire_lease("channel:mail", "a", TTL, T0 + 5) is True  # renewed
+    assert await b.leases(T0 + 5) == [("channel:mail", "a", pytest.approx(T0 + 5 + TTL))]
+    assert await b.acquire_lease("channel:mail", "b", TTL, T0 + 19.9) is False
+    # The renewal counted: at T0 + 15 it would have been free without it.
+    assert await b.acquire_lease("channel:mail", "b", TTL, T0 + 20) is True  # expired: taken
+    assert await a.acquire_lease("channel:mail", "a", TTL, T0 + 21) is False  # a lost it
+    assert await a.leases(T0 + 21) == [("channel:mail", "b", pytest.approx(T0 + 20 + TTL))]
+    await a.release_lease("channel:mail", "a")  # not a's: nothing happens
+    assert [name for name, _, _ in await a.leases(T0 + 21)] == ["channel:mail"]
+    await b.release_lease("channel:mail", "b")
+    assert await a.leases(T0 + 21) == []
+    assert await a.acquire_lease("channel:mail", "a", TTL, T0 + 22) is True  # free at once
+    await a.release_lease("never-held", "a")  # no error
+
+
+async def test_leases_lists_only_live_leases_by_name(two: tuple[Store, Store]) -> None:
+    a, b = two
+    assert await b.acquire_lease("tool:tg", "b", 30.0, T0)
+    assert await a.acquire_lease("instance:a", "a", TTL, T0)
+    assert await b.acquire_lease("instance:b", "b", TTL, T0)
+    assert await a.leases(T0) == [
+        ("instance:a", "a", pytest.approx(T0 + TTL)),
+        ("instance:b", "b", pytest.approx(T0 + TTL)),
+        ("tool:tg", "b", pytest.approx(T0 + 30)),
+    ]
+    assert [name for name, _, _ in await a.leases(T0 + TTL)] == ["tool:tg"]
+    assert await a.leases(T0 + 30) == []
+
+
+async def test_outbox_items_stay_with_their_live_instance(two: tuple[Store, Store]) -> None:
+    a, b = two
+    assert await a.acquire_lease("instance:a", "a", TTL, T0)
+    assert await b.acquire_lease("instance:b", "b", 10 * TTL, T0)
+    first, second = await seed_outbox(a, [T0, T0 + 1])
+    # a's sends are a's while a lives: b neither scans nor restores them.
+    assert await b.due_outbox(T0 + 2, 10) == []
+    assert (await b.snapshot(T0 + 2, HOUR)).pending_outbox == []
+    assert await a.due_outbox(T0 + 2, 10) == [first, second]
+    assert (await a.snapshot(T0 + 2, HOUR)).pending_outbox == [first, second]
+    # a stops renewing: once its lease has expired, b takes its sends over ...
+    assert [o.id for o in await b.due_outbox(T0 + TTL, 10)] == [first.id, second.id]
+    # ... and they are b's now: a, even back, no longer sends them.
+    assert await a.due_outbox(T0 + TTL + 1, 10) == []
+    assert await a.acquire_lease("instance:a", "a", TTL, T0 + TTL + 1)
+    assert await a.due_outbox(T0 + TTL + 2, 10) == []
+    assert [o.id for o in await b.due_outbox(T0 + TTL + 2, 10)] == [first.id, second.id]
+
+
+async def test_unowned_and_ownerless_outbox_items_go_to_the_first_to_scan(
+    backend: Backend, two: tuple[Store, Store]
+) -> None:
+    a, b = two
+    assert await a.acquire_lease("instance:a", "a", TTL, T0)
+    assert await b.acquire_lease("instance:b", "b", TTL, T0)
+    # Committed by a process that is no instance ("" owns nothing: the CLI, an old store).
+    anyone = backend.new()
+    await anyone.open()
+    try:
+        (unowned,) = await seed_outbox(anyone, [T0])
+        # Replayed dead letters are owned by whoever replays them.
+        (replayed,) = await seed_outbox(a, [T0])
+        await a.outbox_dead(replayed.id, 3, "gave up", T0)
+        assert await anyone.replay_dead_letters(None, T0 + 1) == 1
+    finally:
+        await anyone.close()
+    # An instance that never held a lease (it died before its first heartbeat).
+    ghost = backend.new(instance="ghost")
+    await ghost.open()
+    try:
+        (orphan,) = await seed_outbox(ghost, [T0 + 2])
+    finally:
+        await ghost.close()
+    taken = await b.due_outbox(T0 + 3, 10)
+    assert [o.id for o in taken] == [unowned.id, replayed.id, orphan.id]
+    assert await a.due_outbox(T0 + 3, 10) == []  # b's now, and b lives
+    assert await b.due_outbox(T0 + 3, 10) == taken  # still b's on the next scan
 
 
 async def test_a_follow_up_placed_without_knowing_the_open_conversation_waits(

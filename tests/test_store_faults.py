@@ -86,7 +86,7 @@ def fail_commits(store: SqliteStore, failing: bool) -> None:
 
 async def put(store: SqliteStore, n: int, due_in: float = 0.0) -> list[str]:
     items = [outbox_item(due_in) for _ in range(n)]
-    await store._run(lambda c: [insert_outbox(c, it) for it in items])
+    await store._run(lambda c: [insert_outbox(c, it, owner="") for it in items])
     return [it.id for it in items]
 
 
@@ -161,7 +161,7 @@ async def make_room(store: SqliteStore) -> None:
 
 async def put_big(store: SqliteStore) -> None:
     it = outbox_item(payload_bytes=20_000)  # needs new pages
-    await store._run(lambda c: insert_outbox(c, it))
+    await store._run(lambda c: insert_outbox(c, it, owner=""))
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -230,7 +230,7 @@ async def test_the_outbox_spends_no_attempts_the_store_cannot_record(store: Sqli
     config = OutboxConfig(max_attempts=3, backoff_base=0.01, backoff_cap=0.02, poll_interval=0.05)
     d = Dispatcher(store, lambda: {"t": tool}, config, Metrics(), rng=random.Random(1))
     it = outbox_item()
-    await store._run(lambda c: insert_outbox(c, it))
+    await store._run(lambda c: insert_outbox(c, it, owner=""))
     task = asyncio.create_task(d.run())
     try:
         fail_commits(store, True)

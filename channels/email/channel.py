@@ -63,6 +63,7 @@ class EmailChannel(ChannelBase):
 
     config_model: ClassVar[type[EmailConfig]] = EmailConfig
     answers_customers = True  # acknowledgements and agent replies go out by SMTP
+    single_owner = True  # one IMAP reader at a time (any instance sends by SMTP)
 
     def __init__(self, name: str, config: EmailConfig, ctx: DriverContext) -> None:
         """Prepare the channel; nothing connects until run() or send()."""

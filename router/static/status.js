@@ -96,7 +96,7 @@ function drawAgents(data) {
 function drawDrivers(data) {
   const rows = Object.entries(data.drivers).map(([name, d]) =>
     row([cell(name), cell(d.kind + " · " + d.type),
-      cell(d.state, d.state === "connected" ? "state ok" : "state bad"),
+      cell(d.state, d.state === "connected" || d.state === "standby" ? "state ok" : "state bad"),
       cell(ago(d.last_success, data.now), "", "last success"),
       cell(d.last_error || "no error", "excerpt")],
     { "data-driver": name }));

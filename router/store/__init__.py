@@ -306,7 +306,14 @@ class RoutingView:
 
 
 class Store(Protocol):
-    """Durable state. Every method is one committed transaction (or `StoreUnavailable`)."""
+    """Durable state. Every method is one committed transaction (or `StoreUnavailable`).
+
+    Several instances may share one database (`router.leases`): `instance` is this one's
+    id ("" for a lone one, or a tool such as the CLI); every outbox item it commits is
+    owned by it, and `due_outbox` hands out only items no other live instance owns.
+    """
+
+    instance: str
 
     @property
     def condition(self) -> StoreCondition:
@@ -414,7 +421,10 @@ class Store(Protocol):
         """Store an agent's presence; False for an unknown agent."""
 
     async def snapshot(self, now: float, repeat_window: float) -> Snapshot:
-        """Return open conversations, queued messages, pending outbox and recent contacts."""
+        """Return open conversations, queued messages, pending outbox and recent contacts.
+
+        The pending outbox is what `due_outbox` would hand out, whenever due (claimed).
+        """
 
     async def routing_view(
         self,
@@ -440,7 +450,23 @@ class Store(Protocol):
         (None: anything may have changed, look at everything) and whether presence did."""
 
     async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
-        """Return pending outbox items due at or before now, oldest first."""
+        """Claim and return pending items due at or before now, oldest first.
+
+        Only this instance's own, unowned ones, and those of an instance whose lease
+        `instance:<id>` has expired (taken over: their owner no longer sees them).
+        """
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float, now: float) -> bool:
+        """Take a free or expired lease until now + ttl, or renew one `owner` holds.
+
+        False while another owner holds it unexpired.
+        """
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if `owner` holds it (another may take it at once)."""
+
+    async def leases(self, now: float) -> list[tuple[str, str, float]]:
+        """Return (name, owner, expires_at) of every lease held at now, by name."""
 
     async def outbox_done(self, ids: list[str]) -> None:
         """Delete sent items; the delete may commit later, but is never silently dropped."""

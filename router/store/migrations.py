@@ -337,6 +337,27 @@ def _v005(c: sqlite3.Connection) -> None:
         c.execute("UPDATE contacts SET person_id=? WHERE key=?", (person, key))
 
 
+@register(6, "several instances: leases, and the instance that owns each outbox item")
+def _v006(c: sqlite3.Connection) -> None:
+    run_script(
+        c,
+        """
+        -- Who holds what among instances sharing the database (router/leases.py):
+        -- instance:<id> while an instance lives, channel:<name> / tool:<name> for a
+        -- source that must have one reader. Free once expires_at has passed.
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,             -- the holding instance's id
+            expires_at REAL NOT NULL,
+            acquired_at REAL NOT NULL        -- when this owner took it (renewals keep it)
+        );
+        -- The instance that sends the item ('' = any): another instance takes it over
+        -- only once the owner's instance lease is gone.
+        ALTER TABLE outbox ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+        """,
+    )
+
+
 def new_person_id() -> str:
     """Return a fresh contact id (`c_` and 16 hex digits)."""
     return "c_" + secrets.token_hex(8)

@@ -300,6 +300,22 @@ def _v001(c: Any) -> None:
     )
 
 
+@register(2, "SQLite migration 6: leases, and the instance that owns each outbox item")
+def _v002(c: Any) -> None:
+    _script(
+        c,
+        """
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            acquired_at DOUBLE PRECISION NOT NULL
+        );
+        ALTER TABLE outbox ADD COLUMN owner TEXT NOT NULL DEFAULT ''
+        """,
+    )
+
+
 def current_version(conn: Any) -> int:
     """Return the highest migration applied (0 for an empty database)."""
     exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]

@@ -39,6 +39,7 @@ _OUTBOX_COLUMNS = (
     "id, target, agent_id, address, kind, payload, message_id, attempts, next_attempt_at, "
     "created_at"
 )
+_OUTBOX_COLUMNS_OF_O = ", ".join(f"o.{name}" for name in _OUTBOX_COLUMNS.split(", "))
 
 # Built once: json.dumps with non-default arguments builds a new encoder on every call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -77,16 +78,41 @@ def set_presence(c: sqlite3.Connection, agent_id: str, present: bool) -> bool:
     return cur.rowcount > 0
 
 
-def due_outbox(c: sqlite3.Connection, now: float, limit: int) -> list[OutboxItem]:
-    """Return pending outbox items due now, oldest first."""
-    return [
-        outbox_item(r)
-        for r in c.execute(
-            f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE next_attempt_at<=? "
-            "ORDER BY next_attempt_at, id LIMIT ?",
-            (now, limit),
+def due_outbox(c: sqlite3.Connection, now: float, limit: int, owner: str) -> list[OutboxItem]:
+    """Claim for `owner` and return the pending items due now that it may send, oldest first."""
+    return claim_outbox(c, owner, now, due_by=now, limit=limit)
+
+
+def claim_outbox(
+    c: sqlite3.Connection, owner: str, now: float, *, due_by: float | None, limit: int | None
+) -> list[OutboxItem]:
+    """Return the pending items `owner` may send (oldest first) and make them its own.
+
+    Its own, unowned ones, and those of an instance whose lease `instance:<id>` is gone
+    (dead, or stopped): a live instance's sends are never taken, so two instances do
+    not send one item; a dead one's are taken over, and it no longer sees them.
+    """
+    where = "" if due_by is None else "o.next_attempt_at<=? AND "
+    args: list[Any] = [] if due_by is None else [due_by]
+    rows = c.execute(
+        f"SELECT {_OUTBOX_COLUMNS_OF_O}, o.owner FROM outbox o WHERE {where}"
+        "(o.owner=? OR o.owner='' OR NOT EXISTS (SELECT 1 FROM leases l "
+        "WHERE l.name='instance:' || o.owner AND l.expires_at>?)) "
+        "ORDER BY o.next_attempt_at, o.id"
+        + ("" if limit is None else " LIMIT ?")
+        # Two instances taking over a dead one's sends split them instead of both
+        # sending each (PostgreSQL; SQLite has one writer).
+        + for_update(c, skip_locked=True),
+        (*args, owner, now, *(() if limit is None else (limit,))),
+    ).fetchall()
+    taken = [r[0] for r in rows if r[-1] != owner]
+    for start in range(0, len(taken), _DELETE_CHUNK):
+        chunk = taken[start : start + _DELETE_CHUNK]
+        c.execute(
+            f"UPDATE outbox SET owner=? WHERE id IN ({marks(len(chunk))})",
+            (owner, *chunk),
         )
-    ]
+    return [outbox_item(r) for r in rows]
 
 
 def outbox_retry(
@@ -124,6 +150,39 @@ def dead_letters(c: sqlite3.Connection, limit: int) -> list[DeadLetter]:
     ]
 
 
+# -- leases among instances sharing the database ------------------------------------
+
+
+def acquire_lease(c: sqlite3.Connection, name: str, owner: str, ttl: float, now: float) -> bool:
+    """Take a free or expired lease, or renew one `owner` holds; False while another holds it."""
+    c.execute(
+        "INSERT INTO leases(name, owner, expires_at, acquired_at) VALUES (?,?,?,?) "
+        "ON CONFLICT(name) DO UPDATE SET owner=excluded.owner, "
+        "expires_at=excluded.expires_at, acquired_at=CASE "
+        "WHEN leases.owner=excluded.owner AND leases.expires_at>excluded.acquired_at "
+        "THEN leases.acquired_at ELSE excluded.acquired_at END "
+        "WHERE leases.owner=excluded.owner OR leases.expires_at<=excluded.acquired_at",
+        (name, owner, now + ttl, now),
+    )
+    row = c.execute("SELECT owner FROM leases WHERE name=?", (name,)).fetchone()
+    return row is not None and row[0] == owner
+
+
+def release_lease(c: sqlite3.Connection, name: str, owner: str) -> None:
+    """Give a lease up (when `owner` holds it), so another instance may take it at once."""
+    c.execute("DELETE FROM leases WHERE name=? AND owner=?", (name, owner))
+
+
+def leases(c: sqlite3.Connection, now: float) -> list[tuple[str, str, float]]:
+    """Return (name, owner, expires_at) of the leases held at `now`, by name."""
+    return [
+        (r[0], r[1], r[2])
+        for r in c.execute(
+            "SELECT name, owner, expires_at FROM leases WHERE expires_at>? ORDER BY name", (now,)
+        )
+    ]
+
+
 # -- units with more to them -----------------------------------------------------
 
 
@@ -134,6 +193,8 @@ def resolve_conversation(
     actor: str = "",
     survey: OutboxItem | None = None,
     survey_until: float | None = None,
+    *,
+    owner: str,
 ) -> str | None:
     """Close an open conversation and its messages; return the agent who held it."""
     row = c.execute(
@@ -167,7 +228,7 @@ def resolve_conversation(
         {"agent": holder} if holder else {},
     )
     if survey is not None:
-        insert_outbox(c, survey)
+        insert_outbox(c, survey, owner=owner)
         add_event(
             c,
             conversation_id,
@@ -261,7 +322,13 @@ def ticket_events(c: sqlite3.Connection, conversation_id: str) -> list[TicketEve
 
 
 def reply(
-    c: sqlite3.Connection, conversation_id: str, agent_id: str, item: OutboxItem, at: float
+    c: sqlite3.Connection,
+    conversation_id: str,
+    agent_id: str,
+    item: OutboxItem,
+    at: float,
+    *,
+    owner: str,
 ) -> bool:
     """Queue an agent's answer and mark the ticket waiting on the customer; False if not theirs."""
     row = c.execute(
@@ -271,7 +338,7 @@ def reply(
     ).fetchone()
     if row is None:
         return False
-    insert_outbox(c, item)
+    insert_outbox(c, item, owner=owner)
     # Answering is taking the conversation up: no accept timeout after that.
     accept(c, conversation_id, agent_id, at)
     c.execute(
@@ -298,6 +365,8 @@ def transfer(
     queue: str | None,
     at: float,
     notice: OutboxItem | None,
+    *,
+    owner: str,
 ) -> list[str]:
     """Take an open conversation from its holder and put its messages back in line.
 
@@ -361,7 +430,7 @@ def transfer(
         notice = dataclasses.replace(
             notice, payload=dataclasses.replace(notice.payload, message_ids=tuple(ids))
         )
-        insert_outbox(c, notice)
+        insert_outbox(c, notice, owner=owner)
     return ids
 
 
@@ -493,7 +562,9 @@ def outbox_dead(c: sqlite3.Connection, item_id: str, attempts: int, reason: str,
     c.execute("DELETE FROM outbox WHERE id=?", (item_id,))
 
 
-def replay_dead_letters(c: sqlite3.Connection, ids: list[str] | None, at: float) -> int:
+def replay_dead_letters(
+    c: sqlite3.Connection, ids: list[str] | None, at: float, *, owner: str
+) -> int:
     """Move dead letters back to the outbox with a fresh attempt count."""
     where, args = (
         # Never empty: SQLite needs a WHERE between INSERT ... SELECT and its ON CONFLICT.
@@ -502,10 +573,10 @@ def replay_dead_letters(c: sqlite3.Connection, ids: list[str] | None, at: float)
     c.execute(
         "INSERT INTO outbox(id, target, agent_id, address, kind, payload, "
         "message_id, attempts, "
-        "next_attempt_at, created_at) SELECT id, target, agent_id, address, kind, "
+        "next_attempt_at, created_at, owner) SELECT id, target, agent_id, address, kind, "
         "payload, message_id, 0, ?, "
-        f"created_at FROM dead_letters {where} ON CONFLICT (id) DO NOTHING",
-        (at, *args),
+        f"created_at, ? FROM dead_letters {where} ON CONFLICT (id) DO NOTHING",
+        (at, owner, *args),
     )
     return c.execute(f"DELETE FROM dead_letters {where}", args).rowcount
 
@@ -603,10 +674,10 @@ def count_messages(c: sqlite3.Connection, labels: list[str], since: float, until
     return int(row[0])
 
 
-def enqueue_outbox(c: sqlite3.Connection, items: list[OutboxItem]) -> None:
+def enqueue_outbox(c: sqlite3.Connection, items: list[OutboxItem], *, owner: str) -> None:
     """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
     for item in items:
-        insert_outbox(c, item)
+        insert_outbox(c, item, owner=owner)
 
 
 def record_correction(
@@ -699,12 +770,12 @@ def delete_outbox(c: sqlite3.Connection, ids: list[str]) -> None:
         c.execute(f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})", chunk)
 
 
-def insert_outbox(c: sqlite3.Connection, o: OutboxItem) -> None:
-    """Insert one pending send."""
+def insert_outbox(c: sqlite3.Connection, o: OutboxItem, *, owner: str) -> None:
+    """Insert one pending send, owned by the instance `owner` ("" = any instance may send it)."""
     c.execute(
         "INSERT INTO outbox(id, target, agent_id, address, kind, payload, message_id, attempts, "
         "next_attempt_at, "
-        "created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        "created_at, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (
             o.id,
             str(o.target),
@@ -716,6 +787,7 @@ def insert_outbox(c: sqlite3.Connection, o: OutboxItem) -> None:
             o.attempts,
             o.next_attempt_at,
             o.created_at,
+            owner,
         ),
     )
 
@@ -799,7 +871,7 @@ def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool
     return bool(joins) or int(held) < a.capacity
 
 
-def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
+def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) -> IngestResult:
     """Commit a message with its contact, conversation, assignment and outbox items."""
     m = new.inbound
     dup = c.execute(
@@ -1000,7 +1072,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes) -> IngestResult:
             outbox = dataclasses.replace(
                 outbox, payload=outbox.payload.with_conversation(conversation_id)
             )
-        insert_outbox(c, outbox)
+        insert_outbox(c, outbox, owner=owner)
         committed.append(outbox)
     return IngestResult(
         new.message_id,
@@ -1104,7 +1176,7 @@ def _insert_message(
         )
 
 
-def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
+def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem, *, owner: str) -> bool:
     """Assign a queued message and queue its delivery; False when it is not queued."""
     row = c.execute(
         f"SELECT conversation_id, label FROM messages WHERE id=? AND state='queued'{for_update(c)}",
@@ -1137,7 +1209,7 @@ def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem) -> bool:
     if a.conversation_id != conversation_id:
         a = dataclasses.replace(a, conversation_id=conversation_id)
     insert_assignment(c, a)
-    insert_outbox(c, outbox)
+    insert_outbox(c, outbox, owner=owner)
     return True
 
 
@@ -1216,8 +1288,8 @@ def routing_view(
     return view
 
 
-def snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapshot:
-    """Load what the router keeps in memory."""
+def snapshot(c: sqlite3.Connection, now: float, repeat_window: float, *, owner: str) -> Snapshot:
+    """Load what the router keeps in memory (the pending sends `owner` may send, claimed)."""
     snap = Snapshot()
     snap.open_conversations = [
         OpenConversation(*r)
@@ -1234,10 +1306,7 @@ def snapshot(c: sqlite3.Connection, now: float, repeat_window: float) -> Snapsho
             "FROM messages WHERE state='queued' ORDER BY id"
         )
     ]
-    snap.pending_outbox = [
-        outbox_item(r)
-        for r in c.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY next_attempt_at, id")
-    ]
+    snap.pending_outbox = claim_outbox(c, owner, now, due_by=None, limit=None)
     snap.recent_contacts = [
         (r[0], r[1])
         for r in c.execute(

@@ -39,6 +39,8 @@ class SqlStore(ABC):
 
     raw_max_bytes: int
     _secret: bytes | None
+    # This instance's id: it owns the outbox items it commits (see `router.leases`).
+    instance: str
 
     @abstractmethod
     async def open(self) -> None:
@@ -96,11 +98,11 @@ class SqlStore(ABC):
     async def ingest(self, new: NewMessage) -> IngestResult:
         """Commit a message with its contact, conversation, assignment and outbox item."""
         raw = new.inbound.raw[: self.raw_max_bytes] if self.raw_max_bytes else b""
-        return await self._run(lambda c: q.ingest(c, new, raw))
+        return await self._run(lambda c: q.ingest(c, new, raw, owner=self.instance))
 
     async def assign(self, assignment: Assignment, outbox: OutboxItem) -> bool:
         """Assign a queued message and queue its delivery in one transaction."""
-        return await self._run(lambda c: q.assign(c, assignment, outbox))
+        return await self._run(lambda c: q.assign(c, assignment, outbox, owner=self.instance))
 
     async def resolve_conversation(
         self,
@@ -113,7 +115,9 @@ class SqlStore(ABC):
     ) -> str | None:
         """Close an open conversation and its messages; return the agent who held it."""
         return await self._run(
-            lambda c: q.resolve_conversation(c, conversation_id, at, actor, survey, survey_until)
+            lambda c: q.resolve_conversation(
+                c, conversation_id, at, actor, survey, survey_until, owner=self.instance
+            )
         )
 
     async def close_resolved(self, resolved_before: float, at: float, limit: int) -> list[str]:
@@ -122,7 +126,9 @@ class SqlStore(ABC):
 
     async def reply(self, conversation_id: str, agent_id: str, item: OutboxItem, at: float) -> bool:
         """Commit an agent's answer and mark the ticket waiting on the customer."""
-        return await self._run(lambda c: q.reply(c, conversation_id, agent_id, item, at))
+        return await self._run(
+            lambda c: q.reply(c, conversation_id, agent_id, item, at, owner=self.instance)
+        )
 
     async def transfer(
         self,
@@ -135,7 +141,9 @@ class SqlStore(ABC):
     ) -> list[str]:
         """Take an open conversation from its holder; its messages wait again."""
         return await self._run(
-            lambda c: q.transfer(c, conversation_id, actor, to, queue, at, notice)
+            lambda c: q.transfer(
+                c, conversation_id, actor, to, queue, at, notice, owner=self.instance
+            )
         )
 
     async def record_event(self, event: TicketEvent) -> None:
@@ -177,8 +185,8 @@ class SqlStore(ABC):
         return await self._run(lambda c: q.set_presence(c, agent_id, present))
 
     async def snapshot(self, now: float, repeat_window: float) -> Snapshot:
-        """Load what the router keeps in memory."""
-        return await self._read(lambda c: q.snapshot(c, now, repeat_window))
+        """Load what the router keeps in memory (this instance's pending sends, claimed)."""
+        return await self._run(lambda c: q.snapshot(c, now, repeat_window, owner=self.instance))
 
     async def routing_view(
         self,
@@ -202,8 +210,20 @@ class SqlStore(ABC):
         return False
 
     async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
-        """Return pending outbox items due now, oldest first."""
-        return await self._run(lambda c: q.due_outbox(c, now, limit))
+        """Claim and return the pending items due now that this instance may send."""
+        return await self._run(lambda c: q.due_outbox(c, now, limit, self.instance))
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float, now: float) -> bool:
+        """Take a free or expired lease, or renew ours; False while another holds it."""
+        return await self._run(lambda c: q.acquire_lease(c, name, owner, ttl, now))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if `owner` holds it."""
+        await self._run(lambda c: q.release_lease(c, name, owner))
+
+    async def leases(self, now: float) -> list[tuple[str, str, float]]:
+        """Return (name, owner, expires_at) of the leases held at now."""
+        return await self._run(lambda c: q.leases(c, now))
 
     async def outbox_done(self, ids: list[str]) -> None:
         """Delete delivered items: at once for every later call, durably soon after.
@@ -231,7 +251,7 @@ class SqlStore(ABC):
 
     async def replay_dead_letters(self, ids: list[str] | None, at: float) -> int:
         """Move dead letters back to the outbox with a fresh attempt count."""
-        return await self._run(lambda c: q.replay_dead_letters(c, ids, at))
+        return await self._run(lambda c: q.replay_dead_letters(c, ids, at, owner=self.instance))
 
     async def ticket(self, conversation_id: str) -> TicketView | None:
         """Return the customer-visible status of a ticket."""
@@ -258,7 +278,7 @@ class SqlStore(ABC):
 
     async def enqueue_outbox(self, items: list[OutboxItem]) -> None:
         """Commit sends not tied to an ingest (alerts, relayed agent replies)."""
-        await self._run(lambda c: q.enqueue_outbox(c, items))
+        await self._run(lambda c: q.enqueue_outbox(c, items, owner=self.instance))
 
     async def record_correction(
         self, message_id: str, label: str, agent_id: str, at: float

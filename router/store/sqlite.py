@@ -39,9 +39,15 @@ class SqliteStore(SqlStore):
     """The embedded store (WAL, synchronous=FULL by default)."""
 
     def __init__(
-        self, path: Path | str, *, synchronous: str = "full", raw_max_bytes: int = 256 * 1024
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "full",
+        raw_max_bytes: int = 256 * 1024,
+        instance: str = "",
     ) -> None:
         self.path = Path(path)
+        self.instance = instance  # owns the outbox items it commits (router.leases)
         self.synchronous = synchronous.upper()
         self.raw_max_bytes = raw_max_bytes
         self.writer = Writer(
