@@ -67,6 +67,10 @@ class Leases:
         self.ttl = ttl
         # Renewed three times a lease: two renewals may fail before another takes over.
         self.interval = ttl / 3
+        # An instance on standby asks this often, and a lease lasts this much less than
+        # `ttl`: a dead holder's lease is taken over within `ttl` of its last renewal.
+        self.poll = min(1.0, ttl / 10)
+        self.duration = ttl - self.poll
         self.clock = clock
         self.sleep = sleep
         self.held: dict[str, float] = {}  # lease name -> expires_at of our last renewal
@@ -85,11 +89,11 @@ class Leases:
         now = self.clock()
         ok = False  # on an error we cannot tell: not counted as held
         try:
-            ok = await self.store.acquire_lease(name, self.instance, self.ttl, now)
+            ok = await self.store.acquire_lease(name, self.instance, self.duration, now)
         finally:
             self.attempts += 1
             if ok:
-                self.held[name] = now + self.ttl
+                self.held[name] = now + self.duration
             else:
                 self.held.pop(name, None)
         return ok
@@ -140,7 +144,8 @@ class Leases:
     ) -> None:
         """Run `run()` only while this instance holds lease `name`; end when it ends.
 
-        Tries to take the lease every interval. Once held, renews it as often and
+        Tries to take the lease every `poll` seconds. Once held, renews it every
+        `interval` and
         cancels the run as soon as a renewal fails or finds it taken (then `standby()`
         and back to trying). A run that returns (stopped on purpose) gives the lease up;
         one that raises keeps it until it lapses: the supervisor's backoff then decides
@@ -152,7 +157,7 @@ class Leases:
             while True:
                 if not await self._take(name):
                     standby()
-                    await self.sleep(self.interval)
+                    await self.sleep(self.poll)
                     continue
                 log.info("lease.acquired", lease=name, instance=self.instance)
                 task = asyncio.ensure_future(run())
@@ -165,7 +170,7 @@ class Leases:
                 await _cancel(task)
                 task = None
                 standby()
-                await self.sleep(self.interval)
+                await self.sleep(self.poll)
         finally:
             if task is not None:  # cancelled while running: stop the run, let others have it
                 await _cancel(task)

@@ -173,6 +173,21 @@ class Instance:
     ops_port: int
     daemon: DaemonProcess
     alive: bool = False
+    killed_at: float = 0.0  # time.monotonic() of the SIGKILL
+
+    def leases(self) -> dict[str, float]:
+        """Return the leases this instance says it holds (its /readyz), {} if it is down."""
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.ops_port}/readyz", timeout=2
+            ) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return {}
+        held: dict[str, float] = body.get("leases") or {}
+        return held
 
 
 @dataclass
@@ -226,7 +241,15 @@ class Cluster:
     def kill(self, index: int) -> None:
         instance = self.instances[index]
         instance.alive = False
+        instance.killed_at = time.monotonic()
         instance.daemon.kill()
+
+    def holder_of(self, lease: str) -> Instance | None:
+        """Return the live instance that holds `lease`, if any."""
+        for instance in self.live():
+            if lease in instance.leases():
+                return instance
+        return None
 
     def close(self) -> None:
         for instance in self.instances:
@@ -305,7 +328,7 @@ def post_all(
 
 
 class LoadSampler:
-    """Samples each agent's open conversations straight from the database."""
+    """Samples each agent's open conversations (per channel type) from the database."""
 
     def __init__(self, dsn: str, capacities: dict[str, int], interval: float = 0.02) -> None:
         self.dsn = dsn
@@ -328,15 +351,17 @@ class LoadSampler:
     def _run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self._stop.is_set():
+                # An agent's capacity counts per channel type (router.model.Agent).
                 rows = conn.execute(
-                    "SELECT agent_id, count(*) FROM conversations "
-                    "WHERE state='open' AND agent_id IS NOT NULL GROUP BY agent_id"
+                    "SELECT agent_id, channel_type, count(*) FROM conversations "
+                    "WHERE state='open' AND agent_id IS NOT NULL GROUP BY agent_id, channel_type"
                 ).fetchall()
                 self.samples += 1
-                for agent, n in rows:
-                    self.peak[agent] = max(self.peak.get(agent, 0), n)
+                for agent, channel_type, n in rows:
+                    key = f"{agent}/{channel_type}"
+                    self.peak[key] = max(self.peak.get(key, 0), n)
                     if n > self.capacities.get(agent, 0):
-                        self.violations.append((agent, n))
+                        self.violations.append((key, n))
                 time.sleep(self.interval)
 
 
@@ -351,22 +376,24 @@ def history_violations(dsn: str, capacities: dict[str, int]) -> list[str]:
     """
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT id, conversation_id, kind, detail FROM ticket_events "
-            "WHERE kind IN ('assigned', 'resolved', 'withdrawn', 'transferred') ORDER BY id"
+            "SELECT e.id, e.conversation_id, e.kind, e.detail, c.channel_type "
+            "FROM ticket_events e JOIN conversations c ON c.id = e.conversation_id "
+            "WHERE e.kind IN ('assigned', 'resolved', 'withdrawn', 'transferred') ORDER BY e.id"
         ).fetchall()
+    # An agent's capacity counts per channel type (router.model.Agent).
     holder: dict[str, str] = {}
     open_now: dict[str, int] = {}
     problems: list[str] = []
-    for event_id, conversation, kind, detail in rows:
+    for event_id, conversation, kind, detail, channel_type in rows:
         agent = json.loads(detail).get("agent", "")
         if kind == "assigned":
             previous = holder.get(conversation)
             if previous:
                 open_now[previous] -= 1  # moved from another agent
-            holder[conversation] = agent
-            open_now[agent] = open_now.get(agent, 0) + 1
-            if open_now[agent] > capacities.get(agent, 0):
-                problems.append(f"{agent} held {open_now[agent]} at event {event_id}")
+            key = holder[conversation] = f"{agent}/{channel_type}"
+            open_now[key] = open_now.get(key, 0) + 1
+            if open_now[key] > capacities.get(agent, 0):
+                problems.append(f"{key} held {open_now[key]} at event {event_id}")
         elif holder.get(conversation):
             open_now[holder.pop(conversation)] -= 1
     return problems

@@ -9,15 +9,21 @@ with its agent whichever instance the customer's next message reaches.
 
 from __future__ import annotations
 
+import email.utils
+import imaplib
 import os
+import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from tests import peers_mail
 from tests.cluster import (
     AgentDesk,
     Cluster,
@@ -27,6 +33,9 @@ from tests.cluster import (
     wait_drained,
 )
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
+from tests.peers_mail import PASSWORD as MAIL_PASSWORD
+from tests.peers_mail import USER as MAIL_USER
+from tests.peers_mail import Dovecot, SmtpServer
 from tests.peers_pg import PgServer, fresh_database, pg_server
 
 TOKEN = "test-admin-token-0123456789"
@@ -153,27 +162,107 @@ def test_two_instances_share_one_agents_capacity_and_queue(
 
 # -- three instances, one killed, thousands of messages ---------------------------------
 
-MESSAGES = int(os.environ.get("OMNIROUTER_CLUSTER_MESSAGES", "5000"))
+# The issue's figure is 5,000 web messages: `OMNIROUTER_CLUSTER_MESSAGES=5000 python -m
+# pytest tests/test_multi_instance.py`; the suite runs 2,000 to stay within its budget.
+MESSAGES = int(os.environ.get("OMNIROUTER_CLUSTER_MESSAGES", "2000"))
+MAILS = int(os.environ.get("OMNIROUTER_CLUSTER_MAILS", "300"))
+MAILBOX = "channel:support"
+dovecot = peers_mail.dovecot
+smtp_sink = peers_mail.smtp_sink
 CAPACITIES = {f"agent{i}": 3 for i in range(6)}
 
 
-def test_three_instances_one_killed_every_message_assigned_once(tmp_path: Path, dsn: str) -> None:
-    """5,000 messages over three instances' web intake; one SIGKILLed at 40 %.
+def email_channel(imap: Dovecot, smtp_port: int) -> str:
+    """The shared support mailbox: one IMAP reader at a time (its lease), SMTP for acks."""
+    return (
+        '[[channels]]\ntype = "email"\nname = "support"\n'
+        "[channels.imap]\n"
+        f'host = "127.0.0.1"\nport = {imap.port}\ntls = "none"\n'
+        f'username = "{MAIL_USER}"\npassword = "{MAIL_PASSWORD}"\n'
+        "idle_renew = 60\npoll_interval = 1\ntimeout = 5\n"
+        "reconnect_min = 0.05\nreconnect_max = 0.5\n"
+        "[channels.smtp]\n"
+        f'host = "127.0.0.1"\nport = {smtp_port}\ntls = "none"\n'
+        'from_address = "support@shop.test"\ntimeout = 5\n'
+    )
+
+
+def append_mails(imap: Dovecot, count: int, pause: float) -> None:
+    """Deliver `count` customer mails to the support INBOX, as the MTA would."""
+    client = imaplib.IMAP4(imap.host, imap.port, timeout=10)
+    try:
+        client.login(MAIL_USER, MAIL_PASSWORD)
+        for n in range(count):
+            msg = EmailMessage()
+            msg["From"] = f"Mail Customer {n} <m{n}@example.com>"
+            msg["To"] = "support@shop.test"
+            msg["Subject"] = f"Order {n}"
+            msg["Message-ID"] = f"<cluster-{n}-{secrets.token_hex(4)}@example.com>"
+            msg["Date"] = email.utils.formatdate(usegmt=True)
+            msg.set_content(f"My order {n} has not arrived yet, please help.")
+            status, detail = client.append("INBOX", None, None, msg.as_bytes())
+            assert status == "OK", detail
+            time.sleep(pause)
+    finally:
+        client.logout()
+
+
+@peers_mail.needs_dovecot
+def test_three_instances_one_killed_every_message_assigned_once(
+    tmp_path: Path, dsn: str, dovecot: Dovecot, smtp_sink: SmtpServer
+) -> None:
+    """Web posts on all three instances and a mailbox; the mailbox's reader SIGKILLed.
 
     The agents resolve every ticket as it arrives, so the whole load goes through the
     agents' 18 slots: every message is stored once, assigned once and delivered under
-    one delivery id, and no agent is ever over capacity (sampled from the database
-    throughout, and replayed from the assignment history afterwards).
+    one delivery id, no agent is ever over capacity (sampled from the database
+    throughout, and replayed from the audit afterwards), and the mailbox's lease moves
+    to a live instance within `lease_ttl` (15 s) of the kill, no mail lost or doubled.
     """
     desk = AgentDesk().start()
-    cluster = Cluster(tmp_path, dsn, desk.url, list(CAPACITIES.items()), size=3)
+    cluster = Cluster(
+        tmp_path,
+        dsn,
+        desk.url,
+        list(CAPACITIES.items()),
+        size=3,
+        extra=email_channel(dovecot, smtp_sink.port),
+    )
     desk.cluster = cluster
     sampler = LoadSampler(dsn, CAPACITIES)
+    mailer = threading.Thread(target=append_mails, args=(dovecot, MAILS, 0.02), daemon=True)
+    takeover: float | None = None
     try:
         cluster.start()
+        eventually(lambda: cluster.holder_of(MAILBOX) is not None)
+        reader = cluster.holder_of(MAILBOX)
+        assert reader is not None
         sampler.start()
-        report = post_all(cluster, MESSAGES, kill_at=int(MESSAGES * 0.4), kill_index=0)
-        counts = wait_drained(dsn, MESSAGES, within=180)
+        mailer.start()
+        took: list[float] = []
+
+        def watch_takeover() -> None:
+            while not reader.killed_at:
+                time.sleep(0.01)
+            while time.monotonic() - reader.killed_at < 120:
+                holder = cluster.holder_of(MAILBOX)
+                if holder is not None and holder is not reader:
+                    took.append(time.monotonic() - reader.killed_at)
+                    return
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch_takeover, daemon=True)
+        watcher.start()
+        report = post_all(
+            cluster,
+            MESSAGES,
+            kill_at=int(MESSAGES * 0.4),
+            kill_index=cluster.instances.index(reader),
+        )
+        watcher.join(130)
+        takeover = took[0] if took else None
+        mailer.join(120)
+        counts = wait_drained(dsn, MESSAGES + MAILS, within=240)
         sampler.stop()
     finally:
         sampler.stop()
@@ -181,14 +270,17 @@ def test_three_instances_one_killed_every_message_assigned_once(tmp_path: Path, 
         desk.stop()
         for instance in cluster.instances:
             print(f"--- {instance.name} ---\n{instance.daemon.log_text()[-3000:]}")
+    assert takeover is not None and takeover <= 15.0, takeover
     # Every customer got an answer, and a retried post its first ticket.
     assert len(report.answered) == MESSAGES
-    assert counts == {"resolved": MESSAGES}, counts
+    assert counts == {"resolved": MESSAGES + MAILS}, counts
     with psycopg.connect(dsn) as conn:
         assignments = dict(conn.execute("SELECT message_id, agent_id FROM assignments").fetchall())
-        tickets = conn.execute("SELECT count(*) FROM conversations").fetchone()
-    assert len(assignments) == MESSAGES  # one row per message: assigned once
-    assert tickets == (MESSAGES,)
+        by_channel = dict(
+            conn.execute("SELECT channel, count(*) FROM messages GROUP BY channel").fetchall()
+        )
+    assert by_channel == {"web": MESSAGES, "support": MAILS}  # no mail lost or doubled
+    assert len(assignments) == MESSAGES + MAILS  # one row per message: assigned once
     # Delivered under one delivery id per message, to the agent the store names.
     ids_by_message: dict[str, set[str]] = {}
     for d in desk.deliveries:
