@@ -10,6 +10,17 @@ will, or published on a clean stop) otherwise, so agents' tools can show it.
 `config/mosquitto/omnirouter.acl` binds each topic to its agent's login: an agent
 reads only its own inbox and acts and reports presence only as itself.
 
+Several router instances on one store (same config, same broker) must apply each
+action once: a reply relayed three times reaches the customer three times. So the
+action filter is subscribed as an MQTT shared subscription,
+`$share/{share_group}/{prefix}/+/actions` (MQTT 5, and Mosquitto ≥ 1.6 for the 3.1.1
+clients aiomqtt makes by default): the broker hands each action to one subscriber of
+the group. Actions are never retained, so nothing is lost by shared subscriptions not
+receiving retained messages. Presence stays a plain subscription on every instance:
+its retained states must be read again on every reconnect (which a shared subscription
+does not promise), and applying the same state on each instance sets it again (see
+`_session_once`).
+
 One connection per tool, kept alive by `run()`: aiomqtt has no automatic reconnect,
 so `run()` reconnects itself with capped exponential backoff and full jitter, and
 parks at the maximum delay when the broker refuses the credentials.
@@ -92,6 +103,9 @@ _ADDRESS = re.compile(r"[^/+#\x00]+(?:/[^/+#\x00]+)*")
 # The topic segment of the router's own status; agent ids start with a letter or digit.
 ROUTER_SEGMENT = "_router"
 _PREFIX_RE = r"^[^/+#\x00]+(?:/[^/+#\x00]+)*$"  # anchored: pydantic patterns search
+# A share name is one topic level with no wildcard (MQTT 5 §4.8.2); `$` is refused too
+# so it cannot be mistaken for a system topic.
+_SHARE_GROUP_RE = r"^(?:[^/+#$\x00]+)?$"
 
 
 class MqttConfig(BaseModel):
@@ -131,6 +145,9 @@ class MqttConfig(BaseModel):
     presence: bool = False
     # Keep retained {prefix}/_router/status: online while connected, offline as last will.
     router_status: bool = True
+    # Subscribe to actions as $share/<share_group>/...: several instances on one store
+    # then get each action once. "" subscribes plainly (a broker without $share).
+    share_group: str = Field(default="omnirouter", max_length=128, pattern=_SHARE_GROUP_RE)
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
@@ -193,6 +210,9 @@ class MqttTool(AgentToolBase):
         self._late_exits: set[asyncio.Task[None]] = set()
         prefix = config.topic_prefix
         self._actions_filter = f"{prefix}/+/actions"
+        if config.share_group:
+            # Alone, an instance gets every action through the shared subscription too.
+            self._actions_filter = f"$share/{config.share_group}/{self._actions_filter}"
         self._presence_filter = f"{prefix}/+/presence"
         self.status_topic = f"{prefix}/{ROUTER_SEGMENT}/status"
         self._prefix_len = len(prefix) + 1
@@ -305,6 +325,10 @@ class MqttTool(AgentToolBase):
             await client.subscribe(self._actions_filter, qos=1)
             if self.config.presence:
                 # Retained states arrive at once: who is on line while we were away.
+                # Not shared (see the module doc): a shared subscription need not get
+                # retained messages, and a missed "off" would leave an agent that
+                # dropped off holding its offers; another instance applying the same
+                # state again only sets it again.
                 await client.subscribe(self._presence_filter, qos=1)
             if self.config.router_status:
                 await client.publish(

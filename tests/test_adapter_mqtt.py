@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -191,6 +192,74 @@ async def test_actions_reach_the_sink(mosquitto: Mosquitto, tmp_path: Path) -> N
         extra={"note": "ok"},
     )
     assert actions[1].action == "presence" and actions[1].value == "off"
+
+
+async def publish_actions_and_settle(
+    broker: Mosquitto, recorders: list[ActionRecorder], count: int
+) -> list[list[str]]:
+    """Publish `count` actions once each, wait until every recorder is past them all.
+
+    Return the conversation ids of the actions each recorder got, markers left out.
+    Mosquitto keeps one publisher's QoS 1 messages in order per subscriber, so once a
+    recorder got a marker published after the actions, no copy of an action is still
+    on its way to it: "received once" is then final, without waiting for a silence.
+    """
+    async with aiomqtt.Client(broker.host, broker.port, identifier="agent-many") as agent:
+        for i in range(count):
+            body = {"action": "accept", "conversation_id": f"c-{i}"}
+            await agent.publish(f"{PREFIX}/agent{i % 3}/actions", json.dumps(body), qos=1)
+        markers = 0
+
+        def past_the_actions() -> bool:
+            return all(
+                any(a.conversation_id.startswith("marker-") for a in r.actions) for r in recorders
+            )
+
+        async with asyncio.timeout(10):
+            while not past_the_actions():
+                # Shared: each marker goes to one of the group, so publish until all had one.
+                body = {"action": "accept", "conversation_id": f"marker-{markers}"}
+                await agent.publish(f"{PREFIX}/alice/actions", json.dumps(body), qos=1)
+                markers += 1
+                with contextlib.suppress(TimeoutError):
+                    await recorders[0].wait_for(len(recorders[0].actions) + 1, within=0.05)
+    return [
+        [a.conversation_id for a in r.actions if not a.conversation_id.startswith("marker-")]
+        for r in recorders
+    ]
+
+
+async def test_instances_sharing_a_group_get_each_action_once(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # Two router instances on one config (their client ids differ, as host and pid do).
+    count = 40
+    tools = [make_tool(mosquitto, tmp_path, client_id=f"instance-{n}") for n in (1, 2)]
+    recorders = [ActionRecorder(), ActionRecorder()]
+    async with running(tools[0], recorders[0]), running(tools[1], recorders[1]):
+        for tool in tools:
+            await wait_state(tool, DriverState.CONNECTED)
+        got = await publish_actions_and_settle(mosquitto, recorders, count)
+    everything = got[0] + got[1]
+    assert sorted(everything) == sorted(f"c-{i}" for i in range(count))  # each exactly once
+    # Mosquitto hands a group's messages round robin: both instances do part of the work.
+    assert got[0] and got[1]
+
+
+async def test_without_a_share_group_every_instance_gets_every_action(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    count = 20
+    tools = [
+        make_tool(mosquitto, tmp_path, client_id=f"instance-{n}", share_group="") for n in (1, 2)
+    ]
+    recorders = [ActionRecorder(), ActionRecorder()]
+    async with running(tools[0], recorders[0]), running(tools[1], recorders[1]):
+        for tool in tools:
+            await wait_state(tool, DriverState.CONNECTED)
+        got = await publish_actions_and_settle(mosquitto, recorders, count)
+    for ids in got:
+        assert ids == [f"c-{i}" for i in range(count)]
 
 
 async def test_malformed_action_is_refused_and_loop_continues(
@@ -465,6 +534,8 @@ def test_config_defaults_and_bounds() -> None:
         f"-{os.getpid()}"
     )
     assert config.qos == 1 and config.port == 1883
+    assert config.share_group == "omnirouter"  # shared by default: one instance is the same
+    assert MqttConfig(type="mqtt", name="mq", share_group="").share_group == ""  # plain
     assert "s3cret" not in repr(config) and "s3cret" not in str(config.model_dump())
     for bad in (
         {"port": 0},
@@ -475,6 +546,10 @@ def test_config_defaults_and_bounds() -> None:
         {"topic_prefix": "a/"},
         {"ca_file": "/etc/ssl/ca.pem"},
         {"unknown": 1},
+        {"share_group": "a/b"},
+        {"share_group": "a+"},
+        {"share_group": "#"},
+        {"share_group": "$g"},
     ):
         with pytest.raises(ValueError):
             MqttConfig(type="mqtt", name="mq", **bad)
