@@ -246,6 +246,30 @@ async def test_instances_sharing_a_group_get_each_action_once(
     assert got[0] and got[1]
 
 
+async def test_every_instance_follows_presence_and_reads_it_retained(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # Presence is not shared: each instance reads the retained states on connect and
+    # every live change (a last will taking an agent off line must not be missed).
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="agent-alice") as agent:
+        await agent.publish(f"{PREFIX}/alice/presence", b"on", qos=1, retain=True)
+        tools = [
+            make_tool(mosquitto, tmp_path, client_id=f"instance-{n}", presence=True) for n in (1, 2)
+        ]
+        recorders = [ActionRecorder(), ActionRecorder()]
+        async with running(tools[0], recorders[0]), running(tools[1], recorders[1]):
+            for recorder in recorders:
+                await recorder.wait_for(1)
+            await agent.publish(f"{PREFIX}/alice/presence", b"away", qos=1, retain=True)
+            for recorder in recorders:
+                await recorder.wait_for(2)
+    for recorder in recorders:
+        assert [(a.agent_id, a.action, a.value) for a in recorder.actions] == [
+            ("alice", "presence", "on"),
+            ("alice", "presence", "away"),
+        ]
+
+
 async def test_without_a_share_group_every_instance_gets_every_action(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
