@@ -38,7 +38,7 @@ from router.intake import Intake, make_classifier
 from router.metrics import Metrics
 from router.model import InboundMessage
 from router.outbox import Dispatcher
-from router.queue_work import QueueWork, work_from_stored
+from router.queue_work import QueueWork, work_from_queued, work_from_stored
 from router.roster import (
     agents_from_config,
     agents_view,
@@ -46,7 +46,7 @@ from router.roster import (
     policy_from_config,
     queues_view,
 )
-from router.schedule import Scheduler, Work
+from router.schedule import Scheduler
 from router.shared_routing import SharedRouting
 from router.store import Store
 from router.threads import Threads
@@ -180,21 +180,7 @@ class Pipeline:
                     )
         excluded = await store.timed_out_agents()
         for q in snap.queued:
-            scheduler.submit(
-                Work(
-                    excluded=excluded.get(q.message_id),
-                    id=q.message_id,
-                    slot=q.conversation_id,
-                    conversation=q.conversation_id,
-                    label=q.label,
-                    severity=q.severity,
-                    channel_type=q.channel_type,
-                    language=q.language,
-                    department=q.queue,
-                    arrival=q.ingested_at,
-                    deadline=q.sla_deadline,
-                )
-            )
+            scheduler.submit(work_from_queued(q, excluded.get(q.message_id)))
         book = self.intake.contacts
         for child, parent in snap.contact_links:
             book.merged(child, parent)

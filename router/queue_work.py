@@ -14,7 +14,7 @@ from router.delivery import ToolTarget, WithdrawnPayload, assignment_payload
 from router.intake import log_routed, make_assignment
 from router.model import Agent, new_ulid, ticket_number
 from router.schedule import Decision, Returned, Work
-from router.store import OutboxItem, StoredMessage
+from router.store import OutboxItem, QueuedMessage, StoredMessage
 
 log = structlog.get_logger("router.pipeline")
 
@@ -33,6 +33,23 @@ def work_from_stored(stored: StoredMessage) -> Work:
         department=stored.queue,
         arrival=stored.ingested_at,
         deadline=stored.sla_deadline,
+    )
+
+
+def work_from_queued(q: QueuedMessage, excluded: set[str] | None = None) -> Work:
+    """Return the scheduler's view of a message the store lists as queued."""
+    return Work(
+        excluded=excluded,
+        id=q.message_id,
+        slot=q.conversation_id,
+        conversation=q.conversation_id,
+        label=q.label,
+        severity=q.severity,
+        channel_type=q.channel_type,
+        language=q.language,
+        department=q.queue,
+        arrival=q.ingested_at,
+        deadline=q.sla_deadline,
     )
 
 

@@ -31,8 +31,8 @@ import time
 import structlog
 
 from router.core import Core
-from router.queue_work import QueueWork
-from router.schedule import Returned, Work
+from router.queue_work import QueueWork, work_from_queued
+from router.schedule import Returned
 from router.store import RoutingView
 
 log = structlog.get_logger("router.shared")
@@ -165,20 +165,7 @@ class SharedRouting:
         for q in view.queued:
             if sched.knows(q.message_id):
                 continue
-            sched.submit(
-                Work(
-                    id=q.message_id,
-                    slot=q.conversation_id,
-                    conversation=q.conversation_id,
-                    label=q.label,
-                    severity=q.severity,
-                    channel_type=q.channel_type,
-                    language=q.language,
-                    department=q.queue,
-                    arrival=q.ingested_at,
-                    deadline=q.sla_deadline,
-                )
-            )
+            sched.submit(work_from_queued(q))
             self.adopted += 1
         if scope is None:
             # What the store counts beyond the slots held here is other instances' work

@@ -158,3 +158,17 @@ def fresh_database(server: PgServer) -> Iterator[str]:
     finally:
         with psycopg.connect(server.admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def server_fixture() -> Iterator[PgServer]:
+    """A server for a test module (use as `server = peers_pg.server_fixture`)."""
+    with pg_server() as found:
+        yield found
+
+
+@pytest.fixture
+def database_fixture(server: PgServer) -> Iterator[str]:
+    """A fresh database per test, dropped after it (`dsn = peers_pg.database_fixture`)."""
+    with fresh_database(server) as url:
+        yield url

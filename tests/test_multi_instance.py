@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests import peers_mail
+from tests import peers_mail, peers_pg
 from tests.cluster import (
     AgentDesk,
     Cluster,
@@ -36,22 +36,13 @@ from tests.daemon_harness import DaemonProcess, base_config, http, ports
 from tests.peers_mail import PASSWORD as MAIL_PASSWORD
 from tests.peers_mail import USER as MAIL_USER
 from tests.peers_mail import Dovecot, SmtpServer
-from tests.peers_pg import PgServer, fresh_database, pg_server
 
 TOKEN = "test-admin-token-0123456789"
 AGENTS = '[[agents]]\nid = "alice"\ncapacity = 1\ntool = "inbox"\nskills = ["en"]\n'
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[PgServer]:
-    with pg_server() as found:
-        yield found
-
-
-@pytest.fixture
-def dsn(server: PgServer) -> Iterator[str]:
-    with fresh_database(server) as url:
-        yield url
+server = peers_pg.server_fixture
+dsn = peers_pg.database_fixture
 
 
 class Instance:

@@ -14,7 +14,7 @@ import dataclasses
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +25,18 @@ from router.config import ConfigError, loads_config
 from router.model import Agent
 from router.store import StoreCondition, StoreUnavailable
 from router.store.postgres import PostgresStore
+from tests import peers_pg
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
 from tests.peers import wait_until
-from tests.peers_pg import PgServer, fresh_database, pg_server
+from tests.peers_pg import PgServer
 from tests.reliability.tcp_proxy import TcpProxy
 from tests.test_store_contract import T0, assignment_for, new_message, outbox_item
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[PgServer]:
-    with pg_server() as found:
-        yield found
-
-
-@pytest.fixture
-def dsn(server: PgServer) -> Iterator[str]:
-    with fresh_database(server) as url:
-        yield url
+server = peers_pg.server_fixture
+dsn = peers_pg.database_fixture
 
 
 @pytest_asyncio.fixture

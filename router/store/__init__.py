@@ -22,9 +22,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+import structlog
+
 from router.contacts import ContactChange, ContactLink
 from router.delivery import Payload, Target
 from router.model import Agent, Assignment, Classification, InboundMessage, Signal
+
+_log = structlog.get_logger("router.store")
 
 
 class StoreCondition(StrEnum):
@@ -34,6 +38,18 @@ class StoreCondition(StrEnum):
     FULL = "full"  # the disk (or the database's page limit) is full
     READONLY = "readonly"  # the file or its directory became read-only
     FAILING = "failing"  # I/O errors, a lock held elsewhere too long, or a damaged file
+
+
+def log_condition_change(
+    previous: StoreCondition, condition: StoreCondition, error: Exception | None, down_for: float
+) -> None:
+    """Log a change of a store's condition: one line per change, never one per failure."""
+    if condition is StoreCondition.OK:
+        _log.info("store.recovered", previous=str(previous), after=round(down_for, 1))
+    else:
+        _log.warning(
+            "store.unavailable", condition=str(condition), previous=str(previous), error=str(error)
+        )
 
 
 class StoreUnavailable(Exception):

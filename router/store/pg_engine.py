@@ -39,7 +39,7 @@ import structlog
 from psycopg import errors as pg_errors
 from psycopg.types.numeric import FloatLoader
 
-from router.store import StoreCondition, StoreUnavailable
+from router.store import StoreCondition, StoreUnavailable, log_condition_change
 
 log = structlog.get_logger("router.store")
 
@@ -401,17 +401,10 @@ class PgEngine:
         now = time.monotonic()
         if condition is not StoreCondition.OK:
             self._generation += 1  # every worker checks its connection before the next unit
-        if condition is StoreCondition.OK:
-            log.info(
-                "store.recovered", previous=str(previous), after=round(now - self._down_since, 1)
-            )
-            return
         if previous is StoreCondition.OK:
             self._down_since = now
             self._next_probe = now + _PROBE_INTERVAL
-        log.warning(
-            "store.unavailable", condition=str(condition), previous=str(previous), error=str(error)
-        )
+        log_condition_change(previous, condition, error, now - self._down_since)
 
     def _fail_leftovers(self, exc: BaseException) -> None:
         while True:

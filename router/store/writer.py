@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from router.store import StoreCondition, StoreUnavailable
+from router.store import StoreCondition, StoreUnavailable, log_condition_change
 
 log = structlog.get_logger("router.store")
 
@@ -341,17 +341,10 @@ class Writer:
             return
         self._condition = condition
         now = time.monotonic()
-        if condition is StoreCondition.OK:
-            log.info(
-                "store.recovered", previous=str(previous), after=round(now - self._down_since, 1)
-            )
-            return
         if previous is StoreCondition.OK:
             self._down_since = now
             self._next_probe = now + _PROBE_INTERVAL
-        log.warning(
-            "store.unavailable", condition=str(condition), previous=str(previous), error=str(error)
-        )
+        log_condition_change(previous, condition, error, now - self._down_since)
 
     def _fail_leftovers(self, exc: BaseException) -> None:
         """Fail units still queued after the writer stopped (nobody will run them)."""
