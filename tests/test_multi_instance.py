@@ -167,9 +167,9 @@ def test_two_instances_share_one_agents_capacity_and_queue(
 # -- three instances, one killed, thousands of messages ---------------------------------
 
 # The issue's figure is 5,000 web messages: `OMNIROUTER_CLUSTER_MESSAGES=5000 python -m
-# pytest tests/test_multi_instance.py`; the suite runs 2,000 to stay within its budget.
-MESSAGES = int(os.environ.get("OMNIROUTER_CLUSTER_MESSAGES", "2000"))
-MAILS = int(os.environ.get("OMNIROUTER_CLUSTER_MAILS", "300"))
+# pytest tests/test_multi_instance.py`; the suite runs 1,500 to stay within its budget.
+MESSAGES = int(os.environ.get("OMNIROUTER_CLUSTER_MESSAGES", "1500"))
+MAILS = int(os.environ.get("OMNIROUTER_CLUSTER_MAILS", "200"))
 MAILBOX = "channel:support"
 dovecot = peers_mail.dovecot
 smtp_sink = peers_mail.smtp_sink
@@ -266,7 +266,8 @@ def test_three_instances_one_killed_every_message_assigned_once(
         watcher.join(130)
         takeover = took[0] if took else None
         mailer.join(120)
-        counts = wait_drained(dsn, MESSAGES + MAILS, within=240)
+        # A liveness bound: the agents' 18 slots take about 20 tickets a second here.
+        counts = wait_drained(dsn, MESSAGES + MAILS, within=max(240.0, (MESSAGES + MAILS) / 5))
         sampler.stop()
     finally:
         sampler.stop()
