@@ -215,16 +215,19 @@ class StoreReader:
         assert row is not None
         return int(row[0]), int(row[1]), int(row[2])
 
-    def timings(self, since: float) -> list[tuple[float, float | None]]:
-        """(ingested_at, assigned_at or None) of every message ingested since `since`."""
+    def timings(self, since: float) -> list[tuple[str, float, float | None, float | None]]:
+        """(id, ingested_at, assigned_at, resolved_at) of the messages since `since`."""
         m = self._mark()
         with self._cursor() as conn:
             rows = conn.execute(
-                "SELECT m.ingested_at, a.assigned_at FROM messages m "
+                "SELECT m.id, m.ingested_at, a.assigned_at, a.resolved_at FROM messages m "
                 f"LEFT JOIN assignments a ON a.message_id = m.id WHERE m.ingested_at >= {m}",
                 (since,),
             ).fetchall()
-        return [(float(i), None if a is None else float(a)) for i, a in rows]
+        return [
+            (str(mid), float(i), None if a is None else float(a), None if r is None else float(r))
+            for mid, i, a, r in rows
+        ]
 
 
 def wait_done(reader: StoreReader, since: float, expected: int, within: float) -> bool:
@@ -263,8 +266,12 @@ class Result:
     unassigned: int = 0
     post_errors: int = 0
     resolve_retries: int = 0
+    # A slot's round trip, p50 ms: assigned -> delivery at the desk -> resolved in store.
+    deliver_p50_ms: float = 0.0
+    held_p50_ms: float = 0.0
     drained: bool = True
     profile: list[str] = field(default_factory=list)
+    refusals: dict[str, int] = field(default_factory=dict)  # why resolves were refused
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -330,11 +337,14 @@ def run_one(
                 pg_conn.close()
             result.others_busy = max(0.0, busy1 - busy0 - ours) / max(1.0, total1 - total0)
             result.resolve_retries = desk.resolve_failures - desk_retries
+            result.refusals = dict(desk.refusals)
             if spy is not None:
                 spy.join(profile_seconds + 30)
             for instance in cluster.instances:
                 instance.daemon.stop()
             timings = reader.timings(since)
+            measured = {mid for mid, _, a, _ in timings if a is not None}
+            deliveries_seen = [d for d in desk.deliveries if d.message_id in measured]
         finally:
             cluster.close()
             desk.stop()
@@ -344,11 +354,16 @@ def run_one(
     result.post_p99_ms = percentile(stats.latencies, 99) * 1e3
     result.queued_at_post = stats.states.get("queued", 0)
     result.post_errors = stats.errors + stats.failed
-    waits = [a - i for i, a in timings if a is not None]
+    waits = [a - i for _, i, a, _ in timings if a is not None]
     result.unassigned = len(timings) - len(waits)
+    assigned_at = {mid: a for mid, _, a, _ in timings if a is not None}
+    delivered = [d.received_at - assigned_at[d.message_id] for d in deliveries_seen]
+    held = [r - a for _, _, a, r in timings if a is not None and r is not None]
+    result.deliver_p50_ms = percentile(delivered, 50) * 1e3
+    result.held_p50_ms = percentile(held, 50) * 1e3
     if waits:
-        first_in = min(i for i, _ in timings)
-        last_assigned = max(a for _, a in timings if a is not None)
+        first_in = min(i for _, i, _, _ in timings)
+        last_assigned = max(a for _, _, a, _ in timings if a is not None)
         result.assigned_per_s = len(waits) / max(1e-9, last_assigned - first_in)
         result.assign_p50_ms = percentile(waits, 50) * 1e3
         result.assign_p99_ms = percentile(waits, 99) * 1e3
@@ -399,11 +414,15 @@ def summarise_stacks(raw: str, top: int = 20) -> list[str]:
         total += n
         frames = [f.rsplit(":", 1)[0] for f in stack.split(";")]  # drop line numbers
         own[frames[-1]] += n
+        # Including callees: the router's own frames (the loop and thread machinery
+        # around them include everything and say nothing).
         for frame in set(frames):
-            inclusive[frame] += n
+            if "(router/" in frame or "(channels/" in frame or "(adapters/" in frame:
+                if "router/cli.py" not in frame:
+                    inclusive[frame] += n
     lines = [f"{total} samples; own time:"]
     lines += [f"  {n / total:6.1%}  {f}" for f, n in own.most_common(top)]
-    lines.append("including callees:")
+    lines.append("including callees (router frames):")
     lines += [f"  {n / total:6.1%}  {f}" for f, n in inclusive.most_common(top)]
     return lines
 
@@ -415,9 +434,15 @@ def table(results: list[Result], cores: int) -> str:
     head = (
         f"{'backend':<10} {'inst':>4} {'mode':>9} {'msgs':>5} {'intake/s':>8} {'assign/s':>8} "
         f"{'POST p50/p99 ms':>16} {'in->asg p50/p99 ms':>19} {'daemon ms':>9} {'pg ms':>6} "
-        f"{'bench ms':>8} {'busy':>5} {'others':>6} {'queued':>6} {'retry':>5}"
+        f"{'bench ms':>8} {'busy':>5} {'others':>6} {'queued':>6} {'retry':>5} "
+        f"{'deliver':>7} {'held':>7}"
     )
-    lines = [f"machine: {cores} cores; CPU figures are ms per message", head, "-" * len(head)]
+    lines = [
+        f"machine: {cores} cores; CPU figures are ms per message; deliver and held: p50 ms "
+        "from assignment to the desk's receipt, and to the resolve (a slot's round trip)",
+        head,
+        "-" * len(head),
+    ]
     for r in results:
         pg = "-" if r.pg_cpu_ms is None else f"{r.pg_cpu_ms:.2f}"
         lines.append(
@@ -427,7 +452,8 @@ def table(results: list[Result], cores: int) -> str:
             f"{r.assign_p50_ms:>8.1f} /{r.assign_p99_ms:>8.1f} "
             f"{r.daemon_cpu_ms:>9.2f} {pg:>6} {r.bench_cpu_ms:>8.2f} "
             f"{r.machine_busy:>5.0%} {r.others_busy:>6.0%} "
-            f"{r.queued_at_post:>6} {r.resolve_retries:>5}"
+            f"{r.queued_at_post:>6} {r.resolve_retries:>5} "
+            f"{r.deliver_p50_ms:>7.0f} {r.held_p50_ms:>7.0f}"
         )
         if r.unassigned or r.post_errors or not r.drained:
             lines.append(
@@ -469,6 +495,11 @@ def main() -> int:
     print()
     print(table(results, cores))
     for r in results:
+        if r.refusals:
+            print(f"\nresolves refused, {r.backend} x{r.instances} (warm-up included):")
+            for reason, count in sorted(r.refusals.items(), key=lambda kv: -kv[1])[:5]:
+                print(f"  {count:6d}  {reason}")
+    for r in results:
         if r.profile:
             print(f"\npy-spy, first daemon of {r.backend} x{r.instances}:")
             print("\n".join(r.profile))
@@ -479,7 +510,8 @@ def main() -> int:
                     "bench": "multi_instance",
                     "cores": cores,
                     "results": [
-                        {k: v for k, v in asdict(r).items() if k != "profile"} for r in results
+                        {k: v for k, v in asdict(r).items() if k not in ("profile", "refusals")}
+                        for r in results
                     ],
                 }
             )
