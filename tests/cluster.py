@@ -50,9 +50,12 @@ class Delivery:
 class AgentDesk:
     """The agents' webhook endpoint, and the people behind it resolving their tickets."""
 
-    def __init__(self, cluster: Cluster | None = None, *, handle_time: float = 0.02) -> None:
+    def __init__(
+        self, cluster: Cluster | None = None, *, handle_time: float = 0.02, resolvers: int = 8
+    ) -> None:
         self.cluster = cluster
         self.handle_time = handle_time  # seconds an agent takes before resolving
+        self.resolvers = resolvers  # resolves in flight at once (agents working in parallel)
         self.deliveries: list[Delivery] = []
         self.requests = 0
         self.resolved: set[str] = set()
@@ -112,7 +115,7 @@ class AgentDesk:
 
         Several agents work at once: the resolves go out in parallel.
         """
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(self.resolvers) as pool:
             while not self._stop.is_set():
                 now = time.monotonic()
                 with self._lock:
@@ -192,7 +195,11 @@ class Instance:
 
 @dataclass
 class Cluster:
-    """N daemons sharing one PostgreSQL database and one webhook agent tool."""
+    """N daemons sharing one PostgreSQL database and one webhook agent tool.
+
+    An empty `dsn` leaves out `[store] url`: each daemon then keeps the default SQLite
+    store in its state dir (the single-instance baseline of bench/multi_instance.py).
+    """
 
     root: Path
     dsn: str
@@ -225,7 +232,9 @@ class Cluster:
                 adapters=adapter,
                 agents=roster,
             )
-            config += f'\n[store]\nurl = "{self.dsn}"\npool_size = 3\n{self.extra}'
+            if self.dsn:
+                config += f'\n[store]\nurl = "{self.dsn}"\npool_size = 3\n'
+            config += f"\n{self.extra}"
             daemon = DaemonProcess(d, config, env={"CLUSTER_WEBHOOK_SECRET": WEBHOOK_SECRET})
             self.instances.append(Instance(name, d, web_port, ops_port, daemon))
 
