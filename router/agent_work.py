@@ -77,6 +77,15 @@ class AgentWork:
             if not conversation_id and action.message_id:
                 stored = await self.core.store.message(action.message_id)
                 conversation_id = stored["conversation_id"] if stored else ""
+            core = self.core
+            if (
+                conversation_id
+                and core.store.shared
+                and core.scheduler.holder.get(conversation_id) != action.agent_id
+            ):
+                # Another instance may have given the agent this ticket a moment ago and
+                # its notice not arrived yet: read the ticket's state before refusing.
+                await core.refresh_conversation(conversation_id)
             await self._apply(action, conversation_id)
         except Refusal as refusal:
             verdict = Verdict(refusal.outcome, refusal.reason)

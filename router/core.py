@@ -7,7 +7,7 @@ here at each use, never keep their own copy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +29,10 @@ class Classifier(Protocol):
     def classify(
         self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
     ) -> Classification: ...
+
+
+async def _nothing_to_refresh(conversation_id: str) -> None:
+    """One instance alone: its memory is the store's state."""
 
 
 @dataclass(slots=True)
@@ -58,6 +62,9 @@ class Core:
     # Called when the store refused a decision made on stale state (another instance
     # changed it): look at the shared routing state again soon. A no-op alone.
     resync_soon: Callable[[], None] = field(default=lambda: None)
+    # Reads one conversation's routing state from the store now (an agent acts on a
+    # ticket another instance assigned a moment ago). A no-op alone.
+    refresh_conversation: Callable[[str], Awaitable[None]] = field(default=_nothing_to_refresh)
 
     async def send_now(self, items: list[OutboxItem]) -> None:
         """Commit sends not caused by an ingest, then hand them to the outbox."""

@@ -63,6 +63,7 @@ class SharedRouting:
         self._wake = asyncio.Event()
         self._next_whole = 0.0  # the first look is a whole one
         core.resync_soon = self.notice
+        core.refresh_conversation = self.refresh
         self._missing: dict[_Key, float] = {}  # what the store lacks, since when
         self.resyncs = 0
         self.whole_looks = 0
@@ -90,38 +91,54 @@ class SharedRouting:
     async def resync(self) -> None:
         """Read what changed (or everything), fold it into memory, place what can be."""
         core = self.core
-        policy = core.scheduler.policy
         changed, _presence = core.store.take_changes()
         whole = changed is None or time.monotonic() >= self._next_whole
         scope: frozenset[str] | None = None
+        notified: frozenset[str] = frozenset()
         if not whole:
             assert changed is not None
+            notified = changed
             scope = changed | {conversation for _, conversation in self._missing}
         else:
             self._next_whole = time.monotonic() + self.whole_interval
             self.whole_looks += 1
-        depth = max(policy.complaint_streak_limit, 1) + 1
-        # Work submitted here before this mark was committed as queued before the view
-        # is read: if the view does not list it, another instance has placed it.
-        mark = core.scheduler.mark()
-        view = await core.store.routing_view(
-            policy.streak_labels, depth, time.time() - _STREAK_WINDOW, scope
-        )
-        async with core.drain_lock:
-            now = core.clock()
-            returned = self.apply(view, now, mark)
-            for back in returned:
-                await self.queues.take_back(back, now)
+        await self._look(scope, notified)
         self.resyncs += 1
         await self.queues.drain()
         core.update_gauges()
 
-    def apply(self, view: RoutingView, now: float, mark: int) -> list[Returned]:
+    async def refresh(self, conversation_id: str) -> None:
+        """Look at one conversation now: an agent acts on it here before a notice came."""
+        await self._look(frozenset({conversation_id}), frozenset({conversation_id}))
+
+    async def _look(self, scope: frozenset[str] | None, notified: frozenset[str]) -> None:
+        """Read the view of `scope` (None: everything) and fold it in."""
+        core = self.core
+        policy = core.scheduler.policy
+        depth = max(policy.complaint_streak_limit, 1) + 1
+        # Read under the drain lock: no placement of this instance's commits between the
+        # read and the fold (intake's own decisions are told apart by their threads).
+        async with core.drain_lock:
+            # Work submitted here before this mark was committed as queued before the
+            # view is read: if the view does not list it, another instance placed it.
+            mark = core.scheduler.mark()
+            view = await core.store.routing_view(
+                policy.streak_labels, depth, time.time() - _STREAK_WINDOW, scope
+            )
+            now = core.clock()
+            returned = self.apply(view, now, mark, notified)
+            for back in returned:
+                await self.queues.take_back(back, now)
+
+    def apply(
+        self, view: RoutingView, now: float, mark: int, notified: frozenset[str] = frozenset()
+    ) -> list[Returned]:
         """Fold the view into the scheduler and threads; return offers presence took back.
 
         `mark` (from `Scheduler.mark` before the view was read) tells the waiting work
-        the view must show if it still waits. A view scoped to some conversations
-        (`view.scope`) says nothing about the others.
+        the view must show if it still waits; `notified`, the conversations other
+        instances' notices named. A view scoped to some conversations (`view.scope`)
+        says nothing about the others.
         """
         sched, threads = self.core.scheduler, self.core.threads
         scope = view.scope
@@ -137,7 +154,7 @@ class SharedRouting:
                 if conv.agent_id in sched.states:
                     sched.hold(slot, slot, conv.agent_id, conv.channel_type)
                     self.adopted += 1
-            elif self._known_change(slot, scope) or self._settled(("moved", slot), now, seen):
+            elif self._known_change(slot, notified) or self._settled(("moved", slot), now, seen):
                 # Held here, but by nobody (its messages wait again) or by someone else
                 # (transferred) in the store: the store is right.
                 sched.release(slot)
@@ -148,7 +165,7 @@ class SharedRouting:
             if scope is not None and slot not in scope:
                 continue
             if slot not in open_here and (
-                self._known_change(slot, scope) or self._settled(("closed", slot), now, seen)
+                self._known_change(slot, notified) or self._settled(("closed", slot), now, seen)
             ):
                 sched.release(slot)  # resolved or closed by another instance
                 thread = threads.key_of(slot)
@@ -193,14 +210,14 @@ class SharedRouting:
                 del self._missing[key]
         return returned
 
-    def _known_change(self, slot: str, scope: frozenset[str] | None) -> bool:
+    def _known_change(self, slot: str, notified: frozenset[str]) -> bool:
         """Whether the store's word on this slot needs no second look.
 
         True when another instance's notice named the conversation (so the store
         changed it) and no message of its thread is being routed here right now (so no
         decision of this instance on it can be between its choice and its commit).
         """
-        if scope is None or slot not in scope:
+        if slot not in notified:
             return False
         thread = self.core.threads.key_of(slot)
         return thread is None or not self.core.threads.busy(thread)
