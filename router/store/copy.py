@@ -27,6 +27,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,67 +134,67 @@ def _one_line(exc: BaseException) -> str:
 # -- the two kinds of database ------------------------------------------------------
 
 
-class Side:
+class Side(ABC):
     """A database seen by the copy: its schema, its rows, its writes."""
 
     endpoint: Endpoint
     placeholder = "?"
 
+    @abstractmethod
     def version(self) -> int:
         """Return the schema version the database records (0: none)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def latest(self) -> int:
         """Return the version this omnirouter's migrations reach."""
-        raise NotImplementedError
 
+    @abstractmethod
     def migrate(self) -> None:
         """Bring the schema to the latest migration (each committed on its own)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def tables(self) -> dict[str, Table]:
         """Return every table of the store, internal bookkeeping aside."""
-        raise NotImplementedError
 
+    @abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; return its cursor."""
-        raise NotImplementedError
 
     def count(self, table: str) -> int:
         """Count a table's rows (in the open transaction, if one is)."""
         row = self.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()
         return int(row[0])
 
+    @abstractmethod
     def begin_read(self) -> None:
         """Start the read-only snapshot every read of the copy comes from."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read(self, table: Table, columns: Sequence[str]) -> Iterator[list[tuple[Any, ...]]]:
         """Yield the table's rows in batches, in id order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def begin_write(self, tables: Sequence[str]) -> None:
         """Start the one write transaction, other writers of `tables` held off."""
-        raise NotImplementedError
 
+    @abstractmethod
     def insert(self, table: str, columns: Sequence[str], rows: Iterator[tuple[Any, ...]]) -> None:
         """Append rows to a table."""
-        raise NotImplementedError
 
-    def advance_identities(self, table: Table) -> None:
+    def advance_identities(self, table: Table) -> None:  # noqa: B027 (SQLite needs nothing)
         """Make the table's generated ids continue after the copied ones."""
 
+    @abstractmethod
     def commit(self) -> None:
         """Commit the write transaction."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rollback(self) -> None:
         """Undo whatever the open transaction did."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Close the connection."""
-        raise NotImplementedError
 
 
 class SqliteSide(Side):
