@@ -91,6 +91,12 @@ def tool(tmp_path: Path, cfg: MailboxConfig) -> MailboxTool:
     return MailboxTool("mail", cfg, ctx)
 
 
+# When the deliveries were committed: one instant for all, as the outbox gives every
+# retry of an item its first commit's time (the token's expiry, so the Message-ID,
+# derives from it; a fresh now() per call made retries straddling a second differ).
+CREATED = datetime.now(UTC)
+
+
 def delivery(payload: Any = None, *, attempt: int = 1, id: str = "01JDELIVERY0001") -> Delivery:
     """Return a delivery to alice's mailbox."""
     return Delivery(
@@ -100,7 +106,7 @@ def delivery(payload: Any = None, *, attempt: int = 1, id: str = "01JDELIVERY000
         address=AGENT_ADDRESS,
         payload=payload or payloads.assignment(1, text="My parcel <b>never</b> came.\nHelp!"),
         attempt=attempt,
-        created_at=datetime.now(UTC),
+        created_at=CREATED,
     )
 
 
