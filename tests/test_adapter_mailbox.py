@@ -13,6 +13,7 @@ holds the reply mailbox.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import email.policy
 import email.utils
@@ -91,12 +92,6 @@ def tool(tmp_path: Path, cfg: MailboxConfig) -> MailboxTool:
     return MailboxTool("mail", cfg, ctx)
 
 
-# When the deliveries were committed: one instant for all, as the outbox gives every
-# retry of an item its first commit's time (the token's expiry, so the Message-ID,
-# derives from it; a fresh now() per call made retries straddling a second differ).
-CREATED = datetime.now(UTC)
-
-
 def delivery(payload: Any = None, *, attempt: int = 1, id: str = "01JDELIVERY0001") -> Delivery:
     """Return a delivery to alice's mailbox."""
     return Delivery(
@@ -106,7 +101,7 @@ def delivery(payload: Any = None, *, attempt: int = 1, id: str = "01JDELIVERY000
         address=AGENT_ADDRESS,
         payload=payload or payloads.assignment(1, text="My parcel <b>never</b> came.\nHelp!"),
         attempt=attempt,
-        created_at=CREATED,
+        created_at=datetime.now(UTC),
     )
 
 
@@ -131,8 +126,11 @@ async def test_assignment_mail_is_readable_signed_and_stable_across_retries(
     tmp_path: Path, smtp_sink: SmtpServer
 ) -> None:
     t = tool(tmp_path, config(smtp_port=smtp_sink.port))
-    await t.deliver(delivery())
-    await t.deliver(delivery(attempt=2))  # the outbox retries after a lost acknowledgement
+    first_try = delivery()
+    await t.deliver(first_try)
+    # The outbox retries after a lost acknowledgement: the same item, its commit time
+    # kept (the token's expiry, and so the Message-ID, derives from it).
+    await t.deliver(dataclasses.replace(first_try, attempt=2))
     assert len(smtp_sink.sink.messages) == 2
     (sender, rcpts, raw1), (_, _, raw2) = smtp_sink.sink.messages
     assert sender == "router@desk.test" and rcpts == [AGENT_ADDRESS]
