@@ -65,10 +65,6 @@ class SharedRouting:
         core.resync_soon = self.notice
         core.refresh_conversation = self.refresh
         self._missing: dict[_Key, float] = {}  # what the store lacks, since when
-        self.resyncs = 0
-        self.whole_looks = 0
-        self.adopted = 0  # messages and conversations learnt from other instances
-        self.forgotten = 0
 
     def notice(self) -> None:
         """Another instance changed something (or a decision was refused): look soon."""
@@ -91,7 +87,7 @@ class SharedRouting:
     async def resync(self) -> None:
         """Read what changed (or everything), fold it into memory, place what can be."""
         core = self.core
-        changed, _presence = core.store.take_changes()
+        changed = core.store.take_changes()
         whole = changed is None or time.monotonic() >= self._next_whole
         scope: frozenset[str] | None = None
         notified: frozenset[str] = frozenset()
@@ -101,9 +97,7 @@ class SharedRouting:
             scope = changed | {conversation for _, conversation in self._missing}
         else:
             self._next_whole = time.monotonic() + self.whole_interval
-            self.whole_looks += 1
         await self._look(scope, notified)
-        self.resyncs += 1
         await self.queues.drain()
         core.update_gauges()
 
@@ -153,14 +147,12 @@ class SharedRouting:
             if holder is None:
                 if conv.agent_id in sched.states:
                     sched.hold(slot, slot, conv.agent_id, conv.channel_type)
-                    self.adopted += 1
             elif self._known_change(slot, notified) or self._settled(("moved", slot), now, seen):
                 # Held here, but by nobody (its messages wait again) or by someone else
                 # (transferred) in the store: the store is right.
                 sched.release(slot)
                 if conv.agent_id in sched.states:
                     sched.hold(slot, slot, conv.agent_id, conv.channel_type)
-                self.forgotten += 1
         for slot in list(sched.holder):
             if scope is not None and slot not in scope:
                 continue
@@ -171,19 +163,16 @@ class SharedRouting:
                 thread = threads.key_of(slot)
                 if thread is not None:
                     threads.closed(thread, slot)
-                self.forgotten += 1
         queued = {q.message_id for q in view.queued}
         for work in sched.waiting():
             if scope is not None and work.conversation not in scope:
                 continue
             if work.id not in queued and work.seq < mark:
                 sched.withdraw(work.id)  # assigned (or closed) by another instance
-                self.forgotten += 1
         for q in view.queued:
             if sched.knows(q.message_id):
                 continue
             sched.submit(work_from_queued(q))
-            self.adopted += 1
         if scope is None:
             # What the store counts beyond the slots held here is other instances' work
             # not yet folded in: it counts against the agents' room (never left stale).

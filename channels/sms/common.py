@@ -30,6 +30,7 @@ import sqlite3
 import threading
 import time
 import unicodedata
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -438,7 +439,7 @@ class Intake:
     receipt: Receipt | None = None
 
 
-class SmsChannelBase(ChannelBase):
+class SmsChannelBase(ChannelBase, ABC):
     """The webhook listener, intake and send path shared by the SMS gateway drivers."""
 
     answers_customers = True  # acknowledgements and agent replies go back as texts
@@ -486,9 +487,9 @@ class SmsChannelBase(ChannelBase):
         """Return the port listened on (the real one for port 0); None when not listening."""
         return self._port
 
+    @abstractmethod
     def routes(self) -> Iterable[tuple[str, str, Handler]]:
         """Return (method, path, handler) of the driver's webhook endpoints."""
-        raise NotImplementedError
 
     async def closing(self) -> None:
         """Release the driver's own resources when the listener closes (HTTP sessions)."""
@@ -736,11 +737,11 @@ class SmsChannelBase(ChannelBase):
             encoding=encoding,
         )
 
+    @abstractmethod
     async def deliver(
         self, outbound: Outbound, to: str, text: str, encoding: str, segments: int
     ) -> None:
         """Hand one text to the gateway and record_sent() it; raise the driver taxonomy."""
-        raise NotImplementedError
 
     def auth_refused(self, message: str) -> None:
         """Park the channel as bad_credentials: its sends cannot work until fixed."""

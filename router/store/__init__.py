@@ -461,9 +461,9 @@ class Store(Protocol):
         """Call `callback` on the event loop when another instance changed routing state
         (new or queued work, assignments, resolves, presence); never for this one's."""
 
-    def take_changes(self) -> tuple[frozenset[str] | None, bool]:
-        """Return what other instances changed since the last call: the conversations
-        (None: anything may have changed, look at everything) and whether presence did."""
+    def take_changes(self) -> frozenset[str] | None:
+        """Return the conversations other instances changed since the last call (None:
+        anything may have changed, look at everything); presence is always read whole."""
 
     async def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
         """Claim and return pending items due at or before now, oldest first.

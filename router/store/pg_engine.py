@@ -170,8 +170,6 @@ class PgEngine:
         self._closing = False
         # Bumped whenever a worker finds its connection broken (see _main).
         self._generation = 0
-        self.units = 0
-        self.reruns = 0  # serialization races lost and run again (a contention figure)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -297,7 +295,6 @@ class PgEngine:
                 else:
                     fn, fut = item
                     ok, value = self._execute(conn, fn)
-                    self.units += 1
                     assert self._loop is not None
                     self._loop.call_soon_threadsafe(_settle, fut, ok, value)
                 if conn.closed or conn.broken:
@@ -346,7 +343,6 @@ class PgEngine:
             except _RERUN as exc:
                 if attempt == _MAX_RERUNS:
                     return False, exc
-                self.reruns += 1
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
                 continue
             except Exception as exc:

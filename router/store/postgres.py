@@ -61,7 +61,6 @@ class PostgresStore(SqlStore):
         self._callbacks: list[Callable[[], None]] = []
         self._changes_lock = threading.Lock()
         self._changed: set[str] = set()  # conversations other instances changed
-        self._presence_changed = False
         self._look_at_all = True  # nothing seen yet: the first look is a whole one
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()  # set while the listener should run
@@ -91,7 +90,6 @@ class PostgresStore(SqlStore):
             probe=probe,
             connect_kwargs=connect_kwargs,
         )
-        self.notices_received = 0  # other instances' change notices (tests, metrics)
 
     def _prepare(self, conn: psycopg.Connection[Any]) -> None:
         migrate(conn)
@@ -125,16 +123,14 @@ class PostgresStore(SqlStore):
             self._listener = threading.Thread(target=self._listen, name="pg-listener", daemon=True)
             self._listener.start()
 
-    def take_changes(self) -> tuple[frozenset[str] | None, bool]:
-        """Return (conversations changed elsewhere, or None: look at everything; presence
-        changed) since the last call, and forget them."""
+    def take_changes(self) -> frozenset[str] | None:
+        """Return the conversations changed elsewhere since the last call (None: look at
+        everything), and forget them. Presence is read whole at every look."""
         with self._changes_lock:
             changed = None if self._look_at_all else frozenset(self._changed)
-            presence = self._presence_changed
             self._changed.clear()
             self._look_at_all = False
-            self._presence_changed = False
-        return changed, presence
+        return changed
 
     def _wake(self) -> None:
         loop = self._loop
@@ -165,14 +161,13 @@ class PostgresStore(SqlStore):
         if instance == self.instance:
             return
         kind, _, key = rest.partition(" ")
-        self.notices_received += 1
-        with self._changes_lock:
-            if kind == "a":
-                self._presence_changed = True
-            elif len(self._changed) < _MAX_CHANGED:
-                self._changed.add(key)
-            else:
-                self._look_at_all = True  # a flood: one whole look is cheaper
+        # A presence notice ("a") only wakes the look: every look reads all agents.
+        if kind == "c":
+            with self._changes_lock:
+                if len(self._changed) < _MAX_CHANGED:
+                    self._changed.add(key)
+                else:
+                    self._look_at_all = True  # a flood: one whole look is cheaper
         self._wake()
 
     @property

@@ -200,9 +200,9 @@ class SqlStore(ABC):
             lambda c: q.routing_view(c, streak_labels, depth, since, conversations)
         )
 
-    def take_changes(self) -> tuple[frozenset[str] | None, bool]:
+    def take_changes(self) -> frozenset[str] | None:
         """Nothing changes behind this store's back (one instance): nothing to look at."""
-        return frozenset(), False
+        return frozenset()
 
     @property
     def shared(self) -> bool:
