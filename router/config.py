@@ -369,10 +369,18 @@ class SchedulingConfig(_Frozen):
     # Store every agent's verdict with each assignment (omnirouter explain). Costs CPU
     # per message in proportion to the roster; off keeps only the one-line reason.
     explain: bool = True
-    # Slots kept free among complaint specialists for P0/P1 work ...
-    urgent_reserve: int = Field(default=1, ge=0, le=100)
-    # ... until the waiting message has spent this share of its SLA.
+    # Slots are kept free for classes with short deadlines (P0/P1 complaints) where a
+    # slot frees too seldom to meet them: sized from the observed arrival and completion
+    # rates (Erlang B) so that an arrival finding its agents all busy misses its
+    # deadline with at most this probability. 0 keeps no reserve.
+    reserve_risk: float = Field(default=0.1, ge=0, le=1)
+    # A floor under the computed P0/P1 reserve (slots), for sites that want one.
+    urgent_reserve: int = Field(default=0, ge=0, le=100)
+    # Work held back for a reserve takes a reserved slot once it has spent this share
+    # of its SLA waiting (if it can still make its deadline).
     reserve_slack: float = Field(default=0.75, ge=0, le=1)
+    # Arrival rates per class are averaged over about this many seconds.
+    rate_window: float = Field(default=600.0, ge=10, le=86400)
     overflow: list[OverflowStepConfig] = Field(
         default_factory=lambda: [
             OverflowStepConfig(after=0, widen="departments"),

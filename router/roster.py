@@ -44,7 +44,9 @@ def policy_from_config(config: Config) -> Policy:
         accept_timeout=sc.accept_timeout,
         complaint_streak_limit=sc.complaint_streak_limit,
         reserve_slack=sc.reserve_slack,
+        reserve_risk=sc.reserve_risk,
         urgent_reserve=sc.urgent_reserve,
+        rate_window=sc.rate_window,
         overflow=tuple(OverflowStep(o.after, o.widen) for o in sc.overflow),
     )
 
@@ -82,8 +84,34 @@ def queues_view(scheduler: Scheduler, now: float) -> list[dict[str, Any]]:
                 "oldest_wait_s": round(now - min((w.arrival for w in waiting), default=now), 3),
                 "overdue": sum(1 for w in waiting if w.deadline < now),
                 "agents": sorted(a.id for a in scheduler.agents.values() if name in a.queues),
+                "held_back": _held_back(scheduler, waiting),
             }
         )
+    return out
+
+
+# At most this many held-back messages are listed per queue.
+_HELD_LIMIT = 20
+
+
+def _held_back(scheduler: Scheduler, waiting: list[Work]) -> list[dict[str, Any]]:
+    """Return the waiting messages kept from an agent with room, and the reason each."""
+    out = []
+    for work in waiting:
+        why = scheduler.why_waiting(work.id)
+        if why is None:
+            continue
+        out.append(
+            {
+                "message_id": work.id,
+                "rule": why["rule"],
+                "for": why.get("for", ""),
+                "reason": why["verdict"],
+                "until": why.get("until"),
+            }
+        )
+        if len(out) >= _HELD_LIMIT:
+            break
     return out
 
 

@@ -46,6 +46,9 @@ from typing import Any
 from router.model import Agent
 
 URGENT_SEVERITIES = ("P0", "P1")
+_URGENCY_SCALE = 300.0
+# Pseudo-completions of `default_hold` mixed into every hold-time estimate.
+_PRIOR_SLOTS = 3.0
 # Above this many agents, explain records count the plainly unavailable ones by reason.
 EXPLAIN_LIST_LIMIT = 50
 _PLAINLY_OUT = ("off line", "off shift", "full", "takes no")
@@ -70,17 +73,25 @@ class Policy:
     accept_timeout: float = 120.0  # 0 turns accept tracking off
     complaint_streak_limit: int = 3  # 0 turns rotation off
     streak_labels: frozenset[str] = frozenset({"complaint"})
-    # Classes whose skilled agents are scarce: such agents are kept for them while an
-    # agent without the skill can take other work, until that work is at risk.
-    protected_labels: frozenset[str] = frozenset({"complaint"})
-    # At-risk point, as a share of the message's SLA already spent waiting.
+    # At-risk point, as a share of the message's SLA already spent waiting: work held
+    # back for a reserve takes a reserved slot from then on (if it can still be saved).
     reserve_slack: float = 0.75
     # An agent who let an offer time out is offered work last for this long.
     unreliable_for: float = 1800.0
-    # Slots per channel type that non-urgent work of a protected class leaves free
-    # among its eligible agents for P0/P1 work, until it is at risk itself (trunk
-    # reservation: urgent complaints then find a slot within seconds, not a handle time).
-    urgent_reserve: int = 1
+    # Reserves for short-deadline classes (P0/P1 complaints, typically) are sized so
+    # that an arrival of the class that finds its pool full misses its deadline with at
+    # most this probability (Erlang B over the observed arrival and completion rates).
+    # 0 turns reserves off.
+    reserve_risk: float = 0.1
+    # A floor under every computed urgent reserve (slots), for sites that want one.
+    urgent_reserve: int = 0
+    # Arrival rates per class are averaged over about this many seconds.
+    rate_window: float = 600.0
+    # The mean time a slot is held, until completions have been seen.
+    default_hold: float = 300.0
+    # Whether agents are chosen with the demand of the other classes they could serve
+    # in mind (scarce skills); the baselines turn it off.
+    scarcity: bool = True
     overflow: tuple[OverflowStep, ...] = ()
 
 
@@ -103,6 +114,12 @@ class Work:
     level: int = 0  # overflow steps applied
     breached: bool = False
     state: str = "new"  # new | waiting | offered | held | done
+    observed: bool = False  # counted in its class's arrival rate
+
+    @property
+    def sla(self) -> float:
+        """Return the time the message was given (deadline - arrival)."""
+        return self.deadline - self.arrival
 
     @property
     def urgent(self) -> bool:
@@ -125,10 +142,15 @@ class AgentState:
     last_assigned: float = -math.inf
     streak: int = 0  # complaints received in a row
     last_timeout: float = -math.inf
-    protected: bool = False  # skilled in a protected class
     away: bool = False  # off line by choice for a while: keeps its offers (not persisted)
     # Slots per pool that other workers hold (seen in the store, not decided here).
     external: dict[str, int] = field(default_factory=dict)
+    group: _Group | None = None  # the agents who may take exactly the same work
+    rank: int = 0  # position in id order: the last tie-break
+    version: int = 0  # bumped on every change; older index entries are stale
+    # channel type -> (room, capacity) as last counted into the group's totals
+    counted: dict[str, tuple[int, int]] = field(default_factory=dict)
+    counted_online: bool = False
 
     @property
     def id(self) -> str:
@@ -158,6 +180,81 @@ class AgentState:
     def load(self) -> int:
         """Return the slots held over all channel types."""
         return sum(self.used.values())
+
+
+# An index entry: (-room share, last assigned, -rank, version, agent). The smallest is
+# the agent the balance rule picks: most spare capacity, longest idle, then id.
+_Entry = tuple[float, float, int, int, AgentState]
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """Agents with the same classes, languages, departments and role.
+
+    Whatever one of them may take, all may (shifts aside), so eligibility is decided
+    per group, and each group keeps its members with room in a heap per channel type:
+    a placement looks at a few groups' heads instead of walking the roster.
+    """
+
+    classes: frozenset[str]
+    languages: frozenset[str]
+    queues: frozenset[str]
+    supervisor: bool
+    members: list[AgentState] = field(default_factory=list)
+    heaps: dict[str, list[_Entry]] = field(default_factory=dict)
+    free: dict[str, int] = field(default_factory=dict)  # channel type -> free slots
+    capacity: dict[str, int] = field(default_factory=dict)  # of on-line members
+    with_room: dict[str, int] = field(default_factory=dict)  # members with a free slot
+    online: int = 0
+    # channel type -> the classes of work this group may take (see _Demand)
+    demands: dict[str, list[_Demand]] = field(default_factory=dict)
+    # channel type -> [busy slot-seconds, slots freed, at], both decayed over the rate
+    # window: their ratio is the mean hold time, counting the slots still held (an
+    # average of finished ones alone runs short: short ones finish first).
+    exposure: dict[str, list[float]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """Return a short name for explain records: its classes and languages."""
+        classes = "+".join(sorted(self.classes)) or "all classes"
+        languages = "/".join(sorted(self.languages)) or "all languages"
+        return f"{classes}, {languages}"
+
+
+@dataclass(slots=True, eq=False)
+class _Demand:
+    """One class of work as the scheduler forecasts it: observed rate, waiting count.
+
+    Keyed by (label, urgent, language, department, channel type): work of one key is
+    served by the same groups with the same deadline.
+    """
+
+    label: str
+    urgent: bool
+    language: str
+    department: str
+    channel_type: str
+    sla: float
+    groups: list[_Group] = field(default_factory=list)
+    waiting: int = 0
+    weight: float = 0.0  # exponentially decayed arrival count
+    hold: float = 0.0  # mean time its work holds a slot (0: none finished yet)
+    weight_at: float = 0.0
+    first_seen: float | None = None
+
+    def describe(self) -> str:
+        """Return the class in words: "P0/P1 complaint zh chat"."""
+        urgent = "P0/P1 " if self.urgent else ""
+        return f"{urgent}{self.label} {self.language} {self.channel_type}".replace("  ", " ")
+
+    def free(self) -> int:
+        """Return the free slots of the agents who may take it."""
+        ct = self.channel_type
+        return sum(g.free.get(ct, 0) for g in self.groups)
+
+    def capacity(self) -> int:
+        """Return the slots of the on-line agents who may take it."""
+        ct = self.channel_type
+        return sum(g.capacity.get(ct, 0) for g in self.groups)
 
 
 @dataclass(slots=True)
@@ -232,9 +329,21 @@ class Scheduler:
         self._offers: dict[str, Offer] = {}  # message id -> outstanding offer
         self._timers: list[tuple[float, int, str, str]] = []  # (at, seq, kind, message id)
         self._seq = itertools.count()
-        self._plain_cache: dict[tuple[str, str, str, str], bool] = {}
-        self._pool_cache: dict[tuple[str, str, str, str], int] = {}
         self._any_shifts = False
+        # Agents sorted into groups that may take the same work (see _Group), and the
+        # groups each kind of work may go to: (label, language, department, level).
+        self._groups: dict[tuple[Any, ...], _Group] = {}
+        self._groups_for_cache: dict[tuple[str, str, str, int], list[_Group]] = {}
+        # What each class of work needs: its arrival rate, how many wait (see _Demand).
+        self._demands: dict[tuple[str, bool, str, str, str], _Demand] = {}
+        self._clock = -math.inf  # the latest `now` a caller passed (release() has none)
+        self._taken: dict[str, tuple[float, _Demand]] = {}  # slot -> when, for what class
+        self._resting: set[str] = set()  # agents at their complaint streak limit
+        # Why the head of a queue waits while an agent who may take it has room: queue
+        # key -> the reservation record (see why_waiting()).
+        self._held_back: dict[tuple[str, str, str, str, int], dict[str, Any]] = {}
+        self._hold_note: dict[str, Any] | None = None
+        self._slots: dict[str, list[int]] = {}  # channel type -> [capacity, free] on line
         self._skill_sets: dict[tuple[str, str, str], set[str]] = {}
         self._known_languages: set[str] = set()
         self.decisions = 0
@@ -274,14 +383,12 @@ class Scheduler:
             else:
                 known.agent = agent
                 known.online = agent.present
-        protected = self.policy.protected_labels
-        for state in self.states.values():
-            classes = state.agent.classes
-            state.protected = bool(classes and classes & protected)
         self._any_shifts = any(s.agent.shifts for s in self.states.values())
         self._known_languages = {lang for s in self.states.values() for lang in s.agent.languages}
         self._skill_sets.clear()
-        self._reindex()
+        limit = self.policy.complaint_streak_limit
+        self._resting = {a for a, s in self.states.items() if limit and s.streak >= limit}
+        self._regroup()
 
     def set_presence(
         self, agent_id: str, online: bool, now: float = 0.0, *, away: bool = False
@@ -299,29 +406,92 @@ class Scheduler:
         if not online and not away:
             for offer in [o for o in self._offers.values() if o.agent_id == agent_id]:
                 returned.append(self._take_back(offer, "returned", now, exclude=False))
-        self._reindex()
+        self._index(state)
         return returned
 
+    def note_streak(self, agent_id: str, streak: int, last_assigned: float) -> None:
+        """Take an agent's complaint streak and last assignment as another worker left them."""
+        state = self.states.get(agent_id)
+        if state is None:
+            return
+        state.streak = streak
+        state.last_assigned = last_assigned
+        self._note_resting(state)
+        self._index(state)
+
+    def _note_resting(self, state: AgentState) -> None:
+        limit = self.policy.complaint_streak_limit
+        if limit and state.streak >= limit:
+            self._resting.add(state.id)
+        else:
+            self._resting.discard(state.id)
+
+    def _regroup(self) -> None:
+        """Sort the roster into groups and rebuild every index (on roster changes)."""
+        self._groups = {}
+        for rank, state in enumerate(sorted(self.states.values(), key=lambda s: s.id)):
+            agent = state.agent
+            key = (agent.classes, agent.languages, frozenset(agent.queues), agent.supervisor)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group(*key)
+            group.members.append(state)
+            state.group = group
+            state.rank = rank
+        self._groups_for_cache.clear()
+        for demand in self._demands.values():
+            self._link(demand)
+        self._reindex()
+
     def _reindex(self) -> None:
-        self._plain_cache.clear()
-        self._pool_cache.clear()
         types = set(self._free) | set(self._buckets_by_ct)
         for state in self.states.values():
             types.update(state.agent.capacities)
         self._free = {ct: set() for ct in types}
-        for ct in types:
-            free = self._free[ct]
-            for state in self.states.values():
-                if state.online and state.room(ct) > 0:
-                    free.add(state.id)
+        self._slots = {ct: [0, 0] for ct in types}
+        for group in self._groups.values():
+            group.heaps = {ct: [] for ct in types}
+            group.free = dict.fromkeys(types, 0)
+            group.capacity = dict.fromkeys(types, 0)
+            group.with_room = dict.fromkeys(types, 0)
+            group.online = 0
+        for state in self.states.values():
+            state.counted = {}
+            state.counted_online = False
+            self._index(state)
 
-    def _refresh_free(self, state: AgentState, channel_type: str) -> None:
-        types = [channel_type] if state.agent.capacities else list({channel_type, *self._free})
-        for ct in types:
-            self._ensure_type(ct)
-            free = self._free[ct]
-            if state.online and state.room(ct) > 0:
+    def _index(self, state: AgentState) -> None:
+        """Recount an agent into its group's totals and heaps after any change to it."""
+        state.version += 1
+        group = state.group
+        online = state.online and group is not None
+        if group is not None and online != state.counted_online:
+            group.online += 1 if online else -1
+            state.counted_online = online
+        for ct, free in self._free.items():
+            capacity = state.capacity(ct) if online else 0
+            room = max(0, state.room(ct)) if online else 0
+            if group is not None:
+                old_room, old_capacity = state.counted.get(ct, (0, 0))
+                if room != old_room or capacity != old_capacity:
+                    self._accrue(group, ct)
+                    group.free[ct] = group.free.get(ct, 0) + room - old_room
+                    group.capacity[ct] = group.capacity.get(ct, 0) + capacity - old_capacity
+                    with_room = group.with_room.get(ct, 0) + (room > 0) - (old_room > 0)
+                    group.with_room[ct] = with_room
+                    state.counted[ct] = (room, capacity)
+                    totals = self._slots.setdefault(ct, [0, 0])
+                    totals[0] += capacity - old_capacity
+                    totals[1] += room - old_room
+            if room > 0 and group is not None:
                 free.add(state.id)
+                heap = group.heaps.setdefault(ct, [])
+                entry = (-room / capacity, state.last_assigned, -state.rank, state.version, state)
+                heapq.heappush(heap, entry)
+                if len(heap) > 2 * len(group.members) + 16:
+                    # Every change pushes a fresh entry; drop the stale ones now and then.
+                    heap[:] = [e for e in heap if e[3] == e[4].version]
+                    heapq.heapify(heap)
             else:
                 free.discard(state.id)
 
@@ -334,6 +504,10 @@ class Scheduler:
         work.seq = next(self._seq)
         work.state = "waiting"
         self._waiting[work.id] = work
+        demand = self._demand_of(work)
+        demand.waiting += 1
+        if not work.observed:
+            self._observe(work, demand)
         self._depth[work.department] = self._depth.get(work.department, 0) + 1
         self._by_slot.setdefault(work.slot, set()).add(work.id)
         if work.slot in self.holder:
@@ -367,10 +541,9 @@ class Scheduler:
             return
         # Agents with a per-type table were indexed for the types they list; those with
         # one capacity for every type have room for this one too.
-        free = self._free[channel_type] = set()
+        self._free[channel_type] = set()
         for state in self.states.values():
-            if state.online and state.room(channel_type) > 0:
-                free.add(state.id)
+            self._index(state)
 
     def _timer(self, at: float, kind: str, message_id: str) -> None:
         heapq.heappush(self._timers, (at, next(self._seq), kind, message_id))
@@ -396,6 +569,7 @@ class Scheduler:
         Returns the work taken back (to log as timeouts) and the messages that just
         passed their deadline (SLA-breach events). Overflow widenings happen here.
         """
+        self._clock = max(self._clock, now)
         returned: list[Returned] = []
         breached: list[Work] = []
         steps = self.policy.overflow
@@ -434,6 +608,7 @@ class Scheduler:
 
     def dispatch(self, now: float) -> list[Decision]:
         """Hand waiting work to agents with room, most urgent first; reserve the slots."""
+        self._clock = max(self._clock, now)
         out: list[Decision] = []
         if not self._waiting:
             return out
@@ -471,8 +646,13 @@ class Scheduler:
                 if decision is None and work.excluded:
                     decision = self._place_behind(key, now)
                 if decision is not None:
+                    self._held_back.pop(key, None)
+                    self._hold_note = None
                     out.append(decision)
                     break
+                if self._hold_note is not None:
+                    self._held_back[key] = self._hold_note
+                    self._hold_note = None
                 blocked.add(key)
             else:
                 return out
@@ -533,104 +713,433 @@ class Scheduler:
 
         The caller commits the decision, or undoes it; a None means submit() it.
         """
+        self._clock = max(self._clock, now)
         work.seq = next(self._seq)
-        return self._place(work, now)
+        if not work.observed:
+            self._observe(work, self._demand_of(work))
+        decision = self._place(work, now)
+        if decision is None and self._hold_note is not None:
+            self._held_back[_queue_key(work)] = self._hold_note
+        self._hold_note = None
+        return decision
 
     def pick(
         self, work: Work, now: float
     ) -> tuple[AgentState, str, str, dict[str, Any] | None] | None:
-        """Choose the agent for a message without taking the slot; None means wait."""
+        """Choose the agent for a message without taking the slot; None means wait.
+
+        When it waits although an agent who may take it has room, the reservation that
+        kept that agent is left in `_hold_note` (dispatch() files it for why_waiting()).
+        """
         self._ensure_type(work.channel_type)
-        free = self._free[work.channel_type]
-        if not free:
+        if not self._free[work.channel_type]:
             return None
         last = self._last_agent.get(work.conversation) if self.sticky else None
         # Sticky only while the agent still has the conversation open (holds a slot of
         # it): a follow-up an hour later is new work, routed on its merits.
-        if last is not None and last in free and self._open.get(work.conversation):
-            state = self.states[last]
-            limit = self.policy.complaint_streak_limit
-            rested = not (
-                limit
-                and work.label in self.policy.streak_labels
-                and state.streak >= limit
-                and any(
-                    s.streak < limit and self._eligible(s, work, now)
-                    for s in (self.states[i] for i in free)
-                    if s is not state
+        if last is not None and last in self._free[work.channel_type]:
+            if self._open.get(work.conversation):
+                state = self.states[last]
+                limit = self.policy.complaint_streak_limit
+                # Rotation outranks stickiness: at its complaint limit the holder passes
+                # the follow-up on when someone under the limit has room.
+                tired = (
+                    limit
+                    and work.label in self.policy.streak_labels
+                    and state.streak >= limit
+                    and self._someone_fresh(work, now, state)
+                )
+                if not tired and self._eligible(state, work, now):
+                    explain = (
+                        self._explain(work, now, state, "sticky", {}) if self.explain else None
+                    )
+                    return state, "sticky", "sticky: agent already has this conversation", explain
+        return self._choose(work, now)
+
+    def _choose(
+        self, work: Work, now: float
+    ) -> tuple[AgentState, str, str, dict[str, Any] | None] | None:
+        """Pick among the groups that may take the work (their best member each).
+
+        Preference, in order: under the complaint streak limit (for complaints), no
+        recent accept timeout, not needed for a reserve of a more pressing class, least
+        needed by the other work the agent could take (scarce skills), at the streak
+        limit (other work is their break), then most spare room and longest idle.
+        """
+        ct = work.channel_type
+        policy = self.policy
+        limit = policy.complaint_streak_limit
+        streak_work = bool(limit) and work.label in policy.streak_labels
+        own = self._demand_of(work)
+        scarcity = policy.scarcity
+        options: list[_Option] = []
+        notes: dict[_Group, str] = {}
+        resting_ids: set[str] | tuple[()] = self._resting if limit and not streak_work else ()
+        resting = [self.states[i] for i in resting_ids]
+        for group in self._groups_for(work):
+            if not group.with_room.get(ct):
+                continue
+            found = self._best_in(group, work, now, streak_work)
+            if found is None:
+                continue
+            best, top, tired, unreliable = found
+            conflict: dict[str, Any] | None = None
+            cost = 0.0
+            if scarcity:
+                conflict = self._reserve_conflict(group, work, own, now)
+                cost, short = self._scarcity_cost(group, own, now)
+                if conflict is not None:
+                    notes[group] = conflict["verdict"]
+                elif short is not None:
+                    notes[group] = (
+                        f"kept for scarce work: {short.describe()} has "
+                        f"{short.free()} free slots ({short.waiting} waiting)"
+                    )
+            rested = [
+                m
+                for m in resting
+                if m.group is group
+                and m.counted.get(ct, (0, 0))[0] > 0
+                and self._available(m, work, now)
+            ]
+            if rested and not unreliable:
+                best = min(rested, key=lambda m: _balance_key(m, ct))
+            options.append(
+                _Option(
+                    best, top, group, tired, unreliable, conflict is not None, cost, conflict, ct
                 )
             )
-            # Rotation outranks stickiness: at its complaint limit the holder passes the
-            # follow-up on when someone under the limit has room.
-            if rested and self._eligible(state, work, now):
-                return (
-                    state,
-                    "sticky",
-                    "sticky: agent already has this conversation",
-                    (self._explain(work, now, state, "sticky") if self.explain else None),
-                )
-        cands = self.eligible_with_room(work, now)
-        if not cands:
+        if not options:
             return None
-        rule = "balance"
-        policy = self.policy
-        ct = work.channel_type
-        # The urgent reserve below counts free slots among everyone eligible, before
-        # rotation or reliability narrow the choice: it is about the pool.
-        eligible = cands
-        limit = policy.complaint_streak_limit
-        on_break = False
-        if limit and work.label in policy.streak_labels:
-            fresh = [s for s in cands if s.streak < limit]
-            if fresh and len(fresh) < len(cands):
-                cands, rule = fresh, "rotation"
-        elif limit and not self._plain_exists(work):
-            # Other work is the break rotation promises: in one pool of generalists,
-            # agents at their complaint limit get it first. (Where specialists exist
-            # the reserve below keeps them for complaints instead.)
-            resting = [s for s in cands if s.streak >= limit]
-            if resting:
-                cands, rule, on_break = resting, "rotation-break", True
-        if policy.unreliable_for > 0:
-            reliable = [s for s in cands if now - s.last_timeout >= policy.unreliable_for]
-            if reliable and len(reliable) < len(cands):
-                cands, rule = reliable, "reliability"
-        if work.label not in policy.protected_labels and not on_break:
-            plain = [s for s in cands if not s.protected]
-            if plain:
-                if len(plain) < len(cands):
-                    cands, rule = plain, "reserve"
-            elif self._plain_exists(work):
-                # Only agents with a scarce skill have room: keep them for that work
-                # unless this message is at risk of missing its own deadline.
-                at_risk = work.arrival + policy.reserve_slack * (work.deadline - work.arrival)
-                if now < at_risk:
-                    self._timer(at_risk, "release", work.id)
-                    return None
-                rule = "reserve-released"
-        takes_scarce = work.label in policy.protected_labels or all(s.protected for s in cands)
-        if (
-            policy.urgent_reserve
-            and not work.urgent
-            and takes_scarce
-            and sum(s.room(ct) for s in eligible if s.protected) <= policy.urgent_reserve
-            and self._reserve_pool(work, now) > policy.urgent_reserve
-        ):
-            at_risk = work.arrival + policy.reserve_slack * (work.deadline - work.arrival)
+        chosen = min(options, key=lambda o: o.score(resting_ids))
+        plain = min(options, key=lambda o: _balance_key(o.top, ct))
+        rule = self._rule(chosen, plain, work, now, resting_ids)
+        if scarcity and chosen.conflict is None and not chosen.tired:
+            better = self._better_soon(chosen, work, now)
+            if better is not None:
+                group, expected = better
+                at_risk = work.arrival + policy.reserve_slack * work.sla
+                self._timer(at_risk, "release", work.id)
+                self._hold_note = {
+                    "rule": "scarcity",
+                    "for": notes.get(chosen.group, "their other work"),
+                    "waits_for": group.describe(),
+                    "expected_seconds": round(expected, 1),
+                    "until": at_risk,
+                    "verdict": (
+                        f"waits for an agent of {group.describe()} (one frees in about "
+                        f"{expected:.0f} s): the free ones are needed by other work"
+                    ),
+                }
+                return None
+        if chosen.conflict is not None:
+            record = chosen.conflict
+            at_risk = work.arrival + policy.reserve_slack * work.sla
             if now < at_risk:
                 self._timer(at_risk, "release", work.id)
+                self._hold_note = {**record, "until": at_risk}
                 return None
             if now >= work.deadline:
-                # Only work the reserved slot can still save gets it: past its deadline
+                # Only work a reserved slot can still save gets it: past its deadline
                 # this message waits for an ordinary slot (it is first in line for one).
+                self._hold_note = {**record, "until": None, "past_deadline": True}
+                return None
+            if not record["spare"]:
+                # The reserve's last slots: the class it is kept for would likely need
+                # them before a completion puts one back.
+                self._hold_note = {**record, "until": None, "last_slots": True}
                 return None
             rule = "reserve-released"
-        best = max(
-            cands,
-            key=lambda s: (s.room(ct) / max(1, s.capacity(ct)), -s.last_assigned, s.id),
-        )
-        reason = _reason(rule, best, work)
-        return best, rule, reason, self._explain(work, now, best, rule) if self.explain else None
+        state = chosen.best
+        reason = _reason(rule, state, work)
+        explain = self._explain(work, now, state, rule, notes) if self.explain else None
+        return state, rule, reason, explain
+
+    def _rule(
+        self,
+        chosen: _Option,
+        plain: _Option,
+        work: Work,
+        now: float,
+        resting: set[str] | tuple[()],
+    ) -> str:
+        """Name the first preference that made `chosen` win over the balance pick."""
+        top = plain.top
+        if chosen.best is top:
+            return "balance"
+        limit = self.policy.complaint_streak_limit
+        if limit and work.label in self.policy.streak_labels and top.streak >= limit:
+            return "rotation"
+        if now - top.last_timeout < self.policy.unreliable_for and not chosen.unreliable:
+            return "reliability"
+        if plain.reserved and not chosen.reserved:
+            return "reserve"
+        if plain.cost > chosen.cost:
+            return "scarcity"
+        if chosen.best.id in resting and top.id not in resting:
+            return "rotation-break"
+        return "balance"
+
+    def _best_in(
+        self, group: _Group, work: Work, now: float, streak_work: bool
+    ) -> tuple[AgentState, AgentState, bool, bool] | None:
+        """Return a group's best member for the work, its balance pick, and the best's flaws.
+
+        Members come off the group's heap in balance order; the first one under the
+        streak limit (for complaints) and without a recent timeout ends the look.
+        """
+        heap = group.heaps.get(work.channel_type)
+        while heap and heap[0][3] != heap[0][4].version:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        limit = self.policy.complaint_streak_limit
+        unreliable_for = self.policy.unreliable_for
+        best: AgentState | None = None
+        top: AgentState | None = None
+        flaws = (True, True)
+        for entry in _in_order(heap):
+            state = entry[4]
+            if entry[3] != state.version or not self._available(state, work, now):
+                continue
+            if top is None:
+                top = state
+            found = (
+                streak_work and state.streak >= limit,
+                unreliable_for > 0 and now - state.last_timeout < unreliable_for,
+            )
+            if best is None or found < flaws:
+                best, flaws = state, found
+                if found == (False, False):
+                    break
+        if best is None or top is None:
+            return None
+        return best, top, flaws[0], flaws[1]
+
+    def _someone_fresh(self, work: Work, now: float, other_than: AgentState) -> bool:
+        """Tell whether an agent under the streak limit (not `other_than`) may take it now."""
+        limit = self.policy.complaint_streak_limit
+        ct = work.channel_type
+        for group in self._groups_for(work):
+            if not group.with_room.get(ct):
+                continue
+            for entry in _in_order(group.heaps.get(ct, [])):
+                state = entry[4]
+                if (
+                    entry[3] == state.version
+                    and state is not other_than
+                    and state.streak < limit
+                    and self._available(state, work, now)
+                ):
+                    return True
+        return False
+
+    def _available(self, state: AgentState, work: Work, now: float) -> bool:
+        """Tell whether a member of an eligible group may take the work now (room aside)."""
+        if work.excluded and state.id in work.excluded:
+            return False
+        shifts = state.agent.shifts
+        return not shifts or any(s.contains(now) for s in shifts)
+
+    def _groups_for(self, work: Work) -> list[_Group]:
+        """Return the groups whose members may take this work (shifts and room aside)."""
+        lang = work.language if work.language in self._known_languages else ""
+        key = (work.label, lang, work.department, work.level)
+        found = self._groups_for_cache.get(key)
+        if found is None:
+            widened = self._widened(work)
+            found = self._groups_for_cache[key] = [
+                g for g in self._groups.values() if _group_takes(g, work, lang, widened)
+            ]
+        return found
+
+    # -- demand: what each class of work needs --------------------------------------
+
+    def _demand_of(self, work: Work) -> _Demand:
+        key = (work.label, work.urgent, work.language, work.department, work.channel_type)
+        demand = self._demands.get(key)
+        if demand is None:
+            demand = self._demands[key] = _Demand(*key, sla=work.sla)
+            self._link(demand)
+        return demand
+
+    def _link(self, demand: _Demand) -> None:
+        """Attach a class of work to the groups that may take it without overflow."""
+        probe = Work(
+            "", "", "", demand.label, "", demand.channel_type, demand.language,
+            demand.department, 0.0, 0.0,
+        )  # fmt: skip
+        demand.groups = self._groups_for(probe)
+        for group in demand.groups:
+            group.demands.setdefault(demand.channel_type, []).append(demand)
+
+    def _observe(self, work: Work, demand: _Demand) -> None:
+        """Count a new message in its class's arrival rate (at its arrival time)."""
+        work.observed = True
+        demand.sla = work.sla
+        at = work.arrival
+        if demand.first_seen is None:
+            demand.first_seen = demand.weight_at = at
+        tau = self.policy.rate_window
+        demand.weight = demand.weight * math.exp(-max(0.0, at - demand.weight_at) / tau) + 1
+        demand.weight_at = max(demand.weight_at, at)
+
+    def rate(self, demand: _Demand, now: float) -> float:
+        """Return a class's observed arrival rate per second (decayed over rate_window)."""
+        if demand.first_seen is None:
+            return 0.0
+        return _per_second(demand.weight, demand.weight_at, demand.first_seen, now, self.policy)
+
+    def _group_hold(self, group: _Group, channel_type: str) -> float:
+        """Return the mean time a member holds a slot (with default_hold as a prior)."""
+        self._accrue(group, channel_type)
+        exposure, freed, _ = group.exposure[channel_type]
+        prior = _PRIOR_SLOTS
+        return (exposure + prior * self.policy.default_hold) / (freed + prior)
+
+    def _full_gap(self, demand: _Demand) -> float:
+        """Return the mean time between completions among a class's agents when all are busy.
+
+        The capacity-weighted mean hold time of its groups (observed, else
+        `default_hold`) over the slots less one.
+        """
+        ct = demand.channel_type
+        capacity = demand.capacity()
+        if capacity <= 0:
+            return self.policy.default_hold
+        weighted = sum(g.capacity.get(ct, 0) * self._group_hold(g, ct) for g in demand.groups)
+        return weighted / capacity / max(1, capacity - 1)
+
+    def reserve(
+        self, demand: _Demand, now: float, rate: float | None = None
+    ) -> tuple[int, float, float]:
+        """Return the slots to keep free for a class, its arrivals per gap, and the gap.
+
+        When the class's agents are all busy, a slot frees every `gap` seconds (mean
+        hold time / slots). If one gap is long against the class's deadline (a P1
+        complaint given 30 s while a slot frees every 40 s), arrivals that find no free
+        slot are likely to miss it; r slots kept free absorb them. A slot the reserve
+        gives away comes back at the next completion, so the reserve behaves as r
+        servers with service time `gap` (Erlang B): r is the least number for which
+        P(all r taken) * P(no completion within the deadline) <= reserve_risk.
+        """
+        risk = self.policy.reserve_risk
+        floor = self.policy.urgent_reserve if demand.urgent else 0
+        capacity = demand.capacity()
+        if rate is None:
+            rate = self.rate(demand, now)
+        if risk <= 0 or capacity <= 1 or rate <= 0:
+            return min(floor, capacity // 2), 0.0, 0.0
+        gap = self._full_gap(demand)
+        late = math.exp(-demand.sla / gap)
+        load = rate * gap
+        slots, blocked = 0, 1.0
+        while blocked * late > risk and slots < capacity // 2:
+            slots += 1
+            blocked = load * blocked / (slots + load * blocked)
+        return max(slots, min(floor, capacity // 2)), load, gap
+
+    def _reserve_conflict(
+        self, group: _Group, work: Work, own: _Demand, now: float
+    ) -> dict[str, Any] | None:
+        """Return the reserve a slot of this group would break for `work`, or None.
+
+        Only a more pressing class (P0/P1 for other work, or a shorter deadline) holds
+        a reserve against the work; P0/P1 work itself is never held back.
+        """
+        if work.urgent:
+            return None
+        sla = work.sla
+        # Classes that differ only in language or department share this group's slots:
+        # their arrivals add up against one reserve.
+        pressing: dict[tuple[str, bool], list[_Demand]] = {}
+        for demand in group.demands.get(work.channel_type, ()):
+            if demand is own or not (demand.urgent or demand.sla < sla):
+                continue
+            if demand.first_seen is None and not self.policy.urgent_reserve:
+                continue
+            pressing.setdefault((demand.label, demand.urgent), []).append(demand)
+        for kind in pressing.values():
+            demand = min(kind, key=lambda d: d.free())
+            rate = sum(self.rate(d, now) for d in kind)
+            slots, load, gap = self.reserve(demand, now, rate)
+            free = demand.free()
+            if slots and free - 1 < slots:
+                what = demand.describe() if len(kind) == 1 else kind_name(demand)
+                # Whether one of them may still go to work at risk of missing its own
+                # deadline: only if, with one slot fewer, the class's arrivals before a
+                # completion outnumber what is left with no more than reserve_risk.
+                late = math.exp(-demand.sla / gap) if gap > 0 else 1.0
+                spare = _poisson_above(load, free - 1) * late <= self.policy.reserve_risk
+                return {
+                    "rule": "reserve",
+                    "spare": spare,
+                    "for": what,
+                    "free": free,
+                    "reserve": slots,
+                    "rate_per_hour": round(rate * 3600, 2),
+                    "arrivals_per_gap": round(load, 3),
+                    "gap_seconds": round(gap, 1),
+                    "verdict": (
+                        f"kept for {what}: {free} free, reserve {slots} "
+                        f"({rate * 3600:.1f}/h arriving, "
+                        f"a slot frees every {gap:.0f} s when all are busy)"
+                    ),
+                }
+        return None
+
+    def _scarcity_cost(
+        self, group: _Group, own: _Demand, now: float
+    ) -> tuple[float, _Demand | None]:
+        """Return how much the other work this group may take needs its free slots.
+
+        Each other class the group serves has a need: what waits plus the slots its
+        expected arrivals keep busy (arrival rate x mean hold time), and a pressure:
+        that need over the free slots its agents would have left after this one is
+        taken. The cost is the pressures summed; work goes to the group whose other
+        work needs it least (a suggestion-only skill is not spent on an inquiry that a
+        complaint specialist with spare time can take, and the other way round when
+        complaints crowd in). Also returns the class that weighs most. A cost of 1 or
+        more means some class's expected load exceeds what would be left for it.
+        """
+        total, worst, which = 0.0, 0.0, None
+        for demand in group.demands.get(own.channel_type, ()):
+            if demand is own or (not demand.waiting and demand.first_seen is None):
+                continue
+            hold = demand.hold or self.policy.default_hold
+            need = demand.waiting + self.rate(demand, now) * hold
+            pressure = need / max(demand.free() - 1, 0.5) * min(1.0, _URGENCY_SCALE / demand.sla)
+            total += pressure
+            if pressure > worst:
+                worst, which = pressure, demand
+        return total, which
+
+    def _better_soon(self, chosen: _Option, work: Work, now: float) -> tuple[_Group, float] | None:
+        """Return a group that would cost less and frees a slot well before work is at risk.
+
+        When the chosen group's other work needs its free slots (cost 1 or more), a
+        group that needs them less but is full now is worth waiting for if one of its
+        slots is expected to free (from its observed completions) in under half of the
+        time the work can still wait.
+        """
+        if chosen.cost < 1.0 or work.urgent:
+            return None
+        ct = work.channel_type
+        slack = work.arrival + self.policy.reserve_slack * work.sla - now
+        if slack <= 0:
+            return None
+        own = self._demand_of(work)
+        for group in self._groups_for(work):
+            if group is chosen.group or group.with_room.get(ct) or not group.capacity.get(ct):
+                continue
+            # All its slots are busy: one frees every hold / slots on average.
+            expected = self._group_hold(group, ct) / group.capacity[ct]
+            if expected > slack / 2:
+                continue
+            cost, _ = self._scarcity_cost(group, own, now)
+            if cost < chosen.cost:
+                return group, expected
+        return None
 
     def eligible_with_room(self, work: Work, now: float) -> list[AgentState]:
         """Return the agents who may take this message now and have a free slot for it."""
@@ -686,51 +1195,6 @@ class Scheduler:
             return ()
         return tuple(step.widen for step in self.policy.overflow[: work.level])
 
-    def _plain_exists(self, work: Work) -> bool:
-        """Tell whether an on-line agent without a scarce skill could ever take this work."""
-        key = (work.label, work.language, work.channel_type, work.department)
-        known = self._plain_cache.get(key)
-        if known is None:
-            known = any(
-                s.online and not s.protected and s.capacity(work.channel_type) > 0
-                for s in self.states.values()
-                if self._eligible_ignoring_room(s, work)
-            )
-            self._plain_cache[key] = known
-        return known
-
-    def _reserve_pool(self, work: Work, now: float) -> int:
-        """Return the capacity that keeps urgent slots for this work, or 0 for none.
-
-        That is the capacity of the on-line agents with a protected skill who may take
-        it, when they are a scarce pool: some on-line agent for the channel type lacks
-        the skill. In one pool of generalists a reserved slot would only idle (and
-        lengthen every wait); a pool no larger than the reserve is not reserved at all,
-        or the work it holds back would wait forever.
-        """
-        ct = work.channel_type
-        key = (work.label, work.language, ct, work.department)
-        cacheable = not work.excluded and not self._any_shifts
-        known = self._pool_cache.get(key) if cacheable else None
-        if known is None:
-            online = [s for s in self.states.values() if s.online and s.capacity(ct) > 0]
-            known = 0
-            if any(not s.protected for s in online):
-                known = sum(
-                    s.capacity(ct) for s in online if s.protected and self._eligible(s, work, now)
-                )
-            if cacheable:
-                self._pool_cache[key] = known
-        return known
-
-    def _eligible_ignoring_room(self, state: AgentState, work: Work) -> bool:
-        agent = state.agent
-        if agent.classes and work.label not in agent.classes:
-            return False
-        if agent.languages and work.language not in agent.languages:
-            return False
-        return work.department in agent.queues
-
     def _assign(self, work: Work, state: AgentState, now: float) -> None:
         if work.slot in self.holder:
             # The conversation moves from an absent holder, and its slot with it.
@@ -738,12 +1202,14 @@ class Scheduler:
         ct = work.channel_type
         pool = state.pool(ct)
         state.used[pool] = state.used.get(pool, 0) + 1
-        self._refresh_free(state, ct)
         state.last_assigned = now
         if work.label in self.policy.streak_labels:
             state.streak += 1
         else:
             state.streak = 0
+        self._note_resting(state)
+        self._index(state)
+        self._taken[work.slot] = (now, self._demand_of(work))
         self._unwait(work)
         self.holder[work.slot] = state.id
         # Messages of this conversation already waiting join it (sticky) from now on.
@@ -884,8 +1350,32 @@ class Scheduler:
         if state is not None:
             pool = state.pool(ct)
             state.used[pool] = max(0, state.used.get(pool, 0) - 1)
-            self._refresh_free(state, ct)
+            self._index(state)
+        taken = self._taken.pop(slot, None)
+        if taken is not None and self._clock >= taken[0]:
+            # Mean hold times, per class and per group, over roughly their last 50 slots.
+            since, demand = taken
+            held = self._clock - since
+            demand.hold = _average(demand.hold, held)
+        if state is not None and state.group is not None:
+            self._accrue(state.group, ct)
+            state.group.exposure[ct][1] += 1
         return agent_id
+
+    def _accrue(self, group: _Group, channel_type: str) -> None:
+        """Add the group's busy slot-seconds since the last change (before a change)."""
+        at = self._clock
+        record = group.exposure.get(channel_type)
+        if record is None or record[2] == -math.inf:
+            group.exposure[channel_type] = [0.0, 0.0, at]
+            return
+        elapsed = at - record[2]
+        if elapsed > 0:
+            busy = group.capacity.get(channel_type, 0) - group.free.get(channel_type, 0)
+            decay = math.exp(-elapsed / self.policy.rate_window)
+            record[0] = record[0] * decay + busy * elapsed
+            record[1] *= decay
+            record[2] = at
 
     def sync_external(self, held: dict[tuple[str, str], int]) -> None:
         """Take the store's count of open conversations per (agent, channel type).
@@ -906,8 +1396,7 @@ class Scheduler:
                     external[pool] = n - state.used.get(pool, 0)
             if external != state.external:
                 state.external = external
-                for ct in list(self._free):
-                    self._refresh_free(state, ct)
+                self._index(state)
 
     def hold(self, slot: str, conversation: str, agent_id: str, channel_type: str) -> None:
         """Count a slot found in the store at startup (an open conversation)."""
@@ -923,7 +1412,8 @@ class Scheduler:
         self._note_open(slot, conversation, agent_id)
         pool = state.pool(channel_type)
         state.used[pool] = state.used.get(pool, 0) + 1
-        self._refresh_free(state, channel_type)
+        self._ensure_type(channel_type)
+        self._index(state)
 
     def move_slot(self, old: str, new: str) -> None:
         """Re-key a slot when the store joined the message to another conversation."""
@@ -936,7 +1426,7 @@ class Scheduler:
             if state is not None:
                 pool = state.pool(ct)
                 state.used[pool] = max(0, state.used.get(pool, 0) - 1)
-                self._refresh_free(state, ct)
+                self._index(state)
         else:
             self.holder[new] = agent_id
             self._slot_ct[new] = ct
@@ -956,6 +1446,7 @@ class Scheduler:
     def _unwait(self, work: Work) -> None:
         if self._waiting.pop(work.id, None) is None:
             return
+        self._demand_of(work).waiting -= 1
         left = self._depth[work.department] - 1
         if left:
             self._depth[work.department] = left
@@ -1012,6 +1503,17 @@ class Scheduler:
         """Tell whether a message waits here or is offered from here."""
         return message_id in self._waiting or message_id in self._offers
 
+    def why_waiting(self, message_id: str) -> dict[str, Any] | None:
+        """Return the reservation that keeps a waiting message from an agent with room.
+
+        None when the message is not waiting, or waits only because nobody who may take
+        it has room (or only agents it timed out with, or off shift).
+        """
+        work = self._waiting.get(message_id)
+        if work is None:
+            return None
+        return self._held_back.get(_queue_key(work))
+
     def waiting_count(self) -> int:
         """Return how many messages wait."""
         return len(self._waiting)
@@ -1024,37 +1526,74 @@ class Scheduler:
         """Yield every agent's live state."""
         return iter(self.states.values())
 
-    def _explain(self, work: Work, now: float, chosen: AgentState, rule: str) -> dict[str, Any]:
-        """Record every agent's verdict for this message (for `omnirouter explain`).
+    def _explain(
+        self, work: Work, now: float, chosen: AgentState, rule: str, notes: dict[_Group, str]
+    ) -> dict[str, Any]:
+        """Record why this agent, for `omnirouter explain`.
 
-        On a big roster the agents who were plainly out (off line, off shift, full, not
-        taking the channel type) are counted by reason instead of listed, so the record
-        stored with every assignment stays small.
+        Up to EXPLAIN_LIST_LIMIT agents, every agent's verdict. On a bigger roster the
+        record is built from the groups (see _Group) without walking the roster: the
+        chosen agent, each other eligible group's best member, and the rest counted by
+        reason, so its size and cost follow the number of groups.
         """
-        verdicts = []
-        others: dict[str, int] = {}
-        ct = work.channel_type
-        big = len(self.states) > EXPLAIN_LIST_LIMIT
-        for state in sorted(self.states.values(), key=lambda s: s.id):
-            verdict = self._verdict(state, work, now, chosen)
-            if big and verdict.startswith(_PLAINLY_OUT):
-                reason = verdict.split(":")[0]
-                others[reason] = others.get(reason, 0) + 1
-            else:
-                verdicts.append({"agent": state.id, "verdict": verdict})
-        return {
+        record: dict[str, Any] = {
             "rule": rule,
             "chosen": chosen.id,
-            "channel_type": ct,
+            "channel_type": work.channel_type,
             "label": work.label,
             "language": work.language,
             "department": work.department,
             "overflow_level": work.level,
-            "candidates": verdicts,
-            "others": others,
         }
+        if len(self.states) <= EXPLAIN_LIST_LIMIT:
+            verdicts = [
+                {"agent": state.id, "verdict": self._verdict(state, work, now, chosen, notes)}
+                for state in sorted(self.states.values(), key=lambda s: s.id)
+            ]
+            return {**record, "candidates": verdicts, "others": {}}
+        ct = work.channel_type
+        eligible = self._groups_for(work)
+        listed = [{"agent": chosen.id, "verdict": self._verdict(chosen, work, now, chosen, notes)}]
+        others: dict[str, int] = {}
 
-    def _verdict(self, state: AgentState, work: Work, now: float, chosen: AgentState) -> str:
+        def count(reason: str, n: int) -> None:
+            if n > 0:
+                others[reason] = others.get(reason, 0) + n
+
+        for group in self._groups.values():
+            if group not in eligible:
+                count(self._group_refusal(group, work), len(group.members))
+                continue
+            count("off line", len(group.members) - group.online)
+            count("full", group.online - group.with_room.get(ct, 0))
+            rest = group.with_room.get(ct, 0)
+            found = self._best_in(group, work, now, False) if rest else None
+            if found is not None and found[0] is not chosen and len(listed) < EXPLAIN_LIST_LIMIT:
+                best = found[0]
+                listed.append(
+                    {"agent": best.id, "verdict": self._verdict(best, work, now, chosen, notes)}
+                )
+                rest -= 1
+            if chosen.group is group:
+                rest -= 1
+            count("eligible, not chosen", rest)
+        return {**record, "candidates": listed, "others": others}
+
+    def _group_refusal(self, group: _Group, work: Work) -> str:
+        if group.classes and work.label not in group.classes:
+            return f"not skilled for {work.label}"
+        if group.languages and work.language not in group.languages:
+            return f"does not speak {work.language}"
+        return f"not in department {work.department}"
+
+    def _verdict(
+        self,
+        state: AgentState,
+        work: Work,
+        now: float,
+        chosen: AgentState,
+        notes: dict[_Group, str],
+    ) -> str:
         ct = work.channel_type
         agent = state.agent
         if state is chosen:
@@ -1080,8 +1619,9 @@ class Scheduler:
             return f"rotation: {state.streak} complaints in a row"
         if now - state.last_timeout < self.policy.unreliable_for:
             return "let an offer time out lately"
-        if state.protected and work.label not in self.policy.protected_labels:
-            return "kept for scarce work"
+        note = notes.get(state.group) if state.group is not None else None
+        if note is not None and (chosen.group is None or chosen.group is not state.group):
+            return note
         return (
             f"eligible, less spare room or assigned more recently "
             f"({state.room(ct)}/{state.capacity(ct)} {ct} free)"
@@ -1114,8 +1654,123 @@ def _reason(rule: str, state: AgentState, work: Work) -> str:
         "balance": "most spare capacity, longest since last assignment",
         "rotation": "rotation: others reached the complaint streak limit",
         "reliability": "others let offers time out lately",
-        "reserve": "agents with scarce skills kept for their work",
-        "reserve-released": "only specialists free and the message is at risk",
+        "reserve": "agents kept free for a more pressing class's reserve",
+        "reserve-released": "only reserved slots free and the message is at risk",
+        "scarcity": "agents whose skills other waiting or expected work needs kept for it",
+        "rotation-break": "agent at the complaint streak limit: other work is the break",
     }.get(rule, rule)
     level = f", overflow level {work.level}" if work.level else ""
     return f"{what} ({room}{level})"
+
+
+@dataclass(slots=True)
+class _Option:
+    """One group's best member for a message, and what speaks against the group."""
+
+    best: AgentState
+    top: AgentState  # the member the balance rule alone would pick
+    group: _Group
+    tired: bool  # at the complaint streak limit (complaints only)
+    unreliable: bool  # let an offer time out lately
+    reserved: bool  # taking it would break a more pressing class's reserve
+    cost: float  # shortfall it would leave other work of its group (scarcity)
+    conflict: dict[str, Any] | None
+    channel_type: str
+
+    def score(self, resting: set[str] | tuple[()]) -> tuple[Any, ...]:
+        """Return the option's rank: smaller is better."""
+        best = self.best
+        return (
+            self.tired,
+            self.unreliable,
+            self.reserved,
+            self.cost,
+            best.id not in resting,
+            *_balance_key(best, self.channel_type),
+        )
+
+
+def _balance_key(state: AgentState, channel_type: str) -> tuple[float, float, int]:
+    """Return an agent's balance order for a channel type (as its heap entry has it).
+
+    Smallest first: most spare room as a share of capacity, longest since the last
+    assignment, then the id.
+    """
+    room, capacity = state.counted.get(channel_type, (0, 0))
+    return (-room / capacity if capacity else 0.0, state.last_assigned, -state.rank)
+
+
+def _in_order(heap: list[_Entry]) -> Iterator[_Entry]:
+    """Yield a heap's entries smallest first, touching O(k log k) for the first k."""
+    if not heap:
+        return
+    yield heap[0]
+    frontier: list[tuple[tuple[float, float, int, int], int]] = []
+    for child in (1, 2):
+        if child < len(heap):
+            heapq.heappush(frontier, (heap[child][:4], child))
+    while frontier:
+        _, i = heapq.heappop(frontier)
+        yield heap[i]
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < len(heap):
+                heapq.heappush(frontier, (heap[child][:4], child))
+
+
+def _group_takes(group: _Group, work: Work, language: str, widened: tuple[str, ...]) -> bool:
+    """Tell whether a group's members may take the work (the _eligible rules, per group)."""
+    supervisor_ok = group.supervisor and WIDEN_SUPERVISORS in widened
+    if group.classes and work.label not in group.classes and not supervisor_ok:
+        return False
+    if (
+        group.languages
+        and language
+        and language not in group.languages
+        and WIDEN_LANGUAGES not in widened
+        and not supervisor_ok
+    ):
+        return False
+    return not (
+        work.department not in group.queues
+        and WIDEN_DEPARTMENTS not in widened
+        and not supervisor_ok
+    )
+
+
+def _queue_key(work: Work) -> tuple[str, str, str, str, int]:
+    return (work.label, work.language, work.channel_type, work.department, work.level)
+
+
+def _average(mean: float, sample: float) -> float:
+    """Fold a sample into a running mean over roughly the last 50 (0: no mean yet)."""
+    return sample if mean <= 0 else mean + (sample - mean) / 50
+
+
+def _per_second(weight: float, at: float, first: float, now: float, policy: Policy) -> float:
+    """Return the rate of a decayed count: events per second over the recent window.
+
+    Early on the window is the time since the first event (at least a minute), so a
+    new class's rate is not underestimated for its first `rate_window` seconds.
+    """
+    window = policy.rate_window
+    decayed = weight * math.exp(-max(0.0, now - at) / window)
+    span = window * (1.0 - math.exp(-max(0.0, now - first) / window))
+    return decayed / max(span, min(window, 60.0))
+
+
+def kind_name(demand: _Demand) -> str:
+    """Name a class across languages and departments: "P0/P1 complaint chat"."""
+    urgent = "P0/P1 " if demand.urgent else ""
+    return f"{urgent}{demand.label} {demand.channel_type}"
+
+
+def _poisson_above(mean: float, k: int) -> float:
+    """Return P(N > k) for N ~ Poisson(mean)."""
+    if k < 0:
+        return 1.0
+    term = math.exp(-mean)
+    below = term
+    for i in range(1, k + 1):
+        term *= mean / i
+        below += term
+    return max(0.0, 1.0 - below)

@@ -191,8 +191,7 @@ class SharedRouting:
             state = sched.states.get(agent_id)
             if state is not None and last >= state.last_assigned:
                 # The store saw this agent's latest assignment (made here or elsewhere).
-                state.streak = streak
-                state.last_assigned = last
+                sched.note_streak(agent_id, streak, last)
         # What the view covered and found in place again starts its clock afresh.
         for key in [k for k in self._missing if k not in seen]:
             if scope is None or key[1] in scope:

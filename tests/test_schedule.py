@@ -6,6 +6,7 @@ Every test drives the engine directly: a hand-made roster, explicit `now` values
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 
@@ -665,74 +666,151 @@ def test_overflow_continues_after_a_breached_offer_comes_back() -> None:
     assert run(s, 500) == {"b1": "sup"}
 
 
-# --- 11. reserve ----------------------------------------------------------------------
+# --- 11. scarce skills and reserves ----------------------------------------------------
 
 
-def reserve_roster() -> tuple[Agent, ...]:
+def reserve_roster(capacity: int = 1) -> tuple[Agent, ...]:
     return (
-        agent("s1", capacity=1, classes=("complaint", "inquiry")),
-        agent("s2", capacity=1, classes=("complaint", "inquiry")),
-        agent("g1", capacity=1, classes=("inquiry",)),
+        agent("s1", capacity=capacity, classes=("complaint", "inquiry")),
+        agent("s2", capacity=capacity, classes=("complaint", "inquiry")),
+        agent("g1", capacity=capacity, classes=("inquiry",)),
     )
 
 
-def test_generalist_takes_inquiry_while_it_has_room() -> None:
-    s = sched(*reserve_roster())
+def observe(
+    s: Scheduler, label: str, count: int, until: float, *, severity: str = "P3", sla: float = 120
+) -> None:
+    """Let `count` messages of a class arrive before `until`, then go (withdrawn).
+
+    Gives the scheduler an observed arrival rate for the class without load or
+    completions (hold times stay at the policy's `default_hold`).
+    """
+    for i in range(count):
+        at = until - (count - i) * (until / (count + 1))
+        seen = f"seen-{label}-{severity}-{i}"
+        s.submit(work(seen, label=label, severity=severity, arrival=at, sla=sla))
+        s.withdraw(seen)
+
+
+def test_without_other_demand_an_inquiry_goes_by_balance() -> None:
+    # Nobody has seen a complaint: keeping specialists free would be a fixed rule.
+    s = sched(*reserve_roster(capacity=2), explain=True)
+    s.hold("busy", "busy", "g1", "chat")
     (d,) = decide(s, 0, work("i1", sla=300))
-    assert (d.agent_id, d.rule) == ("g1", "reserve")
-
-
-def test_specialist_takes_inquiry_only_once_it_is_at_risk() -> None:
-    s = sched(*reserve_roster(), reserve_slack=0.5)
-    assert run(s, 0, work("i1", sla=300)) == {"i1": "g1"}
-    i2 = work("i2", arrival=10, sla=300)
-    assert run(s, 10, i2) == {}
-    # At risk once half of its 300 s SLA is spent: 10 + 150.
-    assert s.next_wakeup() == 160
-    assert run(s, 159) == {}
-    s.tick(160)
-    (d,) = s.dispatch(160)
-    assert d.work is i2
-    assert d.agent_id in {"s1", "s2"}
-    assert d.rule == "reserve-released"
-
-
-def test_complaints_go_to_specialists_without_delay() -> None:
-    s = sched(*reserve_roster())
-    (d,) = decide(s, 0, work("c1", label="complaint"))
     assert d.agent_id in {"s1", "s2"} and d.rule == "balance"
 
 
+def test_an_inquiry_avoids_agents_whose_other_work_is_expected() -> None:
+    # Complaints arrive steadily (only s1 and s2 can take them): an inquiry goes to the
+    # generalist even though a specialist has more spare room.
+    s = sched(*reserve_roster(capacity=2), explain=True)
+    observe(s, "complaint", 40, until=1200)
+    s.hold("busy", "busy", "g1", "chat")
+    (d,) = decide(s, 1200, work("i1", arrival=1200, sla=300))
+    assert (d.agent_id, d.rule) == ("g1", "scarcity")
+    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    assert verdicts["s1"].startswith("kept for scarce work: complaint")
+
+
+def test_a_waiting_suggestion_keeps_its_only_agents_for_it() -> None:
+    # Only g1 takes suggestions; one waits (no room) when an inquiry comes: the inquiry
+    # goes to the specialist, so the suggestion gets g1's next slot.
+    s = sched(
+        agent("s1", capacity=2, classes=("complaint", "inquiry")),
+        agent("g1", capacity=1, classes=("inquiry", "suggestion")),
+    )
+    s.hold("busy", "busy", "g1", "chat")
+    s.submit(work("sg", label="suggestion", sla=3600))
+    assert s.dispatch(0) == []
+    s.release("busy")
+    got = run(s, 1, work("i1", arrival=1, sla=300))
+    assert got == {"i1": "s1", "sg": "g1"}
+
+
+def test_reserve_size_follows_erlang_b_over_observed_rates() -> None:
+    roster = [agent(f"s{i}", capacity=1, classes=("complaint",)) for i in range(10)]
+    s = sched(*roster, reserve_risk=0.05, default_hold=300)
+    observe(s, "complaint", 30, until=3600, severity="P1", sla=30)
+    demand = next(d for d in s._demands.values() if d.urgent)
+    rate = s.rate(demand, 3600)
+    assert rate == pytest.approx(30 / 3600, rel=0.1)
+    slots, load, gap = s.reserve(demand, 3600)
+    # Ten slots, all busy: one frees every hold / (10 - 1) seconds.
+    assert gap == pytest.approx(300 / 9)
+    assert load == pytest.approx(rate * gap)
+    # The least r with ErlangB(r, load) * P(no completion within 30 s) <= 5 %.
+    late = math.exp(-30 / gap)
+    blocked, expected = 1.0, 0
+    while blocked * late > 0.05:
+        expected += 1
+        blocked = load * blocked / (expected + load * blocked)
+    assert slots == expected == 2
+
+
+def test_no_reserve_where_completions_come_well_within_the_deadline() -> None:
+    # Forty agents: a slot frees every few seconds, a P1's 30 s are plenty.
+    roster = [agent(f"a{i:02d}", capacity=1) for i in range(40)]
+    s = sched(*roster, reserve_risk=0.05, default_hold=300)
+    observe(s, "complaint", 60, until=3600, severity="P1", sla=30)
+    demand = next(d for d in s._demands.values() if d.urgent)
+    assert s.reserve(demand, 3600)[0] == 0
+
+
+def reserved_specialists() -> Scheduler:
+    """Two specialists, P1 complaints seen often: one slot is kept for them."""
+    s = sched(*reserve_roster(), reserve_slack=0.5, reserve_risk=0.05, default_hold=600)
+    observe(s, "complaint", 40, until=3600, severity="P1", sla=30)
+    return s
+
+
 def test_urgent_reserve_keeps_the_last_specialist_slot_for_p1() -> None:
-    s = sched(*reserve_roster(), urgent_reserve=1, reserve_slack=0.5)
-    assert run(s, 0, work("c1", label="complaint", sla=120)) == {"c1": "s2"}
+    s = reserved_specialists()
+    assert run(s, 3600, work("c1", label="complaint", arrival=3600, sla=120)) == {"c1": "s2"}
     # One specialist slot left: a non-urgent complaint leaves it free ...
-    assert run(s, 1, work("c2", label="complaint", arrival=1, sla=120)) == {}
+    c2 = work("c2", label="complaint", arrival=3601, sla=120)
+    assert run(s, 3601, c2) == {}
+    why = s.why_waiting("c2")
+    assert why is not None and why["rule"] == "reserve" and why["reserve"] == 1
+    assert why["for"] == "P0/P1 complaint en chat" and why["until"] == 3661
     # ... for a P1 complaint, which takes it at once.
-    (d,) = decide(s, 2, work("p1", label="complaint", severity="P1", arrival=2, sla=30))
+    (d,) = decide(s, 3602, work("p1", label="complaint", severity="P1", arrival=3602, sla=30))
     assert (d.work.id, d.agent_id) == ("p1", "s1")
     assert waiting_ids(s) == ["c2"]
 
 
 def test_urgent_reserve_released_when_the_complaint_is_at_risk() -> None:
-    s = sched(*reserve_roster(), urgent_reserve=1, reserve_slack=0.5)
-    run(s, 0, work("c1", label="complaint", sla=120))
-    assert run(s, 1, work("c2", label="complaint", arrival=1, sla=120)) == {}
-    assert s.next_wakeup() == 61
-    assert run(s, 60) == {}
-    (d,) = decide(s, 61)
+    # P1s are rare against how soon a slot comes back (a P1 every ~6 min, a slot frees
+    # every 25 s): a slot is still kept, but a complaint at risk may have it.
+    s = sched(*reserve_roster(), reserve_slack=0.5, reserve_risk=0.05, default_hold=25)
+    observe(s, "complaint", 10, until=3600, severity="P1", sla=30)
+    run(s, 3600, work("c1", label="complaint", arrival=3600, sla=120))
+    assert run(s, 3601, work("c2", label="complaint", arrival=3601, sla=120)) == {}
+    assert s.why_waiting("c2")["reserve"] == 1
+    assert s.next_wakeup() == 3661
+    assert run(s, 3660) == {}
+    (d,) = decide(s, 3661)
     assert (d.work.id, d.agent_id, d.rule) == ("c2", "s1", "reserve-released")
 
 
+def test_the_last_reserved_slot_stays_when_p1s_would_likely_need_it() -> None:
+    s = reserved_specialists()
+    run(s, 3600, work("c1", label="complaint", arrival=3600, sla=120))
+    assert run(s, 3601, work("c2", label="complaint", arrival=3601, sla=120)) == {}
+    assert run(s, 3661) == {}
+    why = s.why_waiting("c2")
+    assert why is not None and why["rule"] == "reserve" and why.get("last_slots")
+
+
 def test_urgent_reserve_is_not_spent_on_a_complaint_past_its_deadline() -> None:
-    s = sched(*reserve_roster(), urgent_reserve=1, reserve_slack=0.5)
-    run(s, 0, work("c1", label="complaint", sla=120))
+    s = reserved_specialists()
+    run(s, 3600, work("c1", label="complaint", arrival=3600, sla=120))
     # Arrives already late (a restart, a slow channel): the reserved slot cannot save it.
-    assert run(s, 200, work("late", label="complaint", arrival=0, sla=120)) == {}
-    assert run(s, 201) == {}
+    late = work("late", label="complaint", arrival=3400, sla=120)
+    assert run(s, 3700, late) == {}
+    assert s.why_waiting("late")["past_deadline"]
     # It is first in line for the next ordinary slot.
     s.release("c1")
-    assert run(s, 202).keys() == {"late"}
+    assert run(s, 3702).keys() == {"late"}
 
 
 # --- 12. explain ----------------------------------------------------------------------

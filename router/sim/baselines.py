@@ -27,8 +27,9 @@ def _plain(policy: Policy) -> Policy:
     return Policy(
         accept_timeout=policy.accept_timeout,
         complaint_streak_limit=0,
-        protected_labels=frozenset(),
         unreliable_for=0.0,
+        reserve_risk=0.0,
+        scarcity=False,
     )
 
 
