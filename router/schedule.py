@@ -132,7 +132,7 @@ class Work:
         return (rank, self.deadline, self.seq)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class AgentState:
     """An agent as the scheduler sees it: roster facts plus live load."""
 
@@ -151,6 +151,7 @@ class AgentState:
     # channel type -> (room, capacity) as last counted into the group's totals
     counted: dict[str, tuple[int, int]] = field(default_factory=dict)
     counted_online: bool = False
+    group_tired: bool = False  # at the complaint streak limit (sorts last in its heaps)
 
     @property
     def id(self) -> str:
@@ -183,8 +184,10 @@ class AgentState:
 
 
 # An index entry: (-room share, last assigned, -rank, version, agent). The smallest is
-# the agent the balance rule picks: most spare capacity, longest idle, then id.
+# the agent the balance rule picks: most spare capacity, longest idle, then id; agents
+# at their complaint streak limit sort after all others (their first field + _TIRED).
 _Entry = tuple[float, float, int, int, AgentState]
+_TIRED = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -208,6 +211,7 @@ class _Group:
     online: int = 0
     # channel type -> the classes of work this group may take (see _Demand)
     demands: dict[str, list[_Demand]] = field(default_factory=dict)
+    resting: set[AgentState] = field(default_factory=set)  # at the complaint streak limit
     # channel type -> [busy slot-seconds, slots freed, at], both decayed over the rate
     # window: their ratio is the mean hold time, counting the slots still held (an
     # average of finished ones alone runs short: short ones finish first).
@@ -240,6 +244,11 @@ class _Demand:
     hold: float = 0.0  # mean time its work holds a slot (0: none finished yet)
     weight_at: float = 0.0
     first_seen: float | None = None
+    free_slots: int = 0  # free slots of its groups' on-line members, kept by the index
+    slots: int = 0  # their capacity
+    # (now, rate) and (now, slots, load, gap, rate) computed last: reused within a tick
+    rate_cache: tuple[float, float] = (math.nan, 0.0)
+    reserve_cache: tuple[float, int, float, float, float] = (math.nan, 0, 0.0, 0.0, 0.0)
 
     def describe(self) -> str:
         """Return the class in words: "P0/P1 complaint zh chat"."""
@@ -248,13 +257,17 @@ class _Demand:
 
     def free(self) -> int:
         """Return the free slots of the agents who may take it."""
-        ct = self.channel_type
-        return sum(g.free.get(ct, 0) for g in self.groups)
+        return self.free_slots
 
     def capacity(self) -> int:
         """Return the slots of the on-line agents who may take it."""
+        return self.slots
+
+    def recount(self) -> None:
+        """Sum its groups' slots afresh (the index keeps them in step after that)."""
         ct = self.channel_type
-        return sum(g.capacity.get(ct, 0) for g in self.groups)
+        self.free_slots = sum(g.free.get(ct, 0) for g in self.groups)
+        self.slots = sum(g.capacity.get(ct, 0) for g in self.groups)
 
 
 @dataclass(slots=True)
@@ -421,10 +434,16 @@ class Scheduler:
 
     def _note_resting(self, state: AgentState) -> None:
         limit = self.policy.complaint_streak_limit
-        if limit and state.streak >= limit:
+        group = state.group
+        state.group_tired = bool(limit) and state.streak >= limit
+        if state.group_tired:
             self._resting.add(state.id)
+            if group is not None:
+                group.resting.add(state)
         else:
             self._resting.discard(state.id)
+            if group is not None:
+                group.resting.discard(state)
 
     def _regroup(self) -> None:
         """Sort the roster into groups and rebuild every index (on roster changes)."""
@@ -438,6 +457,10 @@ class Scheduler:
             group.members.append(state)
             state.group = group
             state.rank = rank
+            limit = self.policy.complaint_streak_limit
+            state.group_tired = bool(limit) and state.streak >= limit
+            if state.group_tired:
+                group.resting.add(state)
         self._groups_for_cache.clear()
         for demand in self._demands.values():
             self._link(demand)
@@ -455,10 +478,14 @@ class Scheduler:
             group.capacity = dict.fromkeys(types, 0)
             group.with_room = dict.fromkeys(types, 0)
             group.online = 0
+        for demand in self._demands.values():
+            demand.free_slots = demand.slots = 0
         for state in self.states.values():
             state.counted = {}
             state.counted_online = False
             self._index(state)
+        for demand in self._demands.values():
+            demand.recount()
 
     def _index(self, state: AgentState) -> None:
         """Recount an agent into its group's totals and heaps after any change to it."""
@@ -477,6 +504,9 @@ class Scheduler:
                     self._accrue(group, ct)
                     group.free[ct] = group.free.get(ct, 0) + room - old_room
                     group.capacity[ct] = group.capacity.get(ct, 0) + capacity - old_capacity
+                    for demand in group.demands.get(ct, ()):
+                        demand.free_slots += room - old_room
+                        demand.slots += capacity - old_capacity
                     with_room = group.with_room.get(ct, 0) + (room > 0) - (old_room > 0)
                     group.with_room[ct] = with_room
                     state.counted[ct] = (room, capacity)
@@ -486,7 +516,8 @@ class Scheduler:
             if room > 0 and group is not None:
                 free.add(state.id)
                 heap = group.heaps.setdefault(ct, [])
-                entry = (-room / capacity, state.last_assigned, -state.rank, state.version, state)
+                share = -room / capacity + (_TIRED if state.group_tired else 0.0)
+                entry = (share, state.last_assigned, -state.rank, state.version, state)
                 heapq.heappush(heap, entry)
                 if len(heap) > 2 * len(group.members) + 16:
                     # Every change pushes a fresh entry; drop the stale ones now and then.
@@ -772,48 +803,77 @@ class Scheduler:
         streak_work = bool(limit) and work.label in policy.streak_labels
         own = self._demand_of(work)
         scarcity = policy.scarcity
-        options: list[_Option] = []
-        notes: dict[_Group, str] = {}
         resting_ids: set[str] | tuple[()] = self._resting if limit and not streak_work else ()
-        resting = [self.states[i] for i in resting_ids]
+        # First what speaks against each group as a whole (reserves, scarcity): cheap
+        # per group, no agent walked. Then members, best groups first.
+        evaluated: list[tuple[bool, float, _Group, dict[str, Any] | None, _Demand | None]] = []
         for group in self._groups_for(work):
             if not group.with_room.get(ct):
                 continue
-            found = self._best_in(group, work, now, streak_work)
-            if found is None:
+            heap = group.heaps[ct]
+            while heap and heap[0][3] != heap[0][4].version:
+                heapq.heappop(heap)
+            if not heap:
                 continue
-            best, top, tired, unreliable = found
             conflict: dict[str, Any] | None = None
-            cost = 0.0
+            cost, short = 0.0, None
             if scarcity:
                 conflict = self._reserve_conflict(group, work, own, now)
                 cost, short = self._scarcity_cost(group, own, now)
+            evaluated.append((conflict is not None, cost, group, conflict, short))
+        if not evaluated:
+            return None
+        evaluated.sort(key=lambda e: (e[0], e[1]))
+        chosen: _Option | None = None
+        for reserved, cost, group, conflict, _ in evaluated:
+            if (
+                chosen is not None
+                and not (chosen.tired or chosen.unreliable)
+                and (reserved, cost) > (chosen.reserved, chosen.cost)
+            ):
+                break  # nobody further on can beat a flawless member of a better group
+            found = self._best_in(group, work, now, streak_work)
+            if found is None:
+                continue
+            best, _top, tired, unreliable = found
+            if group.resting and resting_ids and not unreliable:
+                rested = [
+                    m
+                    for m in group.resting
+                    if m.counted.get(ct, (0, 0))[0] > 0 and self._available(m, work, now)
+                ]
+                if rested:
+                    best = min(rested, key=lambda m: _balance_key(m, ct))
+            option = _Option(best, group, tired, unreliable, reserved, cost, conflict, ct)
+            if chosen is None or option.score(resting_ids) < chosen.score(resting_ids):
+                chosen = option
+        if chosen is None:
+            return None
+        # The balance rule alone would have taken the agent at the top of its heap.
+        plain = min(evaluated, key=lambda e: _balance_key(e[2].heaps[ct][0][4], ct))
+        top = plain[2].heaps[ct][0][4]
+        if streak_work and self._resting:
+            # Heaps put agents at the streak limit last: look for one the balance rule
+            # alone would have preferred (the choice then was rotation's).
+            for entry in evaluated:
+                for member in entry[2].resting:
+                    if (
+                        member.counted.get(ct, (0, 0))[0] > 0
+                        and _balance_key(member, ct) < _balance_key(top, ct)
+                        and self._available(member, work, now)
+                    ):
+                        top, plain = member, entry
+        rule = self._rule(chosen, top, plain[0], plain[1], work, now)
+        notes: dict[_Group, str] = {}
+        if self.explain or chosen.reserved or chosen.cost >= 1.0:
+            for _reserved, cost, group, conflict, short in evaluated:
                 if conflict is not None:
                     notes[group] = conflict["verdict"]
-                elif short is not None:
+                elif short is not None and cost > 0:
                     notes[group] = (
                         f"kept for scarce work: {short.describe()} has "
                         f"{short.free()} free slots ({short.waiting} waiting)"
                     )
-            rested = [
-                m
-                for m in resting
-                if m.group is group
-                and m.counted.get(ct, (0, 0))[0] > 0
-                and self._available(m, work, now)
-            ]
-            if rested and not unreliable:
-                best = min(rested, key=lambda m: _balance_key(m, ct))
-            options.append(
-                _Option(
-                    best, top, group, tired, unreliable, conflict is not None, cost, conflict, ct
-                )
-            )
-        if not options:
-            return None
-        chosen = min(options, key=lambda o: o.score(resting_ids))
-        plain = min(options, key=lambda o: _balance_key(o.top, ct))
-        rule = self._rule(chosen, plain, work, now, resting_ids)
         if scarcity and chosen.conflict is None and not chosen.tired:
             better = self._better_soon(chosen, work, now)
             if better is not None:
@@ -858,13 +918,13 @@ class Scheduler:
     def _rule(
         self,
         chosen: _Option,
-        plain: _Option,
+        top: AgentState,
+        top_reserved: bool,
+        top_cost: float,
         work: Work,
         now: float,
-        resting: set[str] | tuple[()],
     ) -> str:
-        """Name the first preference that made `chosen` win over the balance pick."""
-        top = plain.top
+        """Name the first preference that made `chosen` win over the balance pick `top`."""
         if chosen.best is top:
             return "balance"
         limit = self.policy.complaint_streak_limit
@@ -872,11 +932,11 @@ class Scheduler:
             return "rotation"
         if now - top.last_timeout < self.policy.unreliable_for and not chosen.unreliable:
             return "reliability"
-        if plain.reserved and not chosen.reserved:
+        if top_reserved and not chosen.reserved:
             return "reserve"
-        if plain.cost > chosen.cost:
+        if top_cost > chosen.cost:
             return "scarcity"
-        if chosen.best.id in resting and top.id not in resting:
+        if chosen.best.id in self._resting and top.id not in self._resting:
             return "rotation-break"
         return "balance"
 
@@ -885,8 +945,8 @@ class Scheduler:
     ) -> tuple[AgentState, AgentState, bool, bool] | None:
         """Return a group's best member for the work, its balance pick, and the best's flaws.
 
-        Members come off the group's heap in balance order; the first one under the
-        streak limit (for complaints) and without a recent timeout ends the look.
+        Members come off the group's heap in balance order, those at the streak limit
+        last; the first one without a recent timeout ends the look.
         """
         heap = group.heaps.get(work.channel_type)
         while heap and heap[0][3] != heap[0][4].version:
@@ -910,8 +970,10 @@ class Scheduler:
             )
             if best is None or found < flaws:
                 best, flaws = state, found
-                if found == (False, False):
-                    break
+            if not flaws[1]:
+                # Heaps sort agents at the streak limit last: nobody further on is
+                # under it when this one is not, so a reliable best is final.
+                break
         if best is None or top is None:
             return None
         return best, top, flaws[0], flaws[1]
@@ -972,6 +1034,7 @@ class Scheduler:
         demand.groups = self._groups_for(probe)
         for group in demand.groups:
             group.demands.setdefault(demand.channel_type, []).append(demand)
+        demand.recount()
 
     def _observe(self, work: Work, demand: _Demand) -> None:
         """Count a new message in its class's arrival rate (at its arrival time)."""
@@ -983,12 +1046,17 @@ class Scheduler:
         tau = self.policy.rate_window
         demand.weight = demand.weight * math.exp(-max(0.0, at - demand.weight_at) / tau) + 1
         demand.weight_at = max(demand.weight_at, at)
+        demand.rate_cache = (math.nan, 0.0)
 
     def rate(self, demand: _Demand, now: float) -> float:
         """Return a class's observed arrival rate per second (decayed over rate_window)."""
         if demand.first_seen is None:
             return 0.0
-        return _per_second(demand.weight, demand.weight_at, demand.first_seen, now, self.policy)
+        at, rate = demand.rate_cache
+        if at != now:
+            rate = _per_second(demand.weight, demand.weight_at, demand.first_seen, now, self.policy)
+            demand.rate_cache = (now, rate)
+        return rate
 
     def _group_hold(self, group: _Group, channel_type: str) -> float:
         """Return the mean time a member holds a slot (with default_hold as a prior)."""
@@ -1030,6 +1098,11 @@ class Scheduler:
             rate = self.rate(demand, now)
         if risk <= 0 or capacity <= 1 or rate <= 0:
             return min(floor, capacity // 2), 0.0, 0.0
+        at, slots, load, gap, rate_then = demand.reserve_cache
+        # Rates and hold times are averages over rate_window: within a sixtieth of it
+        # and 2 % of the rate the last answer stands (placements come by the thousand).
+        if now - at < self.policy.rate_window / 60 and abs(rate - rate_then) <= 0.02 * rate_then:
+            return slots, load, gap
         gap = self._full_gap(demand)
         late = math.exp(-demand.sla / gap)
         load = rate * gap
@@ -1037,7 +1110,9 @@ class Scheduler:
         while blocked * late > risk and slots < capacity // 2:
             slots += 1
             blocked = load * blocked / (slots + load * blocked)
-        return max(slots, min(floor, capacity // 2)), load, gap
+        slots = max(slots, min(floor, capacity // 2))
+        demand.reserve_cache = (now, slots, load, gap, rate)
+        return slots, load, gap
 
     def _reserve_conflict(
         self, group: _Group, work: Work, own: _Demand, now: float
@@ -1668,7 +1743,6 @@ class _Option:
     """One group's best member for a message, and what speaks against the group."""
 
     best: AgentState
-    top: AgentState  # the member the balance rule alone would pick
     group: _Group
     tired: bool  # at the complaint streak limit (complaints only)
     unreliable: bool  # let an offer time out lately
