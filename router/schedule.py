@@ -15,16 +15,28 @@ How a decision is made:
   widen the last three for work waiting past its deadline.
 * **Choice among the eligible.** The agent who has the conversation open (sticky),
   unless that agent is at its complaint streak limit and someone under it has room;
-  else agents under their complaint streak limit (rotation), agents who have not let
-  work time out lately, and agents without a scarce skill (a complaint specialist is
-  kept for complaints while a generalist can take an inquiry); then the most spare
-  capacity, then the longest since their last assignment, so quick agents are not
-  punished with all the work.
-* **Urgent reserve.** Where complaint specialists are a scarce pool (some agents for
-  the channel type cannot take complaints), non-urgent work leaves the pool's last
-  `urgent_reserve` slots free for P0/P1 work; a complaint may take one only once it
-  has spent `reserve_slack` of its SLA waiting and can still make its deadline (the
-  reserve is spent only on work it can save; later work waits for an ordinary slot).
+  else agents under their complaint streak limit (rotation) and who have not let work
+  time out lately; then agents not needed for a reserve (below); then the agent whose
+  skills the *other* work needs least (scarcity: for each other class the agent could
+  take, what waits plus its expected load, arrival rate x hold time, over the free
+  slots left for it, weighted by how short its deadline is); agents at the streak
+  limit for other work (their break); then the most spare capacity, then the longest
+  since their last assignment, so quick agents are not punished with all the work.
+* **Reserves.** Where a slot frees too seldom for a class's deadline (a P0/P1
+  complaint given 30 s while, with all its agents busy, a slot frees every 40 s), less
+  pressing work leaves r slots of that class's agents free. r follows the observed
+  arrival and completion rates (Erlang B, see `reserve()`), so it grows in a burst and
+  is zero in a big pool. Held-back work takes a reserved slot once it has spent
+  `reserve_slack` of its SLA and can still make its deadline, unless those are the
+  reserve's last slots and the class would likely need them first.
+* **Waiting for the right agent.** When the only free agents are needed by other work
+  and an agent who is not frees a slot well before the message is at risk (observed
+  hold times), the message waits for that agent. Every hold-back is recorded with its
+  reason (`why_waiting`); nothing else leaves an eligible agent idle.
+* **Indexes.** Agents with the same classes, languages, departments and role form a
+  group; each group keeps its members with room in a heap per channel type, and each
+  class of work (label, urgency, language, department, channel type) knows its
+  groups, rate and free slots. A placement reads a few groups' heads, not the roster.
 * **Slots.** Assigned-but-not-accepted work holds a slot as accepted work does. An
   offer not accepted within the accept timeout goes back to the queue (and never to
   the same agent again); an agent going off line, or whose shift ends, gives back what
@@ -244,6 +256,9 @@ class _Demand:
     hold: float = 0.0  # mean time its work holds a slot (0: none finished yet)
     weight_at: float = 0.0
     first_seen: float | None = None
+    # Every instance's arrivals (from the shared store): a rate floor, and when seen.
+    shared_rate: float = 0.0
+    shared_at: float = -math.inf
     free_slots: int = 0  # free slots of its groups' on-line members, kept by the index
     slots: int = 0  # their capacity
     # (now, rate) and (now, slots, load, gap, rate) computed last: reused within a tick
@@ -1055,8 +1070,31 @@ class Scheduler:
         at, rate = demand.rate_cache
         if at != now:
             rate = _per_second(demand.weight, demand.weight_at, demand.first_seen, now, self.policy)
+            if now - demand.shared_at < self.policy.rate_window / 5:
+                # Other instances take in work of this class too: count theirs as well.
+                rate = max(rate, demand.shared_rate)
             demand.rate_cache = (now, rate)
         return rate
+
+    def note_arrivals(
+        self, counts: Iterable[tuple[str, str, str, str, str, int]], window: float, now: float
+    ) -> None:
+        """Take every instance's arrivals over the last `window` seconds, per class.
+
+        Rows are (label, severity, language, department, channel type, count), as the
+        shared store counts them. A class this instance has not met yet is left alone:
+        its deadline is learned from its first message here.
+        """
+        totals: dict[tuple[str, bool, str, str, str], int] = {}
+        for label, severity, language, department, channel_type, count in counts:
+            key = (label, severity in URGENT_SEVERITIES, language, department, channel_type)
+            totals[key] = totals.get(key, 0) + count
+        for key, count in totals.items():
+            demand = self._demands.get(key)
+            if demand is not None and window > 0:
+                demand.shared_rate = count / window
+                demand.shared_at = now
+                demand.rate_cache = (math.nan, 0.0)
 
     def _group_hold(self, group: _Group, channel_type: str) -> float:
         """Return the mean time a member holds a slot (with default_hold as a prior)."""

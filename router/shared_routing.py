@@ -116,8 +116,13 @@ class SharedRouting:
             # Work submitted here before this mark was committed as queued before the
             # view is read: if the view does not list it, another instance placed it.
             mark = core.scheduler.mark()
+            wall = time.time()
             view = await core.store.routing_view(
-                policy.streak_labels, depth, time.time() - _STREAK_WINDOW, scope
+                policy.streak_labels,
+                depth,
+                wall - _STREAK_WINDOW,
+                scope,
+                None if scope is not None else wall - policy.rate_window,
             )
             now = core.clock()
             returned = self.apply(view, now, mark, notified)
@@ -187,6 +192,8 @@ class SharedRouting:
             state = sched.states.get(agent_id)
             if state is not None and state.online != present and not state.away:
                 returned += sched.set_presence(agent_id, present, now)
+        if view.arrivals:
+            sched.note_arrivals(view.arrivals, self.core.scheduler.policy.rate_window, now)
         for agent_id, (streak, last) in view.streaks.items():
             state = sched.states.get(agent_id)
             if state is not None and last >= state.last_assigned:

@@ -1055,3 +1055,44 @@ def test_explain_on_a_big_roster_counts_the_plainly_unavailable() -> None:
     listed = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
     assert set(listed) == {"free", "fr-only"}
     assert d.explain["others"] == {"full": 60}
+
+
+def test_explain_on_a_thousand_agents_stays_small_and_accounts_for_everyone() -> None:
+    skills = [("complaint", "inquiry"), ("inquiry",), ("inquiry", "suggestion"), ("complaint",)]
+    roster = [
+        agent(
+            f"a{i:04d}", capacity=2, classes=skills[i % 4], languages=(("en",), ("zh",))[i // 4 % 2]
+        )
+        for i in range(1000)
+    ]
+    s = sched(*roster, explain=True)
+    for i in range(0, 1000, 3):
+        s.hold(f"slot{i}a", f"c{i}a", f"a{i:04d}", "chat")
+        s.hold(f"slot{i}b", f"c{i}b", f"a{i:04d}", "chat")
+    for i in range(1, 1000, 7):
+        s.set_presence(f"a{i:04d}", False)
+    (d,) = decide(s, 0, work("m", label="inquiry", language="zh"))
+    record = d.explain
+    assert record is not None
+    # One line per eligible group's best member (and the chosen), the rest counted.
+    assert len(record["candidates"]) <= len(skills) * 2
+    assert record["candidates"][0]["agent"] == d.agent_id
+    accounted = len(record["candidates"]) + sum(record["others"].values())
+    assert accounted == 1000
+    assert record["others"]["not skilled for inquiry"] == 250
+    assert record["others"]["does not speak zh"] == 375
+    assert record["others"]["off line"] > 0 and record["others"]["full"] > 0
+
+
+def test_other_instances_arrivals_raise_the_rate_and_so_the_reserve() -> None:
+    # This instance saw few P1s; the shared store counts many more from the others.
+    roster = [agent(f"s{i}", capacity=1, classes=("complaint",)) for i in range(10)]
+    s = sched(*roster, reserve_risk=0.05, default_hold=300)
+    observe(s, "complaint", 3, until=3600, severity="P1", sla=30)
+    demand = next(d for d in s._demands.values() if d.urgent)
+    alone = s.reserve(demand, 3600)[0]
+    s.note_arrivals([("complaint", "P1", "en", "default", "chat", 120)], 600, 3600)
+    assert s.rate(demand, 3600) == pytest.approx(120 / 600)
+    assert s.reserve(demand, 3600)[0] > alone
+    # A count that is not refreshed stops counting after a fifth of the window.
+    assert s.rate(demand, 3600 + 600 / 5 + 1) < 120 / 600

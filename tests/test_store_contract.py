@@ -1412,3 +1412,22 @@ async def test_a_streak_grown_meanwhile_refuses_the_assignment(store: Store) -> 
         ),
     )
     assert (await store.ingest(inquiry)).assigned
+
+
+async def test_routing_view_counts_every_instances_arrivals_per_class(store: Store) -> None:
+    # Old news, then three complaints (one P1) and an inquiry within the window.
+    await store.ingest(new_message(label="complaint", ingested_at=T0 - 2 * HOUR))
+    for severity, at in (("P1", T0), ("P2", T0 + 1), ("P2", T0 + 2)):
+        await store.ingest(new_message(label="complaint", severity=severity, ingested_at=at))
+    await store.ingest(new_message(label="inquiry", channel_type="chat", ingested_at=T0 + 3))
+    view = await store.routing_view(frozenset({"complaint"}), 4, T0 - HOUR, None, T0 - 600)
+    assert sorted(view.arrivals) == [
+        ("complaint", "P1", "en", "default", "web", 1),
+        ("complaint", "P2", "en", "default", "web", 2),
+        ("inquiry", "P2", "en", "default", "chat", 1),
+    ]
+    # A look at some conversations counts nothing (it is not the whole picture).
+    scoped = await store.routing_view(
+        frozenset({"complaint"}), 4, T0 - HOUR, frozenset({"none"}), T0 - 600
+    )
+    assert scoped.arrivals == []

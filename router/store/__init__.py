@@ -319,6 +319,10 @@ class RoutingView:
     # Per agent: how many of its latest assignments in a row carry one of the streak
     # labels (complaint rotation), and when its latest assignment was made.
     streaks: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # Messages every instance took in since `arrivals_since`, per class: (label,
+    # severity, language, queue, channel type, count). Whole views only; the
+    # schedulers' arrival rates (and so their reserves) then count all instances' work.
+    arrivals: list[tuple[str, str, str, str, str, int]] = field(default_factory=list)
 
 
 class Store(Protocol):
@@ -448,10 +452,12 @@ class Store(Protocol):
         depth: int,
         since: float,
         conversations: frozenset[str] | None = None,
+        arrivals_since: float | None = None,
     ) -> RoutingView:
         """Return the routing state every instance shares: open conversations and their
-        holders, queued messages, presence, and each agent's streak over its latest
-        `depth` assignments made since `since`."""
+        holders, queued messages, presence, each agent's streak over its latest
+        `depth` assignments made since `since`, and (whole views with `arrivals_since`)
+        the messages taken in since then per class."""
 
     @property
     def shared(self) -> bool:

@@ -1234,11 +1234,13 @@ def routing_view(
     depth: int,
     since: float,
     conversations: frozenset[str] | None = None,
+    arrivals_since: float | None = None,
 ) -> RoutingView:
     """Return open conversations, queued messages, presence and streaks since `since`.
 
     With `conversations`, only those conversations and their queued messages (a look at
-    what changed); presence and streaks are always whole (they are small).
+    what changed); presence and streaks are always whole (they are small). A whole view
+    with `arrivals_since` also counts the messages taken in since then, per class.
     """
     view = RoutingView(scope=conversations)
     where, args = "", cast(tuple[str, ...], ())
@@ -1285,6 +1287,16 @@ def routing_view(
                 view.streaks[agent_id] = (streak + 1, last)
             else:
                 counting.discard(agent_id)
+    if conversations is None and arrivals_since is not None:
+        view.arrivals = [
+            (str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]))
+            for r in c.execute(
+                "SELECT label, severity, language, queue, channel_type, COUNT(*) "
+                "FROM messages WHERE ingested_at >= ? "
+                "GROUP BY label, severity, language, queue, channel_type",
+                (arrivals_since,),
+            )
+        ]
     return view
 
 

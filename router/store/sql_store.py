@@ -194,10 +194,11 @@ class SqlStore(ABC):
         depth: int,
         since: float,
         conversations: frozenset[str] | None = None,
+        arrivals_since: float | None = None,
     ) -> RoutingView:
         """Return the routing state every instance shares (see `router.store.Store`)."""
         return await self._read(
-            lambda c: q.routing_view(c, streak_labels, depth, since, conversations)
+            lambda c: q.routing_view(c, streak_labels, depth, since, conversations, arrivals_since)
         )
 
     def take_changes(self) -> frozenset[str] | None:
