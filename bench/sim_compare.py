@@ -13,6 +13,14 @@ Usage: python bench/sim_compare.py [--scenarios steady_80,peak_burst,...] [--see
 2. The issue's bars, each comparing omnirouter with least_loaded on the same trace. A
    bar passes only if it holds on every seed; each line shows the numbers per seed,
    then the seeds pooled (for reading only: the verdict is per trace).
+   Beyond the four "normal" scenarios: overload_110 (urgent SLA >= 95 %, nothing
+   never accepted), no_answer (complaint SLA >= least_loaded's, no re-offer after a
+   timeout), scarce_skills (urgent SLA >= 98 %; every class's mean wait <= 1.5 x
+   least_loaded's, the baseline floored at 1 s so sub-second noise cannot fail it: the
+   scheduler must not starve the one group that serves suggestions nor push complaints
+   onto it), burst (urgent SLA >= 98 % and complaint SLA >= least_loaded's through a
+   15-minute surge at three times the base rate). Every scenario also needs zero
+   complaint streak violations.
 3. The theory check: steady_80 is an M/M/c queue (one channel type, capacity 1 per
    agent, exponential 300 s handling for every class). For seeds 1..`--theory-seeds`
    a long trace (`--theory-hours`) gives λ = arrivals / arrival period, h = the trace's
@@ -53,6 +61,10 @@ NORMAL_BARS: dict[str, tuple[float, float, float]] = {
     "shift_change": (0.01, 1.5, 0.02),
 }
 URGENT_SLA_BAR = 0.98
+# scarce_skills: each class's mean wait against least_loaded's, with a floor on the
+# baseline so that sub-second waits (0.2 s vs 0.4 s) are not read as a regression.
+CLASS_WAIT_FACTOR = 1.5
+CLASS_WAIT_FLOOR = 1.0
 URGENT_SLA_BAR_OVERLOAD = 0.95
 THEORY_TOLERANCE = 0.15
 
@@ -73,6 +85,12 @@ def sla(summary: Mapping[str, Any], cls: str) -> float | None:
     return None if entry is None else entry["sla_attainment"]
 
 
+def class_wait(summary: Mapping[str, Any], cls: str) -> float | None:
+    """Return a class's mean wait, None if the class is absent or nothing was accepted."""
+    entry = summary["classes"].get(cls)
+    return None if entry is None else entry.get("mean_wait")
+
+
 def mean_wait_of(summary: Mapping[str, Any]) -> float:
     """Return the overall mean wait (0 if nothing was accepted)."""
     return summary["overall"]["mean_wait"] or 0.0
@@ -86,6 +104,11 @@ def pooled(runs: list[Run]) -> dict[str, Any]:
         count = sum(e["count"] for e in entries)
         hit = sum(e["sla_attainment"] * e["count"] for e in entries)
         out[cls] = hit / count if count else None
+        waited = [e for e in entries if e["mean_wait"] is not None]
+        weight = sum(e["count"] for e in waited)
+        out[f"{cls}_mean_wait"] = (
+            sum(e["mean_wait"] * e["count"] for e in waited) / weight if weight else None
+        )
     count = sum(r.summary["overall"]["count"] for r in runs)
     waited = sum(mean_wait_of(r.summary) * r.summary["overall"]["count"] for r in runs)
     out["mean_wait"] = waited / count if count else 0.0
@@ -179,6 +202,17 @@ def _wait_vs_base(factor: float) -> Bar:
     return Bar(f"mean wait <= {factor:g} x least_loaded's", test)
 
 
+def _class_wait_vs_base(cls: str, factor: float, floor: float = CLASS_WAIT_FLOOR) -> Bar:
+    def test(ours: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[bool, str] | None:
+        mine, theirs = class_wait(ours, cls), class_wait(base, cls)
+        if mine is None or theirs is None:
+            return None
+        limit = factor * max(theirs, floor)
+        return mine <= limit, f"{mine:.2f}s vs {theirs:.2f}s (limit {limit:.2f}s)"
+
+    return Bar(f"{cls} wait <= {factor:g} x max(least_loaded's, {floor:g} s)", test)
+
+
 def _gini_vs_base(slack: float) -> Bar:
     def test(ours: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[bool, str] | None:
         mine, theirs = ours["utilisation_gini"], base["utilisation_gini"]
@@ -214,6 +248,11 @@ def bars_for(scenario: str) -> list[Bar]:
         ]
     elif scenario == "no_answer":
         bars += [_sla_vs_base("complaint", 0.0), _counter_zero("reoffered_after_timeout")]
+    elif scenario == "scarce_skills":
+        bars.append(_sla_at_least("complaint_urgent", URGENT_SLA_BAR))
+        bars += [_class_wait_vs_base(cls, CLASS_WAIT_FACTOR) for cls in CLASSES]
+    elif scenario == "burst":
+        bars += [_sla_at_least("complaint_urgent", URGENT_SLA_BAR), _sla_vs_base("complaint", 0.0)]
     bars.append(_counter_zero("complaint_streak_violations"))
     return bars
 
@@ -222,7 +261,9 @@ def as_summary(pool: Mapping[str, Any]) -> dict[str, Any]:
     """Return pooled figures in the shape of an analyse() summary, for the bar tests."""
     summary = dict(pool)
     summary["classes"] = {
-        c: {"sla_attainment": pool[c]} for c in CLASSES if pool.get(c) is not None
+        c: {"sla_attainment": pool[c], "mean_wait": pool[f"{c}_mean_wait"]}
+        for c in CLASSES
+        if pool.get(c) is not None
     }
     summary["overall"] = {"mean_wait": pool["mean_wait"]}
     summary["utilisation_gini"] = pool["gini"]
@@ -267,9 +308,9 @@ def print_bars(results: list[dict[str, Any]]) -> None:
         seeds = "; ".join(
             f"s{s['seed']} {s['figures']}{'' if s['ok'] else ' FAIL'}" for s in r["seeds"]
         )
-        print(f"   {verdict}  {r['bar']:<44} {seeds}")
+        print(f"   {verdict}  {r['bar']:<52} {seeds}")
         if len(r["seeds"]) > 1 and r["pooled"] is not None:
-            print(f"   {'':<6}{'':<44} pooled {r['pooled']}")
+            print(f"   {'':<6}{'':<52} pooled {r['pooled']}")
 
 
 def fcfs_wait(messages: list[dict[str, Any]], servers: int) -> float:

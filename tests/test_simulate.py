@@ -207,3 +207,124 @@ def test_random_traces_keep_the_invariants_for_every_policy(seed: int) -> None:
         if policy == "omnirouter":
             assert summary["reoffered_after_timeout"] == 0
             assert summary["complaint_streak_violations"] == 0, summary["violations"][:3]
+
+
+def _messages(trace: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [line for line in trace if line["type"] == "message"]
+
+
+def _agents(trace: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [line for line in trace if line["type"] == "agent"]
+
+
+@pytest.mark.parametrize("scenario", ["scarce_skills", "burst"])
+def test_new_scenarios_are_deterministic_per_seed(scenario: str) -> None:
+    assert generate(scenario, 5, hours=1) == generate(scenario, 5, hours=1)
+    assert generate(scenario, 5, hours=1) != generate(scenario, 6, hours=1)
+
+
+@pytest.mark.parametrize("count", [6, 36, 50])
+def test_scarce_skills_roster_keeps_its_groups(count: int) -> None:
+    agents = _agents(generate("scarce_skills", 1, hours=0.1, agents=count))
+    assert len(agents) == count
+    suggestion = [a for a in agents if "suggestion" in a["skills"]]  # type: ignore[operator]
+    complaint = [a for a in agents if "complaint" in a["skills"]]  # type: ignore[operator]
+    # Generalists (inquiry + suggestion, both languages) are the only suggestion agents.
+    assert all(a["skills"] == ["inquiry", "suggestion"] for a in suggestion)
+    assert all(a["languages"] == ["zh", "en"] for a in suggestion)
+    assert not {id(a) for a in suggestion} & {id(a) for a in complaint}
+    specialists = [a for a in complaint if a["languages"] == ["zh", "en"]]
+    flexible = [a for a in complaint if len(a["languages"]) == 1]  # type: ignore[arg-type]
+    assert len(specialists) + len(flexible) + len(suggestion) == count
+    assert abs(len(specialists) - count / 3) <= 1
+    assert abs(len(flexible) - 0.4 * count) <= 1
+    assert len(suggestion) >= 1 and abs(len(suggestion) - 0.25 * count) <= 2
+    by_lang = [a["languages"] for a in flexible]
+    assert abs(by_lang.count(["zh"]) - by_lang.count(["en"])) <= 1
+    assert all(a["capacity"] == {"chat": 3, "email": 5} for a in agents)
+    if count == 36:
+        assert (len(specialists), len(flexible), len(suggestion)) == (12, 14, 10)
+
+
+def test_scarce_skills_rejects_a_roster_too_small_for_its_groups() -> None:
+    with pytest.raises(ValueError, match="at least 6"):
+        generate("scarce_skills", 1, agents=5)
+
+
+def _offered_load(trace: list[dict[str, object]], since: float = 0.0) -> dict[str, float]:
+    """Return per channel type: handle time offered / (capacity x period)."""
+    horizon = float(trace[-1]["t"])  # type: ignore[arg-type]
+    capacity: dict[str, int] = {}
+    for agent in _agents(trace):
+        for channel_type, slots in agent["capacity"].items():  # type: ignore[attr-defined]
+            capacity[channel_type] = capacity.get(channel_type, 0) + slots
+    work: dict[str, float] = dict.fromkeys(capacity, 0.0)
+    for m in _messages(trace):
+        if float(m["t"]) >= since:  # type: ignore[arg-type]
+            work[m["channel_type"]] += float(m["handle_time"])  # type: ignore[index, arg-type]
+    return {c: work[c] / (capacity[c] * (horizon - since)) for c in capacity}
+
+
+def test_scarce_skills_offers_the_target_load_and_suggestions_fit_the_generalists() -> None:
+    trace = generate("scarce_skills", 3, hours=48)
+    loads = _offered_load(trace)
+    assert set(loads) == {"chat", "email"}
+    for load in loads.values():
+        assert load == pytest.approx(0.72, rel=0.10)
+    override = _offered_load(generate("scarce_skills", 3, hours=48, agents=20, utilisation=0.5))
+    for load in override.values():
+        assert load == pytest.approx(0.5, rel=0.10)
+    # The suggestion work alone stays well inside the generalists' capacity, and the
+    # complaint work inside the complaint-skilled agents'.
+    horizon = float(trace[-1]["t"])  # type: ignore[arg-type]
+    agents = _agents(trace)
+    for channel_type in ("chat", "email"):
+        for cls, headroom in (("suggestion", 0.5), ("complaint", 0.8)):
+            slots = sum(
+                a["capacity"][channel_type]  # type: ignore[index]
+                for a in agents
+                if cls in a["skills"]  # type: ignore[operator]
+            )
+            work = sum(
+                float(m["handle_time"])  # type: ignore[arg-type]
+                for m in _messages(trace)
+                if m["class"] == cls and m["channel_type"] == channel_type
+            )
+            assert work / horizon < headroom * slots, (channel_type, cls)
+
+
+def test_burst_triples_the_rate_for_fifteen_minutes_then_returns_to_base() -> None:
+    # Many seeds of the surge window pooled, so that 900 s of arrivals are not noise.
+    inside = before = after = 0
+    for seed in range(1, 9):
+        times = [float(m["t"]) for m in _messages(generate("burst", seed, hours=4))]  # type: ignore[arg-type]
+        inside += sum(1 for t in times if 3600 <= t < 4500)
+        before += sum(1 for t in times if t < 3600)
+        after += sum(1 for t in times if 4500 <= t < 14400)
+    base_rate = (before + after) / (8 * (3600 + 9900))
+    assert inside / (8 * 900) == pytest.approx(3 * base_rate, rel=0.20)
+    assert before / 3600 == pytest.approx(after / 9900, rel=0.10)
+    # Outside the surge, the offered load is the 0.55 base on every channel type.
+    long = generate("burst", 2, hours=48)
+    for load in _offered_load(long, since=4500.0).values():
+        assert load == pytest.approx(0.55, rel=0.10)
+    # A run shorter than the surge start has no surge at all.
+    short = _offered_load(generate("burst", 2, hours=1, utilisation=0.5))
+    assert all(load < 0.5 * 1.3 for load in short.values())
+
+
+def test_cli_generates_the_new_scenarios(tmp_path: Path) -> None:
+    for scenario in ("scarce_skills", "burst"):
+        trace = tmp_path / f"{scenario}.jsonl"
+        done = _omnirouter(
+            "simulate", "generate", "--scenario", scenario, "--seed", "2", "--hours", "1",
+            "--agents", "12", "--out", str(trace), cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines = load_jsonl(trace)
+        assert lines == generate(scenario, 2, hours=1, agents=12)
+        assert len(_agents(lines)) == 12
+    done = _omnirouter(
+        "simulate", "generate", "--scenario", "scarce_skills", "--agents", "3", cwd=tmp_path
+    )
+    assert done.returncode == 2 and "at least 6" in done.stderr

@@ -56,6 +56,11 @@ SCENARIOS: dict[str, str] = {
     "shift_change": "36 agents at 0.60 load; a third go off line at half time (0.90 after)",
     "overload_110": "30 agents at 0.70 load, 1.10 from 1/4 to 5/8 of the run, then 0.70",
     "no_answer": "30 agents at 0.70 load; a01-a05 ignore each message with probability 0.3",
+    "scarce_skills": (
+        "36 agents at 0.72 load: 12 zh/en complaint specialists, 14 one-language "
+        "inquiry/complaint agents, 10 zh/en generalists, the only ones with suggestion"
+    ),
+    "burst": "30 agents on chat/email/sms at 0.55 load, arrival rate tripled 3600-4500 s",
 }
 
 # (start, end, rate multiplier) over the run; times absolute seconds.
@@ -239,6 +244,54 @@ def _skills_split(count: int, utilisation: float, horizon: float) -> _Plan:
     return _Plan(agents, streams)
 
 
+# scarce_skills: shares of the roster; the generalists get the rest (about a quarter).
+_SCARCE_SPECIALIST_SHARE = 1 / 3
+_SCARCE_FLEXIBLE_SHARE = 0.40
+# Below this head count the rounding leaves a group (or a language) empty.
+_SCARCE_MIN_AGENTS = 6
+
+
+def _scarce_skills(count: int, utilisation: float, horizon: float) -> _Plan:
+    """Plan a roster where only a minority (the generalists) can serve suggestions.
+
+    One stream per channel type over the whole roster, at `utilisation` of the total
+    capacity: which group serves which class is left entirely to the scheduler.
+    """
+    if count < _SCARCE_MIN_AGENTS:
+        raise ValueError(f"scarce_skills needs at least {_SCARCE_MIN_AGENTS} agents, got {count}")
+    specialists = max(1, round(count * _SCARCE_SPECIALIST_SHARE))
+    flexible = max(2, round(count * _SCARCE_FLEXIBLE_SHARE))
+    if count - specialists - flexible < 1:
+        raise ValueError(f"scarce_skills leaves no generalist with {count} agents")
+    zh = (flexible + 1) // 2
+    ids = _agent_ids(count)
+    agents = [
+        _agent_line(a, ("complaint", "inquiry"), BOTH_LANGS, _CHAT_EMAIL) for a in ids[:specialists]
+    ]
+    for i, agent_id in enumerate(ids[specialists : specialists + flexible]):
+        lang = "zh" if i < zh else "en"
+        agents.append(_agent_line(agent_id, ("inquiry", "complaint"), (lang,), _CHAT_EMAIL))
+    agents += [
+        _agent_line(a, ("inquiry", "suggestion"), BOTH_LANGS, _CHAT_EMAIL)
+        for a in ids[specialists + flexible :]
+    ]
+    return _Plan(agents, _uniform_plan(count, _CHAT_EMAIL, utilisation, _flat(horizon)).streams)
+
+
+# burst: a short surge of three times the base arrival rate, absolute times.
+_BURST_START = 3600.0
+_BURST_LENGTH = 900.0
+_BURST_FACTOR = 3.0
+
+
+def _burst(count: int, utilisation: float, horizon: float) -> _Plan:
+    """Plan a base load with the arrival rate tripled for 15 minutes from t=3600."""
+    start = min(_BURST_START, horizon)
+    stop = min(_BURST_START + _BURST_LENGTH, horizon)
+    segments = [(0.0, start, 1.0), (start, stop, _BURST_FACTOR), (stop, horizon, 1.0)]
+    return _uniform_plan(count, _MULTI_CHANNEL, utilisation, segments)
+
+
 _Builder = Callable[[int, float, float], _Plan]
 
 # name -> (builder, default agents, default base utilisation)
@@ -249,6 +302,8 @@ _BUILDERS: dict[str, tuple[_Builder, int, float]] = {
     "shift_change": (_shift_change, 36, 0.60),
     "overload_110": (_overload_110, 30, 0.70),
     "no_answer": (_no_answer, 30, 0.70),
+    "scarce_skills": (_scarce_skills, 36, 0.72),
+    "burst": (_burst, 30, 0.55),
 }
 
 
@@ -338,11 +393,15 @@ def generate(
     Overrides: `hours` sets the arrival period (``end`` at hours * 3600 s); `agents`
     sets the head count (skills_split keeps a quarter as specialists, the rest split
     zh/en; shift_change still sends every third off line; no_answer keeps a01-a05
-    unreliable); `utilisation` sets the *base* level and every other level keeps its
-    ratio to it: peak_burst still doubles the rate in 5400-7200 s (absolute times,
-    clipped to the run), overload_110 runs at utilisation * 1.10 / 0.70 in the middle,
-    skills_split puts the specialists at `utilisation` and the generalists at
-    utilisation * 0.75 / 0.80. Arrival rates always follow the actual head count.
+    unreliable; scarce_skills keeps a third complaint specialists, 40 % one-language
+    flexible agents split zh/en and the rest generalists, and needs at least 6 agents);
+    `utilisation` sets the *base* level and every other level keeps its ratio to it:
+    peak_burst still doubles the rate in 5400-7200 s and burst still triples it in
+    3600-4500 s (absolute times, clipped to the run), overload_110 runs at
+    utilisation * 1.10 / 0.70 in the middle, skills_split puts the specialists at
+    `utilisation` and the generalists at utilisation * 0.75 / 0.80, scarce_skills loads
+    the whole roster's capacity at `utilisation`. Arrival rates always follow the
+    actual head count.
     """
     if scenario not in _BUILDERS:
         known = ", ".join(sorted(SCENARIOS))
