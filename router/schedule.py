@@ -59,6 +59,10 @@ from router.model import Agent
 
 URGENT_SEVERITIES = ("P0", "P1")
 _URGENCY_SCALE = 300.0
+# A class whose agents would be this full (deadline-weighted, see _scarcity_cost) is
+# pressed: work that others could take waits for them if one frees soon enough.
+_PRESSED = 0.75
+_PRESSURE_STEPS = 20
 # Pseudo-completions of `default_hold` mixed into every hold-time estimate.
 _PRIOR_SLOTS = 3.0
 # Above this many agents, explain records count the plainly unavailable ones by reason.
@@ -880,7 +884,7 @@ class Scheduler:
                         top, plain = member, entry
         rule = self._rule(chosen, top, plain[0], plain[1], work, now)
         notes: dict[_Group, str] = {}
-        if self.explain or chosen.reserved or chosen.cost >= 1.0:
+        if self.explain or chosen.reserved or chosen.cost >= _PRESSED:
             for _reserved, cost, group, conflict, short in evaluated:
                 if conflict is not None:
                     notes[group] = conflict["verdict"]
@@ -892,12 +896,12 @@ class Scheduler:
         if scarcity and chosen.conflict is None and not chosen.tired:
             better = self._better_soon(chosen, work, now)
             if better is not None:
-                group, expected = better
+                group, expected, pressing = better
                 at_risk = work.arrival + policy.reserve_slack * work.sla
                 self._timer(at_risk, "release", work.id)
                 self._hold_note = {
                     "rule": "scarcity",
-                    "for": notes.get(chosen.group, "their other work"),
+                    "for": pressing.describe(),
                     "waits_for": group.describe(),
                     "expected_seconds": round(expected, 1),
                     "until": at_risk,
@@ -1202,46 +1206,59 @@ class Scheduler:
         return None
 
     def _scarcity_cost(
-        self, group: _Group, own: _Demand, now: float
+        self, group: _Group, own: _Demand, now: float, *, pressing_only: bool = False
     ) -> tuple[float, _Demand | None]:
         """Return how much the other work this group may take needs its free slots.
 
-        Each other class the group serves has a need: what waits plus the slots its
-        expected arrivals keep busy (arrival rate x mean hold time), and a pressure:
-        that need over the free slots its agents would have left after this one is
-        taken. The cost is the pressures summed; work goes to the group whose other
-        work needs it least (a suggestion-only skill is not spent on an inquiry that a
-        complaint specialist with spare time can take, and the other way round when
-        complaints crowd in). Also returns the class that weighs most. A cost of 1 or
-        more means some class's expected load exceeds what would be left for it.
+        For each other class the group serves: how full its agents would be with this
+        slot taken, counting what waits for them, busy + waiting + 1 over their slots,
+        weighted by how short its deadline is (a suggestion's hour can wait for a
+        completion, a complaint's two minutes cannot). The cost is the largest; work
+        goes where it leaves the least pressed class behind (a suggestion-only skill is
+        not spent on an inquiry that a complaint specialist with spare time can take,
+        and the other way round when complaints crowd in). At 1 or more some class would
+        be left with no free slot for what already waits. Also returns that class.
+        `pressing_only` counts only classes with a shorter deadline (or P0/P1 ones).
         """
-        total, worst, which = 0.0, 0.0, None
+        worst, which = 0.0, None
         for demand in group.demands.get(own.channel_type, ()):
-            if demand is own or (not demand.waiting and demand.first_seen is None):
+            if demand is own:
                 continue
-            hold = demand.hold or self.policy.default_hold
-            need = demand.waiting + self.rate(demand, now) * hold
-            pressure = need / max(demand.free() - 1, 0.5) * min(1.0, _URGENCY_SCALE / demand.sla)
-            total += pressure
+            if pressing_only and not (demand.sla < own.sla or (demand.urgent and not own.urgent)):
+                continue
+            slots = demand.slots
+            if slots <= 0:
+                continue
+            busy = slots - demand.free_slots
+            pressure = (busy + demand.waiting + 1) / slots * min(1.0, _URGENCY_SCALE / demand.sla)
+            # In steps: classes about as pressed as each other leave the choice to
+            # balance (one slot more or less must not pull all the work one way).
+            pressure = math.floor(pressure * _PRESSURE_STEPS) / _PRESSURE_STEPS
             if pressure > worst:
                 worst, which = pressure, demand
-        return total, which
+        return worst, which
 
-    def _better_soon(self, chosen: _Option, work: Work, now: float) -> tuple[_Group, float] | None:
-        """Return a group that would cost less and frees a slot well before work is at risk.
+    def _better_soon(
+        self, chosen: _Option, work: Work, now: float
+    ) -> tuple[_Group, float, _Demand] | None:
+        """Return a group worth waiting for instead of `chosen`, with when and for whom.
 
-        When the chosen group's other work needs its free slots (cost 1 or more), a
-        group that needs them less but is full now is worth waiting for if one of its
-        slots is expected to free (from its observed completions) in under half of the
-        time the work can still wait.
+        Only when the chosen group's agents are pressed by a more pressing class (its
+        agents would be at least _PRESSED full with the deadline weight, see
+        _scarcity_cost), and a full group that is not pressed that way is expected to
+        free a slot (its observed hold time over its slots) in under half of the time
+        the work can still wait before it is at risk.
         """
-        if chosen.cost < 1.0 or work.urgent:
+        if chosen.cost < _PRESSED or work.urgent:
+            return None
+        own = self._demand_of(work)
+        pressed, which = self._scarcity_cost(chosen.group, own, now, pressing_only=True)
+        if pressed < _PRESSED or which is None:
             return None
         ct = work.channel_type
         slack = work.arrival + self.policy.reserve_slack * work.sla - now
         if slack <= 0:
             return None
-        own = self._demand_of(work)
         for group in self._groups_for(work):
             if group is chosen.group or group.with_room.get(ct) or not group.capacity.get(ct):
                 continue
@@ -1249,9 +1266,9 @@ class Scheduler:
             expected = self._group_hold(group, ct) / group.capacity[ct]
             if expected > slack / 2:
                 continue
-            cost, _ = self._scarcity_cost(group, own, now)
-            if cost < chosen.cost:
-                return group, expected
+            cost, _ = self._scarcity_cost(group, own, now, pressing_only=True)
+            if cost < pressed:
+                return group, expected, which
         return None
 
     def eligible_with_room(self, work: Work, now: float) -> list[AgentState]:
