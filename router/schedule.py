@@ -1249,13 +1249,31 @@ class Scheduler:
         free a slot (its observed hold time over its slots) in under half of the time
         the work can still wait before it is at risk.
         """
-        if chosen.cost < _PRESSED or work.urgent:
+        if work.urgent:
             return None
         own = self._demand_of(work)
-        pressed, which = self._scarcity_cost(chosen.group, own, now, pressing_only=True)
-        if pressed < _PRESSED or which is None:
-            return None
         ct = work.channel_type
+        pressed, which = 0.0, None
+        if chosen.cost >= _PRESSED:
+            pressed, which = self._scarcity_cost(chosen.group, own, now, pressing_only=True)
+        if pressed < _PRESSED or which is None:
+            # Or work that came in before this and waits for these agents, whose free
+            # slots would not cover it: a suggestion must not wait behind later
+            # inquiries that other agents could take in a moment.
+            which = next(
+                (
+                    d
+                    for d in chosen.group.demands.get(ct, ())
+                    if d is not own
+                    and d.waiting
+                    and d.free_slots <= d.waiting
+                    and self._oldest_waiting(d) < work.arrival
+                ),
+                None,
+            )
+            if which is None:
+                return None
+            pressed = math.inf
         slack = work.arrival + self.policy.reserve_slack * work.sla - now
         if slack <= 0:
             return None
@@ -1266,10 +1284,20 @@ class Scheduler:
             expected = self._group_hold(group, ct) / group.capacity[ct]
             if expected > slack / 2:
                 continue
+            if which in group.demands.get(ct, ()):
+                continue  # its slot would go to the same waiting work
             cost, _ = self._scarcity_cost(group, own, now, pressing_only=True)
             if cost < pressed:
                 return group, expected, which
         return None
+
+    def _oldest_waiting(self, demand: _Demand) -> float:
+        """Return the arrival of the class's first waiting message (inf: none waits)."""
+        key = (demand.label, demand.language, demand.channel_type, demand.department, 0)
+        if key not in self._buckets:
+            return math.inf
+        head = self._head(key)
+        return math.inf if head is None else head[3].arrival
 
     def eligible_with_room(self, work: Work, now: float) -> list[AgentState]:
         """Return the agents who may take this message now and have a free slot for it."""
