@@ -1096,3 +1096,33 @@ def test_other_instances_arrivals_raise_the_rate_and_so_the_reserve() -> None:
     assert s.reserve(demand, 3600)[0] > alone
     # A count that is not refreshed stops counting after a fifth of the window.
     assert s.rate(demand, 3600 + 600 / 5 + 1) < 120 / 600
+
+
+def test_a_later_inquiry_leaves_the_only_suggestion_agent_to_an_earlier_suggestion() -> None:
+    # g1 alone takes suggestions; f1 takes inquiries and frees a slot every ~10 s
+    # (observed). A suggestion waits (g1 full); g1 frees a slot just as a later inquiry
+    # comes in while f1 is full: the inquiry waits for f1, g1's slot goes to the
+    # suggestion that was first.
+    s = sched(
+        agent("g1", capacity=1, classes=("inquiry", "suggestion")),
+        agent("f1", capacity=1, classes=("inquiry",)),
+    )
+    for i in range(30):  # f1's history: inquiries held ~10 s each
+        t = i * 20.0
+        (d,) = decide(s, t, work(f"old{i}", arrival=t, sla=300))
+        s.tick(t + 10)
+        s.release(d.work.slot)
+    s.hold("g-busy", "g-busy", "g1", "chat")
+    s.hold("f-busy", "f-busy", "f1", "chat")
+    s.submit(work("sg", label="suggestion", arrival=600, sla=3600))
+    assert s.dispatch(600) == []
+    s.release("g-busy")
+    got = run(s, 601, work("late", arrival=601, sla=300))
+    assert got == {"sg": "g1"}
+    why = s.why_waiting("late")
+    assert why is not None and why["rule"] == "scarcity"
+    # Held only because f1 is expected to free a slot well before the inquiry is at risk.
+    assert why["for"].startswith("suggestion") and why["expected_seconds"] < 0.75 * 300 / 2
+    # When f1 frees its slot, the inquiry takes it.
+    s.release("f-busy")
+    assert run(s, 605) == {"late": "f1"}
