@@ -1579,6 +1579,9 @@ class Scheduler:
             return
         agent_id = self.holder.pop(old)
         ct = self._slot_ct.pop(old)
+        taken = self._taken.pop(old, None)
+        if taken is not None and new not in self._taken:
+            self._taken[new] = taken
         if new in self.holder:
             state = self.states.get(agent_id)
             if state is not None:

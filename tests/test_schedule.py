@@ -1126,3 +1126,17 @@ def test_a_later_inquiry_leaves_the_only_suggestion_agent_to_an_earlier_suggesti
     # When f1 frees its slot, the inquiry takes it.
     s.release("f-busy")
     assert run(s, 605) == {"late": "f1"}
+
+
+def test_the_ops_queue_view_lists_held_back_messages_with_their_reason() -> None:
+    from router.roster import queues_view
+
+    s = reserved_specialists()
+    run(s, 3600, work("c1", label="complaint", arrival=3600, sla=120))
+    assert run(s, 3601, work("c2", label="complaint", arrival=3601, sla=120)) == {}
+    (queue,) = queues_view(s, 3602)
+    assert queue["depth"] == 1
+    (held,) = queue["held_back"]
+    assert held["message_id"] == "c2" and held["rule"] == "reserve"
+    assert held["for"] == "P0/P1 complaint en chat" and held["until"] == 3661
+    assert "reserve 1" in held["reason"]
