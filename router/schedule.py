@@ -267,7 +267,7 @@ class _Demand:
     slots: int = 0  # their capacity
     # (now, rate) and (now, slots, load, gap, rate) computed last: reused within a tick
     rate_cache: tuple[float, float] = (math.nan, 0.0)
-    reserve_cache: tuple[float, int, float, float, float] = (math.nan, 0, 0.0, 0.0, 0.0)
+    gap_cache: tuple[float, int, float] = (math.nan, 0, 0.0)  # (at, slots, gap)
 
     def describe(self) -> str:
         """Return the class in words: "P0/P1 complaint zh chat"."""
@@ -1140,21 +1140,20 @@ class Scheduler:
             rate = self.rate(demand, now)
         if risk <= 0 or capacity <= 1 or rate <= 0:
             return min(floor, capacity // 2), 0.0, 0.0
-        at, slots, load, gap, rate_then = demand.reserve_cache
-        # Rates and hold times are averages over rate_window: within a sixtieth of it
-        # and 2 % of the rate the last answer stands (placements come by the thousand).
-        if now - at < self.policy.rate_window / 60 and abs(rate - rate_then) <= 0.02 * rate_then:
-            return slots, load, gap
-        gap = self._full_gap(demand)
+        at, counted, gap = demand.gap_cache
+        # Hold times are averages over rate_window: within a sixtieth of it (and while
+        # the class keeps its agents) the last gap stands; placements come by the
+        # thousand, and each would read every group's hold time.
+        if not (now - at < self.policy.rate_window / 60 and counted == capacity):
+            gap = self._full_gap(demand)
+            demand.gap_cache = (now, capacity, gap)
         late = math.exp(-demand.sla / gap)
         load = rate * gap
         slots, blocked = 0, 1.0
         while blocked * late > risk and slots < capacity // 2:
             slots += 1
             blocked = load * blocked / (slots + load * blocked)
-        slots = max(slots, min(floor, capacity // 2))
-        demand.reserve_cache = (now, slots, load, gap, rate)
-        return slots, load, gap
+        return max(slots, min(floor, capacity // 2)), load, gap
 
     def _reserve_conflict(
         self, group: _Group, work: Work, own: _Demand, now: float
