@@ -854,7 +854,7 @@ class Scheduler:
             found = self._best_in(group, work, now, streak_work)
             if found is None:
                 continue
-            best, _top, tired, unreliable = found
+            best, tired, unreliable = found
             if group.resting and resting_ids and not unreliable:
                 rested = [
                     m
@@ -961,8 +961,8 @@ class Scheduler:
 
     def _best_in(
         self, group: _Group, work: Work, now: float, streak_work: bool
-    ) -> tuple[AgentState, AgentState, bool, bool] | None:
-        """Return a group's best member for the work, its balance pick, and the best's flaws.
+    ) -> tuple[AgentState, bool, bool] | None:
+        """Return a group's best member for the work and its flaws (tired, unreliable).
 
         Members come off the group's heap in balance order, those at the streak limit
         last; the first one without a recent timeout ends the look.
@@ -975,14 +975,11 @@ class Scheduler:
         limit = self.policy.complaint_streak_limit
         unreliable_for = self.policy.unreliable_for
         best: AgentState | None = None
-        top: AgentState | None = None
         flaws = (True, True)
         for entry in _in_order(heap):
             state = entry[4]
             if entry[3] != state.version or not self._available(state, work, now):
                 continue
-            if top is None:
-                top = state
             found = (
                 streak_work and state.streak >= limit,
                 unreliable_for > 0 and now - state.last_timeout < unreliable_for,
@@ -993,9 +990,9 @@ class Scheduler:
                 # Heaps sort agents at the streak limit last: nobody further on is
                 # under it when this one is not, so a reliable best is final.
                 break
-        if best is None or top is None:
+        if best is None:
             return None
-        return best, top, flaws[0], flaws[1]
+        return best, flaws[0], flaws[1]
 
     def _someone_fresh(self, work: Work, now: float, other_than: AgentState) -> bool:
         """Tell whether an agent under the streak limit (not `other_than`) may take it now."""
@@ -1181,7 +1178,7 @@ class Scheduler:
             slots, load, gap = self.reserve(demand, now, rate)
             free = demand.free()
             if slots and free - 1 < slots:
-                what = demand.describe() if len(kind) == 1 else kind_name(demand)
+                what = demand.describe() if len(kind) == 1 else _kind_name(demand)
                 # Whether one of them may still go to work at risk of missing its own
                 # deadline: only if, with one slot fewer, the class's arrivals before a
                 # completion outnumber what is left with no more than reserve_risk.
@@ -1917,7 +1914,7 @@ def _per_second(weight: float, at: float, first: float, now: float, policy: Poli
     return decayed / max(span, min(window, 60.0))
 
 
-def kind_name(demand: _Demand) -> str:
+def _kind_name(demand: _Demand) -> str:
     """Name a class across languages and departments: "P0/P1 complaint chat"."""
     urgent = "P0/P1 " if demand.urgent else ""
     return f"{urgent}{demand.label} {demand.channel_type}"
