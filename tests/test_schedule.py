@@ -946,6 +946,23 @@ def check_invariants(
             assert s.holder[w.slot] == held_by[mid]
 
 
+def check_no_idle_without_reason(s: Scheduler) -> None:
+    """After a dispatch: nobody with room who may take a waiting message is left idle
+    without a reason on record (a reserve, or a better agent due soon)."""
+    for w in s.waiting():
+        idle = [
+            st.id
+            for st in s.iter_states()
+            if st.online
+            and st.room(w.channel_type) > 0
+            and may_take(st.agent, w)
+            and st.id not in (w.excluded or ())
+        ]
+        if idle:
+            why = s.why_waiting(w.id)
+            assert why is not None and why["rule"] in ("reserve", "scarcity"), (w.id, idle)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3, 7])
 def test_random_run_keeps_the_invariants(seed: int) -> None:
     rng = random.Random(seed)
