@@ -998,6 +998,7 @@ def test_random_run_keeps_the_invariants(seed: int) -> None:
                 held_by[w.id] = d.agent_id
                 finish[w.id] = now + rng.uniform(20, 400)
         check_invariants(s, live, slot_ct, held_by)
+        check_no_idle_without_reason(s)
 
     def finish_due(now: float) -> None:
         for mid in [m for m, t in finish.items() if t <= now]:
