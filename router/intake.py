@@ -95,6 +95,12 @@ def make_assignment(
         streak_seen=streak_seen,
         streak_limit=policy.complaint_streak_limit,
         streak_labels=tuple(sorted(policy.streak_labels)),
+        rested_full=choice.rested_full if streak_seen is not None else (),
+        holder_seen=(
+            (choice.previous[0] if choice.previous else "")
+            if core.store.shared and choice.new_slot
+            else None
+        ),
     )
 
 

@@ -239,3 +239,13 @@ class Assignment:
     streak_seen: int | None = None
     streak_limit: int = 0
     streak_labels: tuple[str, ...] = ()
+    # When the agent was chosen at its limit: the other agents who may take the work
+    # but were full or at the limit themselves then, as (agent, pool, capacity). If one
+    # has room and is under the limit in the store at commit, another instance freed it
+    # (or gave it other work) meanwhile: refused, and decided again on fresh state.
+    rested_full: tuple[tuple[str, str, int], ...] = ()
+    # Several instances: who the deciding instance believed holds the conversation
+    # ("" nobody; an absent holder it takes the conversation from). If the store shows
+    # another holder, another instance assigned it meanwhile: giving this message to
+    # someone else would split the conversation, so the store refuses. None: no check.
+    holder_seen: str | None = None

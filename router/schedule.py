@@ -63,6 +63,9 @@ _URGENCY_SCALE = 300.0
 # pressed: work that others could take waits for them if one frees soon enough.
 _PRESSED = 0.75
 _PRESSURE_STEPS = 20
+# At most this many other agents are re-checked by the store when a complaint goes to
+# an agent at its streak limit.
+_RESTED_CHECKS = 50
 # Pseudo-completions of `default_hold` mixed into every hold-time estimate.
 _PRIOR_SLOTS = 3.0
 # Above this many agents, explain records count the plainly unavailable ones by reason.
@@ -307,6 +310,9 @@ class Decision:
     # How many follow-ups had joined the slot when it was taken: undo() keeps a slot
     # that a later follow-up joined (that one may have committed already).
     mark: int = 0
+    # Chosen at the complaint streak limit: the agents under it who were full then,
+    # (agent, pool, capacity), for the store to check at commit (router.model.Assignment).
+    rested_full: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def agent_id(self) -> str:
@@ -375,6 +381,7 @@ class Scheduler:
         # key -> the reservation record (see why_waiting()).
         self._held_back: dict[tuple[str, str, str, str, int], dict[str, Any]] = {}
         self._hold_note: dict[str, Any] | None = None
+        self._rested_full: tuple[tuple[str, str, int], ...] = ()  # see Decision
         self._slots: dict[str, list[int]] = {}  # channel type -> [capacity, free] on line
         self._skill_sets: dict[tuple[str, str, str], set[str]] = {}
         self._known_languages: set[str] = set()
@@ -740,7 +747,9 @@ class Scheduler:
         previous = (held, self._slot_ct[work.slot]) if held is not None else None
         self._assign(work, state, now)
         mark = self._joined.get(work.slot, 0)
-        return Decision(work, state.agent, rule, reason, True, explain, previous, mark)
+        decision = Decision(work, state.agent, rule, reason, True, explain, previous, mark)
+        decision.rested_full, self._rested_full = self._rested_full, ()
+        return decision
 
     def _attach(self, work: Work) -> Decision | None:
         """Join work to the slot its conversation already holds, if its holder is on line."""
@@ -754,6 +763,13 @@ class Scheduler:
         work.state = "held"
         self.decisions += 1
         self._joined[work.slot] = self._joined.get(work.slot, 0) + 1
+        # Every message an agent is given counts in its complaint streak, as the store
+        # counts it (its assignments, newest first): instances sharing a store agree.
+        streak = state.streak + 1 if work.label in self.policy.streak_labels else 0
+        if streak != state.streak:
+            state.streak = streak
+            self._note_resting(state)
+            self._index(state)
         return Decision(
             work, state.agent, "sticky", "sticky: agent already holds this conversation", False
         )
@@ -930,9 +946,36 @@ class Scheduler:
                 return None
             rule = "reserve-released"
         state = chosen.best
+        if chosen.tired:
+            self._rested_full = self._full_under_limit(work, now, state)
         reason = _reason(rule, state, work)
         explain = self._explain(work, now, state, rule, notes) if self.explain else None
         return state, rule, reason, explain
+
+    def _full_under_limit(
+        self, work: Work, now: float, chosen: AgentState
+    ) -> tuple[tuple[str, str, int], ...]:
+        """Return the other agents who may take the work but were full or at the limit.
+
+        For the store to check at commit (`Decision.rested_full`). Walks the eligible
+        groups' members: only when a complaint goes to an agent at its limit, which
+        rotation makes rare; at most _RESTED_CHECKS of them (a big roster's race with
+        another instance over one agent matters little).
+        """
+        ct = work.channel_type
+        full = []
+        for group in self._groups_for(work):
+            for member in group.members:
+                if (
+                    member is not chosen
+                    and member.online
+                    and member.capacity(ct) > 0
+                    and self._available(member, work, now)
+                ):
+                    full.append((member.id, member.pool(ct), member.capacity(ct)))
+                    if len(full) >= _RESTED_CHECKS:
+                        return tuple(full)
+        return tuple(full)
 
     def _rule(
         self,

@@ -811,6 +811,21 @@ def insert_assignment(c: sqlite3.Connection, a: Assignment) -> None:
     )
 
 
+def _streak(c: sqlite3.Connection, agent_id: str, a: Assignment) -> int:
+    """Return the agent's assignments in a row with a streak label (up to the limit)."""
+    latest = c.execute(
+        "SELECT m.label FROM assignments x JOIN messages m ON m.id = x.message_id "
+        "WHERE x.agent_id=? ORDER BY x.assigned_at DESC, x.message_id DESC LIMIT ?",
+        (agent_id, a.streak_limit),
+    ).fetchall()
+    count = 0
+    for (previous,) in latest:
+        if previous not in a.streak_labels:
+            break
+        count += 1
+    return count
+
+
 def streak_allows(c: sqlite3.Connection, a: Assignment, label: str) -> bool:
     """Whether the agent's complaint streak is still what the deciding instance saw.
 
@@ -819,17 +834,38 @@ def streak_allows(c: sqlite3.Connection, a: Assignment, label: str) -> bool:
     """
     if a.streak_seen is None or label not in a.streak_labels or a.streak_limit <= 0:
         return True
-    latest = c.execute(
-        "SELECT m.label FROM assignments x JOIN messages m ON m.id = x.message_id "
-        "WHERE x.agent_id=? ORDER BY x.assigned_at DESC, x.message_id DESC LIMIT ?",
-        (a.agent_id, a.streak_limit),
-    ).fetchall()
-    actual = 0
-    for (previous,) in latest:
-        if previous not in a.streak_labels:
-            break
-        actual += 1
-    return actual <= a.streak_seen or actual < a.streak_limit
+    actual = _streak(c, a.agent_id, a)
+    if not (actual <= a.streak_seen or actual < a.streak_limit):
+        return False
+    # Chosen at its limit because everyone else was full or at it too: still true?
+    for agent_id, pool, capacity in a.rested_full:
+        if _streak(c, agent_id, a) >= a.streak_limit:
+            continue
+        if pool == "*":
+            (held,) = c.execute(
+                "SELECT COUNT(*) FROM conversations WHERE agent_id=? AND state='open'",
+                (agent_id,),
+            ).fetchone()
+        else:
+            (held,) = c.execute(
+                "SELECT COUNT(*) FROM conversations "
+                "WHERE agent_id=? AND state='open' AND channel_type=?",
+                (agent_id, pool),
+            ).fetchone()
+        if int(held) < capacity:
+            return False
+    return True
+
+
+def holder_allows(a: Assignment, holder: str | None) -> bool:
+    """Whether giving the message to `a.agent_id` keeps its conversation whole.
+
+    Refuses when the conversation has a holder other than the chosen agent that the
+    deciding instance did not know of (another instance assigned it meanwhile).
+    """
+    if a.holder_seen is None or not holder or holder == a.agent_id:
+        return True
+    return holder == a.holder_seen
 
 
 def lock_agent(c: sqlite3.Connection, agent_id: str | None) -> None:
@@ -934,6 +970,7 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
     )
     refused = new.assignment is not None and (
         unknown_holder
+        or (row is not None and row[1] == "open" and not holder_allows(new.assignment, row[2]))
         or not has_room(c, new.assignment, row[0] if row is not None else conversation_id)
         or not streak_allows(c, new.assignment, new.classification.label)
     )
@@ -1192,6 +1229,8 @@ def assign(c: sqlite3.Connection, a: Assignment, outbox: OutboxItem, *, owner: s
         (conversation_id,),
     ).fetchone()
     if not has_room(c, a, conversation_id) or not streak_allows(c, a, row[1]):
+        return False
+    if before is not None and not holder_allows(a, before[0]):
         return False
     c.execute("UPDATE messages SET state='assigned' WHERE id=?", (a.message_id,))
     at = a.assigned_at.timestamp()
