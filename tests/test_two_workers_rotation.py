@@ -135,8 +135,9 @@ def audit(dsn: str) -> list[Event]:
     return out
 
 
-def replay(events: list[Event]) -> tuple[list[str], list[str]]:
-    """Return (conversation splits, streak violations) found in the audit.
+def replay(events: list[Event]) -> tuple[list[str], list[str], int]:
+    """Return conversation splits, streak violations, and new complaint tickets that
+    went to an agent under the limit while another was at it (rotation at work).
 
     An instance decides on what it knows: another instance's resolve or assignment
     reaches it by a notice within tens of milliseconds, and the store re-checks the
@@ -152,6 +153,7 @@ def replay(events: list[Event]) -> tuple[list[str], list[str]]:
     usable_since = {agent: 0.0 for agent, _ in AGENTS}  # room and under the limit since
     splits: list[str] = []
     violations: list[str] = []
+    rotated = 0
 
     def note(agent: str, at: float) -> None:
         usable = open_count[agent] < CAPACITY and streak[agent] < LIMIT
@@ -181,6 +183,8 @@ def replay(events: list[Event]) -> tuple[list[str], list[str]]:
             continue
         if label == "complaint":
             others = [o for o in open_count if o != agent and usable_since[o] <= at - RACE]
+            if streak[agent] < LIMIT and any(streak[o] >= LIMIT for o in streak):
+                rotated += 1
             if streak[agent] >= LIMIT and others:
                 violations.append(
                     f"event {event_id}: complaint {streak[agent] + 1} in a row to {agent} "
@@ -192,7 +196,7 @@ def replay(events: list[Event]) -> tuple[list[str], list[str]]:
         holder[conversation] = agent
         open_count[agent] += 1
         note(agent, at)
-    return splits, violations
+    return splits, violations, rotated
 
 
 def test_two_instances_keep_rotation_and_never_split_a_conversation(
@@ -228,9 +232,10 @@ def test_two_instances_keep_rotation_and_never_split_a_conversation(
     assert labels == {"complaint", "inquiry"}, labels  # the traffic is what we meant
     complaints = sum(1 for e in assigned if e[4] == "complaint")
     assert complaints > 2 * len(assigned) // 3
-    splits, violations = replay(events)
+    splits, violations, rotated = replay(events)
     assert splits == []
     assert violations == []
+    assert rotated > 10  # agents did reach the limit and others took the complaints
     # Rotation did its work: with four in five tickets complaints, runs were cut.
     with psycopg.connect(dsn) as conn:
         agents_used = conn.execute("SELECT count(DISTINCT agent_id) FROM assignments").fetchone()
