@@ -70,7 +70,6 @@ _RESTED_CHECKS = 50
 _PRIOR_SLOTS = 3.0
 # Above this many agents, explain records count the plainly unavailable ones by reason.
 EXPLAIN_LIST_LIMIT = 50
-_PLAINLY_OUT = ("off line", "off shift", "full", "takes no")
 # Overflow widenings, applied in the order configured.
 WIDEN_DEPARTMENTS = "departments"  # any department's agents may take it
 WIDEN_LANGUAGES = "languages"  # agents who do not list its language may take it
@@ -260,7 +259,6 @@ class _Demand:
     groups: list[_Group] = field(default_factory=list)
     waiting: int = 0
     weight: float = 0.0  # exponentially decayed arrival count
-    hold: float = 0.0  # mean time its work holds a slot (0: none finished yet)
     weight_at: float = 0.0
     first_seen: float | None = None
     # Every instance's arrivals (from the shared store): a rate floor, and when seen.
@@ -375,7 +373,6 @@ class Scheduler:
         # What each class of work needs: its arrival rate, how many wait (see _Demand).
         self._demands: dict[tuple[str, bool, str, str, str], _Demand] = {}
         self._clock = -math.inf  # the latest `now` a caller passed (release() has none)
-        self._taken: dict[str, tuple[float, _Demand]] = {}  # slot -> when, for what class
         self._resting: set[str] = set()  # agents at their complaint streak limit
         # Why the head of a queue waits while an agent who may take it has room: queue
         # key -> the reservation record (see why_waiting()).
@@ -899,16 +896,6 @@ class Scheduler:
                     ):
                         top, plain = member, entry
         rule = self._rule(chosen, top, plain[0], plain[1], work, now)
-        notes: dict[_Group, str] = {}
-        if self.explain or chosen.reserved or chosen.cost >= _PRESSED:
-            for _reserved, cost, group, conflict, short in evaluated:
-                if conflict is not None:
-                    notes[group] = conflict["verdict"]
-                elif short is not None and cost > 0:
-                    notes[group] = (
-                        f"kept for scarce work: {short.describe()} has "
-                        f"{short.free()} free slots ({short.waiting} waiting)"
-                    )
         if scarcity and chosen.conflict is None and not chosen.tired:
             better = self._better_soon(chosen, work, now)
             if better is not None:
@@ -949,7 +936,9 @@ class Scheduler:
         if chosen.tired:
             self._rested_full = self._full_under_limit(work, now, state)
         reason = _reason(rule, state, work)
-        explain = self._explain(work, now, state, rule, notes) if self.explain else None
+        explain = None
+        if self.explain:
+            explain = self._explain(work, now, state, rule, _notes(evaluated, chosen))
         return state, rule, reason, explain
 
     def _full_under_limit(
@@ -1369,22 +1358,15 @@ class Scheduler:
             return False
         if agent.shifts and not any(s.contains(now) for s in agent.shifts):
             return False
-        widened = self._widened(work)
-        supervisor_ok = agent.supervisor and WIDEN_SUPERVISORS in widened
-        if agent.classes and work.label not in agent.classes and not supervisor_ok:
-            return False
-        if (
-            agent.languages
-            and work.language not in agent.languages
-            and work.language in self._known_languages
-            and WIDEN_LANGUAGES not in widened
-            and not supervisor_ok
-        ):
-            return False
-        return not (
-            work.department not in agent.queues
-            and WIDEN_DEPARTMENTS not in widened
-            and not supervisor_ok
+        language = work.language if work.language in self._known_languages else ""
+        return _skills_take(
+            agent.classes,
+            agent.languages,
+            agent.queues,
+            agent.supervisor,
+            work,
+            language,
+            self._widened(work),
         )
 
     def _widened(self, work: Work) -> tuple[str, ...]:
@@ -1406,7 +1388,6 @@ class Scheduler:
             state.streak = 0
         self._note_resting(state)
         self._index(state)
-        self._taken[work.slot] = (now, self._demand_of(work))
         self._unwait(work)
         self.holder[work.slot] = state.id
         # Messages of this conversation already waiting join it (sticky) from now on.
@@ -1548,12 +1529,6 @@ class Scheduler:
             pool = state.pool(ct)
             state.used[pool] = max(0, state.used.get(pool, 0) - 1)
             self._index(state)
-        taken = self._taken.pop(slot, None)
-        if taken is not None and self._clock >= taken[0]:
-            # Mean hold times, per class and per group, over roughly their last 50 slots.
-            since, demand = taken
-            held = self._clock - since
-            demand.hold = _average(demand.hold, held)
         if state is not None and state.group is not None:
             self._accrue(state.group, ct)
             state.group.exposure[ct][1] += 1
@@ -1618,9 +1593,6 @@ class Scheduler:
             return
         agent_id = self.holder.pop(old)
         ct = self._slot_ct.pop(old)
-        taken = self._taken.pop(old, None)
-        if taken is not None and new not in self._taken:
-            self._taken[new] = taken
         if new in self.holder:
             state = self.states.get(agent_id)
             if state is not None:
@@ -1917,32 +1889,64 @@ def _in_order(heap: list[_Entry]) -> Iterator[_Entry]:
 
 
 def _group_takes(group: _Group, work: Work, language: str, widened: tuple[str, ...]) -> bool:
-    """Tell whether a group's members may take the work (the _eligible rules, per group)."""
-    supervisor_ok = group.supervisor and WIDEN_SUPERVISORS in widened
-    if group.classes and work.label not in group.classes and not supervisor_ok:
+    """Tell whether a group's members may take the work (shifts and room aside)."""
+    return _skills_take(
+        group.classes, group.languages, group.queues, group.supervisor, work, language, widened
+    )
+
+
+def _notes(
+    evaluated: list[tuple[bool, float, _Group, dict[str, Any] | None, _Demand | None]],
+    chosen: _Option,
+) -> dict[_Group, str]:
+    """Return, per passed-over group, what kept it (for its members' explain verdicts).
+
+    A reserve it would have broken, or the scarce work that ranked it below the chosen
+    agent's group; a group that lost on balance alone gets no note.
+    """
+    notes: dict[_Group, str] = {}
+    for _reserved, cost, group, conflict, short in evaluated:
+        if conflict is not None:
+            notes[group] = conflict["verdict"]
+        elif short is not None and cost > chosen.cost:
+            notes[group] = (
+                f"kept for scarce work: {short.describe()} has "
+                f"{short.free()} free slots ({short.waiting} waiting)"
+            )
+    return notes
+
+
+def _skills_take(
+    classes: frozenset[str],
+    languages: frozenset[str],
+    queues: frozenset[str],
+    supervisor: bool,
+    work: Work,
+    language: str,
+    widened: tuple[str, ...],
+) -> bool:
+    """Tell whether skills, languages and departments admit the work, after overflow.
+
+    `language` is the work's language, or "" when no agent lists it (anyone answers).
+    """
+    supervisor_ok = supervisor and WIDEN_SUPERVISORS in widened
+    if classes and work.label not in classes and not supervisor_ok:
         return False
     if (
-        group.languages
+        languages
         and language
-        and language not in group.languages
+        and language not in languages
         and WIDEN_LANGUAGES not in widened
         and not supervisor_ok
     ):
         return False
     return not (
-        work.department not in group.queues
-        and WIDEN_DEPARTMENTS not in widened
-        and not supervisor_ok
+        work.department not in queues and WIDEN_DEPARTMENTS not in widened and not supervisor_ok
     )
 
 
 def _queue_key(work: Work) -> tuple[str, str, str, str, int]:
     return (work.label, work.language, work.channel_type, work.department, work.level)
-
-
-def _average(mean: float, sample: float) -> float:
-    """Fold a sample into a running mean over roughly the last 50 (0: no mean yet)."""
-    return sample if mean <= 0 else mean + (sample - mean) / 50
 
 
 def _per_second(weight: float, at: float, first: float, now: float, policy: Policy) -> float:
