@@ -1,7 +1,7 @@
 """Every scheduling policy on every simulation scenario, the issue's bars, and Erlang C.
 
 Usage: python bench/sim_compare.py [--scenarios steady_80,peak_burst,...] [--seeds 1,2,3]
-       [--hours 4] [--theory-hours 48] [--theory-seeds 20] [--json]
+       [--hours 4] [--theory-hours 48] [--theory-seeds 20] [--reserve-risk 0.1] [--json]
 
 1. For each scenario of router.sim.generate.SCENARIOS and each seed, generate the trace
    once and replay it against every policy of router.sim.run.POLICIES with
@@ -416,6 +416,12 @@ def main() -> int:
     ap.add_argument("--hours", type=float, default=None, help="arrival period (default 4)")
     ap.add_argument("--theory-hours", type=float, default=48.0)
     ap.add_argument("--theory-seeds", type=int, default=20, help="seeds 1..N for the theory")
+    ap.add_argument(
+        "--reserve-risk",
+        type=float,
+        default=None,
+        help="replay with this scheduling.reserve_risk (default: the daemon's)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON line at the end")
     args = ap.parse_args()
     scenarios = _csv(args.scenarios)
@@ -433,6 +439,8 @@ def main() -> int:
         runs: dict[str, list[Run]] = {policy: [] for policy in POLICIES}
         for seed in seeds:
             trace = generate(scenario, seed, hours=args.hours)
+            if args.reserve_risk is not None:
+                trace[0]["reserve_risk"] = args.reserve_risk
             for policy in POLICIES:
                 result = run_and_summarise(trace, policy, seed=seed)
                 runs[policy].append(

@@ -328,3 +328,11 @@ def test_cli_generates_the_new_scenarios(tmp_path: Path) -> None:
         "simulate", "generate", "--scenario", "scarce_skills", "--agents", "3", cwd=tmp_path
     )
     assert done.returncode == 2 and "at least 6" in done.stderr
+
+
+def test_a_trace_may_replay_with_another_reserve_setting() -> None:
+    from router.schedule import Policy
+    from router.sim.run import policy_from_trace
+
+    assert policy_from_trace({"type": "config"}).reserve_risk == Policy().reserve_risk
+    assert policy_from_trace({"type": "config", "reserve_risk": 0.03}).reserve_risk == 0.03

@@ -56,10 +56,15 @@ def make_scheduler(
 
 
 def policy_from_trace(config: dict[str, Any], overflow: tuple[OverflowStep, ...] = ()) -> Policy:
-    """Return our scheduler's knobs from a trace's config line."""
+    """Return our scheduler's knobs from a trace's config line.
+
+    An optional `reserve_risk` replays the trace with another reserve setting (the
+    `[scheduling]` knob of the same name); without it, the daemon's default.
+    """
     return Policy(
         accept_timeout=float(config.get("accept_timeout", 60.0)),
         complaint_streak_limit=int(config.get("complaint_streak_limit", 3)),
+        reserve_risk=float(config.get("reserve_risk", Policy().reserve_risk)),
         overflow=overflow,
     )
 
