@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ import structlog
 
 from channels.web import WebChannel, WebConfig
 from channels.web_guard import PAGE_CSP, TokenBuckets, WebStats
-from channels.web_outbox import WidgetLog, thread_id
+from channels.web_outbox import LogClosed, WidgetLog, thread_id
 from channels.web_widget import _Socket
 from router.delivery import AckPayload, Outbound, ReplyPayload
 from router.drivers import DriverContext, DriverState
@@ -114,6 +115,38 @@ async def test_the_channel_answers_customers_and_keeps_each_send_once(tmp_path: 
     reopened = WidgetLog(tmp_path / "web" / "site" / "outbox.db")
     assert len(await reopened.since(thread_id("h1", "n1"), 0)) == 2  # durable
     await reopened.close()
+
+
+async def test_the_log_writes_concurrent_sends_in_group_commits(tmp_path: Path) -> None:
+    """Rows added at once share transactions; each is stored once with its own sequence."""
+    db = WidgetLog(tmp_path / "outbox.db")
+    keys = [f"out-{i}" for i in range(200)]
+    wave = [db.add(f"t{i % 7}", key, "ack", {"n": i}) for i, key in enumerate(keys + keys[:20])]
+    early = asyncio.gather(*wave[:100])
+    await asyncio.sleep(0.01)  # the first rows are being written while the rest arrive
+    added = [*await early, *await asyncio.gather(*wave[100:])]
+    assert 1 < db.commits < 10  # a few batches, not a transaction per row
+    first, again = added[:200], added[200:]
+    assert all(new for _, new in first) and not any(new for _, new in again)
+    assert [e.seq for e, _ in again] == [e.seq for e, _ in first[:20]]
+    assert len({e.seq for e, _ in first}) == 200
+    rows = await db.since("t3", 0)
+    assert [r.fields["n"] for r in rows] == [i for i in range(200) if i % 7 == 3]
+    await db.close()
+
+
+async def test_a_row_that_fails_in_a_batch_fails_alone(tmp_path: Path) -> None:
+    db = WidgetLog(tmp_path / "outbox.db")
+    await db.add("t", "warm", "ack", {})  # opens the file: the rows below go together
+    bad = db.add("t", "bad", "ack", {}, at=object())  # type: ignore[arg-type]  # cannot bind
+    results = await asyncio.gather(
+        db.add("t", "a", "ack", {}), bad, db.add("t", "b", "ack", {}), return_exceptions=True
+    )
+    assert isinstance(results[1], sqlite3.ProgrammingError)
+    assert [r.fields for r in await db.since("t", 0)] == [{}, {}, {}]
+    await db.close()
+    with pytest.raises(LogClosed):
+        await db.add("t", "late", "ack", {})
 
 
 async def test_a_widget_message_is_committed_and_replies_are_pushed_live(widget: Any) -> None:
