@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from router.codec import dumps
+
 # Rows a reconnecting widget gets at most in one go (a longer history is cut at the start).
 MAX_HISTORY = 500
 
@@ -92,7 +94,7 @@ class WidgetLog:
         if self._closed:
             raise LogClosed(f"{self.path} is closed")
         stamp = time.time() if at is None else at
-        body = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        body = dumps(fields)
         future: asyncio.Future[tuple[Entry, bool]] = asyncio.get_running_loop().create_future()
         self._pending.append(((thread, key, kind, body, stamp), future))
         if self._flusher is None or self._flusher.done():

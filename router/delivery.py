@@ -22,13 +22,13 @@ keeps the two equal.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Union
 
+from router.codec import dumpb
 from router.errors import PermanentError
 from router.model import (
     TICKET_PREFIX,
@@ -39,9 +39,6 @@ from router.model import (
 )
 
 DELIVERY_SCHEMA = "omnirouter.delivery/1"
-# Built once: json.dumps with non-default arguments builds an encoder on every call.
-# allow_nan=False: NaN/Infinity are not JSON and would break strict parsers.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 # Envelope keys every encoded delivery carries before the payload's own keys.
 ENVELOPE_KEYS = ("schema", "delivery_id", "kind", "agent_id", "attempt")
 
@@ -579,10 +576,9 @@ def encode_delivery(delivery: Delivery) -> bytes:
         **payload_to_dict(delivery.payload),
     }
     try:
-        text = _ENCODER.encode(body)
+        return dumpb(body)
     except (TypeError, ValueError) as exc:
         raise PermanentError(f"delivery is not JSON-serialisable: {exc}") from exc
-    return text.encode("utf-8")
 
 
 # -- the JSON Schema, generated ---------------------------------------------------

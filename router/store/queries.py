@@ -13,6 +13,7 @@ import json
 import sqlite3
 from typing import Any, cast
 
+from router.codec import dumps
 from router.delivery import WithdrawnPayload, payload_from_dict, payload_to_dict, target_from_str
 from router.lifecycle import CUSTOMER, LOW_SCORE, ROUTER, EventKind, TicketState
 from router.model import Agent, Assignment, MessageState, ticket_number
@@ -41,9 +42,7 @@ _OUTBOX_COLUMNS = (
 )
 _OUTBOX_COLUMNS_OF_O = ", ".join(f"o.{name}" for name in _OUTBOX_COLUMNS.split(", "))
 
-# Built once: json.dumps with non-default arguments builds a new encoder on every call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_dumps = _ENCODER.encode
+_dumps = dumps
 
 
 # -- small reads and writes ------------------------------------------------------
