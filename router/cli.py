@@ -135,7 +135,19 @@ def _configure_logging(config: Config, fmt: str | None) -> None:
     )
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def _run(coro: Coroutine[Any, Any, T], event_loop: str = "asyncio") -> T:
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                coro.close()
+                raise SystemExit(
+                    "daemon.event_loop = \"uvloop\" but uvloop is not installed "
+                    "(pip install uvloop)"
+                ) from None
+        else:
+            return uvloop.run(coro)
     return asyncio.run(coro)
 
 
@@ -253,7 +265,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM."""
     config = _with_ports(_load(args.config), args.web_port, args.ops_port)
     _configure_logging(config, args.log_format)
-    return _run(run_daemon(config, Path(args.config) if args.config else None))
+    return _run(
+        run_daemon(config, Path(args.config) if args.config else None), config.daemon.event_loop
+    )
 
 
 group("config", "configuration tools")

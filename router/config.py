@@ -123,6 +123,10 @@ class DaemonConfig(_Frozen):
     # Seconds a lease lasts unrenewed (renewed every third of it): how soon another
     # instance takes over the pulling channels and pending sends of one that died.
     lease_ttl: float = Field(default=15.0, ge=3, le=600)
+    # The asyncio event loop: uvloop (libuv) spends about a sixth less CPU per message
+    # on sockets and callbacks; "auto" takes it when installed (it is a dependency),
+    # "asyncio" is the standard library's loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 class StoreConfig(_Frozen):

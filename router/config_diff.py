@@ -3,8 +3,8 @@
 A channel or adapter whose section changed in any way is restarted (stopped, then started
 with the new section); one that appears is started, one that disappears is stopped.
 Agents, routing, scheduling, classifier, SLA and lifecycle settings apply in place.
-`daemon.state_dir`, `daemon.instance`, `daemon.lease_ttl`, `store`, `ops` and `outbox`
-are read once at start: a change there is reported and waits for a restart of the daemon.
+`daemon.state_dir`, `daemon.instance`, `daemon.lease_ttl`, `daemon.event_loop`, `store`,
+`ops` and `outbox` are read once at start: a change there is reported and waits for a restart of the daemon.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ RESTART_SECTIONS = (
     "daemon.state_dir",
     "daemon.instance",
     "daemon.lease_ttl",
+    "daemon.event_loop",
     "store",
     "ops",
     "outbox",

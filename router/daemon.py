@@ -377,6 +377,7 @@ class Daemon:
             agents=len(cfg.agents),
             ops_port=self.ops_port,
             store=cfg.store_label(),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if cfg.ops.enabled:
             where = (

@@ -474,7 +474,10 @@ async def test_webhook_agent_signatures_retries_and_dead_letters(
 def test_ticket_status_needs_its_token(tmp_path: Path, spawn: Callable[..., DaemonProcess]) -> None:
     web_port, ops_port = ports()
     urls = Urls(web_port, ops_port)
-    spawn(base_config(tmp_path / "state", web_port=web_port, ops_port=ops_port))
+    # On the standard library's loop, as an operator may choose.
+    config = base_config(tmp_path / "state", web_port=web_port, ops_port=ops_port)
+    d = spawn(config.replace("[daemon]\n", '[daemon]\nevent_loop = "asyncio"\n', 1))
+    assert [e["event_loop"] for e in d.log_events("daemon.ready")] == ["asyncio"]
     status, receipt, headers = urls.post(INQUIRY, "t1@example.com")
     assert status == 201, receipt
     assert headers["Location"] == receipt["status_url"]
@@ -621,6 +624,8 @@ def test_sd_notify_ready_watchdog_reload(
     ready = d.wait_notification("READY")
     assert ready["READY"] == "1"
     assert "waiting" in ready["STATUS"], ready
+    # The default loop is uvloop (a dependency): notify, watchdog, reload and stop on it.
+    assert [e["event_loop"] for e in d.log_events("daemon.ready")] == ["uvloop"]
 
     poll(
         lambda: sum(1 for n in d.poll_notifications() if n.get("WATCHDOG") == "1") >= 3,
