@@ -143,8 +143,7 @@ def _run(coro: Coroutine[Any, Any, T], event_loop: str = "asyncio") -> T:
             if event_loop == "uvloop":
                 coro.close()
                 raise SystemExit(
-                    "daemon.event_loop = \"uvloop\" but uvloop is not installed "
-                    "(pip install uvloop)"
+                    'daemon.event_loop = "uvloop" but uvloop is not installed (pip install uvloop)'
                 ) from None
         else:
             return uvloop.run(coro)

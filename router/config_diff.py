@@ -4,7 +4,8 @@ A channel or adapter whose section changed in any way is restarted (stopped, the
 with the new section); one that appears is started, one that disappears is stopped.
 Agents, routing, scheduling, classifier, SLA and lifecycle settings apply in place.
 `daemon.state_dir`, `daemon.instance`, `daemon.lease_ttl`, `daemon.event_loop`, `store`,
-`ops` and `outbox` are read once at start: a change there is reported and waits for a restart of the daemon.
+`ops` and `outbox` are read once at start: a change there is reported and waits for a
+restart of the daemon.
 """
 
 from __future__ import annotations
