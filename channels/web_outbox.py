@@ -193,13 +193,16 @@ class WidgetLog:
     def _add(
         db: sqlite3.Connection, thread: str, key: str, kind: str, body: str, at: float
     ) -> tuple[Entry, bool]:
-        cur = db.execute(
-            "INSERT OR IGNORE INTO messages(thread, key, kind, body, at) VALUES (?,?,?,?,?)",
+        # One statement for a new row (the usual case); a repeated key reads the first one.
+        added = db.execute(
+            "INSERT INTO messages(thread, key, kind, body, at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(key) DO NOTHING RETURNING seq",
             (thread, key, kind, body, at),
-        )
-        new = cur.rowcount == 1
+        ).fetchone()
+        if added is not None:
+            return Entry(int(added[0]), kind, float(at), json.loads(body)), True
         row = db.execute("SELECT seq, kind, body, at FROM messages WHERE key=?", (key,)).fetchone()
-        return Entry(int(row[0]), str(row[1]), float(row[3]), json.loads(row[2])), new
+        return Entry(int(row[0]), str(row[1]), float(row[3]), json.loads(row[2])), False
 
     def _since(self, thread: str, seq: int, limit: int) -> list[Entry]:
         rows = (
