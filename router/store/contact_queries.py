@@ -119,6 +119,7 @@ def link_contact(
         ).fetchone()
         if hit is not None:
             owners[ident] = hit[0]
+    fresh = person is None
     if person is None:
         # A new handle is a contact of its own, linked below to the contact holding one of
         # its identifiers: every join is then a link an admin can see and undo.
@@ -132,7 +133,7 @@ def link_contact(
                 "VALUES (?,?,?,?)",
                 (ident, person, key, at),
             )
-    root = root_of(c, person)
+    root = person if fresh else root_of(c, person)  # nothing is merged into a new contact
     links: list[tuple[str, str]] = []
     others = {root_of(c, p): ident for ident, p in owners.items()}
     others.pop(root, None)

@@ -874,17 +874,21 @@ def lock_agent(c: sqlite3.Connection, agent_id: str | None) -> None:
     two instances' checks for one agent (room, streak) take turns, and the audit rows
     of one agent's assignments and resolves are numbered in the order they commit.
     """
-    if agent_id:
-        c.execute(f"SELECT id FROM agents WHERE id=?{for_update(c)}", (agent_id,)).fetchall()
+    lock = for_update(c)
+    if agent_id and lock:  # SQLite: the writer holds the whole database already
+        c.execute(f"SELECT id FROM agents WHERE id=?{lock}", (agent_id,)).fetchall()
 
 
-def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool:
+def has_room(
+    c: sqlite3.Connection, a: Assignment, conversation_id: str, *, known: bool = True
+) -> bool:
     """Tell whether the agent may take one more conversation (checked in the transaction).
 
     The scheduler in memory already checked; this is the check that holds when two
     workers (or two daemons on one database) decide at the same time: whether this
     conversation is already one of the agent's open ones (a follow-up joins the slot it
-    holds), else the count of the agent's open conversations (of the pool).
+    holds), else the count of the agent's open conversations (of the pool). `known`
+    False: the conversation is not in the store yet, so it holds no slot.
     """
     if a.capacity <= 0:
         return True
@@ -892,11 +896,13 @@ def has_room(c: sqlite3.Connection, a: Assignment, conversation_id: str) -> bool
     # Two lookups rather than one COUNT with a CASE on the id: the count then reads the
     # (agent_id, state) index alone, not every open conversation's row (an agent with
     # hundreds of open chats made this the writer's costliest statement).
-    joins = c.execute(
-        "SELECT 1 FROM conversations WHERE id=? AND agent_id=? AND state='open'",
-        (conversation_id, a.agent_id),
-    ).fetchone()
-    if joins is not None:
+    if (
+        known
+        and c.execute(
+            "SELECT 1 FROM conversations WHERE id=? AND agent_id=? AND state='open'",
+            (conversation_id, a.agent_id),
+        ).fetchone()
+    ):
         return True
     if a.pool == "*":
         (held,) = c.execute(
@@ -976,7 +982,12 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
     refused = new.assignment is not None and (
         unknown_holder
         or (row is not None and row[1] == "open" and not holder_allows(new.assignment, row[2]))
-        or not has_room(c, new.assignment, row[0] if row is not None else conversation_id)
+        or not has_room(
+            c,
+            new.assignment,
+            row[0] if row is not None else conversation_id,
+            known=row is not None,
+        )
         or not streak_allows(c, new.assignment, new.classification.label)
     )
     assignment = None if refused else new.assignment
