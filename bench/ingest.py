@@ -95,13 +95,29 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """Return user+system CPU seconds a process has used so far (0 when unknown)."""
+    """Return user+system CPU seconds a process and its children have used so far.
+
+    Children count while they run (the daemon's classifier workers): their time is
+    the daemon's. 0 when unknown.
+    """
+    total = 0.0
+    for path in [f"/proc/{pid}/stat", *_children_stats(pid)]:
+        try:
+            with open(path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _children_stats(pid: int) -> list[str]:
+    """Return the /proc stat paths of pid's live child processes."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [f"/proc/{child}/stat" for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def machine_busy_seconds() -> float:
@@ -227,7 +243,16 @@ def start_baseline() -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def daemon_config(state_dir: Path, web_port: int, ops_port: int, broker: Any, agents: int) -> str:
+def daemon_config(
+    state_dir: Path,
+    web_port: int,
+    ops_port: int,
+    broker: Any,
+    agents: int,
+    *,
+    event_loop: str = "auto",
+    classifier_workers: int = 0,
+) -> str:
     """Return the daemon's config: web channel, SQLite FULL, mqtt adapter, a wide roster."""
     from tests.daemon_harness import base_config
 
@@ -244,8 +269,8 @@ def daemon_config(state_dir: Path, web_port: int, ops_port: int, broker: Any, ag
         'skills = ["en", "zh"]\n\n'
         for n in range(agents)
     )
-    extra = '[store]\nsynchronous = "full"\n'
-    return base_config(
+    extra = f'[store]\nsynchronous = "full"\n\n[classifier]\nworkers = {classifier_workers}\n'
+    config = base_config(
         state_dir,
         web_port=web_port,
         ops_port=ops_port,
@@ -253,6 +278,7 @@ def daemon_config(state_dir: Path, web_port: int, ops_port: int, broker: Any, ag
         agents=roster,
         extra=extra,
     )
+    return config.replace("[daemon]\n", f'[daemon]\nevent_loop = "{event_loop}"\n', 1)
 
 
 def start_daemon(workdir: Path, config_text: str, stats_path: Path) -> Any:
@@ -445,7 +471,15 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     try:
         baseline_proc, baseline_port = start_baseline()
         web_port = free_port()
-        config = daemon_config(state_dir, web_port, free_port(), broker, agents)
+        config = daemon_config(
+            state_dir,
+            web_port,
+            free_port(),
+            broker,
+            agents,
+            event_loop=args.event_loop,
+            classifier_workers=args.classifier_workers,
+        )
         daemon = start_daemon(tmp, config, stats_path)
         subscriber = Subscriber(broker.host, broker.port)
         subscriber_task = asyncio.create_task(subscriber.run())
@@ -684,6 +718,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="phase 2 duration")
     parser.add_argument(
         "--tmpdir", type=Path, default=None, help="where the store goes (default: system temp)"
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the daemon's [daemon] event_loop (default: auto, as the daemon's default)",
+    )
+    parser.add_argument(
+        "--classifier-workers",
+        type=int,
+        default=0,
+        help="the daemon's [classifier] workers: processes that classify beside the loop",
     )
     parser.add_argument("--check", action="store_true", help="exit 2 when a target is missed")
     args = parser.parse_args(argv)

@@ -204,6 +204,9 @@ class ClassifierConfig(_Frozen):
     # the hand-written cue lexicons alone (faster, less accurate across domains).
     model: Literal["intent", "rules"] = "intent"
     model_path: str | None = None  # a model from `omnirouter classifier train`
+    # Processes that classify beside the event loop (0: in the loop). One uses a second
+    # core for the model's work; see router/classify_workers.py.
+    workers: int = Field(default=0, ge=0, le=16)
     amount_threshold: float = Field(default=5000.0, gt=0)
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from router.config import Config
 from router.crisis import CrisisDetector
@@ -21,6 +21,9 @@ from router.schedule import Scheduler
 from router.store import OutboxItem, Store
 from router.threads import ThreadKey, Threads
 from router.tickets import Tickets
+
+if TYPE_CHECKING:  # router.classify_workers imports this module
+    from router.classify_workers import ClassifierWorkers
 
 
 class Classifier(Protocol):
@@ -50,6 +53,8 @@ class Core:
     threads: Threads
     tickets: Tickets
     gauges: Gauges
+    # Worker processes running the classifier (`[classifier] workers`); None: in the loop.
+    classifier_workers: ClassifierWorkers | None = None
     # Held while waiting messages are handed out, so nothing else changes loads or
     # queues under a placement (presence changes, resolves, offers taken back).
     drain_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -728,6 +728,7 @@ class Daemon:
             )
         # 2. Send whatever is due; anything left stays in the outbox for the next start.
         drained = await self.dispatcher.drain(max(0.0, deadline - time.monotonic() - 0.5))
+        await self.pipeline.close()
         # 3. Tools, ops, store.
         await self.supervisor.cancel_all(timeout=max(0.1, deadline - time.monotonic()))
         for tool in self.tools.values():

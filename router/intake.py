@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 import structlog
 
 from router.alerts import Alerts
-from router.classify import RuleClassifier, severity_for
+from router.classify import severity_for
+from router.classify_workers import ClassifierSpec
 from router.config import Config
 from router.contacts import ContactBook, handle_key
 from router.core import Classifier, Core
@@ -42,17 +43,20 @@ log = structlog.get_logger("router.pipeline")
 _PHONE = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
+def classifier_spec(config: Config) -> ClassifierSpec:
+    """Return the settings of the classifier the config asks for (picklable)."""
+    c = config.classifier
+    return ClassifierSpec(
+        model=c.model,
+        amount_threshold=c.amount_threshold,
+        vip_contacts=frozenset(c.vip_contacts),
+        model_path=c.model_path,
+    )
+
+
 def make_classifier(config: Config) -> Classifier:
     """Return the classifier the config asks for (the trained model by default)."""
-    c = config.classifier
-    vip = frozenset(c.vip_contacts)
-    if c.model == "rules":
-        return RuleClassifier(amount_threshold=c.amount_threshold, vip_contacts=vip)
-    from router.intent import ModelClassifier
-
-    return ModelClassifier(
-        amount_threshold=c.amount_threshold, vip_contacts=vip, model_path=c.model_path
-    )
+    return classifier_spec(config).build()
 
 
 def make_assignment(
@@ -214,7 +218,7 @@ class Intake:
         core = self.core
         now = core.clock()
         contact_key = handle_key(msg.channel_type, msg.contact_handle)
-        cls = self.classify(msg, contact_key, now)
+        cls = await self.classify(msg, contact_key, now)
         queue = core.config.queue_for(
             cls.label,
             cls.severity,
@@ -447,12 +451,17 @@ class Intake:
 
     # -- classification ------------------------------------------------------------
 
-    def classify(self, msg: InboundMessage, contact_key: str, now: float) -> Classification:
+    async def classify(self, msg: InboundMessage, contact_key: str, now: float) -> Classification:
         """Return the classifier's verdict with repeat contacts and severity rules applied."""
         core = self.core
-        cls = core.classifier.classify(
-            msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
-        )
+        if core.classifier_workers is not None:
+            cls = await core.classifier_workers.classify(
+                msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
+            )
+        else:
+            cls = core.classifier.classify(
+                msg.text, subject=msg.subject, language=msg.language, contact=msg.contact_handle
+            )
         cls = self._with_repeat_contact(cls, contact_key, msg.identifiers, now)
         return self._with_severity_rules(cls)
 

@@ -28,13 +28,14 @@ import structlog
 from router.actions import ACTIONS
 from router.agent_work import AgentWork, Verdict
 from router.alerts import Alerts
-from router.config import Config
+from router.classify_workers import ClassifierWorkers
+from router.config import ClassifierConfig, Config
 from router.contacts import ContactChange
 from router.core import Classifier, Core
 from router.crisis import CrisisDetector
 from router.drivers import ActionSink, AgentAction, Receipt, TicketStatus
 from router.gauges import Gauges
-from router.intake import Intake, make_classifier
+from router.intake import Intake, classifier_spec, make_classifier
 from router.metrics import Metrics
 from router.model import InboundMessage
 from router.outbox import Dispatcher
@@ -105,6 +106,25 @@ class Pipeline:
     def _make_classifier(config: Config) -> Classifier:
         return make_classifier(config)
 
+    async def _start_classifier_workers(self, config: Config, classifier: Classifier) -> None:
+        """Run the classifier in `[classifier] workers` processes (none: in the loop)."""
+        core = self.core
+        old, core.classifier_workers = core.classifier_workers, None
+        if old is not None:
+            await old.close()
+        if config.classifier.workers:
+            workers = ClassifierWorkers(
+                classifier_spec(config), config.classifier.workers, classifier
+            )
+            await workers.start()
+            core.classifier_workers = workers
+
+    async def close(self) -> None:
+        """Stop what the pipeline runs besides the loop (classifier workers)."""
+        if self.core.classifier_workers is not None:
+            await self.core.classifier_workers.close()
+            self.core.classifier_workers = None
+
     @staticmethod
     def _make_crisis(config: Config, clock: Callable[[], float]) -> CrisisDetector | None:
         crisis = config.classifier.crisis
@@ -147,6 +167,7 @@ class Pipeline:
         """Rebuild memory from the store: loads, queues, pending sends, recent contacts."""
         core = self.core
         store, scheduler = core.store, core.scheduler
+        await self._start_classifier_workers(core.config, core.classifier)
         await core.tickets.load_secret()
         now = core.clock()
         presence = await store.sync_agents(agents_from_config(core.config))
@@ -211,8 +232,11 @@ class Pipeline:
         """Take a new, already validated configuration (SIGHUP): roster, thresholds, SLAs."""
         core = self.core
         old_crisis = core.config.classifier.crisis
+        old_classifier = core.config.classifier
         core.config = config
         core.classifier = self._make_classifier(config)
+        if _worker_settings(config.classifier) != _worker_settings(old_classifier):
+            await self._start_classifier_workers(config, core.classifier)
         if config.classifier.crisis != old_crisis:
             core.crisis = self._make_crisis(config, core.clock)
         agents = agents_from_config(config)
@@ -393,3 +417,8 @@ class Pipeline:
         board["outbox"] = await core.store.delivery_counts()
         board["now"] = now
         return board
+
+
+def _worker_settings(c: ClassifierConfig) -> tuple[object, ...]:
+    """Return what the classifier workers are built from (a change restarts them)."""
+    return (c.model, c.model_path, c.amount_threshold, tuple(c.vip_contacts), c.workers)

@@ -1,0 +1,306 @@
+"""Classification on the machine's other cores: worker processes running the same model.
+
+The trained classifier is the largest single cost of an ingest on the event loop
+(about a fifth of it under load), and the loop shares one interpreter lock with the
+SQLite writer. With `[classifier] workers = N` it runs in N processes of its own
+instead: the loop hands them the messages that arrived in one iteration as one batch
+over a pipe and reads the verdicts back when they are ready, so many messages cost
+one pickle and two pipe writes.
+
+The verdicts are those of the in-process classifier, bit for bit: each worker builds
+it from the same settings (`ClassifierSpec`). Nothing is lost when a worker fails:
+a batch it dies on, or does not answer within `BATCH_TIMEOUT`, is classified in the
+event loop instead (the worker is killed), and a new worker starts after a backoff.
+While no worker runs, messages are classified in the loop as without workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import structlog
+
+from router.core import Classifier
+from router.model import Classification
+
+log = structlog.get_logger("router.classify")
+
+# A batch not answered within this long is taken back (a hung or overloaded worker).
+BATCH_TIMEOUT = 10.0
+# Messages per batch at most: a long queue is split so one pipe write stays small.
+MAX_BATCH = 256
+# How soon a failed worker is started again, doubling up to the cap.
+RESTART_BACKOFF = 1.0
+RESTART_BACKOFF_MAX = 60.0
+
+# One message to classify: text, subject, language (None: detect), contact.
+Request = tuple[str, str, str | None, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierSpec:
+    """What builds a classifier: picklable, so a worker process builds the same one."""
+
+    model: str
+    amount_threshold: float
+    vip_contacts: frozenset[str]
+    model_path: str | None
+
+    def build(self) -> Classifier:
+        """Return the classifier these settings describe."""
+        from router.classify import RuleClassifier
+
+        if self.model == "rules":
+            return RuleClassifier(
+                amount_threshold=self.amount_threshold, vip_contacts=self.vip_contacts
+            )
+        from router.intent import ModelClassifier
+
+        return ModelClassifier(
+            amount_threshold=self.amount_threshold,
+            vip_contacts=self.vip_contacts,
+            model_path=self.model_path,
+        )
+
+
+def classify_batch(classifier: Classifier, batch: list[Request]) -> list[Classification]:
+    """Return the verdict of each request, in order."""
+    return [
+        classifier.classify(text, subject=subject, language=language, contact=contact)
+        for text, subject, language, contact in batch
+    ]
+
+
+def _serve(conn: Connection, spec: ClassifierSpec) -> None:
+    """A worker process: build the classifier, then answer batches until the pipe closes."""
+    classifier = spec.build()
+    while True:
+        try:
+            batch = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        try:
+            answer: Any = classify_batch(classifier, batch)
+        except Exception as exc:  # the loop classifies this batch itself and says why
+            answer = f"{type(exc).__name__}: {exc}"
+        conn.send_bytes(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class _Worker:
+    """One worker process, its end of the pipe and the batch it is working on."""
+
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.batch: list[tuple[Request, asyncio.Future[Classification]]] = []
+        self.sent_at = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batch)
+
+
+class ClassifierWorkers:
+    """Classifies through worker processes; the loop's own classifier stands in for them."""
+
+    def __init__(
+        self,
+        spec: ClassifierSpec,
+        workers: int,
+        local: Classifier,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        batch_timeout: float = BATCH_TIMEOUT,
+    ) -> None:
+        """Remember the settings; processes start with `start()`."""
+        self.spec = spec
+        self.batch_timeout = batch_timeout
+        self.size = workers
+        self.local = local  # the same classifier in this process: the fallback
+        self.clock = clock
+        self._context = multiprocessing.get_context("spawn")  # no fork of a threaded daemon
+        self._workers: list[_Worker] = []
+        self._queue: list[tuple[Request, asyncio.Future[Classification]]] = []
+        self._dispatch_soon = False
+        self._restart_at = 0.0
+        self._backoff = RESTART_BACKOFF
+        self._closed = False
+        self._watch: asyncio.Task[None] | None = None
+        self.fallbacks = 0  # messages classified in the loop because a worker failed
+
+    @property
+    def alive(self) -> int:
+        """Return how many workers run."""
+        return len(self._workers)
+
+    async def start(self) -> None:
+        """Start the workers and the watch that takes back unanswered batches."""
+        for _ in range(self.size):
+            self._spawn()
+        self._watch = asyncio.create_task(self._watch_batches(), name="classifier-workers")
+
+    async def close(self) -> None:
+        """Stop the workers; batches in flight are classified here."""
+        self._closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        for worker in list(self._workers):
+            self._retire(worker, "stopping", restart=False)
+        self._classify_here(self._queue)
+        self._queue = []
+
+    async def classify(
+        self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
+    ) -> Classification:
+        """Return the verdict for one message (from a worker, or here when none runs)."""
+        if not self._workers:
+            self._maybe_restart()
+            if not self._workers:
+                return self.local.classify(
+                    text, subject=subject, language=language, contact=contact
+                )
+        future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
+        self._queue.append(((text, subject, language, contact), future))
+        if not self._dispatch_soon:
+            # Everything that arrives in this loop iteration goes in one batch.
+            self._dispatch_soon = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+        return await future
+
+    # -- batches -------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand queued requests to idle workers, one batch each."""
+        self._dispatch_soon = False
+        for worker in list(self._workers):
+            if not self._queue:
+                return
+            if worker.busy:
+                continue
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                worker.conn.send_bytes(
+                    pickle.dumps([request for request, _ in batch], pickle.HIGHEST_PROTOCOL)
+                )
+            except (OSError, ValueError):
+                self._queue = batch + self._queue  # for the next worker, or classified here
+                self._retire(worker, "pipe closed")
+                continue
+            worker.batch = batch
+            worker.sent_at = self.clock()
+        if not self._workers:
+            self._fallback_queue()
+
+    def _answered(self, worker: _Worker) -> None:
+        """Read a worker's verdicts (a loop reader callback) and hand out the next batch."""
+        try:
+            answer = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            self._retire(worker, f"worker ended: {type(exc).__name__}")
+            self._dispatch()
+            return
+        batch, worker.batch = worker.batch, []
+        if isinstance(answer, str):  # the worker's classifier raised: classify here
+            log.warning("classifier.worker_batch_failed", error=answer, messages=len(batch))
+            self._classify_here(batch)
+        else:
+            for (_, future), verdict in zip(batch, answer, strict=True):
+                if not future.done():
+                    future.set_result(verdict)
+        self._backoff = RESTART_BACKOFF
+        if self._queue:
+            self._dispatch()
+
+    async def _watch_batches(self) -> None:
+        """Take back batches a worker sits on, and start workers that failed again."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.clock()
+            for worker in list(self._workers):
+                if worker.busy and now - worker.sent_at > self.batch_timeout:
+                    self._retire(worker, f"no answer within {self.batch_timeout:g} s")
+            self._maybe_restart()
+            if self._queue and any(not w.busy for w in self._workers):
+                self._dispatch()
+
+    # -- processes -----------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_serve, args=(child, self.spec), name="omnirouter-classifier", daemon=True
+        )
+        try:
+            process.start()
+        except OSError as exc:
+            parent.close()
+            child.close()
+            log.error("classifier.worker_start_failed", error=str(exc))
+            self._restart_at = self.clock() + self._backoff
+            self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX)
+            return
+        child.close()
+        worker = _Worker(process, parent)
+        self._workers.append(worker)
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._answered, worker)
+
+    def _retire(self, worker: _Worker, reason: str, *, restart: bool = True) -> None:
+        """Stop a worker; its batch is classified here; a new one starts after a backoff."""
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+        worker.conn.close()
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(timeout=1.0)
+        batch, worker.batch = worker.batch, []
+        if restart and not self._closed:
+            log.warning(
+                "classifier.worker_lost",
+                reason=reason,
+                exitcode=worker.process.exitcode,
+                messages=len(batch),
+                restart_in=round(self._backoff, 1),
+            )
+            self._restart_at = self.clock() + self._backoff
+            self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX)
+        self._classify_here(batch)
+
+    def _maybe_restart(self) -> None:
+        if self._closed or len(self._workers) >= self.size or self.clock() < self._restart_at:
+            return
+        while len(self._workers) < self.size:
+            before = len(self._workers)
+            self._spawn()
+            if len(self._workers) == before:
+                return
+
+    def _fallback_queue(self) -> None:
+        queue, self._queue = self._queue, []
+        self._classify_here(queue)
+
+    def _classify_here(self, batch: list[tuple[Request, asyncio.Future[Classification]]]) -> None:
+        """Classify requests in this process (same classifier, same verdicts)."""
+        for (text, subject, language, contact), future in batch:
+            if future.done():
+                continue
+            self.fallbacks += 1
+            try:
+                future.set_result(
+                    self.local.classify(text, subject=subject, language=language, contact=contact)
+                )
+            except Exception as exc:
+                future.set_exception(exc)

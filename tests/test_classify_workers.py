@@ -1,0 +1,165 @@
+"""router/classify_workers.py: the classifier in worker processes, same verdicts, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from router.classify_workers import ClassifierSpec, ClassifierWorkers
+from router.model import Classification
+from tests.daemon_harness import DaemonProcess, base_config, http, ports
+from tests.test_pipeline import Harness, make_config, msg
+
+TEXTS = [
+    "Hi, I was charged twice for order 88213 this morning, please refund one.",
+    "How do I change the delivery address on my account?",
+    "我的订单已经一个星期了还没有发货，请问什么时候能到？",
+    "URGENT: our whole team cannot log in since 9am, production is down!",
+    "你好，我想取消会员自动续费，怎么操作？",
+    "It would be great if the app had a dark mode.",
+    "I will sue you if the 9,000 EUR are not back by Friday",
+    "",
+]
+SPEC = ClassifierSpec(
+    model="intent", amount_threshold=5000.0, vip_contacts=frozenset({"vip@x"}), model_path=None
+)
+
+
+async def classify_all(workers: ClassifierWorkers, n: int) -> list[Classification]:
+    return await asyncio.gather(
+        *(
+            workers.classify(
+                f"{TEXTS[i % len(TEXTS)]} #{i}", subject="", contact="vip@x" if i % 5 else ""
+            )
+            for i in range(n)
+        )
+    )
+
+
+def expected(n: int) -> list[Classification]:
+    local = SPEC.build()
+    return [
+        local.classify(
+            f"{TEXTS[i % len(TEXTS)]} #{i}", subject="", contact="vip@x" if i % 5 else ""
+        )
+        for i in range(n)
+    ]
+
+
+async def test_workers_give_the_loops_verdicts_bit_for_bit() -> None:
+    workers = ClassifierWorkers(SPEC, 2, SPEC.build())
+    await workers.start()
+    try:
+        got = await classify_all(workers, 300)
+        assert got == expected(300)
+        assert workers.alive == 2 and workers.fallbacks == 0
+    finally:
+        await workers.close()
+    assert workers.alive == 0
+
+
+async def test_a_killed_worker_loses_nothing_and_is_started_again() -> None:
+    now = [0.0]
+    workers = ClassifierWorkers(SPEC, 1, SPEC.build(), clock=lambda: now[0])
+    await workers.start()
+    try:
+        await classify_all(workers, 5)  # the worker is up and answering
+        os.kill(workers._workers[0].process.pid, signal.SIGKILL)
+        got = await classify_all(workers, 40)
+        assert got == expected(40)
+        assert workers.alive == 0 and workers.fallbacks > 0  # classified in the loop meanwhile
+        now[0] += 61.0  # past the restart backoff
+        again = await classify_all(workers, 10)
+        assert again == expected(10) and workers.alive == 1
+    finally:
+        await workers.close()
+
+
+async def test_a_hung_worker_gives_its_batch_back() -> None:
+    workers = ClassifierWorkers(SPEC, 1, SPEC.build(), batch_timeout=0.5)
+    await workers.start()
+    try:
+        await classify_all(workers, 3)
+        pid = workers._workers[0].process.pid
+        os.kill(pid, signal.SIGSTOP)  # alive, never answers
+        got = await asyncio.wait_for(classify_all(workers, 12), 10)
+        assert got == expected(12) and workers.fallbacks >= 12
+        with pytest.raises(ProcessLookupError):  # the hung worker was killed
+            os.kill(pid, 0)
+    finally:
+        await workers.close()
+
+
+async def test_the_pipeline_routes_through_workers_and_stops_them(tmp_path: Path) -> None:
+    h = Harness(
+        tmp_path,
+        [{"id": "alice", "capacity": 5, "skills": ["en", "zh"]}],
+        classifier={"workers": 1},
+    )
+    pipeline = await h.start()
+    workers = pipeline.core.classifier_workers
+    assert workers is not None and workers.alive == 1
+    receipt = await pipeline.ingest(msg("My parcel never arrived, I want a refund!", "dana"))
+    await h.settle()
+    assert [d.payload["classification"]["label"] for d in h.tool.deliveries] == ["complaint"]
+    assert receipt.state == "assigned" and workers.fallbacks == 0
+    await pipeline.close()
+    assert pipeline.core.classifier_workers is None and workers.alive == 0
+    await h.stop()
+
+
+async def test_a_reload_resizes_or_removes_the_workers(tmp_path: Path) -> None:
+    roster = [{"id": "alice", "capacity": 5, "skills": ["en", "zh"]}]
+    h = Harness(tmp_path, roster, classifier={"workers": 1})
+    pipeline = await h.start()
+    first = pipeline.core.classifier_workers
+    await pipeline.apply_config(make_config(tmp_path / "state", roster, classifier={"workers": 2}))
+    second = pipeline.core.classifier_workers
+    assert first is not None and first.alive == 0  # replaced: its processes are gone
+    assert second is not None and second.alive == 2
+    await pipeline.apply_config(make_config(tmp_path / "state", roster))
+    assert pipeline.core.classifier_workers is None and second.alive == 0
+    receipt = await pipeline.ingest(msg("Where is my order?", "dana"))
+    assert receipt.state == "assigned"  # classified in the loop again
+    await h.stop()
+
+
+def test_the_daemon_classifies_in_a_worker_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    web_port, ops_port = ports()
+    config = base_config(tmp_path / "state", web_port=web_port, ops_port=ops_port)
+    d = DaemonProcess(tmp_path, config + "\n[classifier]\nworkers = 1\n").start()
+    try:
+        children = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+        commands = [Path(f"/proc/{c}/cmdline").read_bytes() for c in children]
+        # The worker, and multiprocessing's resource tracker that comes with "spawn".
+        assert sum(b"spawn_main" in c for c in commands) == 1, commands
+        status, receipt, _ = http(
+            "POST",
+            f"http://127.0.0.1:{web_port}/v1/messages",
+            {"text": "My parcel never arrived, I want a refund!", "contact": {"handle": "d@x"}},
+        )
+        assert status == 201 and receipt["state"] == "assigned", receipt
+        routed = d.log_events("message.routed")
+        assert [e["label"] for e in routed] == ["complaint"]
+        assert d.stop() == 0
+        # Both end with the daemon (the tracker on its pipe's EOF, a moment later).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(c) for c in children):
+            time.sleep(0.05)
+        assert not [c for c in children if _running(c)]
+    finally:
+        d.close()
+
+
+def _running(pid: str) -> bool:
+    """Whether a process runs (a zombie waiting for its parent's wait() does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
