@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import pickle
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ def classify_batch(classifier: Classifier, batch: list[Request]) -> list[Classif
 
 def _serve(conn: Connection, spec: ClassifierSpec) -> None:
     """A worker process: build the classifier, then answer batches until the pipe closes."""
+    # The daemon decides when a worker ends (it closes the pipe): a Ctrl-C, a terminal's
+    # hangup or a stop sent to the whole process group must not cut a batch short.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     classifier = spec.build()
     while True:
         try:

@@ -163,3 +163,16 @@ def _running(pid: str) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+async def test_a_worker_ignores_signals_meant_for_the_daemon() -> None:
+    workers = ClassifierWorkers(SPEC, 1, SPEC.build())
+    await workers.start()
+    try:
+        await classify_all(workers, 3)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(workers._workers[0].process.pid, signum)
+        assert await classify_all(workers, 20) == expected(20)
+        assert workers.alive == 1 and workers.fallbacks == 0
+    finally:
+        await workers.close()
