@@ -76,6 +76,63 @@ class EncodingTool:
         self.delivered += 1
 
 
+class Stages:
+    """CPU time of the loop thread per pipeline stage, by wrapping the stage's function.
+
+    A stage is a function that runs without giving the loop up (in this bench: the
+    classifier in the loop, placement, building the commit, the canonical log line, an
+    outbox send to a tool that returns at once), so its thread CPU time is its own.
+    """
+
+    NAMES = ("classify", "place", "build", "log", "send")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.NAMES, 0.0)
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> None:
+        from router import intake
+        from router.schedule import Scheduler
+
+        self._wrap(intake.Intake, "classify", "classify")
+        self._wrap(Scheduler, "place", "place")
+        self._wrap(intake.Intake, "_new_message", "build")
+        self._wrap(intake, "log_routed", "log")
+        self._wrap(Dispatcher, "_attempt", "send")
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+        self._undo.clear()
+
+    def _wrap(self, owner: Any, name: str, stage: str) -> None:
+        original = getattr(owner, name)
+        seconds = self.seconds
+        clock = time.thread_time
+        if asyncio.iscoroutinefunction(original):
+
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                t0 = clock()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    seconds[stage] += clock() - t0
+
+            wrapper: Any = timed_async
+        else:
+
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                t0 = clock()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    seconds[stage] += clock() - t0
+
+            wrapper = timed
+        self._undo.append((owner, name, original))
+        setattr(owner, name, wrapper)
+
+
 def thread_cpu(ident: int | None) -> float:
     """Return the CPU seconds a thread has used so far."""
     assert ident is not None
@@ -135,6 +192,9 @@ async def run_once(
         await pipeline.ingest(message(i, -1 - run))
     await dispatcher.drain(10)
     batches0, units0 = store.batches, store.units
+    stages = Stages() if args.stages else None
+    if stages is not None:
+        stages.install()
 
     writer = store.writer.thread
     assert writer is not None
@@ -150,6 +210,8 @@ async def run_once(
         profiler.disable()
     t1 = time.perf_counter()
     l1, w1 = thread_cpu(loop_ident), thread_cpu(writer.ident)
+    if stages is not None:
+        stages.uninstall()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     n = args.messages
     total = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -162,6 +224,9 @@ async def run_once(
         "drained": drained,
         "delivered": tool.delivered,
     }
+    if stages is not None:
+        per = {k: v / n * 1e6 for k, v in stages.seconds.items()}
+        result["stages_us"] = {**per, "rest": result["loop_us"] - sum(per.values())}
     sender.cancel()
     try:
         await sender
@@ -186,6 +251,12 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"{r['units_per_commit']:.1f} units/commit",
             flush=True,
         )
+        if "stages_us" in r:
+            print(
+                "       loop by stage (us/msg): "
+                + "  ".join(f"{k} {v:.0f}" for k, v in r["stages_us"].items()),
+                flush=True,
+            )
     if profiler is not None:
         profiler.dump_stats(args.profile)
     return results
@@ -199,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", metavar="FILE", help="cProfile of the event-loop thread")
     parser.add_argument("--tmpdir", help="where the store goes (default: the system temp dir)")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also split the loop's CPU by stage (classify, place, build, log, send, rest); "
+        "the wrappers add a little to every figure",
+    )
     args = parser.parse_args(argv)
     sys.setswitchinterval(0.0005)  # as router.daemon.run_daemon does
     devnull = open(os.devnull, "w")
@@ -209,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         f"best of {len(results)}: loop {best['loop_us']:.0f} us/msg, "
         f"writer {best['writer_us']:.0f} us/msg, process {best['process_us']:.0f} us/msg"
     )
+    if args.stages:
+        names = results[0]["stages_us"]
+        stage_best = {k: min(r["stages_us"][k] for r in results) for k in names}
+        print(
+            "best of each stage (us/msg): "
+            + "  ".join(f"{k} {v:.0f}" for k, v in stage_best.items())
+        )
     print(json.dumps({"bench": "pipeline_cpu", "synchronous": args.synchronous, "runs": results}))
     return 0
 
