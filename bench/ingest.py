@@ -269,7 +269,11 @@ def daemon_config(
         'skills = ["en", "zh"]\n\n'
         for n in range(agents)
     )
-    extra = f'[store]\nsynchronous = "full"\n\n[classifier]\nworkers = {classifier_workers}\n'
+    # The two options are written only when set, so this bench also runs a daemon from
+    # before they existed (a before/after comparison in one session).
+    extra = '[store]\nsynchronous = "full"\n'
+    if classifier_workers:
+        extra += f"\n[classifier]\nworkers = {classifier_workers}\n"
     config = base_config(
         state_dir,
         web_port=web_port,
@@ -278,6 +282,8 @@ def daemon_config(
         agents=roster,
         extra=extra,
     )
+    if event_loop == "auto":
+        return config
     return config.replace("[daemon]\n", f'[daemon]\nevent_loop = "{event_loop}"\n', 1)
 
 
