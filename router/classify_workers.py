@@ -125,9 +125,15 @@ class ClassifierWorkers:
         *,
         clock: Callable[[], float] = time.monotonic,
         batch_timeout: float = BATCH_TIMEOUT,
+        on_fallback: Callable[[int], None] = lambda count: None,
     ) -> None:
-        """Remember the settings; processes start with `start()`."""
+        """Remember the settings; processes start with `start()`.
+
+        `on_fallback` is told how many messages were classified in the loop because
+        a worker failed (a metric).
+        """
         self.spec = spec
+        self.on_fallback = on_fallback
         self.batch_timeout = batch_timeout
         self.size = workers
         self.local = local  # the same classifier in this process: the fallback
@@ -299,6 +305,7 @@ class ClassifierWorkers:
 
     def _classify_here(self, batch: list[tuple[Request, asyncio.Future[Classification]]]) -> None:
         """Classify requests in this process (same classifier, same verdicts)."""
+        before = self.fallbacks
         for (text, subject, language, contact), future in batch:
             if future.done():
                 continue
@@ -309,3 +316,5 @@ class ClassifierWorkers:
                 )
             except Exception as exc:
                 future.set_exception(exc)
+        if self.fallbacks > before:
+            self.on_fallback(self.fallbacks - before)

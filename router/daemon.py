@@ -583,6 +583,8 @@ class Daemon:
         m = self.metrics
         m.outbox_backlog.set(self.dispatcher.backlog)
         m.leases_held.set(len(self.leases.holding()))
+        workers = self.pipeline.core.classifier_workers
+        m.classifier_workers.set(workers.alive if workers is not None else 0)
         # Depth alone hides a stuck queue that is short; the oldest wait shows it.
         for queue in self.pipeline.queues_view():
             m.queue_oldest_wait.labels(queue=queue["queue"]).set(queue["oldest_wait_s"])

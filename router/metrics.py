@@ -208,6 +208,16 @@ class Metrics:
             buckets=_WAIT_BUCKETS,
             registry=r,
         )
+        self.classifier_workers = Gauge(
+            "omnirouter_classifier_workers",
+            "Classifier worker processes running (`[classifier] workers`).",
+            registry=r,
+        )
+        self.classifier_fallbacks = Counter(
+            "omnirouter_classifier_fallbacks_total",
+            "Messages classified in the event loop because a classifier worker failed.",
+            registry=r,
+        )
         self.task_restarts = Counter(
             "omnirouter_task_restarts_total",
             "Supervised tasks restarted after a failure.",

@@ -113,8 +113,12 @@ class Pipeline:
         if old is not None:
             await old.close()
         if config.classifier.workers:
+            metrics = core.metrics
             workers = ClassifierWorkers(
-                classifier_spec(config), config.classifier.workers, classifier
+                classifier_spec(config),
+                config.classifier.workers,
+                classifier,
+                on_fallback=metrics.classifier_fallbacks.inc,
             )
             await workers.start()
             core.classifier_workers = workers

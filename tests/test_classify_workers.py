@@ -65,7 +65,10 @@ async def test_workers_give_the_loops_verdicts_bit_for_bit() -> None:
 
 async def test_a_killed_worker_loses_nothing_and_is_started_again() -> None:
     now = [0.0]
-    workers = ClassifierWorkers(SPEC, 1, SPEC.build(), clock=lambda: now[0])
+    counted: list[int] = []
+    workers = ClassifierWorkers(
+        SPEC, 1, SPEC.build(), clock=lambda: now[0], on_fallback=counted.append
+    )
     await workers.start()
     try:
         await classify_all(workers, 5)  # the worker is up and answering
@@ -73,6 +76,7 @@ async def test_a_killed_worker_loses_nothing_and_is_started_again() -> None:
         got = await classify_all(workers, 40)
         assert got == expected(40)
         assert workers.alive == 0 and workers.fallbacks > 0  # classified in the loop meanwhile
+        assert sum(counted) == workers.fallbacks  # what the metric counts
         now[0] += 61.0  # past the restart backoff
         again = await classify_all(workers, 10)
         assert again == expected(10) and workers.alive == 1
@@ -146,6 +150,8 @@ def test_the_daemon_classifies_in_a_worker_and_leaves_no_process_behind(tmp_path
         assert status == 201 and receipt["state"] == "assigned", receipt
         routed = d.log_events("message.routed")
         assert [e["label"] for e in routed] == ["complaint"]
+        _, metrics, _ = http("GET", f"http://127.0.0.1:{ops_port}/metrics")
+        assert "omnirouter_classifier_workers 1.0" in metrics
         assert d.stop() == 0
         # Both end with the daemon (the tracker on its pipe's EOF, a moment later).
         deadline = time.monotonic() + 10
