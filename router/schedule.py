@@ -1768,16 +1768,22 @@ class Scheduler:
     ) -> str:
         ct = work.channel_type
         agent = state.agent
+        # AgentState.capacity/pool/room, inlined: this runs for every agent per decision.
+        caps = agent.capacities
+        capacity = caps.get(ct, caps.get("*", 0)) if caps else agent.capacity
+        pool = ct if caps else "*"
+        used = state.used.get(pool, 0)
+        room = capacity - used - state.external.get(pool, 0)
         if state is chosen:
-            return f"chosen ({state.room(ct)} of {state.capacity(ct)} {ct} slots free before)"
+            return f"chosen ({room} of {capacity} {ct} slots free before)"
         if not state.online:
             return "off line"
         if agent.shifts and not any(s.contains(now) for s in agent.shifts):
             return "off shift"
-        if state.capacity(ct) <= 0:
+        if capacity <= 0:
             return f"takes no {ct}"
-        if state.room(ct) <= 0:
-            return f"full: {state.used.get(state.pool(ct), 0)}/{state.capacity(ct)} {ct}"
+        if room <= 0:
+            return f"full: {used}/{capacity} {ct}"
         if work.excluded and state.id in work.excluded:
             return "let this message time out before"
         if not self._eligible(state, work, now):
@@ -1794,10 +1800,7 @@ class Scheduler:
         note = notes.get(state.group) if state.group is not None else None
         if note is not None and (chosen.group is None or chosen.group is not state.group):
             return note
-        return (
-            f"eligible, less spare room or assigned more recently "
-            f"({state.room(ct)}/{state.capacity(ct)} {ct} free)"
-        )
+        return f"eligible, less spare room or assigned more recently ({room}/{capacity} {ct} free)"
 
 
 def _smallest(heap: list[tuple[Any, ...]], k: int) -> Iterator[tuple[Any, ...]]:
