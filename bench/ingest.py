@@ -212,7 +212,9 @@ def run_daemon_wrapped(stats_path: str, argv: list[str]) -> int:
     threading.Thread(target=export, name="bench-stats", daemon=True).start()
     switch = os.environ.get("OMNIROUTER_BENCH_SWITCHINTERVAL")
     if switch:  # a diagnostic knob (GIL hand-off between the loop and the writer thread)
-        sys.setswitchinterval(float(switch))
+        import router.daemon
+
+        router.daemon._SWITCH_INTERVAL = float(switch)  # the daemon sets it at start
     profile_path = os.environ.get("OMNIROUTER_BENCH_PROFILE")
     if not profile_path:
         return main(argv)
