@@ -4,8 +4,8 @@ The trained classifier is the largest single cost of an ingest on the event loop
 (about a fifth of it under load), and the loop shares one interpreter lock with the
 SQLite writer. With `[classifier] workers = N` it runs in N processes of its own
 instead: the loop hands them the messages that arrived in one iteration as one batch
-over a pipe and reads the verdicts back when they are ready, so many messages cost
-one pickle and two pipe writes.
+over a socket and reads the verdicts back when they are ready, so many messages cost
+one pickle and two socket writes.
 
 The verdicts are those of the in-process classifier, bit for bit: each worker builds
 it from the same settings (`ClassifierSpec`). Nothing is lost when a worker fails:
@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
+import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,11 +40,15 @@ log = structlog.get_logger("router.classify")
 
 # A batch not answered within this long is taken back (a hung or overloaded worker).
 BATCH_TIMEOUT = 10.0
-# Messages per batch at most: a long queue is split so one pipe write stays small.
+# Messages per batch at most: a long queue is split so one write stays small.
 MAX_BATCH = 256
 # How soon a failed worker is started again, doubling up to the cap.
 RESTART_BACKOFF = 1.0
 RESTART_BACKOFF_MAX = 60.0
+
+# Where the router package is, so a worker imports the same code as the daemon.
+_ROOT = str(Path(__file__).resolve().parents[1])
+_PYTHONPATH = os.environ.get("PYTHONPATH", "")
 
 # One message to classify: text, subject, language (None: detect), contact.
 Request = tuple[str, str, str | None, str]
@@ -81,12 +88,17 @@ def classify_batch(classifier: Classifier, batch: list[Request]) -> list[Classif
     ]
 
 
-def _serve(conn: Connection, spec: ClassifierSpec) -> None:
-    """A worker process: build the classifier, then answer batches until the pipe closes."""
-    # The daemon decides when a worker ends (it closes the pipe): a Ctrl-C, a terminal's
+def _serve(conn: Connection) -> None:
+    """A worker process: read the settings, build the classifier, then answer batches
+    until the daemon closes its end of the socket."""
+    # The daemon decides when a worker ends (it closes the socket): a Ctrl-C, a terminal's
     # hangup or a stop sent to the whole process group must not cut a batch short.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    try:
+        spec: ClassifierSpec = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return
     classifier = spec.build()
     while True:
         try:
@@ -101,9 +113,9 @@ def _serve(conn: Connection, spec: ClassifierSpec) -> None:
 
 
 class _Worker:
-    """One worker process, its end of the pipe and the batch it is working on."""
+    """One worker process, its end of the socket and the batch it is working on."""
 
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], conn: Connection) -> None:
         self.process = process
         self.conn = conn
         self.batch: list[tuple[Request, asyncio.Future[Classification]]] = []
@@ -138,7 +150,6 @@ class ClassifierWorkers:
         self.size = workers
         self.local = local  # the same classifier in this process: the fallback
         self.clock = clock
-        self._context = multiprocessing.get_context("spawn")  # no fork of a threaded daemon
         self._workers: list[_Worker] = []
         self._queue: list[tuple[Request, asyncio.Future[Classification]]] = []
         self._dispatch_soon = False
@@ -206,7 +217,7 @@ class ClassifierWorkers:
                 )
             except (OSError, ValueError):
                 self._queue = batch + self._queue  # for the next worker, or classified here
-                self._retire(worker, "pipe closed")
+                self._retire(worker, "socket closed")
                 continue
             worker.batch = batch
             worker.sent_at = self.clock()
@@ -248,12 +259,17 @@ class ClassifierWorkers:
     # -- processes -----------------------------------------------------------------
 
     def _spawn(self) -> None:
-        parent, child = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=_serve, args=(child, self.spec), name="omnirouter-classifier", daemon=True
-        )
+        # A fresh interpreter running this module (not a fork of a threaded daemon, and
+        # not multiprocessing's spawn, which would import the daemon's __main__ again).
+        parent, child = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_ROOT, _PYTHONPATH)))}
         try:
-            process.start()
+            process = subprocess.Popen(
+                [sys.executable, "-m", "router.classify_workers", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         except OSError as exc:
             parent.close()
             child.close()
@@ -262,9 +278,15 @@ class ClassifierWorkers:
             self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX)
             return
         child.close()
-        worker = _Worker(process, parent)
+        conn = Connection(parent.detach())
+        worker = _Worker(process, conn)
         self._workers.append(worker)
-        asyncio.get_running_loop().add_reader(parent.fileno(), self._answered, worker)
+        try:
+            conn.send_bytes(pickle.dumps(self.spec, pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            self._retire(worker, "settings not delivered")
+            return
+        asyncio.get_running_loop().add_reader(conn.fileno(), self._answered, worker)
 
     def _retire(self, worker: _Worker, reason: str, *, restart: bool = True) -> None:
         """Stop a worker; its batch is classified here; a new one starts after a backoff."""
@@ -274,15 +296,16 @@ class ClassifierWorkers:
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         worker.conn.close()
-        if worker.process.is_alive():
+        if worker.process.poll() is None:
             worker.process.kill()
-        worker.process.join(timeout=1.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(timeout=1.0)
         batch, worker.batch = worker.batch, []
         if restart and not self._closed:
             log.warning(
                 "classifier.worker_lost",
                 reason=reason,
-                exitcode=worker.process.exitcode,
+                exitcode=worker.process.returncode,
                 messages=len(batch),
                 restart_in=round(self._backoff, 1),
             )
@@ -318,3 +341,7 @@ class ClassifierWorkers:
                 future.set_exception(exc)
         if self.fallbacks > before:
             self.on_fallback(self.fallbacks - before)
+
+
+if __name__ == "__main__":  # a worker: python -m router.classify_workers FD
+    _serve(Connection(int(sys.argv[1])))
