@@ -66,6 +66,8 @@ from router.model import Attachment, InboundMessage
 # Messages taken at once: their commits overlap (the store group-commits them), then
 # one journal write and one cursor write serve them all.
 WINDOW = 32
+# Small mails of a window are fetched together, up to this many bytes per FETCH.
+FETCH_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(slots=True)
@@ -225,14 +227,21 @@ class EmailChannel(ChannelBase):
         A failure stops the window: what is committed before it is still journalled,
         acted on and passed by the cursor, then the failure propagates.
         """
+        sizes = dict(window)
         pending: list[_Pending] = []
         settled = False
         try:
             try:
-                for uid, size in window:
+                for group in self._fetch_groups(window):
                     if self._stop.is_set():
                         break
-                    pending.append(await self._prepare(session, sink, uid, size))
+                    bodies = await session.fetch_many(group) if len(group) > 1 else {}
+                    for uid in group:
+                        if self._stop.is_set():
+                            break
+                        pending.append(
+                            await self._prepare(session, sink, uid, sizes[uid], bodies.get(uid))
+                        )
             except Exception:
                 await self._settle(session, pending)
                 raise
@@ -243,13 +252,36 @@ class EmailChannel(ChannelBase):
                 # Mails noted in memory may have no journal line: read the state again.
                 self._state_loaded = False
 
+    def _fetch_groups(self, window: list[tuple[int, int]]) -> list[list[int]]:
+        """Split a window's UIDs into runs fetched with one FETCH each: small mails together.
+
+        A mail over FETCH_BYTES (or over max_message_bytes, fetched as a prefix) goes
+        alone, so a large answer cut by the network costs only its own refetch.
+        """
+        single = min(FETCH_BYTES, self.config.max_message_bytes)
+        groups: list[list[int]] = []
+        room = -1  # bytes the last group can still take; -1: it takes nothing more
+        for uid, size in window:
+            if size <= room:
+                groups[-1].append(uid)
+                room -= size
+            else:
+                groups.append([uid])
+                room = FETCH_BYTES - size if size <= single else -1
+        return groups
+
     async def _prepare(
-        self, session: ImapSession, sink: MessageSink, uid: int, size: int
+        self, session: ImapSession, sink: MessageSink, uid: int, size: int, raw: bytes | None
     ) -> _Pending:
-        """Fetch and normalise one message and decide its fate; start its commit if routed."""
+        """Normalise one message (fetched here unless given) and decide its fate.
+
+        A routed message's commit is started, not awaited.
+        """
         cfg = self.config
-        oversize = size > cfg.max_message_bytes
-        raw = await session.fetch(uid, cfg.max_message_bytes if oversize else None)
+        if raw is None:
+            # Alone, gone, or missing from a group's answer: fetch it by itself.
+            oversize = size > cfg.max_message_bytes
+            raw = await session.fetch(uid, cfg.max_message_bytes if oversize else None)
         if raw is None:
             return _Pending(uid, fetched=False)
         mail = await asyncio.to_thread(
