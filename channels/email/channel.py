@@ -235,13 +235,13 @@ class EmailChannel(ChannelBase):
                 for group in self._fetch_groups(window):
                     if self._stop.is_set():
                         break
-                    bodies = await session.fetch_many(group) if len(group) > 1 else {}
-                    for uid in group:
+                    raws = await self._fetch(session, group, sizes)
+                    # One thread hop for the group: normalising is pure CPU.
+                    mails = await asyncio.to_thread(self._normalise_all, raws, group, sizes)
+                    for uid, raw, mail in zip(group, raws, mails, strict=True):
                         if self._stop.is_set():
                             break
-                        pending.append(
-                            await self._prepare(session, sink, uid, sizes[uid], bodies.get(uid))
-                        )
+                        pending.append(await self._prepare(session, sink, uid, raw, mail))
             except Exception:
                 await self._settle(session, pending)
                 raise
@@ -270,28 +270,51 @@ class EmailChannel(ChannelBase):
                 room = FETCH_BYTES - size if size <= single else -1
         return groups
 
-    async def _prepare(
-        self, session: ImapSession, sink: MessageSink, uid: int, size: int, raw: bytes | None
-    ) -> _Pending:
-        """Normalise one message (fetched here unless given) and decide its fate.
-
-        A routed message's commit is started, not awaited.
-        """
+    async def _fetch(
+        self, session: ImapSession, group: list[int], sizes: dict[int, int]
+    ) -> list[bytes | None]:
+        """Return the raw mails of a group (None for a mail gone from the server)."""
         cfg = self.config
-        if raw is None:
-            # Alone, gone, or missing from a group's answer: fetch it by itself.
-            oversize = size > cfg.max_message_bytes
-            raw = await session.fetch(uid, cfg.max_message_bytes if oversize else None)
-        if raw is None:
+        bodies = await session.fetch_many(group) if len(group) > 1 else {}
+        raws: list[bytes | None] = []
+        for uid in group:
+            raw = bodies.get(uid)
+            if raw is None:
+                # Alone, gone, or missing from the group's answer: fetch it by itself.
+                oversize = sizes[uid] > cfg.max_message_bytes
+                raw = await session.fetch(uid, cfg.max_message_bytes if oversize else None)
+            raws.append(raw)
+        return raws
+
+    def _normalise_all(
+        self, raws: list[bytes | None], group: list[int], sizes: dict[int, int]
+    ) -> list[NormalisedMail | None]:
+        """Normalise the fetched mails of a group, in order."""
+        cfg = self.config
+        return [
+            None
+            if raw is None
+            else normalise(
+                raw,
+                max_message_bytes=cfg.max_message_bytes,
+                max_attachment_bytes=cfg.max_attachment_bytes,
+                max_text_chars=cfg.max_text_chars,
+                original_size=sizes[uid],
+            )
+            for uid, raw in zip(group, raws, strict=True)
+        ]
+
+    async def _prepare(
+        self,
+        session: ImapSession,
+        sink: MessageSink,
+        uid: int,
+        raw: bytes | None,
+        mail: NormalisedMail | None,
+    ) -> _Pending:
+        """Decide the fate of one fetched message; start (not await) its commit if routed."""
+        if raw is None or mail is None:
             return _Pending(uid, fetched=False)
-        mail = await asyncio.to_thread(
-            normalise,
-            raw,
-            max_message_bytes=cfg.max_message_bytes,
-            max_attachment_bytes=cfg.max_attachment_bytes,
-            max_text_chars=cfg.max_text_chars,
-            original_size=size,
-        )
         key = dedupe_key(mail)
         item = _Pending(uid, mail=mail)
         fields = item.fields()
