@@ -6,6 +6,7 @@
   passed by the cursor, those behind it are offered again (the store recognises the ones
   that committed), and every mail ends up stored once.
 * The answer to a grouped FETCH is split per message whatever the order of its items.
+* A window's mails and bytes are bounded (what it holds while its commits are in flight).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import aioimaplib
 import pytest
 
+from channels.email.channel import _windows
 from channels.email.config import ImapSettings
 from channels.email.imap import ImapSession
 from router.drivers import Receipt
@@ -131,3 +133,16 @@ async def test_a_grouped_fetch_answer_is_split_per_message() -> None:
         ]
     )
     assert await session.fetch_many([11, 12, 13]) == {11: b"first", 13: b"third"}
+
+
+def test_a_window_holds_at_most_32_mails_and_4_mib() -> None:
+    small = [(uid, 1000) for uid in range(1, 71)]
+    assert [len(w) for w in _windows(small)] == [32, 32, 6]
+    mixed = [(1, 1000), (2, 3_000_000), (3, 2_000_000), (4, 9_000_000), (5, 0)]
+    # Mails whose bytes would pass 4 MiB start a new window; a larger one stands alone.
+    assert _windows(mixed) == [
+        [(1, 1000), (2, 3_000_000)],
+        [(3, 2_000_000)],
+        [(4, 9_000_000)],
+        [(5, 0)],
+    ]

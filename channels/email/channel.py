@@ -64,8 +64,10 @@ from router.drivers import (
 from router.model import Attachment, InboundMessage
 
 # Messages taken at once: their commits overlap (the store group-commits them), then
-# one journal write and one cursor write serve them all.
+# one journal write and one cursor write serve them all. The bytes bound what a window
+# holds in memory while its commits are in flight (a larger mail forms its own window).
 WINDOW = 32
+WINDOW_BYTES = 4 * 1024 * 1024
 # Small mails of a window are fetched together, up to this many bytes per FETCH.
 FETCH_BYTES = 256 * 1024
 
@@ -76,15 +78,28 @@ class _Pending:
 
     uid: int
     fetched: bool = True  # False: gone from the server before its fetch
-    mail: NormalisedMail | None = None
+    message_id: str = ""
+    truncated_size: int = 0  # the size of a mail cut to max_message_bytes, else 0
     key: str = ""  # the journal line's key; "" when none is due (a duplicate, a gone mail)
     hint: str = ""
     commit: asyncio.Future[Receipt] | None = None  # the sink's answer, for routed mail
 
     def fields(self) -> dict[str, Any]:
         """Return the log fields that name this message."""
-        message_id = self.mail.message_id if self.mail is not None else ""
-        return {"uid": self.uid, "message_id": no_surrogates(message_id, header=True) or None}
+        return {"uid": self.uid, "message_id": no_surrogates(self.message_id, header=True) or None}
+
+
+def _windows(batch: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Split listed (uid, size) pairs into windows of at most WINDOW mails and WINDOW_BYTES."""
+    windows: list[list[tuple[int, int]]] = []
+    total = 0
+    for uid, size in batch:
+        if not windows or len(windows[-1]) >= WINDOW or total + size > WINDOW_BYTES:
+            windows.append([])
+            total = 0
+        windows[-1].append((uid, size))
+        total += size
+    return windows
 
 
 class EmailChannel(ChannelBase):
@@ -212,10 +227,10 @@ class EmailChannel(ChannelBase):
         """Hand every message above the cursor to the sink, in UID order, a window at a time."""
         while True:
             batch = await session.new_uids(self.mail_state.last_uid)
-            for start in range(0, len(batch), WINDOW):
+            for window in _windows(batch):
                 if self._stop.is_set():
                     return
-                await self._take_window(session, sink, batch[start : start + WINDOW])
+                await self._take_window(session, sink, window)
             if len(batch) < UID_BATCH:
                 return
 
@@ -316,7 +331,9 @@ class EmailChannel(ChannelBase):
         if raw is None or mail is None:
             return _Pending(uid, fetched=False)
         key = dedupe_key(mail)
-        item = _Pending(uid, mail=mail)
+        # Only what the settling needs: the window must not hold every mail's bytes.
+        item = _Pending(uid, message_id=mail.message_id)
+        item.truncated_size = mail.size if mail.truncated else 0
         fields = item.fields()
         if self.mail_state.seen(key):
             self.duplicates += 1
@@ -391,8 +408,8 @@ class EmailChannel(ChannelBase):
                     self.duplicates += 1
                 else:
                     self.committed += 1
-                if item.mail is not None and item.mail.truncated:
-                    self.log.warning("email.truncated", size=item.mail.size, **item.fields())
+                if item.truncated_size:
+                    self.log.warning("email.truncated", size=item.truncated_size, **item.fields())
                 entries.append((item.key, item.hint, receipt.ticket))
             elif item.key:
                 entries.append((item.key, "", ""))
