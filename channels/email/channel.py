@@ -7,11 +7,16 @@ backoff), syncs every message above the cursor in UID order, then waits in IDLE
     fetch → normalise → (already seen? noise? no sender?) → sink(message) = commit
           → journal (Message-ID → conversation, ticket) → \\Seen / move → cursor
 
-so nothing on the server and no cursor moves before the commit. A crash anywhere
-makes the message be fetched again: the journal recognises it (also under a new
-UIDVALIDITY, by Message-ID plus a digest of its content, or by raw sha256 when it has
-no Message-ID), and the store's (channel, external_id) uniqueness catches a commit
-whose journal line was lost.
+so nothing on the server and no cursor moves before the commit. Up to WINDOW mails
+are taken at a time: each is fetched and handed to the sink in UID order without
+waiting for the commits before it, so the store commits them in groups; once all
+are committed, their journal lines are written with one fsync, the IMAP actions
+follow in UID order, and the cursor is written once. A crash anywhere makes the
+message be fetched again: the journal recognises it (also under a new UIDVALIDITY,
+by Message-ID plus a digest of its content, or by raw sha256 when it has no
+Message-ID), and the store's (channel, external_id) uniqueness catches a commit
+whose journal line was lost (or never written: a failed commit stops the window,
+and the mails behind it are offered again).
 
 external_id is `"{UIDVALIDITY}:{UID}"`: unique per mailbox folder and cheap to
 re-derive. The Message-ID is not part of it (a missing or reused Message-ID must not
@@ -53,9 +58,48 @@ from router.drivers import (
     MessageSink,
     Outbound,
     PermanentError,
+    Receipt,
     TransientError,
 )
 from router.model import Attachment, InboundMessage
+
+# Messages taken at once: their commits overlap (the store group-commits them), then
+# one journal write and one cursor write serve them all. The bytes bound what a window
+# holds in memory while its commits are in flight (a larger mail forms its own window).
+WINDOW = 32
+WINDOW_BYTES = 4 * 1024 * 1024
+# Small mails of a window are fetched together, up to this many bytes per FETCH.
+FETCH_BYTES = 256 * 1024
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    """One message of a window, from its fetch until the cursor passes it."""
+
+    uid: int
+    fetched: bool = True  # False: gone from the server before its fetch
+    message_id: str = ""
+    truncated_size: int = 0  # the size of a mail cut to max_message_bytes, else 0
+    key: str = ""  # the journal line's key; "" when none is due (a duplicate, a gone mail)
+    hint: str = ""
+    commit: asyncio.Future[Receipt] | None = None  # the sink's answer, for routed mail
+
+    def fields(self) -> dict[str, Any]:
+        """Return the log fields that name this message."""
+        return {"uid": self.uid, "message_id": no_surrogates(self.message_id, header=True) or None}
+
+
+def _windows(batch: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Split listed (uid, size) pairs into windows of at most WINDOW mails and WINDOW_BYTES."""
+    windows: list[list[tuple[int, int]]] = []
+    total = 0
+    for uid, size in batch:
+        if not windows or len(windows[-1]) >= WINDOW or total + size > WINDOW_BYTES:
+            windows.append([])
+            total = 0
+        windows[-1].append((uid, size))
+        total += size
+    return windows
 
 
 class EmailChannel(ChannelBase):
@@ -156,6 +200,7 @@ class EmailChannel(ChannelBase):
     async def _session(self, session: ImapSession, sink: MessageSink) -> None:
         """Run one connection: select, sync, wait for news, repeat until stop()."""
         cfg = self.config.imap
+        await self._load_state()  # again after a failed window left it unsure
         await session.open()
         changed = await asyncio.to_thread(self.mail_state.set_uidvalidity, session.uidvalidity)
         if changed:
@@ -179,54 +224,125 @@ class EmailChannel(ChannelBase):
                 await self._sleep(cfg.poll_interval)
 
     async def _sync(self, session: ImapSession, sink: MessageSink) -> None:
-        """Hand every message above the cursor to the sink, in UID order."""
+        """Hand every message above the cursor to the sink, in UID order, a window at a time."""
         while True:
             batch = await session.new_uids(self.mail_state.last_uid)
-            for uid, size in batch:
+            for window in _windows(batch):
                 if self._stop.is_set():
                     return
-                await self._take(session, sink, uid, size)
+                await self._take_window(session, sink, window)
             if len(batch) < UID_BATCH:
                 return
 
-    async def _take(self, session: ImapSession, sink: MessageSink, uid: int, size: int) -> None:
-        """Process one message; advance the cursor only after its commit and actions."""
+    async def _take_window(
+        self, session: ImapSession, sink: MessageSink, window: list[tuple[int, int]]
+    ) -> None:
+        """Take up to WINDOW messages; their commits overlap, their cursor moves after them.
+
+        A failure stops the window: what is committed before it is still journalled,
+        acted on and passed by the cursor, then the failure propagates.
+        """
+        sizes = dict(window)
+        pending: list[_Pending] = []
+        settled = False
+        try:
+            try:
+                for group in self._fetch_groups(window):
+                    if self._stop.is_set():
+                        break
+                    raws = await self._fetch(session, group, sizes)
+                    # One thread hop for the group: normalising is pure CPU.
+                    mails = await asyncio.to_thread(self._normalise_all, raws, group, sizes)
+                    for uid, raw, mail in zip(group, raws, mails, strict=True):
+                        if self._stop.is_set():
+                            break
+                        pending.append(await self._prepare(session, sink, uid, raw, mail))
+            except Exception:
+                await self._settle(session, pending)
+                raise
+            await self._settle(session, pending)
+            settled = True
+        finally:
+            if not settled:
+                # Mails noted in memory may have no journal line: read the state again.
+                self._state_loaded = False
+
+    def _fetch_groups(self, window: list[tuple[int, int]]) -> list[list[int]]:
+        """Split a window's UIDs into runs fetched with one FETCH each: small mails together.
+
+        A mail over FETCH_BYTES (or over max_message_bytes, fetched as a prefix) goes
+        alone, so a large answer cut by the network costs only its own refetch.
+        """
+        single = min(FETCH_BYTES, self.config.max_message_bytes)
+        groups: list[list[int]] = []
+        room = -1  # bytes the last group can still take; -1: it takes nothing more
+        for uid, size in window:
+            if size <= room:
+                groups[-1].append(uid)
+                room -= size
+            else:
+                groups.append([uid])
+                room = FETCH_BYTES - size if size <= single else -1
+        return groups
+
+    async def _fetch(
+        self, session: ImapSession, group: list[int], sizes: dict[int, int]
+    ) -> list[bytes | None]:
+        """Return the raw mails of a group (None for a mail gone from the server)."""
         cfg = self.config
-        oversize = size > cfg.max_message_bytes
-        raw = await session.fetch(uid, cfg.max_message_bytes if oversize else None)
-        if raw is not None:
-            mail = await asyncio.to_thread(
-                normalise,
+        bodies = await session.fetch_many(group) if len(group) > 1 else {}
+        raws: list[bytes | None] = []
+        for uid in group:
+            raw = bodies.get(uid)
+            if raw is None:
+                # Alone, gone, or missing from the group's answer: fetch it by itself.
+                oversize = sizes[uid] > cfg.max_message_bytes
+                raw = await session.fetch(uid, cfg.max_message_bytes if oversize else None)
+            raws.append(raw)
+        return raws
+
+    def _normalise_all(
+        self, raws: list[bytes | None], group: list[int], sizes: dict[int, int]
+    ) -> list[NormalisedMail | None]:
+        """Normalise the fetched mails of a group, in order."""
+        cfg = self.config
+        return [
+            None
+            if raw is None
+            else normalise(
                 raw,
                 max_message_bytes=cfg.max_message_bytes,
                 max_attachment_bytes=cfg.max_attachment_bytes,
                 max_text_chars=cfg.max_text_chars,
-                original_size=size,
+                original_size=sizes[uid],
             )
-            await self._handle(sink, session.uidvalidity, uid, raw, mail)
-            if cfg.imap.move_to:
-                await session.move(uid, cfg.imap.move_to)
-            elif cfg.imap.mark_seen:
-                await session.mark_seen(uid)
-        await asyncio.to_thread(self.mail_state.advance, uid)
+            for uid, raw in zip(group, raws, strict=True)
+        ]
 
-    async def _handle(
-        self, sink: MessageSink, uidvalidity: int, uid: int, raw: bytes, mail: NormalisedMail
-    ) -> None:
-        """Route one normalised mail through the sink, or record why it is not routed."""
+    async def _prepare(
+        self,
+        session: ImapSession,
+        sink: MessageSink,
+        uid: int,
+        raw: bytes | None,
+        mail: NormalisedMail | None,
+    ) -> _Pending:
+        """Decide the fate of one fetched message; start (not await) its commit if routed."""
+        if raw is None or mail is None:
+            return _Pending(uid, fetched=False)
         key = dedupe_key(mail)
-        external_id = f"{uidvalidity}:{uid}"
-        fields: dict[str, Any] = {
-            "uid": uid,
-            "message_id": no_surrogates(mail.message_id, header=True) or None,
-        }
+        # Only what the settling needs: the window must not hold every mail's bytes.
+        item = _Pending(uid, message_id=mail.message_id)
+        item.truncated_size = mail.size if mail.truncated else 0
+        fields = item.fields()
         if self.mail_state.seen(key):
             self.duplicates += 1
             self.log.info("email.duplicate", **fields)
-            return
+            return item
         if self.mail_state.reused(key):
             # Broken mailers and templates reuse Message-IDs: a different mail is a new one.
             self.log.warning("email.message_id_reused", digest=key.rpartition("#")[2], **fields)
+        item.key = key
         if mail.noise_reason or mail.reject_reason:
             reason = mail.noise_reason or mail.reject_reason
             if mail.noise_reason:
@@ -235,14 +351,17 @@ class EmailChannel(ChannelBase):
             else:
                 self.rejected += 1
                 self.log.warning("email.rejected", reason=reason, **fields)
-            await asyncio.to_thread(self.mail_state.remember, key, "")
-            return
-        hint = conversation_hint(mail, self.mail_state)
-        attachments = await asyncio.to_thread(self._store_attachments, mail)
+            self.mail_state.note(key, "")
+            return item
+        item.hint = hint = conversation_hint(mail, self.mail_state)
+        if any(att.data is not None for att in mail.attachments):
+            attachments = await asyncio.to_thread(self._store_attachments, mail)
+        else:
+            attachments = self._store_attachments(mail)
         message = InboundMessage(
             channel=self.name,
             channel_type="email",
-            external_id=external_id,
+            external_id=f"{session.uidvalidity}:{uid}",
             contact_handle=mail.from_address,
             contact_name=mail.from_name,
             text=mail.text,
@@ -256,22 +375,70 @@ class EmailChannel(ChannelBase):
             thread_refs=mail.references,
             identifiers=self._identifiers(raw, mail.from_address),
         )
-        message = guard_text(message)
+        # Later mails of this window must see this one (a redelivery, a follow-up).
+        self.mail_state.note(key, hint)
+        # Commits start in UID order, so a follow-up queues behind the mail it answers.
+        item.commit = asyncio.ensure_future(sink(guard_text(message)))
+        return item
+
+    async def _settle(self, session: ImapSession, pending: list[_Pending]) -> None:
+        """Await the window's commits in order, journal them at once, act, move the cursor.
+
+        Only the mails before the first failed commit count as taken; those behind it
+        are offered again later (the store recognises the ones that did commit).
+        """
+        entries: list[tuple[str, str, str]] = []
+        taken = 0
+        failure: TransientError | None = None
+        for item in pending:
+            if item.commit is not None:
+                try:
+                    receipt = await item.commit
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Not committed: the cursor stays, the session restarts after a
+                    # backoff and the same UID is offered again.
+                    failure = TransientError(
+                        f"sink failed on uid {item.uid}: {type(exc).__name__}: {exc}"
+                    )
+                    failure.__cause__ = exc
+                    break
+                if receipt.duplicate:
+                    self.duplicates += 1
+                else:
+                    self.committed += 1
+                if item.truncated_size:
+                    self.log.warning("email.truncated", size=item.truncated_size, **item.fields())
+                entries.append((item.key, item.hint, receipt.ticket))
+            elif item.key:
+                entries.append((item.key, "", ""))
+            taken += 1
+        if failure is not None:
+            # Let the commits behind the failed one end before the session goes.
+            await asyncio.gather(
+                *(i.commit for i in pending[taken + 1 :] if i.commit is not None),
+                return_exceptions=True,
+            )
+        await asyncio.to_thread(self.mail_state.record, entries)
+        acted = 0
         try:
-            receipt = await sink(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # Not committed: the cursor stays, the session restarts after a backoff
-            # and the same UID is offered again.
-            raise TransientError(f"sink failed on uid {uid}: {type(exc).__name__}: {exc}") from exc
-        await asyncio.to_thread(self.mail_state.remember, key, hint, receipt.ticket)
-        if receipt.duplicate:
-            self.duplicates += 1
-        else:
-            self.committed += 1
-        if mail.truncated:
-            self.log.warning("email.truncated", size=mail.size, **fields)
+            for item in pending[:taken]:
+                if item.fetched:
+                    await self._after_commit(session, item.uid)
+                acted += 1
+        finally:
+            if acted:
+                await asyncio.to_thread(self.mail_state.advance, pending[acted - 1].uid)
+        if failure is not None:
+            raise failure
+
+    async def _after_commit(self, session: ImapSession, uid: int) -> None:
+        """Flag or move one taken message on the server, as configured."""
+        if self.config.imap.move_to:
+            await session.move(uid, self.config.imap.move_to)
+        elif self.config.imap.mark_seen:
+            await session.mark_seen(uid)
 
     def _identifiers(self, raw: bytes, from_address: str) -> tuple[str, ...]:
         """Return the sender's e-mail identifier when our server's DMARC check passed it."""

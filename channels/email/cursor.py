@@ -18,10 +18,11 @@
   holds more than twice `max_entries` lines it is rewritten with the newest
   `max_entries`.
 
-Order on commit (the channel does it): sink returns → journal line (fsync) →
-after-commit IMAP actions → cursor. A crash anywhere in between makes the mail be
-fetched again and recognised (journal) or deduplicated by the store (external_id).
-All methods are blocking; the channel calls them through `asyncio.to_thread`.
+Order on commit (the channel does it, for a window of mails at once): every sink
+returns → their journal lines (one write, one fsync) → after-commit IMAP actions →
+cursor (one write). A crash anywhere in between makes the mails be fetched again and
+recognised (journal) or deduplicated by the store (external_id).
+The file methods are blocking; the channel calls them through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import re
 import tempfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,21 +189,44 @@ class MailState:
         """Return the conversation hint recorded for a Message-ID or "ticket:T-…"."""
         return self._hints.get(key) if key else None
 
+    def note(self, key: str, hint: str) -> None:
+        """Know a mail in memory before its journal line is written (see `record`).
+
+        Later mails of the same fetch are checked against it (a redelivery, a follow-up)
+        while its commit is still in flight. Whoever notes must `record` the line once
+        the mail is committed, or `load()` again if that does not happen.
+        """
+        self._apply({"k": key, "h": hint})
+        self._trim()
+
     def remember(self, key: str, hint: str, ticket: str = "") -> None:
         """Append one committed mail (or sent mail) to the journal, durably."""
-        entry = {"k": key, "h": hint}
-        if ticket:
-            entry["t"] = ticket
-        line = json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n"
+        self.record([(key, hint, ticket)])
+
+    def record(self, entries: Sequence[tuple[str, str, str]]) -> None:
+        """Append (key, hint, ticket) lines for committed mails with one write and one fsync."""
+        if not entries:
+            return
+        lines = []
+        applied = []
+        for key, hint, ticket in entries:
+            entry = {"k": key, "h": hint}
+            if ticket:
+                entry["t"] = ticket
+            lines.append(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
+            applied.append(entry)
         path = self.directory / JOURNAL_FILE
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line)
+            data = memoryview(b"".join(lines))
+            while data:
+                data = data[os.write(fd, data) :]
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._journal_lines += 1
-        self._apply(entry)
+        self._journal_lines += len(lines)
+        for entry in applied:
+            self._apply(entry)
         self._trim()
         if self._journal_lines > 2 * self.max_entries:
             self._compact()

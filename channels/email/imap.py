@@ -32,6 +32,7 @@ T = TypeVar("T")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UID = re.compile(rb"UID (\d+)")
 _SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
+_FETCH_START = re.compile(rb"^(?:\* )?\d+ FETCH \(")
 _ATOM = re.compile(r"^[A-Za-z0-9._@+-]+$")
 
 
@@ -266,6 +267,35 @@ class ImapSession:
             if isinstance(line, bytearray):
                 return bytes(line)
         return None
+
+    async def fetch_many(self, uids: list[int]) -> dict[int, bytes]:
+        """Return the raw messages of several UIDs in one FETCH; a UID that is gone is absent.
+
+        Meant for small mails (the caller bounds their total size): the whole answer is
+        held in memory, and a cut connection makes all of them be fetched again.
+        """
+        response = await self._run(
+            self.client.uid("fetch", ",".join(map(str, uids)), "(UID BODY.PEEK[])"),
+            timeout=self.settings.timeout * 20,
+        )
+        if response.result != "OK":
+            raise TransientError(f"imap: FETCH of {len(uids)} failed: {_text(response)}")
+        # One "n FETCH (" line opens each message's answer; its UID may come before or
+        # after the literal, and unsolicited FETCH answers (flags) carry no literal.
+        answers: list[list[bytes | bytearray]] = []
+        for line in response.lines:
+            if isinstance(line, bytes) and _FETCH_START.match(line):
+                answers.append([])
+            if answers and isinstance(line, bytes | bytearray):
+                answers[-1].append(line)
+        wanted = set(uids)
+        found: dict[int, bytes] = {}
+        for answer in answers:
+            bodies = [bytes(x) for x in answer if isinstance(x, bytearray)]
+            named = [m for x in answer if isinstance(x, bytes) for m in [_UID.search(x)] if m]
+            if bodies and named and int(named[0].group(1)) in wanted:
+                found.setdefault(int(named[0].group(1)), bodies[0])
+        return found
 
     async def mark_seen(self, uid: int) -> None:
         """Set \\Seen on one message."""

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from html.parser import HTMLParser
+from typing import Any
 
 DEFAULT_MAX_MESSAGE_BYTES = 40 * 1024 * 1024
 DEFAULT_MAX_ATTACHMENT_BYTES = 25 * 1024 * 1024
@@ -872,9 +873,36 @@ def _attachment(
     )
 
 
+_CACHED_HEADER_CHARS = 1000  # longer values are rare and are parsed each time
+
+
+class _ReusedHeaders(email.policy.EmailPolicy):
+    """policy.default, but a header value parsed once is not parsed again.
+
+    The Message API parses a header on every read, and the parser and the walk read
+    each part's Content-Type half a dozen times: that was most of normalising's time.
+    A parsed header depends on its name and raw value only and is never changed here.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        """Return the parsed header, from the cache when it was parsed before."""
+        if hasattr(value, "name") or len(value) > _CACHED_HEADER_CHARS:
+            return super().header_fetch_parse(name, value)
+        return _parsed_header(name, value)
+
+
+@functools.lru_cache(maxsize=2048)
+def _parsed_header(name: str, value: str) -> Any:
+    """Return what policy.default makes of one header."""
+    return email.policy.default.header_fetch_parse(name, value)
+
+
+_POLICY = _ReusedHeaders()
+
+
 def _parse(raw: bytes, compat: bool) -> Message:
     """Parse bytes into a message with policy.default (or compat32)."""
-    policy = email.policy.compat32 if compat else email.policy.default
+    policy = email.policy.compat32 if compat else _POLICY
     return email.message_from_bytes(raw, policy=policy)
 
 
