@@ -26,10 +26,11 @@ RecursionError, the channel reconnects and lists again, forever (`--drain-batch 
 shows it; the phase then fails after 30 s without progress).
 
 Phase 3, baseline: a bare aioimaplib client (this process) lists the same N mails (UID
-SEARCH) and FETCHes them one UID at a time, exactly the channel's access pattern, without
-parsing or storing anything. The **ratio** drain / baseline shows the channel's overhead
-(normalise, store commit, journal fsync, cursor write). A single bulk FETCH of all N
-is reported too, for scale.
+SEARCH) and FETCHes them one UID at a time, without parsing or storing anything (the
+channel itself fetches small mails in groups of up to 256 KiB and takes a window of up
+to 32 mails before one journal fsync and one cursor write). The **ratio** drain /
+baseline shows the channel's overhead (normalise, store commit, journal fsync, cursor
+write). A single bulk FETCH of all N is reported too, for scale.
 
 Phase 4, IDLE latency: one mail at a time at R mails/s for S seconds (open loop). Each
 APPEND's `APPENDUID` gives the message's external_id; the latency runs from the APPEND's
