@@ -107,7 +107,10 @@ class WidgetLog:
             batch, self._pending = self._pending, []
             rows = [row for row, _ in batch]
             try:
-                results = await self._run(self._add_many, rows)
+                # Not _run(): rows added before close() are still written (close waits).
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._add_many, rows
+                )
             except asyncio.CancelledError:
                 for _, future in batch:
                     future.cancel()
@@ -142,7 +145,9 @@ class WidgetLog:
         """Close the file and stop the worker thread (again: nothing happens)."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # new rows are refused; those already added are written first
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=False)

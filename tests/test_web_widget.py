@@ -144,7 +144,12 @@ async def test_a_row_that_fails_in_a_batch_fails_alone(tmp_path: Path) -> None:
     )
     assert isinstance(results[1], sqlite3.ProgrammingError)
     assert [r.fields for r in await db.since("t", 0)] == [{}, {}, {}]
+    # Rows added before close() are written; after it, refused.
+    pending = asyncio.ensure_future(db.add("t", "c", "ack", {}))
+    await asyncio.sleep(0)  # added, not yet written
     await db.close()
+    entry, new = await pending
+    assert new and entry.seq == 4  # after warm, a and b
     with pytest.raises(LogClosed):
         await db.add("t", "late", "ack", {})
 
