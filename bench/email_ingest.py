@@ -190,6 +190,15 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
         return 0.0
 
 
+def _live_children(pid: int) -> list[int]:
+    """Return the pids of pid's running child processes."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
 def session_cpu_seconds(sid: int) -> float:
     """Return the CPU seconds of every process in session sid (dovecot and its imap children)."""
     total = cpu_seconds(sid, children=True)
@@ -443,7 +452,7 @@ class IdleWatcher:
 # -- the daemon -----------------------------------------------------------------------
 
 
-def daemon_config(state_dir: Path, server: Any, agents: int) -> str:
+def daemon_config(state_dir: Path, server: Any, agents: int, classifier_workers: int = 0) -> str:
     """Return the config: web + two email channels on Dovecot, inbox adapter, wide roster."""
     from tests.daemon_harness import base_config
     from tests.peers import free_port
@@ -468,8 +477,11 @@ def daemon_config(state_dir: Path, server: Any, agents: int) -> str:
         'skills = ["en", "zh"]\n\n'
         for n in range(agents)
     )
+    # Written only when set, so this bench also runs a daemon from before the option.
+    workers = f"[classifier]\nworkers = {classifier_workers}\n\n" if classifier_workers else ""
     extra = (
         '[store]\nsynchronous = "full"\n\n'
+        + workers
         + email_channel(LIVE, "INBOX")
         + email_channel(DRAIN, DRAIN_FOLDER)
     )
@@ -519,7 +531,9 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         setup = await imap_client(server)
         await setup.create(DRAIN_FOLDER)
         await setup.logout()
-        daemon = DaemonProcess(tmp, daemon_config(state_dir, server, agents))
+        daemon = DaemonProcess(
+            tmp, daemon_config(state_dir, server, agents, args.classifier_workers)
+        )
         daemon.start(timeout=30)
         poller = CommitPoller(state_dir / "omnirouter.db").start()
         dovecot_proc = getattr(server, "_proc", None)
@@ -528,6 +542,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         def cpu() -> dict[str, float]:
             ours = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            # The daemon's classifier workers (live children) are the daemon's time.
+            ours["daemon"] += sum(cpu_seconds(child) for child in _live_children(daemon.pid))
             ours["dovecot"] = session_cpu_seconds(dovecot_sid) if dovecot_sid else 0.0
             return {**ours, "other": machine_busy_seconds() - sum(ours.values())}
 
@@ -803,6 +819,12 @@ def main(argv: list[str] | None = None) -> int:
         "beyond ~1,000 the channel's UID listing hits aioimaplib#118 today)",
     )
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the store goes")
+    parser.add_argument(
+        "--classifier-workers",
+        type=int,
+        default=0,
+        help="the daemon's [classifier] workers: processes that classify beside the loop",
+    )
     parser.add_argument("--check", action="store_true", help="exit 2 when the target is missed")
     args = parser.parse_args(argv)
     if args.mails < 1 or args.rate <= 0 or args.seconds <= 0:
