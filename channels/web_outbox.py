@@ -45,8 +45,8 @@ _SCHEMA = (
 )
 
 
-# One row to add: thread, key, kind, JSON body, time.
-_Row = tuple[str, str, str, str, float]
+# One row to add: thread, key, kind, JSON body, time, and the fields the body encodes.
+_Row = tuple[str, str, str, str, float, dict[str, Any]]
 
 
 class LogClosed(RuntimeError):
@@ -96,7 +96,7 @@ class WidgetLog:
         stamp = time.time() if at is None else at
         body = dumps(fields)
         future: asyncio.Future[tuple[Entry, bool]] = asyncio.get_running_loop().create_future()
-        self._pending.append(((thread, key, kind, body, stamp), future))
+        self._pending.append(((thread, key, kind, body, stamp, fields), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name=f"web-log-{self.path.name}")
         return await future
@@ -196,7 +196,13 @@ class WidgetLog:
 
     @staticmethod
     def _add(
-        db: sqlite3.Connection, thread: str, key: str, kind: str, body: str, at: float
+        db: sqlite3.Connection,
+        thread: str,
+        key: str,
+        kind: str,
+        body: str,
+        at: float,
+        fields: dict[str, Any],
     ) -> tuple[Entry, bool]:
         # One statement for a new row (the usual case); a repeated key reads the first one.
         added = db.execute(
@@ -205,7 +211,7 @@ class WidgetLog:
             (thread, key, kind, body, at),
         ).fetchone()
         if added is not None:
-            return Entry(int(added[0]), kind, float(at), json.loads(body)), True
+            return Entry(int(added[0]), kind, float(at), fields), True
         row = db.execute("SELECT seq, kind, body, at FROM messages WHERE key=?", (key,)).fetchone()
         return Entry(int(row[0]), str(row[1]), float(row[3]), json.loads(row[2])), False
 

@@ -26,17 +26,18 @@ _OPTIONS = orjson.OPT_NON_STR_KEYS
 
 def dumps(value: Any) -> str:
     """Return `value` as compact JSON text for a store column (NaN written as `NaN`)."""
-    try:
-        out = orjson.dumps(value, option=_OPTIONS)
-    except orjson.JSONEncodeError:
-        return _LENIENT.encode(value)
-    return _LENIENT.encode(value) if b"null" in out else out.decode()
+    return _encode(value, _LENIENT).decode()
 
 
 def dumpb(value: Any) -> bytes:
     """Return `value` as compact UTF-8 JSON bytes; ValueError for NaN or infinity."""
+    return _encode(value, _STRICT)
+
+
+def _encode(value: Any, fallback: json.JSONEncoder) -> bytes:
+    """Encode with orjson; with `fallback` where orjson refuses or may have written NaN."""
     try:
         out = orjson.dumps(value, option=_OPTIONS)
     except orjson.JSONEncodeError:
-        return _STRICT.encode(value).encode()
-    return _STRICT.encode(value).encode() if b"null" in out else out
+        return fallback.encode(value).encode()
+    return fallback.encode(value).encode() if b"null" in out else out

@@ -28,8 +28,8 @@ import structlog
 from router.actions import ACTIONS
 from router.agent_work import AgentWork, Verdict
 from router.alerts import Alerts
-from router.classify_workers import ClassifierWorkers
-from router.config import ClassifierConfig, Config
+from router.classify_workers import ClassifierSpec, ClassifierWorkers
+from router.config import Config
 from router.contacts import ContactChange
 from router.core import Classifier, Core
 from router.crisis import CrisisDetector
@@ -236,10 +236,10 @@ class Pipeline:
         """Take a new, already validated configuration (SIGHUP): roster, thresholds, SLAs."""
         core = self.core
         old_crisis = core.config.classifier.crisis
-        old_classifier = core.config.classifier
+        old_config = core.config
         core.config = config
         core.classifier = self._make_classifier(config)
-        if _worker_settings(config.classifier) != _worker_settings(old_classifier):
+        if _worker_settings(config) != _worker_settings(old_config):
             await self._start_classifier_workers(config, core.classifier)
         if config.classifier.crisis != old_crisis:
             core.crisis = self._make_crisis(config, core.clock)
@@ -423,6 +423,6 @@ class Pipeline:
         return board
 
 
-def _worker_settings(c: ClassifierConfig) -> tuple[object, ...]:
+def _worker_settings(config: Config) -> tuple[ClassifierSpec, int]:
     """Return what the classifier workers are built from (a change restarts them)."""
-    return (c.model, c.model_path, c.amount_threshold, tuple(c.vip_contacts), c.workers)
+    return classifier_spec(config), config.classifier.workers

@@ -1768,12 +1768,8 @@ class Scheduler:
     ) -> str:
         ct = work.channel_type
         agent = state.agent
-        # AgentState.capacity/pool/room, inlined: this runs for every agent per decision.
-        caps = agent.capacities
-        capacity = caps.get(ct, caps.get("*", 0)) if caps else agent.capacity
-        pool = ct if caps else "*"
-        used = state.used.get(pool, 0)
-        room = capacity - used - state.external.get(pool, 0)
+        # Read once: this runs for every agent on every decision.
+        capacity, room = state.capacity(ct), state.room(ct)
         if state is chosen:
             return f"chosen ({room} of {capacity} {ct} slots free before)"
         if not state.online:
@@ -1783,7 +1779,7 @@ class Scheduler:
         if capacity <= 0:
             return f"takes no {ct}"
         if room <= 0:
-            return f"full: {used}/{capacity} {ct}"
+            return f"full: {state.used.get(state.pool(ct), 0)}/{capacity} {ct}"
         if work.excluded and state.id in work.excluded:
             return "let this message time out before"
         if not self._eligible(state, work, now):
