@@ -452,7 +452,9 @@ class IdleWatcher:
 # -- the daemon -----------------------------------------------------------------------
 
 
-def daemon_config(state_dir: Path, server: Any, agents: int, classifier_workers: int = 0) -> str:
+def daemon_config(
+    state_dir: Path, server: Any, agents: int, classifier_workers: int | str | None = None
+) -> str:
     """Return the config: web + two email channels on Dovecot, inbox adapter, wide roster."""
     from tests.daemon_harness import base_config
     from tests.peers import free_port
@@ -478,7 +480,11 @@ def daemon_config(state_dir: Path, server: Any, agents: int, classifier_workers:
         for n in range(agents)
     )
     # Written only when set, so this bench also runs a daemon from before the option.
-    workers = f"[classifier]\nworkers = {classifier_workers}\n\n" if classifier_workers else ""
+    workers = (
+        f"[classifier]\nworkers = {json.dumps(classifier_workers)}\n\n"
+        if classifier_workers is not None
+        else ""
+    )
     extra = (
         '[store]\nsynchronous = "full"\n\n'
         + workers
@@ -806,6 +812,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def worker_count(value: str) -> int | str:
+    """Parse --classifier-workers: "auto" or a count."""
+    return value if value == "auto" else int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mails", type=int, default=2000, help="mails in phases 1-3")
@@ -821,9 +832,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the store goes")
     parser.add_argument(
         "--classifier-workers",
-        type=int,
-        default=0,
-        help="the daemon's [classifier] workers: processes that classify beside the loop",
+        type=worker_count,
+        default=None,
+        help="the daemon's [classifier] workers: processes that classify beside the loop, "
+        '"auto" or a number (default: not written, so the daemon\'s default, "auto")',
     )
     parser.add_argument("--check", action="store_true", help="exit 2 when the target is missed")
     args = parser.parse_args(argv)

@@ -253,7 +253,7 @@ def daemon_config(
     agents: int,
     *,
     event_loop: str = "auto",
-    classifier_workers: int = 0,
+    classifier_workers: int | str | None = None,
 ) -> str:
     """Return the daemon's config: web channel, SQLite FULL, mqtt adapter, a wide roster."""
     from tests.daemon_harness import base_config
@@ -274,8 +274,8 @@ def daemon_config(
     # The two options are written only when set, so this bench also runs a daemon from
     # before they existed (a before/after comparison in one session).
     extra = '[store]\nsynchronous = "full"\n'
-    if classifier_workers:
-        extra += f"\n[classifier]\nworkers = {classifier_workers}\n"
+    if classifier_workers is not None:
+        extra += f"\n[classifier]\nworkers = {json.dumps(classifier_workers)}\n"
     config = base_config(
         state_dir,
         web_port=web_port,
@@ -712,6 +712,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def worker_count(value: str) -> int | str:
+    """Parse --classifier-workers: "auto" or a count."""
+    return value if value == "auto" else int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--baseline-server"]:
@@ -735,9 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--classifier-workers",
-        type=int,
-        default=0,
-        help="the daemon's [classifier] workers: processes that classify beside the loop",
+        type=worker_count,
+        default=None,
+        help="the daemon's [classifier] workers: processes that classify beside the loop, "
+        '"auto" or a number (default: not written, so the daemon\'s default, "auto")',
     )
     parser.add_argument("--check", action="store_true", help="exit 2 when a target is missed")
     args = parser.parse_args(argv)

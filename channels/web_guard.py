@@ -72,22 +72,36 @@ class TokenBuckets:
         return wait
 
 
+_SEEN_MAX = 4096  # addresses whose answer a Networks keeps
+
+
 class Networks:
     """A set of IP networks (exempt from limits, trusted proxies)."""
 
     def __init__(self, cidrs: Iterable[str]) -> None:
         """Parse the networks (validated by the config model already)."""
         self._nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        # Answers by textual address: parsing one costs more than the rest of a rate
+        # check, and a server sees the same clients and proxies again and again.
+        self._seen: dict[str, bool] = {}
 
     def __contains__(self, address: object) -> bool:
         """Return whether the textual address is in one of the networks."""
         if not self._nets or not isinstance(address, str):
             return False
+        known = self._seen.get(address)
+        if known is not None:
+            return known
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
-            return False
-        return any(ip in net for net in self._nets)
+            inside = False
+        else:
+            inside = any(ip in net for net in self._nets)
+        if len(self._seen) >= _SEEN_MAX:
+            self._seen.clear()  # bounded: many distinct addresses only cost the parse again
+        self._seen[address] = inside
+        return inside
 
 
 def client_ip(request: web.Request, proxies: Networks) -> str:

@@ -11,7 +11,12 @@ The verdicts are those of the in-process classifier, bit for bit: each worker bu
 it from the same settings (`ClassifierSpec`). Nothing is lost when a worker fails:
 a batch it dies on, or does not answer within `BATCH_TIMEOUT`, is classified in the
 event loop instead (the worker is killed), and a new worker starts after a backoff.
-While no worker runs, messages are classified in the loop as without workers.
+While no worker is ready (none started yet, one still loading its model, or all
+failed), messages are classified in the loop as without workers: nothing waits.
+
+`workers = "auto"` (the default) starts its worker on demand: the first time the loop
+classifies DEMAND_PER_SECOND messages within one second. A quiet daemon stays one
+process, and at low rates the loop answers sooner than a round trip to a worker.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ log = structlog.get_logger("router.classify")
 BATCH_TIMEOUT = 10.0
 # Messages per batch at most: a long queue is split so one write stays small.
 MAX_BATCH = 256
+# A worker that has not loaded its model within this long is given up on.
+BOOT_TIMEOUT = 30.0
+# On demand (`workers = "auto"`): the workers start the first time this many messages
+# are classified within one second. Below that the loop has time to spare, and
+# classifying in it answers sooner than a round trip to another process.
+DEMAND_PER_SECOND = 100
 # How soon a failed worker is started again, doubling up to the cap.
 RESTART_BACKOFF = 1.0
 RESTART_BACKOFF_MAX = 60.0
@@ -100,6 +111,7 @@ def _serve(conn: Connection) -> None:
     except (EOFError, OSError):
         return
     classifier = spec.build()
+    conn.send_bytes(pickle.dumps(None))  # ready: the model is loaded
     while True:
         try:
             batch = pickle.loads(conn.recv_bytes())
@@ -120,6 +132,9 @@ class _Worker:
         self.conn = conn
         self.batch: list[tuple[Request, asyncio.Future[Classification]]] = []
         self.sent_at = 0.0
+        self.started_at = 0.0
+        self.ready = False  # the worker said its model is loaded; batches go to it from then
+        self.answered = 0  # batches it has answered
 
     @property
     def busy(self) -> bool:
@@ -138,11 +153,13 @@ class ClassifierWorkers:
         clock: Callable[[], float] = time.monotonic,
         batch_timeout: float = BATCH_TIMEOUT,
         on_fallback: Callable[[int], None] = lambda count: None,
+        on_demand: bool = False,
     ) -> None:
         """Remember the settings; processes start with `start()`.
 
         `on_fallback` is told how many messages were classified in the loop because
-        a worker failed (a metric).
+        a worker failed (a metric). `on_demand` leaves the processes unstarted until
+        the loop classifies DEMAND_PER_SECOND messages within a second.
         """
         self.spec = spec
         self.on_fallback = on_fallback
@@ -157,6 +174,12 @@ class ClassifierWorkers:
         self._backoff = RESTART_BACKOFF
         self._closed = False
         self._watch: asyncio.Task[None] | None = None
+        self._ready = 0  # workers that have loaded their model
+        self._all_ready = asyncio.Event()  # set while every worker is ready
+        self.on_demand = on_demand
+        self._demanded = not on_demand  # False until the load asks for workers
+        self._second_began = 0.0  # the demand count's one-second window
+        self._in_second = 0
         self.fallbacks = 0  # messages classified in the loop because a worker failed
 
     @property
@@ -164,11 +187,23 @@ class ClassifierWorkers:
         """Return how many workers run."""
         return len(self._workers)
 
+    @property
+    def ready(self) -> int:
+        """Return how many workers have loaded their model and take batches."""
+        return self._ready
+
     async def start(self) -> None:
-        """Start the workers and the watch that takes back unanswered batches."""
-        for _ in range(self.size):
-            self._spawn()
+        """Start the workers (unless on demand) and the watch over them."""
+        if self._demanded:
+            for _ in range(self.size):
+                self._spawn()
         self._watch = asyncio.create_task(self._watch_batches(), name="classifier-workers")
+
+    async def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> bool:
+        """Wait until every worker has loaded its model; return whether they all did."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_ready.wait(), timeout)
+        return self._ready >= self.size
 
     async def close(self) -> None:
         """Stop the workers; batches in flight are classified here."""
@@ -185,13 +220,14 @@ class ClassifierWorkers:
     async def classify(
         self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
     ) -> Classification:
-        """Return the verdict for one message (from a worker, or here when none runs)."""
-        if not self._workers:
+        """Return the verdict for one message (from a worker, or here when none is ready)."""
+        if not self._ready:
+            # No worker has its model loaded (none asked for yet, starting, or failed):
+            # this message is classified here at once rather than wait for one.
+            if not self._demanded:
+                self._count_demand()
             self._maybe_restart()
-            if not self._workers:
-                return self.local.classify(
-                    text, subject=subject, language=language, contact=contact
-                )
+            return self.local.classify(text, subject=subject, language=language, contact=contact)
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
         self._queue.append(((text, subject, language, contact), future))
         if not self._dispatch_soon:
@@ -208,7 +244,7 @@ class ClassifierWorkers:
         for worker in list(self._workers):
             if not self._queue:
                 return
-            if worker.busy:
+            if worker.busy or not worker.ready:
                 continue
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
@@ -221,7 +257,7 @@ class ClassifierWorkers:
                 continue
             worker.batch = batch
             worker.sent_at = self.clock()
-        if not self._workers:
+        if not self._ready:
             self._fallback_queue()
 
     def _answered(self, worker: _Worker) -> None:
@@ -232,7 +268,20 @@ class ClassifierWorkers:
             self._retire(worker, f"worker ended: {type(exc).__name__}")
             self._dispatch()
             return
+        if not worker.ready:
+            if answer is not None:  # anything before the ready word is a broken worker
+                self._retire(worker, "worker spoke before it was ready")
+                return
+            worker.ready = True
+            self._ready += 1
+            if self._ready >= self.size:
+                self._all_ready.set()
+            log.info("classifier.worker_ready", pid=worker.process.pid, workers=self._ready)
+            if self._queue:
+                self._dispatch()
+            return
         batch, worker.batch = worker.batch, []
+        worker.answered += 1
         if isinstance(answer, str):  # the worker's classifier raised: classify here
             log.warning("classifier.worker_batch_failed", error=answer, messages=len(batch))
             self._classify_here(batch)
@@ -252,8 +301,10 @@ class ClassifierWorkers:
             for worker in list(self._workers):
                 if worker.busy and now - worker.sent_at > self.batch_timeout:
                     self._retire(worker, f"no answer within {self.batch_timeout:g} s")
+                elif not worker.ready and now - worker.started_at > BOOT_TIMEOUT:
+                    self._retire(worker, f"not ready within {BOOT_TIMEOUT:g} s")
             self._maybe_restart()
-            if self._queue and any(not w.busy for w in self._workers):
+            if self._queue and any(w.ready and not w.busy for w in self._workers):
                 self._dispatch()
 
     # -- processes -----------------------------------------------------------------
@@ -280,6 +331,7 @@ class ClassifierWorkers:
         child.close()
         conn = Connection(parent.detach())
         worker = _Worker(process, conn)
+        worker.started_at = self.clock()
         self._workers.append(worker)
         try:
             conn.send_bytes(pickle.dumps(self.spec, pickle.HIGHEST_PROTOCOL))
@@ -293,6 +345,9 @@ class ClassifierWorkers:
         if worker not in self._workers:
             return
         self._workers.remove(worker)
+        if worker.ready:
+            self._ready -= 1
+            self._all_ready.clear()
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(worker.conn.fileno())
         worker.conn.close()
@@ -313,8 +368,23 @@ class ClassifierWorkers:
             self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX)
         self._classify_here(batch)
 
+    def _count_demand(self) -> None:
+        """Count a message classified here; ask for the workers once a second holds enough."""
+        now = self.clock()
+        if now - self._second_began >= 1.0:
+            self._second_began, self._in_second = now, 0
+        self._in_second += 1
+        if self._in_second >= DEMAND_PER_SECOND:
+            self._demanded = True
+            log.info("classifier.workers_wanted", per_second=self._in_second, workers=self.size)
+
     def _maybe_restart(self) -> None:
-        if self._closed or len(self._workers) >= self.size or self.clock() < self._restart_at:
+        if (
+            self._closed
+            or not self._demanded
+            or len(self._workers) >= self.size
+            or self.clock() < self._restart_at
+        ):
             return
         while len(self._workers) < self.size:
             before = len(self._workers)

@@ -197,6 +197,17 @@ class SeverityRule(_Frozen):
     severity: Literal["P0", "P1", "P2", "P3"]
 
 
+MAX_CLASSIFIER_WORKERS = 16
+
+
+def usable_cpus() -> int:
+    """Return how many CPUs this process may run on (its affinity, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 class ClassifierConfig(_Frozen):
     """Thresholds the classifier and escalation rules use."""
 
@@ -205,8 +216,10 @@ class ClassifierConfig(_Frozen):
     model: Literal["intent", "rules"] = "intent"
     model_path: str | None = None  # a model from `omnirouter classifier train`
     # Processes that classify beside the event loop (0: in the loop). One uses a second
-    # core for the model's work; see router/classify_workers.py.
-    workers: int = Field(default=0, ge=0, le=16)
+    # core for the model's work; see router/classify_workers.py. "auto": one when this
+    # process may run on two cores or more, else none (see worker_count), started when
+    # the load first asks for it (classify_workers.DEMAND_PER_SECOND).
+    workers: Annotated[int, Field(ge=0, le=MAX_CLASSIFIER_WORKERS)] | Literal["auto"] = "auto"
     amount_threshold: float = Field(default=5000.0, gt=0)
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)
@@ -216,6 +229,21 @@ class ClassifierConfig(_Frozen):
     severity_rules: list[SeverityRule] = Field(default_factory=list)
     # Complaint spikes and same-subject clusters raise an alert to an adapter.
     crisis: CrisisConfig = Field(default_factory=lambda: CrisisConfig())
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        # One message for both forms, instead of one per member of the union.
+        if value == "auto" or (type(value) is int and 0 <= value <= MAX_CLASSIFIER_WORKERS):
+            return value
+        raise ValueError(f'must be "auto" or a whole number from 0 to {MAX_CLASSIFIER_WORKERS}')
+
+    def worker_count(self) -> int:
+        """Return how many classifier worker processes to run (`workers` resolved)."""
+        if self.workers != "auto":
+            return self.workers
+        # One worker pays only with a core of its own beside the event loop's.
+        return 1 if usable_cpus() >= 2 else 0
 
 
 class SlaConfig(_Frozen):

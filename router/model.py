@@ -55,7 +55,8 @@ def new_ulid(now_ms: int | None = None) -> str:
     value = (ms << 80) | (rand & ((1 << 80) - 1))
     # Two characters (10 bits) per step: ids are made several times per message.
     pairs = _CROCKFORD_PAIRS
-    return "".join(pairs[(value >> shift) & 1023] for shift in _PAIR_SHIFTS)
+    # A list, not a generator: join() builds one from a generator first anyway.
+    return "".join([pairs[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
 
 _CROCKFORD_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)

@@ -112,13 +112,16 @@ class Pipeline:
         old, core.classifier_workers = core.classifier_workers, None
         if old is not None:
             await old.close()
-        if config.classifier.workers:
+        count = config.classifier.worker_count()
+        if count:
             metrics = core.metrics
             workers = ClassifierWorkers(
                 classifier_spec(config),
-                config.classifier.workers,
+                count,
                 classifier,
                 on_fallback=metrics.classifier_fallbacks.inc,
+                # "auto" starts its worker when the load asks for it, not at start.
+                on_demand=config.classifier.workers == "auto",
             )
             await workers.start()
             core.classifier_workers = workers
@@ -423,6 +426,7 @@ class Pipeline:
         return board
 
 
-def _worker_settings(config: Config) -> tuple[ClassifierSpec, int]:
+def _worker_settings(config: Config) -> tuple[ClassifierSpec, int, bool]:
     """Return what the classifier workers are built from (a change restarts them)."""
-    return classifier_spec(config), config.classifier.workers
+    workers = config.classifier
+    return classifier_spec(config), workers.worker_count(), workers.workers == "auto"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from router.classify_workers import ClassifierSpec, ClassifierWorkers
+import router.config as config_module
+from router.classify_workers import DEMAND_PER_SECOND, ClassifierSpec, ClassifierWorkers
+from router.config import ClassifierConfig, ConfigError, loads_config
 from router.model import Classification
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
 from tests.test_pipeline import Harness, make_config, msg
@@ -55,6 +58,7 @@ async def test_workers_give_the_loops_verdicts_bit_for_bit() -> None:
     workers = ClassifierWorkers(SPEC, 2, SPEC.build())
     await workers.start()
     try:
+        assert await workers.wait_ready()
         got = await classify_all(workers, 300)
         assert got == expected(300)
         assert workers.alive == 2 and workers.fallbacks == 0
@@ -71,7 +75,7 @@ async def test_a_killed_worker_loses_nothing_and_is_started_again() -> None:
     )
     await workers.start()
     try:
-        await classify_all(workers, 5)  # the worker is up and answering
+        assert await workers.wait_ready()  # the worker is up and answering
         os.kill(workers._workers[0].process.pid, signal.SIGKILL)
         got = await classify_all(workers, 40)
         assert got == expected(40)
@@ -88,6 +92,7 @@ async def test_a_hung_worker_gives_its_batch_back() -> None:
     workers = ClassifierWorkers(SPEC, 1, SPEC.build(), batch_timeout=0.5)
     await workers.start()
     try:
+        assert await workers.wait_ready()
         await classify_all(workers, 3)
         pid = workers._workers[0].process.pid
         os.kill(pid, signal.SIGSTOP)  # alive, never answers
@@ -108,6 +113,7 @@ async def test_the_pipeline_routes_through_workers_and_stops_them(tmp_path: Path
     pipeline = await h.start()
     workers = pipeline.core.classifier_workers
     assert workers is not None and workers.alive == 1
+    assert await workers.wait_ready()
     receipt = await pipeline.ingest(msg("My parcel never arrived, I want a refund!", "dana"))
     await h.settle()
     assert [d.payload["classification"]["label"] for d in h.tool.deliveries] == ["complaint"]
@@ -126,7 +132,7 @@ async def test_a_reload_resizes_or_removes_the_workers(tmp_path: Path) -> None:
     second = pipeline.core.classifier_workers
     assert first is not None and first.alive == 0  # replaced: its processes are gone
     assert second is not None and second.alive == 2
-    await pipeline.apply_config(make_config(tmp_path / "state", roster))
+    await pipeline.apply_config(make_config(tmp_path / "state", roster, classifier={"workers": 0}))
     assert pipeline.core.classifier_workers is None and second.alive == 0
     receipt = await pipeline.ingest(msg("Where is my order?", "dana"))
     assert receipt.state == "assigned"  # classified in the loop again
@@ -174,10 +180,77 @@ async def test_a_worker_ignores_signals_meant_for_the_daemon() -> None:
     workers = ClassifierWorkers(SPEC, 1, SPEC.build())
     await workers.start()
     try:
-        await classify_all(workers, 3)
+        assert await workers.wait_ready()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             os.kill(workers._workers[0].process.pid, signum)
         assert await classify_all(workers, 20) == expected(20)
         assert workers.alive == 1 and workers.fallbacks == 0
+    finally:
+        await workers.close()
+
+
+@pytest.mark.parametrize(("cpus", "expected_count"), [(1, 0), (2, 1), (16, 1)])
+def test_auto_runs_one_worker_when_a_second_core_is_there(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, expected_count: int
+) -> None:
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: cpus)
+    assert ClassifierConfig().workers == "auto"  # the default
+    assert ClassifierConfig().worker_count() == expected_count
+    assert ClassifierConfig(workers=3).worker_count() == 3  # a number is taken as given
+    assert ClassifierConfig(workers=0).worker_count() == 0
+
+
+def test_usable_cpus_follows_the_affinity_mask() -> None:
+    assert config_module.usable_cpus() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("bad", ["many", -1, 17, 1.5])
+def test_a_bad_worker_count_names_the_field(bad: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        loads_config(f"[classifier]\nworkers = {json.dumps(bad)}\n")
+    assert "classifier.workers" in str(caught.value)
+
+
+async def test_on_demand_workers_start_when_the_load_asks_and_take_over() -> None:
+    now = [100.0]
+    workers = ClassifierWorkers(SPEC, 1, SPEC.build(), clock=lambda: now[0], on_demand=True)
+    await workers.start()
+    try:
+        # A trickle (fewer than DEMAND_PER_SECOND within any second) starts no process.
+        for _ in range(3):
+            assert await classify_all(workers, DEMAND_PER_SECOND - 1) == expected(
+                DEMAND_PER_SECOND - 1
+            )
+            now[0] += 1.0
+        assert workers.alive == 0 and workers.ready == 0
+        # A second holding DEMAND_PER_SECOND messages starts the worker; meanwhile the
+        # loop goes on classifying, nothing waits for the model to load.
+        assert await classify_all(workers, DEMAND_PER_SECOND) == expected(DEMAND_PER_SECOND)
+        assert workers.alive == 1
+        assert await workers.wait_ready()
+        pid = workers._workers[0].process.pid
+        assert await classify_all(workers, 50) == expected(50)
+        assert workers.fallbacks == 0 and workers._workers[0].process.pid == pid
+        assert workers._workers[0].answered >= 1  # the batch went to the worker
+    finally:
+        await workers.close()
+    assert workers.alive == 0
+
+
+async def test_a_worker_that_dies_while_loading_its_model_is_replaced() -> None:
+    now = [0.0]
+    workers = ClassifierWorkers(SPEC, 1, SPEC.build(), clock=lambda: now[0])
+    await workers.start()
+    try:
+        os.kill(workers._workers[0].process.pid, signal.SIGKILL)  # before its ready word
+        for _ in range(500):  # its end of the socket closes: it is retired
+            if not workers.alive:
+                break
+            await asyncio.sleep(0.02)
+        assert workers.alive == 0
+        assert await classify_all(workers, 5) == expected(5)  # here, nothing waits
+        now[0] += 61.0
+        await classify_all(workers, 1)  # past the backoff: a new worker is started
+        assert workers.alive == 1 and await workers.wait_ready()
     finally:
         await workers.close()

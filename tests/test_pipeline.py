@@ -112,6 +112,7 @@ class Harness:
         await self.pipeline.dispatcher.drain(5)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        await self.pipeline.close()  # its classifier worker, if any
         await self.store.close()
 
     async def settle(self) -> None:
