@@ -4,12 +4,49 @@ from __future__ import annotations
 
 import base64
 import hmac
-import secrets
+import os
+import threading
 from datetime import UTC, datetime
 
 from router.drivers import TicketStatus
 from router.model import TICKET_PREFIX
 from router.store import Store
+
+
+class RandomBytes:
+    """Bytes from the operating system's CSPRNG, read a few KiB at a time.
+
+    Each `os.urandom` call gives up the interpreter lock around getrandom(); under load
+    the event loop then waits for the SQLite writer thread to hand it back, which costs
+    far more than the few bytes a token needs. Every byte is handed out once, and a
+    forked child reads afresh instead of reusing its parent's bytes.
+    """
+
+    def __init__(self, chunk: int = 4096) -> None:
+        """Read nothing yet: the first `take` fills the buffer."""
+        self._chunk = chunk
+        self._buffer = b""
+        self._pos = 0
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytes:
+        """Return `n` bytes never returned before."""
+        with self._lock:
+            if self._pid != os.getpid() or self._pos + n > len(self._buffer):
+                self._buffer = os.urandom(max(self._chunk, n))
+                self._pos = 0
+                self._pid = os.getpid()
+            start = self._pos
+            self._pos = start + n
+            return self._buffer[start : start + n]
+
+    def token_urlsafe(self, n: int) -> str:
+        """Return a URL-safe text token of `n` random bytes (as secrets.token_urlsafe)."""
+        return base64.urlsafe_b64encode(self.take(n)).rstrip(b"=").decode("ascii")
+
+
+_random = RandomBytes()
 
 
 class Tickets:
@@ -51,7 +88,7 @@ class Tickets:
         derived from it, so a retried request gets the same token back.
         """
         if seed is None:
-            nonce = secrets.token_urlsafe(16)
+            nonce = _random.token_urlsafe(16)
         else:
             nonce = self._mac_b64(f"conversation-seed\x1f{handle}\x1f{seed}")
         mac = self._mac_b64(f"conversation\x1f{handle}\x1f{nonce}")
