@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,55 @@ def test_the_daemon_classifies_in_a_worker_and_leaves_no_process_behind(tmp_path
         while time.monotonic() < deadline and any(_running(c) for c in children):
             time.sleep(0.05)
         assert not [c for c in children if _running(c)]
+    finally:
+        d.close()
+
+
+def _worker_children(pid: int) -> list[str]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [c for c in children if b"router.classify_workers" in _cmdline(c)]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.skipif(config_module.usable_cpus() < 2, reason="auto runs no worker on one CPU")
+def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path) -> None:
+    web_port, ops_port = ports()
+    d = DaemonProcess(
+        tmp_path, base_config(tmp_path / "state", web_port=web_port, ops_port=ops_port)
+    ).start()
+    try:
+        url = f"http://127.0.0.1:{web_port}/v1/messages"
+        status, _, _ = http("POST", url, {"text": "Where is my order?", "contact": {"handle": "a"}})
+        assert status == 201 and _worker_children(d.pid) == []  # a quiet daemon: one process
+
+        def post(i: int) -> int:
+            body = {"text": f"{TEXTS[i % 6]} #{i}", "contact": {"handle": f"burst{i}@x"}}
+            return http("POST", url, body)[0]
+
+        # A burst: more than DEMAND_PER_SECOND messages within a second.
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(post, range(3 * DEMAND_PER_SECOND))) == {201}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not d.log_events("classifier.worker_ready"):
+            time.sleep(0.05)
+        assert len(d.log_events("classifier.worker_ready")) == 1
+        workers = _worker_children(d.pid)
+        assert len(workers) == 1
+        routed = d.log_events("message.routed")
+        assert len(routed) == 1 + 3 * DEMAND_PER_SECOND  # every message, none twice
+        _, metrics, _ = http("GET", f"http://127.0.0.1:{ops_port}/metrics")
+        assert "omnirouter_classifier_workers 1.0" in metrics
+        assert d.stop() == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(c) for c in workers):
+            time.sleep(0.05)
+        assert not [c for c in workers if _running(c)]
     finally:
         d.close()
 
