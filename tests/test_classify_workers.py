@@ -156,16 +156,20 @@ def test_the_daemon_classifies_in_a_worker_and_leaves_no_process_behind(tmp_path
         assert status == 201 and receipt["state"] == "assigned", receipt
         routed = d.log_events("message.routed")
         assert [e["label"] for e in routed] == ["complaint"]
-        _, metrics, _ = http("GET", f"http://127.0.0.1:{ops_port}/metrics")
-        assert "omnirouter_classifier_workers 1.0" in metrics
-        assert d.stop() == 0
-        # The worker ends with the daemon.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_running(c) for c in children):
-            time.sleep(0.05)
-        assert not [c for c in children if _running(c)]
+        stop_and_check_no_worker_is_left(d, ops_port, children)
     finally:
         d.close()
+
+
+def stop_and_check_no_worker_is_left(d: DaemonProcess, ops_port: int, workers: list[str]) -> None:
+    """Check the gauge counts one worker, stop the daemon, and see its workers end with it."""
+    _, metrics, _ = http("GET", f"http://127.0.0.1:{ops_port}/metrics")
+    assert "omnirouter_classifier_workers 1.0" in metrics
+    assert d.stop() == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(c) for c in workers):
+        time.sleep(0.05)
+    assert not [c for c in workers if _running(c)]
 
 
 def _worker_children(pid: int) -> list[str]:
@@ -206,13 +210,7 @@ def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path)
         assert len(workers) == 1
         routed = d.log_events("message.routed")
         assert len(routed) == 1 + 3 * DEMAND_PER_SECOND  # every message, none twice
-        _, metrics, _ = http("GET", f"http://127.0.0.1:{ops_port}/metrics")
-        assert "omnirouter_classifier_workers 1.0" in metrics
-        assert d.stop() == 0
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_running(c) for c in workers):
-            time.sleep(0.05)
-        assert not [c for c in workers if _running(c)]
+        stop_and_check_no_worker_is_left(d, ops_port, workers)
     finally:
         d.close()
 
