@@ -248,12 +248,16 @@ class Intake:
         content = score is not None and score > LOW_SCORE
         choice = None if content else core.scheduler.place(work, now)
         new = self._new_message(
-            msg, key[1], cls, queue, message_id, proposed, known or surveyed, work, choice
-        )
-        lifecycle = core.config.lifecycle
-        new = replace(
-            new,
-            reopen_since=now - lifecycle.reopen_window,
+            msg,
+            key[1],
+            cls,
+            queue,
+            message_id,
+            proposed,
+            known or surveyed,
+            work,
+            choice,
+            reopen_since=now - core.config.lifecycle.reopen_window,
             survey_of=surveyed or "",
             survey_score=score,
         )
@@ -348,6 +352,10 @@ class Intake:
         known: str | None,
         work: Work,
         choice: Decision | None,
+        *,
+        reopen_since: float | None = None,
+        survey_of: str = "",
+        survey_score: int | None = None,
     ) -> NewMessage:
         """Return everything one ingest commits: message, routing and the sends it causes."""
         core = self.core
@@ -410,6 +418,9 @@ class Intake:
             assignment=assignment,
             outbox=delivery,
             extra_outbox=acks,
+            reopen_since=reopen_since,
+            survey_of=survey_of,
+            survey_score=survey_score,
         )
 
     def _remember_contact(self, contact_key: str, result: IngestResult, now: float) -> None:
