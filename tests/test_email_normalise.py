@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from channels.email import normalise as normalise_module
 from channels.email.normalise import (
     MAX_FILENAME_BYTES,
     NormalisedMail,
@@ -528,3 +529,65 @@ def test_sanitise_filename_property(name: str) -> None:
     assert out and "/" not in out and "\\" not in out and out not in (".", "..")
     assert len(out.encode("utf-8")) <= MAX_FILENAME_BYTES
     assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in out)
+
+
+# -- header parameters: bounded, so a header of thousands costs nothing ----------------
+
+
+def _params(n: int, name: str = "p") -> str:
+    return "".join(f"; {name}{i}=v{i}" for i in range(n))
+
+
+def test_thousands_of_content_type_parameters_are_cut_and_the_first_ones_read() -> None:
+    body = "你好，我的订单还没到。".encode("gbk")
+    raw = (
+        b"From: a@example.com\r\nSubject: x\r\nContent-Type: text/plain; charset=gbk"
+        + _params(10_000).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    mail = normalise(raw)
+    assert mail.text == "你好，我的订单还没到。"  # charset, the first parameter, still read
+    assert f"header_parameters_cut:{normalise_module.MAX_HEADER_PARAMS}" in mail.defects
+    assert_clean(mail)
+    for compat in (False, True):  # both parsing policies see the cut header
+        part = normalise_module._parse(normalise_module._sanitise_raw(raw), compat)
+        assert part.get_param("charset") == "gbk"
+        assert len(part.get_params()) == normalise_module.MAX_HEADER_PARAMS + 1
+
+
+def test_a_huge_disposition_keeps_the_file_name_of_each_part() -> None:
+    parts = "".join(
+        f"--B\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; "
+        f"filename=a{k}.txt{_params(3000, 'q')}\r\n\r\nbody {k}\r\n"
+        for k in range(20)
+    )
+    raw = (
+        "From: a@example.com\r\nSubject: x\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+        "hi\r\n" + parts + "--B--\r\n"
+    ).encode()
+    mail = normalise(raw)
+    assert [a.name for a in mail.attachments] == [f"a{k}.txt" for k in range(20)]
+    assert any(d.startswith("header_parameters_cut") for d in mail.defects)
+
+
+def test_a_value_cut_by_length_leaves_out_the_parameter_it_cut() -> None:
+    raw = (
+        'From: a@example.com\r\nContent-Type: text/plain; charset=utf-8; name="'
+        + "a" * 6000
+        + '"\r\n\r\nhello'
+    ).encode()
+    part = normalise_module._parse(raw, False)
+    assert part.get_param("charset") == "utf-8" and part.get_param("name") is None
+    assert normalise(raw).text == "hello"
+
+
+def test_a_long_rfc2231_file_name_within_the_bounds_is_untouched() -> None:
+    name = "季度报告-" * 12 + ".pdf"
+    msg = EmailMessage()
+    msg["From"] = "a@example.com"
+    msg.set_content("see attached")
+    msg.add_attachment(b"%PDF-1.4", maintype="application", subtype="pdf", filename=name)
+    mail = normalise(msg.as_bytes())
+    assert [a.name for a in mail.attachments] == [name]
+    assert not any(d.startswith("header_parameters_cut") for d in mail.defects)

@@ -55,6 +55,12 @@ MAX_REFERENCES = 50
 MAX_MESSAGE_ID_CHARS = 250
 MAX_PARTS = 500  # a MIME tree with more leaves is cut (and flagged)
 MAX_HEADER_CHARS = 16 * 1024  # one header value; more is cut before decoding
+# Content-Type and Content-Disposition are parsed with at most this many parameters
+# and characters: the standard library's parser spends tens of microseconds per
+# parameter, so a 128 KB header of them took seconds (a cheap denial of service). Real
+# mail has a handful, a long file name in RFC 2231 pieces a dozen or two.
+MAX_HEADER_PARAMS = 40
+MAX_PARAMETERISED_CHARS = 4096
 TRUNCATION_NOTE = "[message truncated: the original was {size} bytes; see the raw mail]"
 
 # Extensions for parts without a file name (mimetypes would read /etc/mime.types).
@@ -874,6 +880,29 @@ def _attachment(
 
 
 _CACHED_HEADER_CHARS = 1000  # longer values are rare and are parsed each time
+_PARAMETERISED = frozenset({"content-type", "content-disposition"})
+
+
+def _bounded(name: str, value: str) -> str:
+    """Return a Content-Type/-Disposition value cut to its first parameters (see
+    MAX_HEADER_PARAMS); any other header, or one within the bounds, as it is."""
+    if (
+        len(value) <= MAX_PARAMETERISED_CHARS and value.count(";") <= MAX_HEADER_PARAMS
+    ) or name.lower() not in _PARAMETERISED:
+        return value
+    pieces = value[:MAX_PARAMETERISED_CHARS].split(";")
+    if len(value) > MAX_PARAMETERISED_CHARS and len(pieces) > 1:
+        pieces.pop()  # cut mid-parameter: leave that one out rather than misread it
+    return ";".join(pieces[: MAX_HEADER_PARAMS + 1])
+
+
+def _over_bounds(msg: Message) -> bool:
+    """Tell whether a part's Content-Type or Content-Disposition was cut (see _bounded)."""
+    return any(
+        _bounded(name, str(value)) != str(value)
+        for part in msg.walk()
+        for name, value in part.raw_items()
+    )
 
 
 class _ReusedHeaders(email.policy.EmailPolicy):
@@ -886,7 +915,10 @@ class _ReusedHeaders(email.policy.EmailPolicy):
 
     def header_fetch_parse(self, name: str, value: str) -> Any:
         """Return the parsed header, from the cache when it was parsed before."""
-        if hasattr(value, "name") or len(value) > _CACHED_HEADER_CHARS:
+        if hasattr(value, "name"):
+            return super().header_fetch_parse(name, value)
+        value = _bounded(name, value)
+        if len(value) > _CACHED_HEADER_CHARS:
             return super().header_fetch_parse(name, value)
         return _parsed_header(name, value)
 
@@ -900,9 +932,21 @@ def _parsed_header(name: str, value: str) -> Any:
 _POLICY = _ReusedHeaders()
 
 
+class _BoundedCompat32(email.policy.Compat32):
+    """compat32 (the fallback when policy.default fails on a mail), with the same bounds
+    on Content-Type/-Disposition: its parameter split is quadratic in their number."""
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        """Return the header as compat32 does, cut to its first parameters."""
+        return super().header_fetch_parse(name, _bounded(name, value))
+
+
+_COMPAT32 = _BoundedCompat32()
+
+
 def _parse(raw: bytes, compat: bool) -> Message:
     """Parse bytes into a message with policy.default (or compat32)."""
-    policy = email.policy.compat32 if compat else _POLICY
+    policy = _COMPAT32 if compat else _POLICY
     return email.message_from_bytes(raw, policy=policy)
 
 
@@ -972,6 +1016,8 @@ def _normalise(
     defects = sorted({type(d).__name__ for p in msg.walk() for d in (p.defects or [])})
     if compat:
         defects.append("parsed_with_compat32")
+    if _over_bounds(msg):
+        defects.append(f"header_parameters_cut:{MAX_HEADER_PARAMS}")
     from_address, from_name = _address(_raw_header(msg, "From"))
     subject = decode_header_value(_raw_header(msg, "Subject"))[:MAX_SUBJECT_CHARS]
     walked = _walk(msg, max_attachment_bytes, truncated, list(defects))
