@@ -1,9 +1,10 @@
-"""Cost of normalising mails whose Content-Type carries many parameters, against the stdlib.
+"""Cost of normalising hostile mails (thousands of header parameters, deep MIME nesting).
 
 Usage: python bench/mail_headers.py [--repeat 3]
 
 For each size (10 to 80,000 parameters on one Content-Type, then 200 parts with 2,000
-parameters each on their Content-Disposition) it times `channels.email.normalise.normalise`
+parameters each on their Content-Disposition, then multiparts nested 500 and 10,000
+levels deep) it times `channels.email.normalise.normalise`
 and, as the baseline in the same process, what the standard library alone does with the
 same bytes: `email.message_from_bytes(raw, policy=email.policy.default)` followed by
 the reads normalise needs (content type, charset, file names), each header parsed
@@ -55,6 +56,13 @@ def many_parts(parts: int, n: int) -> bytes:
     ).encode()
 
 
+def nested(depth: int) -> bytes:
+    levels = "".join(
+        f"Content-Type: multipart/mixed; boundary=b{i}\r\n\r\n--b{i}\r\n" for i in range(depth)
+    )
+    return ("From: a@example.com\r\n" + levels + "Content-Type: text/plain\r\n\r\nhi\r\n").encode()
+
+
 def stdlib(raw: bytes) -> None:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     for part in msg.walk():
@@ -82,6 +90,7 @@ def main() -> int:
     args = parser.parse_args()
     cases = [(f"Content-Type, {n} parameters", one_part(n), n) for n in (10, 1_000, 10_000, 80_000)]
     cases.append(("200 parts x 2,000 disposition parameters", many_parts(200, 2_000), 2_000))
+    cases += [(f"multipart nested {d} deep", nested(d), 0) for d in (500, 10_000)]
     rows = []
     print(f"{'mail':44} {'KB':>8} {'normalise ms':>13} {'stdlib ms':>10} {'ratio':>7}")
     for label, raw, n in cases:

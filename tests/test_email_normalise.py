@@ -591,3 +591,56 @@ def test_a_long_rfc2231_file_name_within_the_bounds_is_untouched() -> None:
     mail = normalise(msg.as_bytes())
     assert [a.name for a in mail.attachments] == [name]
     assert not any(d.startswith("header_parameters_cut") for d in mail.defects)
+
+
+# -- MIME depth: parts nested too deep are cut before parsing ---------------------------
+
+
+def _nested(depth: int, boundary: str | None = None) -> bytes:
+    levels = "".join(
+        f"Content-Type: multipart/mixed; boundary={boundary or f'b{i}'}\r\n\r\n"
+        f"--{boundary or f'b{i}'}\r\n"
+        for i in range(depth)
+    )
+    return ("From: Dana <dana@example.com>\r\nSubject: deep\r\n" + levels).encode() + (
+        b"Content-Type: text/plain\r\n\r\nthe innermost text\r\n"
+    )
+
+
+@pytest.mark.parametrize("boundary", [None, "same"])
+def test_parts_nested_too_deep_are_cut_and_the_sender_kept(boundary: str | None) -> None:
+    limit = normalise_module.MAX_MIME_DEPTH
+    mail = normalise(_nested(10 * limit, boundary))
+    assert f"mime_too_deep:{limit}" in mail.defects and mail.truncated
+    assert mail.body_source != "fallback"  # parsed, not given up on (RecursionError before)
+    assert (mail.from_address, mail.subject) == ("dana@example.com", "deep")
+    assert_clean(mail)
+
+
+def test_nesting_within_the_limit_is_read_whole() -> None:
+    mail = normalise(_nested(normalise_module.MAX_MIME_DEPTH))
+    assert mail.text == "the innermost text"
+    assert not any(d.startswith("mime_too_deep") for d in mail.defects)
+
+
+def test_many_shallow_multiparts_are_not_too_deep() -> None:
+    # More declared boundaries than the depth limit, two levels deep: a digest.
+    parts = "".join(
+        f"--outer\r\nContent-Type: multipart/alternative; boundary=in{k}\r\n\r\n"
+        f"--in{k}\r\nContent-Type: text/plain\r\n\r\nplain {k}\r\n--in{k}--\r\n"
+        for k in range(3 * normalise_module.MAX_MIME_DEPTH)
+    )
+    raw = (
+        "From: a@example.com\r\nContent-Type: multipart/mixed; boundary=outer\r\n\r\n"
+        + parts
+        + "--outer--\r\n"
+    ).encode()
+    assert normalise_module._cut_too_deep(raw) is None
+    mail = normalise(raw)
+    assert "plain 0" in mail.full_text and "plain 191" in mail.full_text
+    assert not mail.truncated
+
+
+def test_no_corpus_mail_is_too_deep() -> None:
+    for path in sorted(CORPUS.iterdir()):
+        assert normalise_module._cut_too_deep(path.read_bytes()) is None, path.name

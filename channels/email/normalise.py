@@ -39,7 +39,7 @@ import functools
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.message import Message
 from html.parser import HTMLParser
@@ -61,6 +61,10 @@ MAX_HEADER_CHARS = 16 * 1024  # one header value; more is cut before decoding
 # mail has a handful, a long file name in RFC 2231 pieces a dozen or two.
 MAX_HEADER_PARAMS = 40
 MAX_PARAMETERISED_CHARS = 4096
+# MIME parts nested deeper than this are cut off before parsing: the stdlib parser
+# checks every line against every open boundary, so a few hundred levels of nesting
+# cost seconds per megabyte. Real mail nests a few levels, a forwarded chain a dozen.
+MAX_MIME_DEPTH = 64
 TRUNCATION_NOTE = "[message truncated: the original was {size} bytes; see the raw mail]"
 
 # Extensions for parts without a file name (mimetypes would read /etc/mime.types).
@@ -965,6 +969,55 @@ def _sanitise_raw(raw: bytes) -> bytes:
     return raw if fixed == head else fixed + raw[head_end:]
 
 
+_BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.I)
+
+
+def _cut_too_deep(raw: bytes) -> int | None:
+    """Return where the first part nested deeper than MAX_MIME_DEPTH starts, or None.
+
+    A line-by-line walk of the boundaries alone: a part's header block may declare a
+    boundary, which opens a level at the blank line that ends the block; a delimiter
+    line of an open boundary (the innermost level that uses it, as the parser reads it)
+    starts a sibling part and closes the levels inside; its closing form ends the level.
+    """
+    if len(_BOUNDARY_PARAM.findall(raw)) <= MAX_MIME_DEPTH:
+        return None  # fewer boundaries than levels allowed: nothing to walk
+    open_levels: list[bytes] = []
+    levels_of: dict[bytes, list[int]] = {}  # boundary -> the open levels using it
+    in_headers, declared = True, None
+    pos = 0
+    for line in raw.split(b"\n"):
+        start, pos = pos, pos + len(line) + 1
+        line = line.rstrip(b"\r")
+        if in_headers:
+            if line.strip():
+                found = _BOUNDARY_PARAM.search(line)
+                if found is not None:
+                    declared = found.group(1) or found.group(2)
+                continue
+            in_headers = False
+            if declared is not None:
+                if len(open_levels) >= MAX_MIME_DEPTH:
+                    return start
+                levels_of.setdefault(declared, []).append(len(open_levels))
+                open_levels.append(declared)
+                declared = None
+            continue
+        if not line.startswith(b"--"):
+            continue
+        token = line[2:].rstrip()
+        closing = token.endswith(b"--") and bool(levels_of.get(token[:-2]))
+        levels = levels_of.get(token[:-2] if closing else token)
+        if not levels:
+            continue
+        keep = levels[-1] if closing else levels[-1] + 1
+        while len(open_levels) > keep:
+            levels_of[open_levels.pop()].pop()
+        if not closing:
+            in_headers = True  # a sibling part: its headers follow
+    return None
+
+
 def normalise(
     raw: bytes,
     *,
@@ -983,10 +1036,13 @@ def normalise(
     truncated = size > max_message_bytes or (original_size or 0) > len(raw)
     body = raw[:max_message_bytes]
     digest = hashlib.sha256(raw).hexdigest()
+    cut = _cut_too_deep(body)
+    if cut is not None:
+        body, truncated = body[:cut], True
     error = ""
     for compat in (False, True):
         try:
-            return _normalise(
+            mail = _normalise(
                 _sanitise_raw(body),
                 compat=compat,
                 size=size,
@@ -998,6 +1054,9 @@ def normalise(
         except Exception as exc:  # broken headers can trip policy.default; try compat32
             error = f"{type(exc).__name__}"
             continue
+        if cut is not None:
+            mail = replace(mail, defects=(*mail.defects, f"mime_too_deep:{MAX_MIME_DEPTH}"))
+        return mail
     return _fallback(body, size, digest, truncated, max_text_chars, error)
 
 
