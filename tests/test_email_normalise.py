@@ -644,3 +644,15 @@ def test_many_shallow_multiparts_are_not_too_deep() -> None:
 def test_no_corpus_mail_is_too_deep() -> None:
     for path in sorted(CORPUS.iterdir()):
         assert normalise_module._cut_too_deep(path.read_bytes()) is None, path.name
+
+
+def test_a_huge_html_body_is_read_only_as_far_as_the_text_kept() -> None:
+    html = "".join(f"<p>line {i} of <b>a long</b> report</p>" for i in range(80_000))
+    assert len(html) > 2 * normalise_module._HTML_CHUNK
+    raw = b"From: a@example.com\r\nContent-Type: text/html\r\n\r\n" + html.encode()
+    mail = normalise(raw, max_text_chars=1000)
+    # Exactly what reading the whole document gives, cut where normalise cuts it.
+    whole = normalise_module.fold_whitespace(html_to_text(html))
+    assert mail.full_text == whole[: 4 * 1000] and mail.body_source == "html"
+    limited = html_to_text(html, 8000)
+    assert 8000 <= len(limited) < len(whole) and whole.startswith(limited[:8000])

@@ -593,11 +593,24 @@ class _HtmlText(HTMLParser):
             self.parts.append(data)
 
 
-def html_to_text(html: str) -> str:
-    """Convert HTML to plain text safely: no scripts/styles, no fetches, entities decoded."""
+_HTML_CHUNK = 1 << 20  # HTML longer than this is read a chunk at a time
+
+
+def html_to_text(html: str, limit: int | None = None) -> str:
+    """Convert HTML to plain text safely: no scripts/styles, no fetches, entities decoded.
+
+    With `limit`, a long document is read only until that many characters of text were
+    found: what follows would be cut anyway, and reading 10 MB of markup takes seconds.
+    """
     parser = _HtmlText()
     try:
-        parser.feed(html)
+        if limit is None or len(html) <= _HTML_CHUNK:
+            parser.feed(html)
+        else:
+            for start in range(0, len(html), _HTML_CHUNK):
+                parser.feed(html[start : start + _HTML_CHUNK])
+                if sum(map(len, parser.parts)) >= limit:
+                    break
         parser.close()
     except Exception:  # html.parser is lenient; this is a last guard
         return re.sub(r"<[^>]*>", " ", html)
@@ -1083,7 +1096,9 @@ def _normalise(
     if walked.plain and any(t.strip() for t in walked.plain):
         full, source = "\n\n".join(t for t in walked.plain if t.strip()), "plain"
     elif walked.html:
-        full, source = "\n\n".join(html_to_text(h) for h in walked.html), "html"
+        # Twice what is kept after folding: folding whitespace shortens the text.
+        limit = max_text_chars * 8
+        full, source = "\n\n".join(html_to_text(h, limit) for h in walked.html), "html"
     elif any(t.strip() for t in walked.attached_text):
         # Only attached text: read it as the body too, an agent must not get nothing.
         full, source = "\n\n".join(t for t in walked.attached_text if t.strip()), "attachment"
