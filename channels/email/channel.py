@@ -219,7 +219,10 @@ class EmailChannel(ChannelBase):
             if self._stop.is_set():
                 return
             if session.can_idle:
-                await session.idle(cfg.idle_renew, self._stop)
+                # IDLE is ended at least every poll_interval: a push lost on the way, or
+                # a server that stopped answering (it keeps the socket open), shows at
+                # the next sync's command timeout instead of after idle_renew (25 min).
+                await session.idle(min(cfg.idle_renew, cfg.poll_interval), self._stop)
             else:
                 await self._sleep(cfg.poll_interval)
 

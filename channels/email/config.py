@@ -97,7 +97,9 @@ class ImapSettings(_Frozen):
     folder: str = Field(default="INBOX", pattern=_FOLDER_RE)
     idle: bool = True  # use IDLE when the server offers it; else poll
     idle_renew: float = Field(default=1500.0, gt=0, le=1740)  # re-issue IDLE before 29 min
-    poll_interval: float = Field(default=60.0, gt=0, le=3600)  # without IDLE; also a safety net
+    # Without IDLE: how often to poll. With IDLE: how often IDLE is ended for a sync at
+    # the least, the safety net that notices a lost push or a server gone silent.
+    poll_interval: float = Field(default=60.0, gt=0, le=3600)
     mark_seen: bool = False  # after commit: set \Seen
     move_to: str | None = Field(default=None, pattern=_FOLDER_RE)  # after commit: move there
     timeout: float = Field(default=30.0, gt=0, le=600)  # per command (a FETCH counts per read)

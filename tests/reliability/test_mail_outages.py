@@ -190,6 +190,25 @@ async def test_imap_slow_then_hung_then_dead(world: MailWorld) -> None:
     _check_once(w)
 
 
+async def test_a_server_gone_silent_during_a_quiet_idle_is_noticed(world: MailWorld) -> None:
+    # Nothing happens on the mailbox: the channel sits in IDLE when the server hangs (the
+    # socket stays open, nothing is answered). It must not wait for idle_renew (60 s
+    # here, 25 min by default) to notice: poll_interval bounds every IDLE.
+    w = world
+    await apoll(lambda: w.ready()[0] == 200, 20, "ready with IMAP connected")
+    await asyncio.sleep(2.0)  # settled in IDLE
+    start_outage(w.imap_proxy, "hung")
+    await apoll(
+        lambda: (r := w.ready())[0] == 503 and "support" in r[1]["degraded"],
+        15,
+        "a silent IMAP server noticed well before idle_renew",
+    )
+    w.imap_proxy.restore()
+    await asyncio.to_thread(w.append, 2)
+    await _all_in(w, 30, "mails after the server answers again")
+    await apoll(lambda: w.ready()[0] == 200, 20, "ready again")
+
+
 async def test_smtp_slow_then_hung_then_dead(world: MailWorld) -> None:
     w = world
     await apoll(lambda: w.ready()[0] == 200, 20, "ready with IMAP connected")
