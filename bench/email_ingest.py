@@ -69,6 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `tests` (peers, daemon harness) lives at the repo root
 
+from bench.daemon_options import add_classifier_workers, classifier_section  # noqa: E402
+
 TARGET_P95_S = 1.0
 AGENT_CAPACITY = 1000  # the config's maximum per agent
 APPEND_CONNECTIONS = 4
@@ -479,15 +481,9 @@ def daemon_config(
         'skills = ["en", "zh"]\n\n'
         for n in range(agents)
     )
-    # Written only when set, so this bench also runs a daemon from before the option.
-    workers = (
-        f"[classifier]\nworkers = {json.dumps(classifier_workers)}\n\n"
-        if classifier_workers is not None
-        else ""
-    )
     extra = (
         '[store]\nsynchronous = "full"\n\n'
-        + workers
+        + classifier_section(classifier_workers)
         + email_channel(LIVE, "INBOX")
         + email_channel(DRAIN, DRAIN_FOLDER)
     )
@@ -812,11 +808,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def worker_count(value: str) -> int | str:
-    """Parse --classifier-workers: "auto" or a count."""
-    return value if value == "auto" else int(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mails", type=int, default=2000, help="mails in phases 1-3")
@@ -830,13 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         "beyond ~1,000 the channel's UID listing hits aioimaplib#118 today)",
     )
     parser.add_argument("--tmpdir", type=Path, default=None, help="where the store goes")
-    parser.add_argument(
-        "--classifier-workers",
-        type=worker_count,
-        default=None,
-        help="the daemon's [classifier] workers: processes that classify beside the loop, "
-        '"auto" or a number (default: not written, so the daemon\'s default, "auto")',
-    )
+    add_classifier_workers(parser)
     parser.add_argument("--check", action="store_true", help="exit 2 when the target is missed")
     args = parser.parse_args(argv)
     if args.mails < 1 or args.rate <= 0 or args.seconds <= 0:

@@ -53,6 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # `tests` (peers, daemon harness) lives at the repo root
 
+from bench.daemon_options import add_classifier_workers, classifier_section  # noqa: E402
+
 TOPIC_PREFIX = "bench/agents"
 AGENT_CAPACITY = 1000  # the config's maximum per agent
 TARGET_RATIO = 0.5
@@ -273,9 +275,7 @@ def daemon_config(
     )
     # The two options are written only when set, so this bench also runs a daemon from
     # before they existed (a before/after comparison in one session).
-    extra = '[store]\nsynchronous = "full"\n'
-    if classifier_workers is not None:
-        extra += f"\n[classifier]\nworkers = {json.dumps(classifier_workers)}\n"
+    extra = '[store]\nsynchronous = "full"\n' + classifier_section(classifier_workers)
     config = base_config(
         state_dir,
         web_port=web_port,
@@ -712,11 +712,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def worker_count(value: str) -> int | str:
-    """Parse --classifier-workers: "auto" or a count."""
-    return value if value == "auto" else int(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--baseline-server"]:
@@ -738,13 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the daemon's [daemon] event_loop (default: auto, as the daemon's default)",
     )
-    parser.add_argument(
-        "--classifier-workers",
-        type=worker_count,
-        default=None,
-        help="the daemon's [classifier] workers: processes that classify beside the loop, "
-        '"auto" or a number (default: not written, so the daemon\'s default, "auto")',
-    )
+    add_classifier_workers(parser)
     parser.add_argument("--check", action="store_true", help="exit 2 when a target is missed")
     args = parser.parse_args(argv)
     if args.messages < 1 or args.concurrency < 1 or args.rate <= 0 or args.seconds <= 0:

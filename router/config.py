@@ -238,10 +238,15 @@ class ClassifierConfig(_Frozen):
             return value
         raise ValueError(f'must be "auto" or a whole number from 0 to {MAX_CLASSIFIER_WORKERS}')
 
+    @property
+    def workers_on_demand(self) -> bool:
+        """Whether the workers start when the load asks for them ("auto"), not at start."""
+        return self.workers == "auto"
+
     def worker_count(self) -> int:
         """Return how many classifier worker processes to run (`workers` resolved)."""
-        if self.workers != "auto":
-            return self.workers
+        if not self.workers_on_demand:
+            return int(self.workers)
         # One worker pays only with a core of its own beside the event loop's.
         return 1 if usable_cpus() >= 2 else 0
 

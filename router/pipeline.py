@@ -120,8 +120,7 @@ class Pipeline:
                 count,
                 classifier,
                 on_fallback=metrics.classifier_fallbacks.inc,
-                # "auto" starts its worker when the load asks for it, not at start.
-                on_demand=config.classifier.workers == "auto",
+                on_demand=config.classifier.workers_on_demand,
             )
             await workers.start()
             core.classifier_workers = workers
@@ -429,4 +428,4 @@ class Pipeline:
 def _worker_settings(config: Config) -> tuple[ClassifierSpec, int, bool]:
     """Return what the classifier workers are built from (a change restarts them)."""
     workers = config.classifier
-    return classifier_spec(config), workers.worker_count(), workers.workers == "auto"
+    return classifier_spec(config), workers.worker_count(), workers.workers_on_demand

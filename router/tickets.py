@@ -32,11 +32,12 @@ class RandomBytes:
 
     def take(self, n: int) -> bytes:
         """Return `n` bytes never returned before."""
+        pid = os.getpid()
         with self._lock:
-            if self._pid != os.getpid() or self._pos + n > len(self._buffer):
+            if self._pid != pid or self._pos + n > len(self._buffer):
                 self._buffer = os.urandom(max(self._chunk, n))
                 self._pos = 0
-                self._pid = os.getpid()
+                self._pid = pid
             start = self._pos
             self._pos = start + n
             return self._buffer[start : start + n]

@@ -248,8 +248,15 @@ def test_auto_runs_one_worker_when_a_second_core_is_there(
     assert ClassifierConfig(workers=0).worker_count() == 0
 
 
-def test_usable_cpus_follows_the_affinity_mask() -> None:
-    assert config_module.usable_cpus() == len(os.sched_getaffinity(0))
+def test_usable_cpus_falls_back_to_the_machine_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(pid: int) -> set[int]:
+        raise OSError("sched_getaffinity refused (a seccomp filter)")
+
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", refused)
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: 6)
+    assert config_module.usable_cpus() == 6
+    monkeypatch.setattr(config_module.os, "cpu_count", lambda: None)
+    assert config_module.usable_cpus() == 1
 
 
 @pytest.mark.parametrize("bad", ["many", -1, 17, 1.5])

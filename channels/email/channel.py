@@ -247,7 +247,6 @@ class EmailChannel(ChannelBase):
         """
         sizes = dict(window)
         pending: list[_Pending] = []
-        settled = False
         try:
             try:
                 for group in self._fetch_groups(window):
@@ -264,11 +263,10 @@ class EmailChannel(ChannelBase):
                 await self._settle(session, pending)
                 raise
             await self._settle(session, pending)
-            settled = True
-        finally:
-            if not settled:
-                # Mails noted in memory may have no journal line: read the state again.
-                self._state_loaded = False
+        except BaseException:
+            # Mails noted in memory may have no journal line: read the state again.
+            self._state_loaded = False
+            raise
 
     def _fetch_groups(self, window: list[tuple[int, int]]) -> list[list[int]]:
         """Split a window's UIDs into runs fetched with one FETCH each: small mails together.
