@@ -379,6 +379,10 @@ async def test_page_follows_the_daemon_live(
         await watch_until_interrupted(d.config_path, env)
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def watch_until_interrupted(config_path: Path, env: dict[str, str]) -> None:
     """Run `omnirouter status --watch --json`: one JSON line per refresh, Ctrl-C ends it."""
     proc = await asyncio.create_subprocess_exec(
@@ -394,6 +398,9 @@ async def watch_until_interrupted(config_path: Path, env: dict[str, str]) -> Non
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Ctrl-C as at a terminal: a shell that starts the suite as a background job
+        # leaves SIGINT ignored, and a child would inherit that and never see it.
+        preexec_fn=_interruptible,
     )
     try:
         assert proc.stdout is not None
