@@ -198,6 +198,11 @@ class SeverityRule(_Frozen):
 
 
 MAX_CLASSIFIER_WORKERS = 16
+# Below this many messages a second the loop classifies more cheaply than a round trip
+# to a worker process: measured with bench/ingest.py on 2 vCPUs (bench/README.md), a
+# worker at 200 msg/s cost 18 % more CPU and lengthened the p95, at 600 msg/s it halved
+# the p99. The worker pays once the loop runs short of time.
+DEFAULT_WORKERS_START_RATE = 500
 
 
 def usable_cpus() -> int:
@@ -218,8 +223,9 @@ class ClassifierConfig(_Frozen):
     # Processes that classify beside the event loop (0: in the loop). One uses a second
     # core for the model's work; see router/classify_workers.py. "auto": one when this
     # process may run on two cores or more, else none (see worker_count), started when
-    # the load first asks for it (classify_workers.DEMAND_PER_SECOND).
+    # the load first asks for it: `workers_start_rate` messages classified within a second.
     workers: Annotated[int, Field(ge=0, le=MAX_CLASSIFIER_WORKERS)] | Literal["auto"] = "auto"
+    workers_start_rate: int = Field(default=DEFAULT_WORKERS_START_RATE, ge=1, le=1_000_000)
     amount_threshold: float = Field(default=5000.0, gt=0)
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)

@@ -121,6 +121,7 @@ class Pipeline:
                 classifier,
                 on_fallback=metrics.classifier_fallbacks.inc,
                 on_demand=config.classifier.workers_on_demand,
+                demand_per_second=config.classifier.workers_start_rate,
             )
             await workers.start()
             core.classifier_workers = workers
@@ -425,7 +426,12 @@ class Pipeline:
         return board
 
 
-def _worker_settings(config: Config) -> tuple[ClassifierSpec, int, bool]:
+def _worker_settings(config: Config) -> tuple[ClassifierSpec, int, bool, int]:
     """Return what the classifier workers are built from (a change restarts them)."""
     workers = config.classifier
-    return classifier_spec(config), workers.worker_count(), workers.workers_on_demand
+    return (
+        classifier_spec(config),
+        workers.worker_count(),
+        workers.workers_on_demand,
+        workers.workers_start_rate,
+    )
