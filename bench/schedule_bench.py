@@ -53,6 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from router.codec import dumps
+from router.explain import stored_form
 from router.model import Agent
 from router.schedule import Policy, Scheduler, Work
 from router.sim.baselines import LeastLoaded
@@ -321,7 +323,8 @@ def arrival(
             for d in out:
                 if d.explain is not None:
                     explain_records += 1
-                    explain_bytes += len(json.dumps(d.explain, separators=(",", ":")))
+                    # What the store keeps of it (compact; worded when read).
+                    explain_bytes += len(dumps(stored_form(d.explain)).encode())
         held.extend(d.work.slot for d in out if d.new_slot)
         if len(held) >= total // 2:
             i = rng.randrange(len(held))

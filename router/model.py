@@ -231,7 +231,7 @@ class Assignment:
     channel_type: str = ""
     capacity: int = 0
     pool: str = "*"
-    explain: dict[str, Any] | None = None  # the scheduler's record of why this agent
+    explain: Mapping[str, Any] | None = None  # the scheduler's record of why this agent
     # Complaint rotation across instances: the agent's streak (assignments in a row
     # with one of `streak_labels`) as the deciding instance saw it. When the store's
     # streak is longer and at `streak_limit`, another instance gave the agent work

@@ -55,6 +55,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from router.explain import Explanation, compact_record
 from router.model import Agent
 
 URGENT_SEVERITIES = ("P0", "P1")
@@ -301,7 +302,7 @@ class Decision:
     rule: str
     reason: str  # one line for logs and the routing record
     new_slot: bool = True
-    explain: dict[str, Any] | None = None
+    explain: Explanation | None = None
     # The absent holder the conversation moved from (and its slot's channel type), so
     # that undo() can give it back; None for a conversation nobody held.
     previous: tuple[str, str] | None = None
@@ -370,6 +371,7 @@ class Scheduler:
         # groups each kind of work may go to: (label, language, department, level).
         self._groups: dict[tuple[Any, ...], _Group] = {}
         self._groups_for_cache: dict[tuple[str, str, str, int], list[_Group]] = {}
+        self._by_id: list[AgentState] | None = None  # every agent in id order (explain)
         # What each class of work needs: its arrival rate, how many wait (see _Demand).
         self._demands: dict[tuple[str, bool, str, str, str], _Demand] = {}
         self._clock = -math.inf  # the latest `now` a caller passed (release() has none)
@@ -485,6 +487,7 @@ class Scheduler:
             if state.group_tired:
                 group.resting.add(state)
         self._groups_for_cache.clear()
+        self._by_id = None
         for demand in self._demands.values():
             self._link(demand)
         self._reindex()
@@ -788,7 +791,7 @@ class Scheduler:
 
     def pick(
         self, work: Work, now: float
-    ) -> tuple[AgentState, str, str, dict[str, Any] | None] | None:
+    ) -> tuple[AgentState, str, str, Explanation | None] | None:
         """Choose the agent for a message without taking the slot; None means wait.
 
         When it waits although an agent who may take it has room, the reservation that
@@ -821,7 +824,7 @@ class Scheduler:
 
     def _choose(
         self, work: Work, now: float
-    ) -> tuple[AgentState, str, str, dict[str, Any] | None] | None:
+    ) -> tuple[AgentState, str, str, Explanation | None] | None:
         """Pick among the groups that may take the work (their best member each).
 
         Preference, in order: under the complaint streak limit (for complaints), no
@@ -1579,6 +1582,7 @@ class Scheduler:
             state = self.states[agent_id] = AgentState(
                 Agent(agent_id, agent_id, 0, "", present=False), online=False
             )
+            self._by_id = None
         self.holder[slot] = agent_id
         self._slot_ct[slot] = channel_type
         self._note_open(slot, conversation, agent_id)
@@ -1700,15 +1704,16 @@ class Scheduler:
 
     def _explain(
         self, work: Work, now: float, chosen: AgentState, rule: str, notes: dict[_Group, str]
-    ) -> dict[str, Any]:
-        """Record why this agent, for `omnirouter explain`.
+    ) -> Explanation:
+        """Record why this agent, for `omnirouter explain` (rendered when read).
 
         Up to EXPLAIN_LIST_LIMIT agents, every agent's verdict. On a bigger roster the
         record is built from the groups (see _Group) without walking the roster: the
         chosen agent, each other eligible group's best member, and the rest counted by
-        reason, so its size and cost follow the number of groups.
+        reason, so its size and cost follow the number of groups. Each listed agent is a
+        row of the values its verdict follows from (router/explain.py words it).
         """
-        record: dict[str, Any] = {
+        header: dict[str, Any] = {
             "rule": rule,
             "chosen": chosen.id,
             "channel_type": work.channel_type,
@@ -1717,86 +1722,122 @@ class Scheduler:
             "department": work.department,
             "overflow_level": work.level,
         }
-        if len(self.states) <= EXPLAIN_LIST_LIMIT:
-            verdicts = [
-                {"agent": state.id, "verdict": self._verdict(state, work, now, chosen, notes)}
-                for state in sorted(self.states.values(), key=lambda s: s.id)
-            ]
-            return {**record, "candidates": verdicts, "others": {}}
-        ct = work.channel_type
         eligible = self._groups_for(work)
-        listed = [{"agent": chosen.id, "verdict": self._verdict(chosen, work, now, chosen, notes)}]
+        facts = _ExplainFacts(self, work, now, chosen, eligible, notes)
         others: dict[str, int] = {}
+        if len(self.states) <= EXPLAIN_LIST_LIMIT:
+            if self._by_id is None:
+                self._by_id = sorted(self.states.values(), key=lambda s: s.id)
+            rows = [facts.row(state) for state in self._by_id]
+        else:
+            ct = work.channel_type
+            rows = [facts.row(chosen)]
 
-        def count(reason: str, n: int) -> None:
-            if n > 0:
-                others[reason] = others.get(reason, 0) + n
+            def count(reason: str, n: int) -> None:
+                if n > 0:
+                    others[reason] = others.get(reason, 0) + n
 
-        for group in self._groups.values():
-            if group not in eligible:
-                count(self._group_refusal(group, work), len(group.members))
-                continue
-            count("off line", len(group.members) - group.online)
-            count("full", group.online - group.with_room.get(ct, 0))
-            rest = group.with_room.get(ct, 0)
-            found = self._best_in(group, work, now, False) if rest else None
-            if found is not None and found[0] is not chosen and len(listed) < EXPLAIN_LIST_LIMIT:
-                best = found[0]
-                listed.append(
-                    {"agent": best.id, "verdict": self._verdict(best, work, now, chosen, notes)}
-                )
-                rest -= 1
-            if chosen.group is group:
-                rest -= 1
-            count("eligible, not chosen", rest)
-        return {**record, "candidates": listed, "others": others}
+            for group in self._groups.values():
+                if group not in eligible:
+                    count(self._group_refusal(group, work), len(group.members))
+                    continue
+                count("off line", len(group.members) - group.online)
+                count("full", group.online - group.with_room.get(ct, 0))
+                rest = group.with_room.get(ct, 0)
+                found = self._best_in(group, work, now, False) if rest else None
+                if found is not None and found[0] is not chosen and len(rows) < EXPLAIN_LIST_LIMIT:
+                    rows.append(facts.row(found[0]))
+                    rest -= 1
+                if chosen.group is group:
+                    rest -= 1
+                count("eligible, not chosen", rest)
+        policy = self.policy
+        limit = policy.complaint_streak_limit if work.label in policy.streak_labels else 0
+        return Explanation(
+            compact_record(
+                header,
+                rows,
+                facts.groups,
+                excluded=sorted(work.excluded) if work.excluded else [],
+                rotation_limit=limit,
+                others=others,
+            )
+        )
 
     def _group_refusal(self, group: _Group, work: Work) -> str:
-        if group.classes and work.label not in group.classes:
-            return f"not skilled for {work.label}"
-        if group.languages and work.language not in group.languages:
-            return f"does not speak {work.language}"
-        return f"not in department {work.department}"
+        return _refusal(group.classes, group.languages, work)
 
-    def _verdict(
+
+class _ExplainFacts:
+    """Rows of an explain record: what each listed agent's verdict follows from."""
+
+    def __init__(
         self,
-        state: AgentState,
+        scheduler: Scheduler,
         work: Work,
         now: float,
         chosen: AgentState,
+        eligible: list[_Group],
         notes: dict[_Group, str],
-    ) -> str:
-        ct = work.channel_type
+    ) -> None:
+        self.scheduler = scheduler
+        self.work = work
+        self.now = now
+        self.chosen = chosen
+        self.eligible = eligible
+        self.notes = notes
+        self.unreliable_for = scheduler.policy.unreliable_for
+        self.groups: list[list[Any]] = []  # [may take the work, why not, note]
+        self._index: dict[_Group, int] = {}
+
+    def row(self, state: AgentState) -> list[Any]:
+        """Return the row of one agent (see router.explain.Row)."""
+        ct = self.work.channel_type
         agent = state.agent
-        # Read once: this runs for every agent on every decision.
-        capacity, room = state.capacity(ct), state.room(ct)
-        if state is chosen:
-            return f"chosen ({room} of {capacity} {ct} slots free before)"
-        if not state.online:
-            return "off line"
-        if agent.shifts and not any(s.contains(now) for s in agent.shifts):
-            return "off shift"
-        if capacity <= 0:
-            return f"takes no {ct}"
-        if room <= 0:
-            return f"full: {state.used.get(state.pool(ct), 0)}/{capacity} {ct}"
-        if work.excluded and state.id in work.excluded:
-            return "let this message time out before"
-        if not self._eligible(state, work, now):
-            if agent.classes and work.label not in agent.classes:
-                return f"not skilled for {work.label}"
-            if agent.languages and work.language not in agent.languages:
-                return f"does not speak {work.language}"
-            return f"not in department {work.department}"
-        limit = self.policy.complaint_streak_limit
-        if limit and work.label in self.policy.streak_labels and state.streak >= limit:
-            return f"rotation: {state.streak} complaints in a row"
-        if now - state.last_timeout < self.policy.unreliable_for:
-            return "let an offer time out lately"
-        note = notes.get(state.group) if state.group is not None else None
-        if note is not None and (chosen.group is None or chosen.group is not state.group):
-            return note
-        return f"eligible, less spare room or assigned more recently ({room}/{capacity} {ct} free)"
+        now = self.now
+        return [
+            state.id,
+            state.online,
+            not agent.shifts or any(s.contains(now) for s in agent.shifts),
+            state.capacity(ct),
+            state.used.get(state.pool(ct), 0),
+            state.room(ct),
+            state.streak,
+            now - state.last_timeout < self.unreliable_for,
+            self._group_of(state),
+        ]
+
+    def _group_of(self, state: AgentState) -> int:
+        """Return the index of the agent's group facts (added on first use)."""
+        group = state.group
+        if group is not None:
+            found = self._index.get(group)
+            if found is not None:
+                return found
+            self._index[group] = len(self.groups)
+            chosen = self.chosen.group
+            note = self.notes.get(group, "") if chosen is None or chosen is not group else ""
+            may_take = group in self.eligible
+            refusal = "" if may_take else _refusal(group.classes, group.languages, self.work)
+            self.groups.append([may_take, refusal, note])
+            return self._index[group]
+        # Known only from the store (not in the roster): its skills, judged alone.
+        agent = state.agent
+        # Excluded and off-shift agents are refused before skills are looked at, so
+        # _eligible's own checks of those change nothing here.
+        may_take = self.scheduler._eligible(state, self.work, self.now)
+        refusal = "" if may_take else _refusal(agent.classes, agent.languages, self.work)
+        self.groups.append([may_take, refusal, ""])
+        return len(self.groups) - 1
+
+
+def _refusal(classes: frozenset[str], languages: frozenset[str], work: Work) -> str:
+    """Say why agents with these skills may not take the work (they may not)."""
+    if classes and work.label not in classes:
+        return f"not skilled for {work.label}"
+    if languages and work.language not in languages:
+        return f"does not speak {work.language}"
+    return f"not in department {work.department}"
 
 
 def _smallest(heap: list[tuple[Any, ...]], k: int) -> Iterator[tuple[Any, ...]]:

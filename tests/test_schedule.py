@@ -6,12 +6,15 @@ Every test drives the engine directly: a hand-made roster, explicit `now` values
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from datetime import UTC, datetime
 
 import pytest
 
+from router.codec import dumps
+from router.explain import render, stored_form
 from router.model import LABELS, Agent, Shift
 from router.schedule import Decision, OverflowStep, Policy, Returned, Scheduler, Work
 
@@ -841,6 +844,37 @@ def test_explain_lists_a_verdict_per_agent() -> None:
     assert verdicts["d-skill"] == "not skilled for complaint"
     assert verdicts["e-lang"] == "does not speak zh"
     assert verdicts["f-dept"] == "not in department default"
+
+
+def test_explain_verdicts_say_what_held_at_the_decision() -> None:
+    # The record is worded when read: it must still say what held when the agent was
+    # chosen, whatever happened to the roster since.
+    s = sched(agent("a", capacity=2), agent("b", capacity=1), explain=True)
+    s.hold("busy", "busy", "b", "chat")
+    (d,) = decide(s, 0, work("m"))
+    assert d.agent_id == "a" and d.explain is not None
+    (later,) = decide(s, 1, work("m2"))  # a's last free slot
+    assert later.agent_id == "a"
+    s.set_presence("a", False)
+    s.set_presence("b", False)
+    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    assert verdicts == {"a": "chosen (2 of 2 chat slots free before)", "b": "full: 1/1 chat"}
+
+
+def test_a_stored_explain_record_reads_back_as_the_decision_showed_it() -> None:
+    s = sched(
+        agent("a-chosen", capacity=2, languages=("zh",)),
+        agent("c-off", capacity=2, present=False),
+        agent("d-skill", capacity=2, classes=("inquiry",)),
+        explain=True,
+    )
+    (d,) = decide(s, 0, work("m", label="complaint", language="zh"))
+    assert d.explain is not None
+    stored = json.loads(dumps(stored_form(d.explain)))
+    assert render(stored) == dict(d.explain)
+    # A record stored in full, as before the compact form, reads back unchanged.
+    full = json.loads(json.dumps(dict(d.explain)))
+    assert render(full) == full
 
 
 def test_explain_off_records_nothing() -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
 
+from router.explain import Explanation
 from router.model import Agent
 from router.schedule import AgentState, Decision, Policy, Returned, Scheduler, Work
 
@@ -47,7 +47,7 @@ class LeastLoaded(Scheduler):
 
     def pick(
         self, work: Work, now: float
-    ) -> tuple[AgentState, str, str, dict[str, Any] | None] | None:
+    ) -> tuple[AgentState, str, str, Explanation | None] | None:
         """Take the eligible agent with the fewest open conversations."""
         cands = self.eligible_with_room(work, now)
         if not cands:
@@ -67,7 +67,7 @@ class RandomPolicy(LeastLoaded):
 
     def pick(
         self, work: Work, now: float
-    ) -> tuple[AgentState, str, str, dict[str, Any] | None] | None:
+    ) -> tuple[AgentState, str, str, Explanation | None] | None:
         """Take any eligible agent with room, at random."""
         cands = sorted(self.eligible_with_room(work, now), key=lambda s: s.id)
         if not cands:

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from router.codec import dumps
 from router.delivery import WithdrawnPayload, payload_from_dict, payload_to_dict, target_from_str
+from router.explain import render, stored_form
 from router.lifecycle import CUSTOMER, LOW_SCORE, ROUTER, EventKind, TicketState
 from router.model import Agent, Assignment, MessageState, ticket_number
 from router.store import (
@@ -633,7 +634,7 @@ def message(c: sqlite3.Connection, message_id: str) -> dict[str, Any] | None:
     assignment = rows[0] if rows else None
     if assignment is not None:
         raw_explain = assignment.get("explain") or ""
-        assignment["explain"] = json.loads(raw_explain) if raw_explain else None
+        assignment["explain"] = render(json.loads(raw_explain)) if raw_explain else None
     out["assignment"] = assignment
     out["offer_history"] = rows_as_dicts(
         c.execute(
@@ -805,7 +806,7 @@ def insert_assignment(c: sqlite3.Connection, a: Assignment) -> None:
             a.reason,
             a.sla_deadline.timestamp(),
             a.assigned_at.timestamp(),
-            _dumps(a.explain) if a.explain else "",
+            _dumps(stored_form(a.explain)) if a.explain else "",
         ),
     )
 
