@@ -1,4 +1,4 @@
-"""The code stays ruff-clean and the core mypy-clean: checked here so CI enforces it."""
+"""The code stays ruff-clean and mypy-clean (router, channels, adapters): CI checks it here."""
 
 from __future__ import annotations
 
@@ -24,6 +24,6 @@ def test_ruff_lint_and_format() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
-def test_core_is_mypy_clean() -> None:
+def test_the_packages_are_mypy_clean() -> None:
     result = _run(sys.executable, "-m", "mypy")
     assert result.returncode == 0, result.stdout + result.stderr

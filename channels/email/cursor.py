@@ -178,12 +178,12 @@ class MailState:
         if key in self._hints:
             return True
         match = _CONTENT_KEY.match(key)
-        return bool(match) and match.group(1) in self._whole
+        return match is not None and match.group(1) in self._whole
 
     def reused(self, key: str) -> bool:
         """Tell whether another mail with the Message-ID of this dedupe key was seen."""
         match = _CONTENT_KEY.match(key)
-        return bool(match) and match.group(1) in self._hints and key not in self._hints
+        return match is not None and match.group(1) in self._hints and key not in self._hints
 
     def hint_for(self, key: str) -> str | None:
         """Return the conversation hint recorded for a Message-ID or "ticket:T-…"."""

@@ -246,12 +246,12 @@ def decode_bytes(data: bytes, declared: str | None = None) -> str:
             penalty = 1 if name == "cp1252" else 0
             strict_ok.append((_oddness(text) + penalty, rank, text))
     if strict_ok:
-        best = min(strict_ok)
+        best_strict = min(strict_ok)
         # Nothing declared: nearly-UTF-8 beats a guess unless the guess reads as plain
         # Chinese (a short GBK text can also look like UTF-8 with a few bad bytes).
-        if nearly is not None and best[0] > 0:
+        if nearly is not None and best_strict[0] > 0:
             return nearly
-        return best[2]
+        return best_strict[2]
     if nearly is not None:
         return nearly
     best: tuple[int, int, int, str] | None = None
