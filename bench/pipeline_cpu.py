@@ -2,6 +2,7 @@
 
 Usage: python bench/pipeline_cpu.py [full|normal|off] [--messages N] [--concurrency C]
                                     [--repeat R] [--profile FILE] [--tmpdir DIR]
+                                    [--stages] [--gc-threshold N]
 
 Drives `Pipeline.ingest` with the real `SqliteStore` (WAL, the given `synchronous`,
 default FULL) and the real `Dispatcher`, as the daemon wires them, but without HTTP
@@ -16,7 +17,9 @@ of the SQLite writer thread separately (per-thread CPU clocks), plus the process
 rate depends on the disk's fsync; the CPU figures barely do, which makes them the
 figures to compare between changes on a shared machine. `--profile` writes a
 cProfile of the event-loop thread, timed by its CPU clock (read it with pstats). The
-GIL switch interval is set to the daemon's (0.5 ms).
+GIL switch interval and the cyclic collector's threshold are set to the daemon's (0.5 ms;
+10,000, `--gc-threshold 700` for CPython's default); the CPU the collector took per
+message and its longest pause are reported too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import os
 import resource
@@ -38,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import router.daemon  # noqa: E402
 from adapters.inbox import encode_delivery  # noqa: E402
 from router.config import build_config  # noqa: E402
 from router.drivers import Delivery, DriverState  # noqa: E402
@@ -159,6 +164,27 @@ def message(i: int, run: int) -> InboundMessage:
     )
 
 
+# As router.daemon.run_daemon sets it (CPython's default, 700, for a daemon from before).
+_DAEMON_GC_THRESHOLD = getattr(router.daemon, "GC_YOUNG_THRESHOLD", 700)
+
+
+class CollectorClock:
+    """A gc callback: the CPU time the cyclic collector takes, and its longest pause."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.longest = 0.0
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.thread_time()
+            return
+        took = time.thread_time() - self._began
+        self.seconds += took
+        self.longest = max(self.longest, took)
+
+
 async def run_once(
     args: argparse.Namespace, workdir: Path, run: int, profiler: cProfile.Profile | None
 ) -> dict[str, Any]:
@@ -202,6 +228,8 @@ async def run_once(
     writer = store.writer.thread
     assert writer is not None
     loop_ident = threading.get_ident()
+    collector = CollectorClock()
+    gc.callbacks.append(collector)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     l0, w0 = thread_cpu(loop_ident), thread_cpu(writer.ident)
     t0 = time.perf_counter()
@@ -216,6 +244,7 @@ async def run_once(
     if stages is not None:
         stages.uninstall()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    gc.callbacks.remove(collector)
     n = args.messages
     total = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     result = {
@@ -224,6 +253,8 @@ async def run_once(
         "writer_us": (w1 - w0) / n * 1e6,
         "process_us": total / n * 1e6,
         "units_per_commit": (store.units - units0) / max(1, store.batches - batches0),
+        "gc_us": collector.seconds / n * 1e6,
+        "gc_longest_ms": collector.longest * 1e3,
         "drained": drained,
         "delivered": tool.delivered,
     }
@@ -251,7 +282,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"run {run + 1}: {r['msgs_per_s']:7.0f} msgs/s  "
             f"loop {r['loop_us']:5.0f} us/msg  writer {r['writer_us']:5.0f} us/msg  "
             f"process {r['process_us']:5.0f} us/msg  "
-            f"{r['units_per_commit']:.1f} units/commit",
+            f"{r['units_per_commit']:.1f} units/commit  "
+            f"collector {r['gc_us']:.0f} us/msg (longest {r['gc_longest_ms']:.0f} ms)",
             flush=True,
         )
         if "stages_us" in r:
@@ -279,8 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         help="also split the loop's CPU by stage (classify, place, build, log, send, rest); "
         "the wrappers add a little to every figure",
     )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=_DAEMON_GC_THRESHOLD,
+        help="the cyclic collector's first-generation threshold (default: the daemon's; "
+        "CPython's own is 700)",
+    )
     args = parser.parse_args(argv)
     sys.setswitchinterval(0.0005)  # as router.daemon.run_daemon does
+    gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     devnull = open(os.devnull, "w")
     configure_logging("info", json=True, stream=devnull)
     results = asyncio.run(main_async(args))
