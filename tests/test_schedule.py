@@ -846,6 +846,58 @@ def test_explain_lists_a_verdict_per_agent() -> None:
     assert verdicts["f-dept"] == "not in department default"
 
 
+def test_explain_words_off_shift_no_slots_of_the_type_excluded_and_eligible() -> None:
+    monday_nine_to_five = Shift(days=frozenset({0}), start=9 * 60, end=17 * 60)
+    s = sched(
+        agent("a", capacity=3),
+        agent("e", capacity=2),
+        agent("s", capacity=2, shifts=(monday_nine_to_five,)),  # t=0 is a Thursday
+        agent("t", caps={"sms": 1}),
+        agent("x", capacity=3),
+        explain=True,
+    )
+    m = work("m")
+    m.excluded = {"x"}
+    (d,) = decide(s, 0, m)
+    assert d.agent_id == "e" and d.explain is not None  # a tie: the later id wins
+    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    assert verdicts == {
+        "a": "eligible, less spare room or assigned more recently (3/3 chat free)",
+        "e": "chosen (2 of 2 chat slots free before)",
+        "s": "off shift",
+        "t": "takes no chat",
+        "x": "let this message time out before",
+    }
+
+
+def test_explain_words_rotation_and_a_recent_timeout() -> None:
+    s = sched(
+        agent("a", capacity=3),
+        agent("b", capacity=2),
+        agent("c", capacity=2),
+        complaint_streak_limit=1,
+        accept_timeout=60,
+        unreliable_for=100,
+        explain=True,
+    )
+    (offer,) = decide(s, 0, work("m1"))
+    assert offer.agent_id == "c"  # a tie: the later id wins; c lets it time out
+    returned, _ = s.tick(60)
+    assert [r.agent_id for r in returned] == ["c"]
+    (again,) = s.dispatch(60)
+    assert again.agent_id == "b" and s.accept("m1", "b")
+    (complaint,) = decide(s, 61, work("m2", label="complaint"))
+    assert complaint.agent_id == "a" and s.accept("m2", "a")  # a reaches the streak limit
+    (d,) = decide(s, 62, work("m3", label="complaint"))
+    assert d.agent_id == "b" and d.explain is not None
+    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    assert verdicts == {
+        "a": "rotation: 1 complaints in a row",
+        "b": "chosen (1 of 2 chat slots free before)",
+        "c": "let an offer time out lately",
+    }
+
+
 def test_explain_verdicts_say_what_held_at_the_decision() -> None:
     # The record is worded when read: it must still say what held when the agent was
     # chosen, whatever happened to the roster since.
