@@ -10,9 +10,9 @@ One aiohttp client in this process drives both.
 
 Phase 1 (throughput): N messages, C at a time over a keep-alive pool, to the baseline
 (three times; the median run counts) and then to the daemon; msgs/s of each and the
-ratio daemon / baseline. The daemon's
-figure counts 201 answers, i.e. messages committed (fsync'd) with their route and
-outbox item; the MQTT deliveries are then awaited and reported too.
+ratio daemon / baseline. The daemon's figure counts 201 answers, i.e. messages
+committed (fsync'd) with their route and outbox item; the MQTT deliveries are then
+awaited and reported too.
 
 Phase 2 (latency): an open loop at R msg/s for S seconds (requests start on schedule
 whatever the earlier ones are doing); an MQTT subscriber on `{prefix}/+/inbox` stamps
@@ -663,7 +663,7 @@ def report(r: dict[str, Any]) -> bool:
         )
     print(
         "  baseline runs: "
-        + ", ".join(f"{rate:.0f}" for rate in base.get("rates", []))
+        + ", ".join(f"{rate:.0f}" for rate in base["rates"])
         + " msgs/s (the median counts)"
     )
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -83,25 +84,20 @@ class Networks:
         self._nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
         # Answers by textual address: parsing one costs more than the rest of a rate
         # check, and a server sees the same clients and proxies again and again.
-        self._seen: dict[str, bool] = {}
+        self._lookup = functools.lru_cache(maxsize=_SEEN_MAX)(self._inside)
 
     def __contains__(self, address: object) -> bool:
         """Return whether the textual address is in one of the networks."""
         if not self._nets or not isinstance(address, str):
             return False
-        known = self._seen.get(address)
-        if known is not None:
-            return known
+        return self._lookup(address)
+
+    def _inside(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
-            inside = False
-        else:
-            inside = any(ip in net for net in self._nets)
-        if len(self._seen) >= _SEEN_MAX:
-            self._seen.clear()  # bounded: many distinct addresses only cost the parse again
-        self._seen[address] = inside
-        return inside
+            return False
+        return any(ip in net for net in self._nets)
 
 
 def client_ip(request: web.Request, proxies: Networks) -> str:

@@ -15,9 +15,9 @@ While no worker is ready (none started yet, one still loading its model, or all
 failed), messages are classified in the loop as without workers: nothing waits.
 
 `workers = "auto"` (the default) starts its worker on demand: the first time the loop
-classifies `workers_start_rate` messages (DEMAND_PER_SECOND by default) within one
-second. A quiet daemon stays one process, and at lower rates classifying in the loop
-costs less CPU and answers sooner than a round trip to a worker.
+classifies `[classifier] workers_start_rate` messages within one second. A quiet
+daemon stays one process, and at lower rates classifying in the loop costs less CPU
+and answers sooner than a round trip to a worker.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from typing import Any
 
 import structlog
 
-from router.config import DEFAULT_WORKERS_START_RATE
 from router.core import Classifier
 from router.model import Classification
 
@@ -51,10 +50,6 @@ BATCH_TIMEOUT = 10.0
 MAX_BATCH = 256
 # A worker that has not loaded its model within this long is given up on.
 BOOT_TIMEOUT = 30.0
-# On demand (`workers = "auto"`): the workers start the first time this many messages
-# are classified within one second, unless `[classifier] workers_start_rate` says
-# otherwise (see there why this many).
-DEMAND_PER_SECOND = DEFAULT_WORKERS_START_RATE
 # How soon a failed worker is started again, doubling up to the cap.
 RESTART_BACKOFF = 1.0
 RESTART_BACKOFF_MAX = 60.0
@@ -155,14 +150,14 @@ class ClassifierWorkers:
         clock: Callable[[], float] = time.monotonic,
         batch_timeout: float = BATCH_TIMEOUT,
         on_fallback: Callable[[int], None] = lambda count: None,
-        on_demand: bool = False,
-        demand_per_second: int = DEMAND_PER_SECOND,
+        start_rate: int | None = None,
     ) -> None:
         """Remember the settings; processes start with `start()`.
 
         `on_fallback` is told how many messages were classified in the loop because
-        a worker failed (a metric). `on_demand` leaves the processes unstarted until
-        the loop classifies `demand_per_second` messages within a second.
+        a worker failed (a metric). With a `start_rate` (on demand) the processes start
+        the first time the loop classifies that many messages within one second; with
+        None they start with `start()`.
         """
         self.spec = spec
         self.on_fallback = on_fallback
@@ -179,9 +174,8 @@ class ClassifierWorkers:
         self._watch: asyncio.Task[None] | None = None
         self._ready = 0  # workers that have loaded their model
         self._all_ready = asyncio.Event()  # set while every worker is ready
-        self.on_demand = on_demand
-        self._demanded = not on_demand  # False until the load asks for workers
-        self.demand_per_second = demand_per_second
+        self.start_rate = start_rate
+        self._demanded = start_rate is None  # False until the load asks for workers
         self._second_began = 0.0  # the demand count's one-second window
         self._in_second = 0
         self.fallbacks = 0  # messages classified in the loop because a worker failed
@@ -378,7 +372,7 @@ class ClassifierWorkers:
         if now - self._second_began >= 1.0:
             self._second_began, self._in_second = now, 0
         self._in_second += 1
-        if self._in_second >= self.demand_per_second:
+        if self.start_rate is not None and self._in_second >= self.start_rate:
             self._demanded = True
             log.info("classifier.workers_wanted", per_second=self._in_second, workers=self.size)
 

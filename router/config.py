@@ -200,8 +200,8 @@ class SeverityRule(_Frozen):
 MAX_CLASSIFIER_WORKERS = 16
 # Below this many messages a second the loop classifies more cheaply than a round trip
 # to a worker process: measured with bench/ingest.py on 2 vCPUs (bench/README.md), a
-# worker at 200 msg/s cost 18 % more CPU and lengthened the p95, at 600 msg/s it halved
-# the p99. The worker pays once the loop runs short of time.
+# worker at 200 msg/s cost about 17 % more CPU and lengthened the p95, at 600 msg/s it
+# halved the p99. The worker pays once the loop runs short of time.
 DEFAULT_WORKERS_START_RATE = 500
 
 
@@ -248,6 +248,10 @@ class ClassifierConfig(_Frozen):
     def workers_on_demand(self) -> bool:
         """Whether the workers start when the load asks for them ("auto"), not at start."""
         return self.workers == "auto"
+
+    def start_rate(self) -> int | None:
+        """Return the rate that starts the workers on demand; None: they start at once."""
+        return self.workers_start_rate if self.workers_on_demand else None
 
     def worker_count(self) -> int:
         """Return how many classifier worker processes to run (`workers` resolved)."""

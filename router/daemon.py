@@ -68,7 +68,8 @@ _SWITCH_INTERVAL = 0.0005
 # message allocates a few hundred container objects, nearly all freed by reference
 # counting, so by default the collector ran every few messages and a full collection,
 # which stops the event loop for tens of milliseconds, every few thousand; this makes
-# both about 14 times rarer (bench/README.md: 28 -> 4 µs of collector time a message).
+# both about 14 times rarer (bench/README.md: the collector's CPU about 30 -> 1-4 µs a
+# message, its longest pause 38-51 -> 2-13 ms).
 GC_YOUNG_THRESHOLD = 10_000
 
 

@@ -120,8 +120,7 @@ class Pipeline:
                 count,
                 classifier,
                 on_fallback=metrics.classifier_fallbacks.inc,
-                on_demand=config.classifier.workers_on_demand,
-                demand_per_second=config.classifier.workers_start_rate,
+                start_rate=config.classifier.start_rate(),
             )
             await workers.start()
             core.classifier_workers = workers
@@ -426,12 +425,7 @@ class Pipeline:
         return board
 
 
-def _worker_settings(config: Config) -> tuple[ClassifierSpec, int, bool, int]:
+def _worker_settings(config: Config) -> tuple[ClassifierSpec, int, int | None]:
     """Return what the classifier workers are built from (a change restarts them)."""
     workers = config.classifier
-    return (
-        classifier_spec(config),
-        workers.worker_count(),
-        workers.workers_on_demand,
-        workers.workers_start_rate,
-    )
+    return classifier_spec(config), workers.worker_count(), workers.start_rate()

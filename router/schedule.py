@@ -1739,7 +1739,7 @@ class Scheduler:
 
             for group in self._groups.values():
                 if group not in eligible:
-                    count(self._group_refusal(group, work), len(group.members))
+                    count(_refusal(group.classes, group.languages, work), len(group.members))
                     continue
                 count("off line", len(group.members) - group.online)
                 count("full", group.online - group.with_room.get(ct, 0))
@@ -1764,9 +1764,6 @@ class Scheduler:
             )
         )
 
-    def _group_refusal(self, group: _Group, work: Work) -> str:
-        return _refusal(group.classes, group.languages, work)
-
 
 class _ExplainFacts:
     """Rows of an explain record: what each listed agent's verdict follows from."""
@@ -1783,7 +1780,7 @@ class _ExplainFacts:
         self.scheduler = scheduler
         self.work = work
         self.now = now
-        self.chosen = chosen
+        self.chosen_group = chosen.group
         self.eligible = eligible
         self.notes = notes
         self.unreliable_for = scheduler.policy.unreliable_for
@@ -1815,7 +1812,7 @@ class _ExplainFacts:
             if found is not None:
                 return found
             self._index[group] = len(self.groups)
-            chosen = self.chosen.group
+            chosen = self.chosen_group
             note = self.notes.get(group, "") if chosen is None or chosen is not group else ""
             may_take = group in self.eligible
             refusal = "" if may_take else _refusal(group.classes, group.languages, self.work)

@@ -187,8 +187,8 @@ def _cmdline(pid: str) -> bytes:
 @pytest.mark.skipif(config_module.usable_cpus() < 2, reason="auto runs no worker on one CPU")
 def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path) -> None:
     web_port, ops_port = ports()
-    # The default start rate (DEMAND_PER_SECOND) is about what a loaded test machine's
-    # daemon does at most: a lower one keeps the burst below certain to cross it.
+    # The default start rate (500) is about what a loaded test machine's daemon manages
+    # at most: with a lower one the burst below is sure to cross it.
     start_rate = 100
     config = base_config(
         tmp_path / "state",
@@ -276,9 +276,7 @@ def test_a_bad_worker_count_names_the_field(bad: object) -> None:
 async def test_on_demand_workers_start_when_the_load_asks_and_take_over() -> None:
     now = [100.0]
     rate = 40  # [classifier] workers_start_rate
-    workers = ClassifierWorkers(
-        SPEC, 1, SPEC.build(), clock=lambda: now[0], on_demand=True, demand_per_second=rate
-    )
+    workers = ClassifierWorkers(SPEC, 1, SPEC.build(), clock=lambda: now[0], start_rate=rate)
     await workers.start()
     try:
         # A trickle (fewer than `rate` within any second) starts no process.
