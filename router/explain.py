@@ -53,6 +53,11 @@ class Explanation(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self.rendered())
 
+    def __bool__(self) -> bool:
+        # A record always names its chosen agent; without this, Mapping's truth test
+        # (len) would render every record where the store only checks for one.
+        return True
+
     def __repr__(self) -> str:
         return f"Explanation({self.rendered()!r})"
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from router import explain as explain_module
 from router.codec import dumps
 from router.explain import render, stored_form
 from router.model import LABELS, Agent, Shift
@@ -927,6 +928,23 @@ def test_a_stored_explain_record_reads_back_as_the_decision_showed_it() -> None:
     # A record stored in full, as before the compact form, reads back unchanged.
     full = json.loads(json.dumps(dict(d.explain)))
     assert render(full) == full
+
+
+def test_storing_an_explain_record_does_not_word_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The store asks whether a decision has a record and keeps its rows; wording the
+    # verdicts is for whoever reads it (it cost as much as the store's own work).
+    worded: list[object] = []
+    real_render = explain_module.render
+    monkeypatch.setattr(
+        explain_module, "render", lambda record: worded.append(record) or real_render(record)
+    )
+    s = sched(agent("a", capacity=2), agent("b", capacity=2), explain=True)
+    (d,) = decide(s, 0, work("m"))
+    assert d.explain
+    dumps(stored_form(d.explain))
+    assert worded == []
+    assert d.explain["chosen"] == d.agent_id
+    assert len(worded) == 1
 
 
 def test_explain_off_records_nothing() -> None:
