@@ -193,8 +193,24 @@ class AgentState:
 
     def room(self, channel_type: str) -> int:
         """Return the agent's free slots for this channel type."""
-        pool = self.pool(channel_type)
-        return self.capacity(channel_type) - self.used.get(pool, 0) - self.external.get(pool, 0)
+        return self.slots(channel_type)[2]
+
+    def slots(self, channel_type: str) -> tuple[int, int, int]:
+        """Return capacity, slots held here and free slots for this channel type.
+
+        One walk for the three: the placement index and every explain row want them
+        together, once per agent per decision.
+        """
+        agent = self.agent
+        caps = agent.capacities
+        if caps:
+            capacity = caps.get(channel_type, caps.get("*", 0))
+            pool = channel_type
+        else:
+            capacity = agent.capacity
+            pool = "*"
+        used = self.used.get(pool, 0)
+        return capacity, used, capacity - used - self.external.get(pool, 0)
 
     @property
     def load(self) -> int:
@@ -522,8 +538,11 @@ class Scheduler:
             group.online += 1 if online else -1
             state.counted_online = online
         for ct, free in self._free.items():
-            capacity = state.capacity(ct) if online else 0
-            room = max(0, state.room(ct)) if online else 0
+            if online:
+                capacity, _, room = state.slots(ct)
+                room = max(0, room)
+            else:
+                capacity = room = 0
             if group is not None:
                 old_room, old_capacity = state.counted.get(ct, (0, 0))
                 if room != old_room or capacity != old_capacity:
@@ -1789,19 +1808,21 @@ class _ExplainFacts:
 
     def row(self, state: AgentState) -> list[Any]:
         """Return the row of one agent (see router.explain.Row)."""
-        ct = self.work.channel_type
         agent = state.agent
         now = self.now
+        capacity, used, room = state.slots(self.work.channel_type)
+        group = state.group
+        index = self._index.get(group) if group is not None else None
         return [
-            state.id,
+            agent.id,
             state.online,
             not agent.shifts or any(s.contains(now) for s in agent.shifts),
-            state.capacity(ct),
-            state.used.get(state.pool(ct), 0),
-            state.room(ct),
+            capacity,
+            used,
+            room,
             state.streak,
             now - state.last_timeout < self.unreliable_for,
-            self._group_of(state),
+            self._group_of(state) if index is None else index,
         ]
 
     def _group_of(self, state: AgentState) -> int:
