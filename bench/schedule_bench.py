@@ -224,6 +224,9 @@ def steady(state: State, steps: int, max_seconds: float, seed: int) -> dict[str,
     step = 0
     gc.collect()
     for step in range(1, steps + 1):
+        if not held:  # the backlog ran out (fewer --waiting than --steps need): stop here
+            step -= 1
+            break
         i = rng.randrange(len(held))
         slot = held[i]
         held[i] = held[-1]
@@ -255,6 +258,9 @@ def steady_timeout(state: State, steps: int, max_seconds: float, seed: int) -> d
     step = 0
     gc.collect()
     for step in range(1, steps + 1):
+        if not held:  # the backlog ran out (fewer --waiting than --steps need): stop here
+            step -= 1
+            break
         i = rng.randrange(len(held))
         slot = held[i]
         held[i] = held[-1]
