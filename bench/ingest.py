@@ -25,6 +25,10 @@ agent slot; the roster is sized (agents x capacity) so nothing ever waits in a q
 the figures measure the pipeline, not queueing. The client, the daemon, the broker and
 the baseline share this machine's CPUs: the figures are for that setting.
 
+Phase 1 also splits the daemon's CPU by thread (the event loop, the SQLite writer, the
+widget log's writer) and its child processes (the classifier worker), from /proc, with
+the names the daemon's threads have in Python.
+
 Prints a table, then one JSON line with every figure. Exit code 0 after a completed run
 (with --check: 2 when a target is missed), 1 when the bench itself could not run.
 Set OMNIROUTER_BENCH_PROFILE=FILE to write a cProfile of the daemon's event loop thread.
@@ -113,6 +117,34 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def thread_cpu_seconds(pid: int, names: dict[str, str]) -> dict[str, float]:
+    """Return CPU seconds per thread of pid, by thread name (unnamed ids pooled as "other")."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(tid, "other threads")
+        name = "event loop" if name == "MainThread" else name
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + seconds
+    for child in _children_stats(pid):
+        try:
+            with open(child) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["child processes"] = out.get("child processes", 0.0) + seconds
+    return out
 
 
 def _children_stats(pid: int) -> list[str]:
@@ -207,6 +239,8 @@ def run_daemon_wrapped(stats_path: str, argv: list[str]) -> int:
             stats = {
                 "batches": sum(s.batches for s in stores),
                 "units": sum(s.units for s in stores),
+                # Python names its threads, the OS does not: the bench maps /proc's ids.
+                "threads": {str(t.native_id): t.name for t in threading.enumerate()},
             }
             with open(tmp, "w") as f:
                 json.dump(stats, f)
@@ -321,8 +355,8 @@ def start_daemon(workdir: Path, config_text: str, stats_path: Path) -> Any:
     return WrappedDaemon(workdir, config_text).start()
 
 
-def store_stats(path: Path) -> dict[str, int]:
-    """Return the daemon's latest store counters (zeros when not written yet)."""
+def store_stats(path: Path) -> dict[str, Any]:
+    """Return the daemon's latest store counters and thread names (zeros when not written yet)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -544,12 +578,20 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             handles = handles_for("tp-d", args.messages)
             bodies = [message_body(h, i) for i, h in enumerate(handles)]
             s0 = store_stats(stats_path)
+            names = s0.get("threads", {})
+            threads0 = thread_cpu_seconds(daemon.pid, names)
             cpu0 = cpu()
             dmn = await closed_loop(session, daemon_url, bodies, args.concurrency)
             cpu1 = cpu()
+            threads1 = thread_cpu_seconds(daemon.pid, names)
             await asyncio.sleep(0.25)  # let the stats thread catch up
             s1 = store_stats(stats_path)
             dmn["cpu_s"] = {k: cpu1[k] - cpu0[k] for k in cpu0}
+            # Where the daemon's CPU went, by thread (a worker started during the run
+            # counts whole under "child processes").
+            dmn["threads_cpu_s"] = {
+                k: round(v - threads0.get(k, 0.0), 2) for k, v in threads1.items()
+            }
             delivered = await subscriber.wait_for(handles, DELIVERY_GRACE)
             last = max(
                 (subscriber.received[h] for h in handles if h in subscriber.received), default=0
@@ -680,6 +722,16 @@ def report(r: dict[str, Any]) -> bool:
         "  CPU s during the daemon run: "
         + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "baseline")
     )
+    split = sorted(dmn.get("threads_cpu_s", {}).items(), key=lambda kv: -kv[1])
+    if split:
+        print(
+            "  daemon CPU ms/msg by thread: "
+            + ", ".join(
+                f"{name} {seconds * 1000 / dmn['messages']:.2f}"
+                for name, seconds in split
+                if seconds * 1000 / dmn["messages"] >= 0.005
+            )
+        )
     print()
     print(
         f"Phase 2: latency, open loop at {lat['rate']:g} msg/s for {lat['seconds']:g} s "
