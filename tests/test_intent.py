@@ -165,6 +165,36 @@ def test_empty_or_garbage_text_does_not_crash(shipped: IntentModel, text: str) -
     assert clf.classify(text).label in LABELS
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["", "😀😀😀", "asdkjh qwe zxcmnb", "مرحبا، أريد استرداد أموالي", "x" * 20000, "\x00\x01"],
+)
+def test_a_text_the_model_knows_nothing_of_gets_the_rules_prior(
+    shipped: IntentModel, text: str
+) -> None:
+    # No cue and no word the model was trained on: its punctuation and "no cue" weights
+    # alone named a class with more than the triage threshold's confidence.
+    _, _, _, _, known = shipped.assess(text, {})
+    assert known == 0
+    cls = ModelClassifier(shipped).classify(text)
+    prior = RuleClassifier().classify(text)
+    assert (cls.label, cls.confidence, cls.scores) == (prior.label, prior.confidence, prior.scores)
+    assert cls.label == "inquiry" and cls.confidence < 0.5
+    assert cls.features == ()
+
+
+def test_one_known_word_or_cue_is_enough_for_the_model_to_decide(shipped: IntentModel) -> None:
+    clf = ModelClassifier(shipped)
+    for text in ("😀 refund", "😀 建议", "please 😀"):
+        hits, _ = clf.rules.analyse(text)
+        label, conf, scores, top, known = shipped.assess(text, hits)
+        assert known or hits
+        assert (label, conf, scores, top) == shipped.predict_hits(text, hits)
+        cls = clf.classify(text)
+        assert (cls.label, cls.confidence) == (label, conf)
+        assert cls.features
+
+
 def test_model_classifier_has_the_rule_classifier_interface(shipped: IntentModel) -> None:
     clf = ModelClassifier(shipped, amount_threshold=5000, vip_contacts=frozenset({"Boss@X.com"}))
     text = "My heater exploded, I'm calling my lawyer and want ¥8,000 back"

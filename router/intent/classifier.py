@@ -40,9 +40,16 @@ class ModelClassifier:
         """Return label, scores, severity and signals for a message (spans index `text`)."""
         text = text or ""
         hits, signals = self.rules.analyse(text, subject=subject, contact=contact)
-        label, conf, scores, top = self.model.predict_hits(text, hits, subject=subject)
+        label, conf, scores, top, known_words = self.model.assess(text, hits, subject=subject)
         if language is None:
             language = detect_language(f"{subject}\n{text}" if subject else text)
+        if not hits and not known_words:
+            # Nothing in the text the model was trained on (emoji, a language it never
+            # saw, noise): its weights for punctuation and "no cue" alone would still
+            # name a class, confidently. Say what the rules say on no evidence, their
+            # prior, which stays under the usual triage threshold.
+            prior = self.rules.classify("", language=language)
+            label, conf, scores, top = prior.label, prior.confidence, dict(prior.scores), []
         return Classification(
             label=label,
             confidence=conf,

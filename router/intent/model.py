@@ -18,7 +18,7 @@ from array import array
 from itertools import compress, repeat
 from operator import and_, ge, gt, mul, or_
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from router.classify import PRIOR, RuleClassifier
 from router.intent.features import (
@@ -62,6 +62,16 @@ _REGISTER_GRAMS = frozenset(
 _JOIN = " ".join
 _PREFIX_CRC = {G_SHAPE: zlib.crc32(b"shape:"), G_LEX: zlib.crc32(b"lex:")}
 _MARKS = ("q", "neg", "mine", "you", "past")  # the style marks, in extract's order
+
+
+class Assessment(NamedTuple):
+    """A prediction with how much of the text the model knew (see `IntentModel.assess`)."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+    top: list[tuple[str, float]]
+    known_words: int  # the text's words and word pairs the model has weights for
 
 
 class IntentModel:
@@ -188,7 +198,16 @@ class IntentModel:
     def predict_hits(
         self, text: str, hits: dict[str, tuple[str, float]], *, subject: str = "", explain: int = 5
     ) -> tuple[str, float, dict[str, float], list[tuple[str, float]]]:
-        """Return label, confidence, scores and top features for a message and its cue hits.
+        """Return label, confidence, scores and top features for a message and its cue hits."""
+        label, confidence, scores, top, _ = self.assess(
+            text, hits, subject=subject, explain=explain
+        )
+        return label, confidence, scores, top
+
+    def assess(
+        self, text: str, hits: dict[str, tuple[str, float]], *, subject: str = "", explain: int = 5
+    ) -> Assessment:
+        """Return `predict_hits`'s answer and how many of the text's words the model knew.
 
         The result is, bit for bit, that of scoring `extract(text, hits,
         subject=subject)`: `logits`, a softmax at `temperature`, and the
@@ -318,7 +337,7 @@ class IntentModel:
                 contrib.append((-cs[i], name))
             contrib.sort()  # strongest first, then by name
             top = [(name, round(-c, 4)) for c, name in contrib[:explain]]
-        return LABELS[top_i], probs[top_i], scores, top
+        return Assessment(LABELS[top_i], probs[top_i], scores, top, len(lex_found))
 
     def features(self, text: str, subject: str = "") -> FeatureList:
         """Return the feature list of a message (runs the rule cue scan)."""
