@@ -1089,6 +1089,10 @@ def normalised(argv: list[str]) -> list[str]:
     return argv
 
 
+# What a shell reports for a command that SIGPIPE ended (128 + 13), as for `yes | head`.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `omnirouter` console script."""
     parser = build_parser()
@@ -1096,7 +1100,17 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not args.passthrough:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    code: int = args.fn(args)
+    try:
+        code: int = args.fn(args)
+        sys.stdout.flush()  # a reader gone shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # The reader went away (`omnirouter status --watch | head`): end quietly, as Unix
+        # tools do. What is still buffered goes to /dev/null so the interpreter's final
+        # flush does not fail again (the recipe in Python's `signal` documentation).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     return code
 
 

@@ -47,6 +47,27 @@ def test_classify_reads_json_and_plain_lines_and_answers_in_order() -> None:
     assert {s["kind"] for s in out[0]["signals"]} == {"amount_over_threshold"}
 
 
+def test_output_into_a_pipe_whose_reader_went_ends_quietly(tmp_path: Path) -> None:
+    # `omnirouter classify < big | head -1`: when head exits, the next write fails.
+    # A Unix tool ends there, quietly, with the status a shell gives SIGPIPE (141).
+    lines = tmp_path / "lines.txt"
+    lines.write_text("where is my order\n" * 20_000)
+    with lines.open() as stdin:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "classify"],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["label"] in LABELS
+        proc.stdout.close()  # the reader goes, with most of the output still to come
+        with proc.stderr:
+            errors = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+
+
 def test_rules_classifier_can_be_chosen_in_config(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(

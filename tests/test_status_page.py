@@ -379,6 +379,45 @@ async def test_page_follows_the_daemon_live(
         await watch_until_interrupted(d.config_path, env)
 
 
+@pytest.mark.slow
+async def test_watch_ends_quietly_when_its_reader_goes(
+    tmp_path: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    # `omnirouter status --watch | head -3`: head exits, the next refresh finds the pipe
+    # closed; the command ends there, without a traceback, as Unix tools do.
+    web_port, ops_port = ports()
+    d = await asyncio.to_thread(
+        spawn, base_config(tmp_path / "state", web_port=web_port, ops_port=ops_port)
+    )
+    for mode in ((), ("--json",)):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router.cli",
+            "status",
+            "--watch",
+            *mode,
+            "-c",
+            str(d.config_path),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            async with asyncio.timeout(20):
+                assert await proc.stdout.readline()  # the first refresh has begun
+            proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]
+            async with asyncio.timeout(20):
+                errors = (await proc.stderr.read()).decode()
+                assert await proc.wait() == 141, errors
+            assert "Traceback" not in errors, errors
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
 def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
