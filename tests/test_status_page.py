@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -389,33 +390,33 @@ async def test_watch_ends_quietly_when_its_reader_goes(
     d = await asyncio.to_thread(
         spawn, base_config(tmp_path / "state", web_port=web_port, ops_port=ops_port)
     )
-    for mode in ((), ("--json",)):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "router.cli",
-            "status",
-            "--watch",
-            *mode,
-            "-c",
-            str(d.config_path),
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+    for flags in ((), ("--json",)):
+        line, code, errors = await asyncio.to_thread(watch_until_reader_goes, d.config_path, flags)
+        assert line  # the first refresh had begun
+        assert code == 141, errors
+        assert "Traceback" not in errors, errors
+
+
+def watch_argv(config_path: Path, *flags: str) -> list[str]:
+    """Return the command line of `omnirouter status --watch` on a daemon's config."""
+    return [sys.executable, "-m", "router.cli", "status", "--watch", *flags, "-c", str(config_path)]
+
+
+def watch_until_reader_goes(config_path: Path, flags: tuple[str, ...]) -> tuple[bytes, int, str]:
+    """Read the first line of `status --watch`, close the pipe; return line, exit code, stderr."""
+    proc = subprocess.Popen(
+        watch_argv(config_path, *flags), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    with proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        proc.stdout.close()  # as `head` does once it has what it wanted
         try:
-            assert proc.stdout is not None and proc.stderr is not None
-            async with asyncio.timeout(20):
-                assert await proc.stdout.readline()  # the first refresh has begun
-            proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]
-            async with asyncio.timeout(20):
-                errors = (await proc.stderr.read()).decode()
-                assert await proc.wait() == 141, errors
-            assert "Traceback" not in errors, errors
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        return line, code, proc.stderr.read().decode()
 
 
 def _interruptible() -> None:
@@ -425,14 +426,7 @@ def _interruptible() -> None:
 async def watch_until_interrupted(config_path: Path, env: dict[str, str]) -> None:
     """Run `omnirouter status --watch --json`: one JSON line per refresh, Ctrl-C ends it."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router.cli",
-        "status",
-        "--watch",
-        "--json",
-        "-c",
-        str(config_path),
+        *watch_argv(config_path, "--json"),
         cwd=REPO,
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
