@@ -323,7 +323,6 @@ class AgentWork:
                     work = work_from_stored(stored)
                     if holder and kind == "queue":
                         work.excluded = {holder}  # handed off: not straight back to them
-                        work.handed_off = holder  # (explain says so, not "timed out")
                     works.append(work)
             if notice is not None:
                 core.dispatcher.submit(_with_ids(notice, ids))

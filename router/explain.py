@@ -70,10 +70,9 @@ def compact_record(
     excluded: list[str],
     rotation_limit: int,
     others: dict[str, int],
-    handed_off: str = "",
 ) -> dict[str, Any]:
     """Return the stored form: the header, the rows and what verdicts need besides."""
-    record = {
+    return {
         **header,
         COMPACT: COMPACT_VERSION,
         "rows": rows,
@@ -82,10 +81,6 @@ def compact_record(
         "rotation_limit": rotation_limit,
         "others": others,
     }
-    if handed_off:
-        # Only when someone did (records stored before it was kept have no such key).
-        record["handed_off"] = handed_off
-    return record
 
 
 def stored_form(record: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -105,9 +100,7 @@ def render(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_COMPACT_ONLY = frozenset(
-    (COMPACT, "rows", "groups", "excluded", "rotation_limit", "others", "handed_off")
-)
+_COMPACT_ONLY = frozenset((COMPACT, "rows", "groups", "excluded", "rotation_limit", "others"))
 
 
 def verdict(row: Row, record: Mapping[str, Any]) -> str:
@@ -125,8 +118,6 @@ def verdict(row: Row, record: Mapping[str, Any]) -> str:
     if room <= 0:
         return f"full: {used}/{capacity} {ct}"
     if agent in record["excluded"]:
-        if agent == record.get("handed_off"):
-            return "handed this ticket on (transferred it back to a queue)"
         return "let this message time out before"
     may_take, refusal, note = record["groups"][group]
     if not may_take:

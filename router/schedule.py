@@ -129,8 +129,7 @@ class Work:
     arrival: float
     deadline: float
     seq: int = 0
-    excluded: set[str] | None = None  # agents it must not go to: timed out, or handed it on
-    handed_off: str = ""  # the agent of `excluded` who transferred it back to a queue
+    excluded: set[str] | None = None  # agents who let it time out
     level: int = 0  # overflow steps applied
     breached: bool = False
     state: str = "new"  # new | waiting | offered | held | done
@@ -1779,7 +1778,6 @@ class Scheduler:
                 rows,
                 facts.groups,
                 excluded=sorted(work.excluded) if work.excluded else [],
-                handed_off=work.handed_off,
                 rotation_limit=limit,
                 others=others,
             )

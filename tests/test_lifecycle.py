@@ -407,31 +407,6 @@ async def test_transfer_to_a_queue_reaches_its_agents_and_not_the_old_holder(
         await h.stop()
 
 
-async def test_explain_says_the_old_holder_handed_a_transferred_ticket_on(tmp_path: Path) -> None:
-    # The old holder is skipped for the same reason as an agent who let the offer time
-    # out, but did not: explain must say which it was.
-    h = await start(tmp_path, [{"id": "alice", "capacity": 2}, {"id": "bo", "capacity": 2}])
-    try:
-        p = h.p
-        r = await p.ingest(msg("Where is my order?", "dana"))
-        cid = r.conversation_id
-        holder = p.scheduler.holder[cid]
-        other = "bo" if holder == "alice" else "alice"
-        assert await p.act(act(holder, "transfer", cid, "queue:default")) == "ok"
-        await h.settle()
-        assert p.scheduler.holder[cid] == other
-        assert h.store is not None
-        stored = await h.store.message(r.message_id)
-        assert stored is not None
-        record = stored["assignment"]["explain"]
-        verdicts = {c["agent"]: c["verdict"] for c in record["candidates"]}
-        assert verdicts[holder] == "handed this ticket on (transferred it back to a queue)"
-        assert verdicts[other].startswith("chosen")
-        assert "handed_off" not in record  # worded, not stored rows
-    finally:
-        await h.stop()
-
-
 async def test_only_the_holder_or_a_supervisor_may_transfer(tmp_path: Path) -> None:
     h = await start(tmp_path)
     try:
