@@ -28,6 +28,7 @@ from router.delivery import (
     WithdrawnPayload,
 )
 from router.drivers import AgentAction, Presence, tool_sends_actions
+from router.explain import HANDED_ON, TRANSFERRED
 from router.lifecycle import EventKind, survey_question
 from router.model import LABELS, new_ulid, ticket_number
 from router.queue_work import QueueWork, work_from_stored
@@ -322,7 +323,10 @@ class AgentWork:
                 if stored is not None:
                     work = work_from_stored(stored)
                     if holder and kind == "queue":
-                        work.excluded = {holder}  # handed off: not straight back to them
+                        # Handed off: not straight back to them. Who moved it decides
+                        # how explain words it (a supervisor may take it from them).
+                        why = HANDED_ON if holder == action.agent_id else TRANSFERRED
+                        work.exclude(holder, why)
                     works.append(work)
             if notice is not None:
                 core.dispatcher.submit(_with_ids(notice, ids))

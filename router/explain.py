@@ -27,6 +27,23 @@ Row = list[Any]
 # store's encoder writes a record holding one again with the slower standard library.)
 GroupFacts = list[Any]
 
+# Why an agent was kept from the work, when it was not by letting this message's offer
+# time out (the reason the scheduler first excluded for, so it needs no mark: records
+# stored before reasons were kept, and exclusions restored from the store, are all
+# timeouts). The scheduler skips every excluded agent alike; only the wording differs.
+HANDED_ON = "handed_on"  # the agent transferred the ticket it held
+TRANSFERRED = "transferred"  # a supervisor transferred the ticket the agent held
+# The message had joined the agent's offer of its conversation (a follow-up) when the
+# offer lapsed: the timeout ran from the offer, not from this message.
+OFFER_LAPSED = "offer_lapsed"
+
+_TIMED_OUT = "let this message time out before"
+_EXCLUDED_FOR = {
+    HANDED_ON: "handed this ticket on",
+    TRANSFERRED: "had this ticket until a supervisor transferred it",
+    OFFER_LAPSED: "let this conversation's offer time out before",
+}
+
 
 class Explanation(Mapping[str, Any]):
     """A decision's explain record: stored compact, rendered on first read."""
@@ -70,9 +87,15 @@ def compact_record(
     excluded: list[str],
     rotation_limit: int,
     others: dict[str, int],
+    excluded_for: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Return the stored form: the header, the rows and what verdicts need besides."""
-    return {
+    """Return the stored form: the header, the rows and what verdicts need besides.
+
+    `excluded_for` maps the excluded agents kept off for another reason than a timeout
+    to that reason (HANDED_ON, ...); it is stored only when there is one, so records
+    without it (all timeouts, and every record stored before it) read alike.
+    """
+    record = {
         **header,
         COMPACT: COMPACT_VERSION,
         "rows": rows,
@@ -81,6 +104,9 @@ def compact_record(
         "rotation_limit": rotation_limit,
         "others": others,
     }
+    if excluded_for:
+        record["excluded_for"] = excluded_for
+    return record
 
 
 def stored_form(record: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -100,7 +126,9 @@ def render(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_COMPACT_ONLY = frozenset((COMPACT, "rows", "groups", "excluded", "rotation_limit", "others"))
+_COMPACT_ONLY = frozenset(
+    (COMPACT, "rows", "groups", "excluded", "excluded_for", "rotation_limit", "others")
+)
 
 
 def verdict(row: Row, record: Mapping[str, Any]) -> str:
@@ -118,7 +146,8 @@ def verdict(row: Row, record: Mapping[str, Any]) -> str:
     if room <= 0:
         return f"full: {used}/{capacity} {ct}"
     if agent in record["excluded"]:
-        return "let this message time out before"
+        why = record.get("excluded_for")
+        return _EXCLUDED_FOR.get(why.get(agent, ""), _TIMED_OUT) if why else _TIMED_OUT
     may_take, refusal, note = record["groups"][group]
     if not may_take:
         return str(refusal)

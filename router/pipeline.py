@@ -205,6 +205,8 @@ class Pipeline:
                     scheduler.restore_offer(
                         work_from_stored(stored), agent_id, assigned_at + timeout
                     )
+        # Only timeouts are kept from before the stop (a hand-off's exclusion is not, as
+        # ever), and a timeout needs no reason beside it: explain words it as before.
         excluded = await store.timed_out_agents()
         for q in snap.queued:
             scheduler.submit(work_from_queued(q, excluded.get(q.message_id)))

@@ -11,6 +11,7 @@ import structlog
 from router.alerts import Alerts
 from router.core import Core
 from router.delivery import ToolTarget, WithdrawnPayload, assignment_payload
+from router.explain import OFFER_LAPSED
 from router.intake import log_routed, make_assignment
 from router.model import Agent, new_ulid, ticket_number
 from router.schedule import Decision, Returned, Work
@@ -248,7 +249,8 @@ class QueueWork:
             if stored is not None:
                 follow = work_from_stored(stored)
                 if back.why == "timeout":
-                    follow.excluded = {back.agent_id}
+                    # A follow-up that had joined the lapsed offer of its conversation.
+                    follow.exclude(back.agent_id, OFFER_LAPSED)
                 core.scheduler.submit(follow)
 
 

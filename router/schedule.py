@@ -129,7 +129,13 @@ class Work:
     arrival: float
     deadline: float
     seq: int = 0
-    excluded: set[str] | None = None  # agents who let it time out
+    # Agents it may not go to: who let it (or its conversation's offer) time out, or
+    # handed it on. The scheduler skips them all alike; `excluded_for` keeps why for
+    # those not timed out, only so that explain words it truly (router/explain.py).
+    # Apart from the set, so the skip test stays a set lookup and a timeout costs what
+    # it did.
+    excluded: set[str] | None = None
+    excluded_for: dict[str, str] | None = None
     level: int = 0  # overflow steps applied
     breached: bool = False
     state: str = "new"  # new | waiting | offered | held | done
@@ -144,6 +150,16 @@ class Work:
     def urgent(self) -> bool:
         """Tell whether the message is P0/P1 (it goes ahead of all deadlines)."""
         return self.severity in URGENT_SEVERITIES
+
+    def exclude(self, agent_id: str, why: str) -> None:
+        """Keep the work from an agent for a reason other than its timeout (explain.HANDED_ON,
+        ...); a timeout needs no reason (see router/explain.py)."""
+        if self.excluded is None:
+            self.excluded = set()
+        self.excluded.add(agent_id)
+        if self.excluded_for is None:
+            self.excluded_for = {}
+        self.excluded_for[agent_id] = why
 
     def order(self) -> tuple[int, float, int]:
         """Return the waiting order key: urgency, deadline, arrival."""
@@ -1780,6 +1796,8 @@ class Scheduler:
                 excluded=sorted(work.excluded) if work.excluded else [],
                 rotation_limit=limit,
                 others=others,
+                # A copy: the record says why as it stood at the decision.
+                excluded_for=dict(work.excluded_for) if work.excluded_for else None,
             )
         )
 

@@ -407,6 +407,60 @@ async def test_transfer_to_a_queue_reaches_its_agents_and_not_the_old_holder(
         await h.stop()
 
 
+async def test_explain_of_a_ticket_transferred_to_the_queue_says_who_handed_it_on(
+    tmp_path: Path,
+) -> None:
+    h = await start(tmp_path, [{"id": "alice", "capacity": 2}, {"id": "bo", "capacity": 2}])
+    try:
+        p = h.p
+        r = await p.ingest(msg("Where is my order?", "dana"))
+        cid = r.conversation_id
+        holder = p.scheduler.holder[cid]
+        other = "bo" if holder == "alice" else "alice"
+        assert await p.act(act(holder, "transfer", cid, "queue:default")) == "ok"
+        await h.settle()
+        assert p.scheduler.holder[cid] == other
+        assert h.store is not None
+        stored = await h.store.message(r.message_id)
+        assert stored is not None
+        explain = stored["assignment"]["explain"]
+        verdicts = {c["agent"]: c["verdict"] for c in explain["candidates"]}
+        # The holder passed it on; it never let an offer of it time out.
+        assert verdicts == {
+            holder: "handed this ticket on",
+            other: "chosen (2 of 2 web slots free before)",
+        }
+    finally:
+        await h.stop()
+
+
+async def test_explain_of_a_ticket_a_supervisor_moved_does_not_blame_its_holder(
+    tmp_path: Path,
+) -> None:
+    roster = [
+        {"id": "alice", "capacity": 2},
+        {"id": "bo", "capacity": 2},
+        {"id": "sam", "capacity": 1, "supervisor": True, "queues": ["escalations"]},
+    ]
+    h = await start(tmp_path, roster)
+    try:
+        p = h.p
+        r = await p.ingest(msg("Where is my order?", "dana"))
+        cid = r.conversation_id
+        holder = p.scheduler.holder[cid]
+        other = "bo" if holder == "alice" else "alice"
+        assert await p.act(act("sam", "transfer", cid, "queue:default")) == "ok"
+        await h.settle()
+        assert p.scheduler.holder[cid] == other
+        assert h.store is not None
+        stored = await h.store.message(r.message_id)
+        assert stored is not None
+        verdicts = {c["agent"]: c["verdict"] for c in stored["assignment"]["explain"]["candidates"]}
+        assert verdicts[holder] == "had this ticket until a supervisor transferred it"
+    finally:
+        await h.stop()
+
+
 async def test_only_the_holder_or_a_supervisor_may_transfer(tmp_path: Path) -> None:
     h = await start(tmp_path)
     try:

@@ -15,7 +15,7 @@ import pytest
 
 from router import explain as explain_module
 from router.codec import dumps
-from router.explain import render, stored_form
+from router.explain import HANDED_ON, OFFER_LAPSED, TRANSFERRED, render, stored_form
 from router.model import LABELS, Agent, Shift
 from router.schedule import Decision, OverflowStep, Policy, Returned, Scheduler, Work
 
@@ -869,6 +869,113 @@ def test_explain_words_off_shift_no_slots_of_the_type_excluded_and_eligible() ->
         "t": "takes no chat",
         "x": "let this message time out before",
     }
+
+
+def test_explain_words_a_timed_out_offer_apart_from_a_hand_off() -> None:
+    # Both keep the agent off the message alike; only the timeout is "let ... time out".
+    s = sched(
+        agent("a", capacity=2),
+        agent("b", capacity=2),
+        agent("h", capacity=2),
+        accept_timeout=60,
+        explain=True,
+    )
+    m = work("m")
+    m.exclude("h", HANDED_ON)  # as a transfer to a queue leaves it (router/agent_work.py)
+    (offer,) = decide(s, 0, m)
+    assert offer.agent_id == "b"  # a tie: the later id wins; b lets it time out
+    returned, _ = s.tick(60)
+    assert [r.agent_id for r in returned] == ["b"]
+    assert m.excluded == {"b", "h"}
+    (again,) = s.dispatch(60)
+    assert again.agent_id == "a" and again.explain is not None
+    verdicts = {c["agent"]: c["verdict"] for c in again.explain["candidates"]}
+    assert verdicts == {
+        "a": "chosen (2 of 2 chat slots free before)",
+        "b": "let this message time out before",
+        "h": "handed this ticket on",
+    }
+    # The store keeps the record compact, and it reads back the same.
+    assert render(json.loads(dumps(stored_form(again.explain)))) == dict(again.explain)
+
+
+def test_explain_words_every_reason_an_agent_was_kept_off() -> None:
+    s = sched(
+        agent("a", capacity=2),
+        agent("f", capacity=2),
+        agent("h", capacity=2),
+        agent("s", capacity=2),
+        agent("t", capacity=2),
+        explain=True,
+    )
+    m = work("m")
+    m.exclude("f", OFFER_LAPSED)
+    m.exclude("h", HANDED_ON)
+    m.exclude("s", TRANSFERRED)
+    m.excluded = (m.excluded or set()) | {"t"}  # a timeout carries no reason
+    (d,) = decide(s, 0, m)
+    assert d.agent_id == "a" and d.explain is not None
+    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    assert verdicts == {
+        "a": "chosen (2 of 2 chat slots free before)",
+        "f": "let this conversation's offer time out before",
+        "h": "handed this ticket on",
+        "s": "had this ticket until a supervisor transferred it",
+        "t": "let this message time out before",
+    }
+
+
+def test_a_compact_record_stored_before_exclusion_reasons_reads_as_it_did() -> None:
+    # Version 1 records stored before "excluded_for" existed: every exclusion was worded
+    # as a timeout, and still is.
+    old = {
+        "rule": "balance",
+        "chosen": "e",
+        "channel_type": "chat",
+        "label": "inquiry",
+        "language": "en",
+        "department": "default",
+        "overflow_level": 0,
+        "compact": 1,
+        "rows": [
+            ["a", True, True, 3, 0, 3, 0, False, 0],
+            ["e", True, True, 2, 0, 2, 0, False, 0],
+            ["x", True, True, 3, 0, 3, 0, False, 0],
+        ],
+        "groups": [[True, "", ""]],
+        "excluded": ["x"],
+        "rotation_limit": 0,
+        "others": {},
+    }
+    assert render(old) == {
+        "rule": "balance",
+        "chosen": "e",
+        "channel_type": "chat",
+        "label": "inquiry",
+        "language": "en",
+        "department": "default",
+        "overflow_level": 0,
+        "candidates": [
+            {
+                "agent": "a",
+                "verdict": "eligible, less spare room or assigned more recently (3/3 chat free)",
+            },
+            {"agent": "e", "verdict": "chosen (2 of 2 chat slots free before)"},
+            {"agent": "x", "verdict": "let this message time out before"},
+        ],
+        "others": {},
+    }
+
+
+def test_a_record_without_hand_offs_is_stored_as_before() -> None:
+    # Only timeouts (or nobody) kept off: no new key, so older readers see the same form.
+    s = sched(agent("a", capacity=2), agent("x", capacity=2), explain=True)
+    m = work("m")
+    m.excluded = {"x"}
+    (d,) = decide(s, 0, m)
+    assert d.explain is not None and "excluded_for" not in stored_form(d.explain)
+    (d2,) = decide(s, 1, work("m2"))
+    assert d2.explain is not None and "excluded_for" not in stored_form(d2.explain)
 
 
 def test_explain_words_rotation_and_a_recent_timeout() -> None:

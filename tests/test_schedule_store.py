@@ -13,6 +13,7 @@ import random
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,8 +246,79 @@ async def test_unaccepted_offer_times_out_and_goes_to_someone_else(
         assert _history(h.db, first.message_id) == [(slow, "timeout"), (other, "timeout")]
         assert [w.id for w in pipeline.scheduler.waiting()] == [first.message_id]
         assert pipeline.scheduler.waiting()[0].excluded == {slow, other}
+        verdicts = {c["agent"]: c["verdict"] for c in again["assignment"]["explain"]["candidates"]}
+        assert verdicts[slow] == "let this message time out before"
     finally:
         await h.stop()
+
+
+def _verdicts(stored: dict[str, Any] | None) -> dict[str, str]:
+    assert stored is not None
+    return {c["agent"]: c["verdict"] for c in stored["assignment"]["explain"]["candidates"]}
+
+
+async def test_explain_of_a_follow_up_says_its_conversations_offer_lapsed(
+    tmp_path: Path, tools_accept: None
+) -> None:
+    # A follow-up joins the offer of its conversation; when that lapses, it goes back
+    # with it (router/queue_work.py take_back). The agent let the offer of the
+    # conversation time out, which ran from the first message, not from this one.
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    try:
+        first = await pipeline.ingest(msg("How do I change my delivery address?", "dana"))
+        clock.now += 30
+        follow = await pipeline.ingest(msg("Answer now or my lawyer will sue you.", "dana"))
+        assert follow.conversation_id == first.conversation_id
+        assert h.store is not None
+        slow = (await h.store.message(first.message_id))["assignment"]["agent_id"]
+        other = "bo" if slow == "alice" else "alice"
+        assert (await h.store.message(follow.message_id))["assignment"]["agent_id"] == slow
+
+        clock.now += 31  # past the first offer's 60 s
+        await pipeline.tick()
+        await h.settle()
+        assert _history(h.db, follow.message_id) == [(slow, "timeout")]
+        # The follow-up is the more urgent: routed on its merits, the first joins it.
+        routed = await h.store.message(follow.message_id)
+        assert routed is not None and routed["assignment"]["agent_id"] == other
+        assert _verdicts(routed)[slow] == "let this conversation's offer time out before"
+    finally:
+        await h.stop()
+
+
+async def test_explain_still_words_a_timeout_from_before_a_restart(
+    tmp_path: Path, tools_accept: None
+) -> None:
+    # Timeouts of queued messages outlast a restart (the offer history), and read as
+    # they did before it.
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    first = await pipeline.ingest(msg("How do I change my delivery address?", "dana"))
+    assert h.store is not None
+    slow = (await h.store.message(first.message_id))["assignment"]["agent_id"]
+    other = "bo" if slow == "alice" else "alice"
+    await pipeline.set_presence(other, False)
+    clock.now += 61
+    await pipeline.tick()
+    await h.settle()
+    assert [w.id for w in pipeline.scheduler.waiting()] == [first.message_id]
+    await h.stop()
+
+    h2 = _timed_harness(tmp_path, clock)
+    pipeline = await h2.start()
+    try:
+        assert pipeline.scheduler.waiting()[0].excluded == {slow}
+        await pipeline.set_presence(other, True)
+        await h2.settle()
+        assert h2.store is not None
+        routed = await h2.store.message(first.message_id)
+        assert routed is not None and routed["assignment"]["agent_id"] == other
+        assert _verdicts(routed)[slow] == "let this message time out before"
+    finally:
+        await h2.stop()
 
 
 async def test_accept_or_reply_stops_the_timeout(tmp_path: Path, tools_accept: None) -> None:
