@@ -196,18 +196,19 @@ class Pipeline:
                 scheduler.hold(
                     conv.conversation_id, conv.conversation_id, conv.agent_id, conv.channel_type
                 )
-        timeout = scheduler.policy.accept_timeout
-        if timeout > 0:
-            # Offers not accepted before the stop: their clocks run from when they were made.
-            for message_id, _conv, agent_id, assigned_at in await store.pending_offers():
-                stored = await store.stored_message(message_id)
-                if stored is not None and agent_id in scheduler.states:
-                    scheduler.restore_offer(
-                        work_from_stored(stored), agent_id, assigned_at + timeout
-                    )
         # Only timeouts are kept from before the stop (a hand-off's exclusion is not, as
         # ever), and a timeout needs no reason beside it: explain words it as before.
         excluded = await store.timed_out_agents()
+        timeout = scheduler.policy.accept_timeout
+        if timeout > 0:
+            # Offers not accepted before the stop: their clocks run from when they were made,
+            # and when one lapses the message must not go back to who let it lapse before.
+            for message_id, _conv, agent_id, assigned_at in await store.pending_offers():
+                stored = await store.stored_message(message_id)
+                if stored is not None and agent_id in scheduler.states:
+                    work = work_from_stored(stored)
+                    work.excluded = excluded.get(message_id)
+                    scheduler.restore_offer(work, agent_id, assigned_at + timeout)
         for q in snap.queued:
             scheduler.submit(work_from_queued(q, excluded.get(q.message_id)))
         book = self.intake.contacts

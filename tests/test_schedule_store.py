@@ -321,6 +321,37 @@ async def test_explain_still_words_a_timeout_from_before_a_restart(
         await h2.stop()
 
 
+async def test_an_offer_pending_at_a_restart_never_goes_back_to_who_let_it_lapse(
+    tmp_path: Path, tools_accept: None
+) -> None:
+    # slow lets the offer lapse, other gets it; the daemon stops with other's offer
+    # pending. When that lapses after the start, slow must still be kept off it.
+    clock = Clock()
+    h = _timed_harness(tmp_path, clock)
+    pipeline = await h.start()
+    first = await pipeline.ingest(msg("How do I change my delivery address?", "dana"))
+    assert h.store is not None
+    slow = (await h.store.message(first.message_id))["assignment"]["agent_id"]
+    other = "bo" if slow == "alice" else "alice"
+    clock.now += 61
+    await pipeline.tick()
+    await h.settle()
+    assert (await h.store.message(first.message_id))["assignment"]["agent_id"] == other
+    await h.stop()
+
+    h2 = _timed_harness(tmp_path, clock)
+    pipeline = await h2.start()
+    try:
+        clock.now += 61  # other's offer, made before the stop, lapses now
+        await pipeline.tick()
+        await h2.settle()
+        assert _history(h2.db, first.message_id) == [(slow, "timeout"), (other, "timeout")]
+        assert [w.id for w in pipeline.scheduler.waiting()] == [first.message_id]
+        assert pipeline.scheduler.waiting()[0].excluded == {slow, other}
+    finally:
+        await h2.stop()
+
+
 async def test_accept_or_reply_stops_the_timeout(tmp_path: Path, tools_accept: None) -> None:
     clock = Clock()
     h = _timed_harness(tmp_path, clock)

@@ -426,7 +426,7 @@ class Store(Protocol):
         """Return (message id, conversation id, agent id, assigned at) of open offers."""
 
     async def timed_out_agents(self) -> dict[str, set[str]]:
-        """Return, per queued message, the agents who let it time out."""
+        """Return, per queued or assigned message, the agents who let it time out."""
 
     async def open_loads(self) -> dict[tuple[str, str], int]:
         """Count open conversations per (agent, channel type), whoever assigned them."""

@@ -492,12 +492,16 @@ def pending_offers(c: sqlite3.Connection) -> list[tuple[str, str, str, float]]:
 
 
 def timed_out_agents(c: sqlite3.Connection) -> dict[str, set[str]]:
-    """Return, per queued message, the agents who let it time out."""
+    """Return, per queued or assigned message, the agents who let it time out.
+
+    Assigned ones too: an offer pending at a stop may lapse after the start, and its
+    message must not go back to an agent who let it lapse before.
+    """
     out: dict[str, set[str]] = {}
     for mid, agent in c.execute(
         "SELECT h.message_id, h.agent_id FROM assignment_history h "
         "JOIN messages m ON m.id=h.message_id "
-        "WHERE m.state='queued' AND h.outcome='timeout'"
+        "WHERE m.state IN ('queued', 'assigned') AND h.outcome='timeout'"
     ):
         out.setdefault(mid, set()).add(agent)
     return out
