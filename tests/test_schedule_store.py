@@ -288,6 +288,14 @@ async def test_explain_of_a_follow_up_says_its_conversations_offer_lapsed(
         await h.stop()
 
 
+async def _offered(h: Harness, pipeline: Any) -> tuple[Any, str, str]:
+    """Ingest one inquiry; return its receipt, the agent offered it and the other one."""
+    first = await pipeline.ingest(msg("How do I change my delivery address?", "dana"))
+    assert h.store is not None
+    slow = (await h.store.message(first.message_id))["assignment"]["agent_id"]
+    return first, slow, "bo" if slow == "alice" else "alice"
+
+
 async def test_explain_still_words_a_timeout_from_before_a_restart(
     tmp_path: Path, tools_accept: None
 ) -> None:
@@ -296,10 +304,7 @@ async def test_explain_still_words_a_timeout_from_before_a_restart(
     clock = Clock()
     h = _timed_harness(tmp_path, clock)
     pipeline = await h.start()
-    first = await pipeline.ingest(msg("How do I change my delivery address?", "dana"))
-    assert h.store is not None
-    slow = (await h.store.message(first.message_id))["assignment"]["agent_id"]
-    other = "bo" if slow == "alice" else "alice"
+    first, slow, other = await _offered(h, pipeline)
     await pipeline.set_presence(other, False)
     clock.now += 61
     await pipeline.tick()
@@ -329,10 +334,7 @@ async def test_an_offer_pending_at_a_restart_never_goes_back_to_who_let_it_lapse
     clock = Clock()
     h = _timed_harness(tmp_path, clock)
     pipeline = await h.start()
-    first = await pipeline.ingest(msg("How do I change my delivery address?", "dana"))
-    assert h.store is not None
-    slow = (await h.store.message(first.message_id))["assignment"]["agent_id"]
-    other = "bo" if slow == "alice" else "alice"
+    first, slow, other = await _offered(h, pipeline)
     clock.now += 61
     await pipeline.tick()
     await h.settle()
