@@ -597,16 +597,20 @@ def test_ops_admin_metrics_and_presence(
     assert status == 404 and body["error"]["code"] == "unknown_agent"
     assert urls.admin("POST", "/v1/agents/alice/presence/maybe")[0] == 400
 
-    metrics = urls.metrics()
+    # A delivery is counted once the tool has returned, a moment after its line is in
+    # the inbox file: wait for the count rather than read it once.
+    def counted() -> str | None:
+        text = urls.metrics()
+        ok = metric_value(text, "omnirouter_deliveries_total", target="inbox", result="ok")
+        return text if (ok or 0) >= 2 else None
+
+    metrics = poll(counted, what="2 deliveries counted")
     assert (
         metric_value(
             metrics, "omnirouter_messages_ingested_total", channel="web", label="complaint"
         )
         == 2
     )
-    assert (
-        metric_value(metrics, "omnirouter_deliveries_total", target="inbox", result="ok") or 0
-    ) >= 2
     assert metric_value(metrics, "omnirouter_agent_present", agent="alice") == 0
 
 
