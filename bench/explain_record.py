@@ -18,6 +18,7 @@ import argparse
 import sys
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +72,9 @@ def place_us(agents: int, decisions: int, repeat: int, *, explain: bool) -> floa
     return best
 
 
-def per_call_us(fn: object, repeat: int, number: int = 2000) -> float:
+def per_call_us(fn: Callable[[], object], repeat: int, number: int = 2000) -> float:
     """Return the best mean microseconds of one call of fn."""
-    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6  # type: ignore[arg-type]
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,42 +108,37 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     With `children`, its live child processes count too (the daemon's classifier
     workers: their time is the daemon's).
     """
-    total = 0.0
-    for path in [f"/proc/{pid}/stat", *(_children_stats(pid) if children else ())]:
-        try:
-            with open(path) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    paths = [f"/proc/{pid}/stat", *(_children_stats(pid) if children else ())]
+    return sum(stat_seconds(path) or 0.0 for path in paths)
+
+
+def stat_seconds(path: str) -> float | None:
+    """Return the user+system CPU seconds in a /proc stat file (None when it is gone)."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def thread_cpu_seconds(pid: int, names: dict[str, str]) -> dict[str, float]:
-    """Return CPU seconds per thread of pid, by thread name (unnamed ids pooled as "other")."""
+    """Return CPU seconds per thread of pid by thread name, and of its child processes.
+
+    Threads `names` does not know are pooled as "other threads".
+    """
     out: dict[str, float] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        name = names.get(tid, "other threads")
-        name = "event loop" if name == "MainThread" else name
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        out[name] = out.get(name, 0.0) + seconds
-    for child in _children_stats(pid):
-        try:
-            with open(child) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        out["child processes"] = out.get("child processes", 0.0) + seconds
+    named = [(names.get(tid, "other threads"), f"/proc/{pid}/task/{tid}/stat") for tid in tids]
+    named += [("child processes", path) for path in _children_stats(pid)]
+    for name, path in named:
+        seconds = stat_seconds(path)
+        if seconds is not None:
+            name = "event loop" if name == "MainThread" else name
+            out[name] = out.get(name, 0.0) + seconds
     return out
 
 

@@ -152,8 +152,10 @@ class Work:
         return self.severity in URGENT_SEVERITIES
 
     def exclude(self, agent_id: str, why: str) -> None:
-        """Keep the work from an agent for a reason other than its timeout (explain.HANDED_ON,
-        ...); a timeout needs no reason (see router/explain.py)."""
+        """Keep the work from an agent for a reason other than its timeout.
+
+        `why` is one of router.explain's reasons (HANDED_ON, ...); a timeout needs none.
+        """
         if self.excluded is None:
             self.excluded = set()
         self.excluded.add(agent_id)
@@ -1829,8 +1831,6 @@ class _ExplainFacts:
         agent = state.agent
         now = self.now
         capacity, used, room = state.slots(self.work.channel_type)
-        group = state.group
-        index = self._index.get(group) if group is not None else None
         return [
             agent.id,
             state.online,
@@ -1840,7 +1840,7 @@ class _ExplainFacts:
             room,
             state.streak,
             now - state.last_timeout < self.unreliable_for,
-            self._group_of(state) if index is None else index,
+            self._group_of(state),
         ]
 
     def _group_of(self, state: AgentState) -> int:

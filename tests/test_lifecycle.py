@@ -18,6 +18,7 @@ from router.outbox import Dispatcher
 from router.pipeline import Pipeline
 from router.store.sqlite import SqliteStore
 from tests.test_pipeline import Harness, RecordingTool, mail, msg
+from tests.test_schedule import verdicts_of
 
 DAY = 86400.0
 # The agents' tool is declared as MQTT (it sends actions), so refusals come back as notices.
@@ -424,7 +425,7 @@ async def test_explain_of_a_ticket_transferred_to_the_queue_says_who_handed_it_o
         stored = await h.store.message(r.message_id)
         assert stored is not None
         explain = stored["assignment"]["explain"]
-        verdicts = {c["agent"]: c["verdict"] for c in explain["candidates"]}
+        verdicts = verdicts_of(explain)
         # The holder passed it on; it never let an offer of it time out.
         assert verdicts == {
             holder: "handed this ticket on",
@@ -455,7 +456,7 @@ async def test_explain_of_a_ticket_a_supervisor_moved_does_not_blame_its_holder(
         assert h.store is not None
         stored = await h.store.message(r.message_id)
         assert stored is not None
-        verdicts = {c["agent"]: c["verdict"] for c in stored["assignment"]["explain"]["candidates"]}
+        verdicts = verdicts_of(stored["assignment"]["explain"])
         assert verdicts[holder] == "had this ticket until a supervisor transferred it"
     finally:
         await h.stop()

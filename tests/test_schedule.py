@@ -10,6 +10,7 @@ import json
 import math
 import random
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -92,6 +93,12 @@ def run(s: Scheduler, now: float, *works: Work) -> dict[str, str]:
         s.submit(w)
     s.tick(now)
     return {d.work.id: d.agent_id for d in s.dispatch(now)}
+
+
+def verdicts_of(record: Any) -> dict[str, str]:
+    """Return each listed agent's verdict in an explain record (as decided or as stored)."""
+    assert record is not None
+    return {c["agent"]: c["verdict"] for c in record["candidates"]}
 
 
 def decide(s: Scheduler, now: float, *works: Work) -> list[Decision]:
@@ -712,7 +719,7 @@ def test_an_inquiry_avoids_agents_whose_other_work_is_expected() -> None:
     s.hold("busy", "busy", "g1", "chat")
     (d,) = decide(s, 1200, work("i1", arrival=1200, sla=300))
     assert (d.agent_id, d.rule) == ("g1", "scarcity")
-    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    verdicts = verdicts_of(d.explain)
     assert verdicts["s1"].startswith("kept for scarce work: complaint")
 
 
@@ -836,7 +843,7 @@ def test_explain_lists_a_verdict_per_agent() -> None:
     assert d.explain is not None
     assert d.explain["chosen"] == "a-chosen"
     assert d.explain["label"] == "complaint"
-    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    verdicts = verdicts_of(d.explain)
     assert list(verdicts) == ["a-chosen", "b-full", "c-off", "d-skill", "e-lang", "f-dept"]
     assert verdicts["a-chosen"].startswith("chosen")
     assert "2 of 2 chat" in verdicts["a-chosen"]
@@ -861,7 +868,7 @@ def test_explain_words_off_shift_no_slots_of_the_type_excluded_and_eligible() ->
     m.excluded = {"x"}
     (d,) = decide(s, 0, m)
     assert d.agent_id == "e" and d.explain is not None  # a tie: the later id wins
-    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    verdicts = verdicts_of(d.explain)
     assert verdicts == {
         "a": "eligible, less spare room or assigned more recently (3/3 chat free)",
         "e": "chosen (2 of 2 chat slots free before)",
@@ -889,7 +896,7 @@ def test_explain_words_a_timed_out_offer_apart_from_a_hand_off() -> None:
     assert m.excluded == {"b", "h"}
     (again,) = s.dispatch(60)
     assert again.agent_id == "a" and again.explain is not None
-    verdicts = {c["agent"]: c["verdict"] for c in again.explain["candidates"]}
+    verdicts = verdicts_of(again.explain)
     assert verdicts == {
         "a": "chosen (2 of 2 chat slots free before)",
         "b": "let this message time out before",
@@ -915,7 +922,7 @@ def test_explain_words_every_reason_an_agent_was_kept_off() -> None:
     m.excluded = (m.excluded or set()) | {"t"}  # a timeout carries no reason
     (d,) = decide(s, 0, m)
     assert d.agent_id == "a" and d.explain is not None
-    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    verdicts = verdicts_of(d.explain)
     assert verdicts == {
         "a": "chosen (2 of 2 chat slots free before)",
         "f": "let this conversation's offer time out before",
@@ -998,7 +1005,7 @@ def test_explain_words_rotation_and_a_recent_timeout() -> None:
     assert complaint.agent_id == "a" and s.accept("m2", "a")  # a reaches the streak limit
     (d,) = decide(s, 62, work("m3", label="complaint"))
     assert d.agent_id == "b" and d.explain is not None
-    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    verdicts = verdicts_of(d.explain)
     assert verdicts == {
         "a": "rotation: 1 complaints in a row",
         "b": "chosen (1 of 2 chat slots free before)",
@@ -1017,7 +1024,7 @@ def test_explain_verdicts_say_what_held_at_the_decision() -> None:
     assert later.agent_id == "a"
     s.set_presence("a", False)
     s.set_presence("b", False)
-    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    verdicts = verdicts_of(d.explain)
     assert verdicts == {"a": "chosen (2 of 2 chat slots free before)", "b": "full: 1/1 chat"}
 
 
@@ -1064,7 +1071,7 @@ def test_explain_full_verdict_of_a_pooled_agent_counts_its_slots() -> None:
     s = sched(agent("a", capacity=2), agent("p", capacity=1), explain=True)
     s.hold("busy", "busy", "p", "chat")
     (d,) = decide(s, 0, work("m"))
-    verdicts = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    verdicts = verdicts_of(d.explain)
     assert verdicts["p"] == "full: 1/1 chat"
 
 
@@ -1281,7 +1288,7 @@ def test_explain_on_a_big_roster_counts_the_plainly_unavailable() -> None:
         s.hold(f"slot{i}", f"c{i}", f"busy{i:03d}", "chat")
     (d,) = decide(s, 0, work("m", language="fr"))
     assert d.explain is not None
-    listed = {c["agent"]: c["verdict"] for c in d.explain["candidates"]}
+    listed = verdicts_of(d.explain)
     assert set(listed) == {"free", "fr-only"}
     assert d.explain["others"] == {"full": 60}
 

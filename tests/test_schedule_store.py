@@ -23,6 +23,7 @@ from router.model import Assignment
 from router.store import OutboxItem
 from tests import payloads
 from tests.test_pipeline import Harness, msg
+from tests.test_schedule import verdicts_of
 
 # alice: 2 conversations of any type; bo: one web conversation at a time.
 ROSTER = [
@@ -246,15 +247,10 @@ async def test_unaccepted_offer_times_out_and_goes_to_someone_else(
         assert _history(h.db, first.message_id) == [(slow, "timeout"), (other, "timeout")]
         assert [w.id for w in pipeline.scheduler.waiting()] == [first.message_id]
         assert pipeline.scheduler.waiting()[0].excluded == {slow, other}
-        verdicts = {c["agent"]: c["verdict"] for c in again["assignment"]["explain"]["candidates"]}
+        verdicts = verdicts_of(again["assignment"]["explain"])
         assert verdicts[slow] == "let this message time out before"
     finally:
         await h.stop()
-
-
-def _verdicts(stored: dict[str, Any] | None) -> dict[str, str]:
-    assert stored is not None
-    return {c["agent"]: c["verdict"] for c in stored["assignment"]["explain"]["candidates"]}
 
 
 async def test_explain_of_a_follow_up_says_its_conversations_offer_lapsed(
@@ -283,7 +279,10 @@ async def test_explain_of_a_follow_up_says_its_conversations_offer_lapsed(
         # The follow-up is the more urgent: routed on its merits, the first joins it.
         routed = await h.store.message(follow.message_id)
         assert routed is not None and routed["assignment"]["agent_id"] == other
-        assert _verdicts(routed)[slow] == "let this conversation's offer time out before"
+        assert (
+            verdicts_of(routed["assignment"]["explain"])[slow]
+            == "let this conversation's offer time out before"
+        )
     finally:
         await h.stop()
 
@@ -321,7 +320,9 @@ async def test_explain_still_words_a_timeout_from_before_a_restart(
         assert h2.store is not None
         routed = await h2.store.message(first.message_id)
         assert routed is not None and routed["assignment"]["agent_id"] == other
-        assert _verdicts(routed)[slow] == "let this message time out before"
+        assert (
+            verdicts_of(routed["assignment"]["explain"])[slow] == "let this message time out before"
+        )
     finally:
         await h2.stop()
 
@@ -474,7 +475,7 @@ async def test_explain_names_every_candidate(tmp_path: Path) -> None:
         assert h.store is not None
         stored = await h.store.message(r.message_id)
         assert stored is not None
-        verdicts = {c["agent"]: c["verdict"] for c in stored["assignment"]["explain"]["candidates"]}
+        verdicts = verdicts_of(stored["assignment"]["explain"])
         assert verdicts["chen"] == "does not speak en"
         assert verdicts["dora"] == "not skilled for inquiry"
         assert verdicts[stored["assignment"]["agent_id"]].startswith("chosen")

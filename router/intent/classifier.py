@@ -29,6 +29,8 @@ class ModelClassifier:
         self.model = model if model is not None else IntentModel.load(model_path)
         self.rules = RuleClassifier(amount_threshold=amount_threshold, vip_contacts=vip_contacts)
         self.model_version = self.model.version
+        # What the rules say with no evidence at all: their prior (see classify).
+        self._prior = self.rules.classify("")
 
     def signals(self, text: str, *, contact: str = "") -> list[Any]:
         """Return the escalation signals in `text` (as RuleClassifier.signals)."""
@@ -48,7 +50,7 @@ class ModelClassifier:
             # saw, noise): its weights for punctuation and "no cue" alone would still
             # name a class, confidently. Say what the rules say on no evidence, their
             # prior, which stays under the usual triage threshold.
-            prior = self.rules.classify("", language=language)
+            prior = self._prior
             label, conf, scores, top = prior.label, prior.confidence, dict(prior.scores), []
         return Classification(
             label=label,
