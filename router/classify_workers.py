@@ -15,9 +15,11 @@ While no worker is ready (none started yet, one still loading its model, or all
 failed), messages are classified in the loop as without workers: nothing waits.
 
 `workers = "auto"` (the default) starts its worker on demand: the first time the loop
-classifies `[classifier] workers_start_rate` messages within one second. A quiet
-daemon stays one process, and at lower rates classifying in the loop costs less CPU
-and answers sooner than a round trip to a worker.
+classifies `[classifier] workers_start_rate` messages within one second, or spends
+`workers_start_share` of one second classifying, whichever comes first. The share is
+what scales with the machine: on a slow core the loop runs short of time at a lower
+rate, and the worker pays sooner. A quiet daemon stays one process, and at lower rates
+classifying in the loop costs less CPU and answers sooner than a round trip to a worker.
 """
 
 from __future__ import annotations
@@ -138,6 +140,11 @@ class _Worker:
         return bool(self.batch)
 
 
+# A few slow verdicts (the first ones after start, a long text, a pause of the machine)
+# are not load: the share starts the workers only in a second holding this many.
+SHARE_MIN_MESSAGES = 20
+
+
 class ClassifierWorkers:
     """Classifies through worker processes; the loop's own classifier stands in for them."""
 
@@ -151,13 +158,15 @@ class ClassifierWorkers:
         batch_timeout: float = BATCH_TIMEOUT,
         on_fallback: Callable[[int], None] = lambda count: None,
         start_rate: int | None = None,
+        start_share: float | None = None,
     ) -> None:
         """Remember the settings; processes start with `start()`.
 
         `on_fallback` is told how many messages were classified in the loop because
-        a worker failed (a metric). With a `start_rate` (on demand) the processes start
-        the first time the loop classifies that many messages within one second; with
-        None they start with `start()`.
+        a worker failed (a metric). With a `start_rate` or a `start_share` (on demand)
+        the processes start the first time the loop classifies that many messages, or
+        spends that share of a second classifying, within one second; with neither
+        they start with `start()`.
         """
         self.spec = spec
         self.on_fallback = on_fallback
@@ -175,9 +184,12 @@ class ClassifierWorkers:
         self._ready = 0  # workers that have loaded their model
         self._all_ready = asyncio.Event()  # set while every worker is ready
         self.start_rate = start_rate
-        self._demanded = start_rate is None  # False until the load asks for workers
+        self.start_share = start_share
+        # False until the load asks for workers.
+        self._demanded = start_rate is None and start_share is None
         self._second_began = 0.0  # the demand count's one-second window
         self._in_second = 0
+        self._seconds_in_second = 0.0  # time spent classifying here in that window
         self.fallbacks = 0  # messages classified in the loop because a worker failed
 
     @property
@@ -222,10 +234,16 @@ class ClassifierWorkers:
         if not self._ready:
             # No worker has its model loaded (none asked for yet, starting, or failed):
             # this message is classified here at once rather than wait for one.
-            if not self._demanded:
-                self._count_demand()
+            if self._demanded:
+                self._maybe_restart()
+                return self.local.classify(
+                    text, subject=subject, language=language, contact=contact
+                )
+            began = time.perf_counter()
+            verdict = self.local.classify(text, subject=subject, language=language, contact=contact)
+            self._count_demand(time.perf_counter() - began)
             self._maybe_restart()
-            return self.local.classify(text, subject=subject, language=language, contact=contact)
+            return verdict
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
         self._queue.append(((text, subject, language, contact), future))
         if not self._dispatch_soon:
@@ -366,15 +384,26 @@ class ClassifierWorkers:
             self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX)
         self._classify_here(batch)
 
-    def _count_demand(self) -> None:
-        """Count a message classified here; ask for the workers once a second holds enough."""
+    def _count_demand(self, took: float) -> None:
+        """Count a message classified here (in `took` seconds); ask for the workers once
+        a second holds enough messages or enough time spent classifying."""
         now = self.clock()
         if now - self._second_began >= 1.0:
-            self._second_began, self._in_second = now, 0
+            self._second_began, self._in_second, self._seconds_in_second = now, 0, 0.0
         self._in_second += 1
-        if self.start_rate is not None and self._in_second >= self.start_rate:
+        self._seconds_in_second += took
+        if (self.start_rate is not None and self._in_second >= self.start_rate) or (
+            self.start_share is not None
+            and self._in_second >= SHARE_MIN_MESSAGES
+            and self._seconds_in_second >= self.start_share
+        ):
             self._demanded = True
-            log.info("classifier.workers_wanted", per_second=self._in_second, workers=self.size)
+            log.info(
+                "classifier.workers_wanted",
+                per_second=self._in_second,
+                seconds_classifying=round(self._seconds_in_second, 4),
+                workers=self.size,
+            )
 
     def _maybe_restart(self) -> None:
         if (

@@ -203,6 +203,11 @@ MAX_CLASSIFIER_WORKERS = 16
 # worker at 200 msg/s cost about 17 % more CPU and lengthened the p95, at 600 msg/s it
 # halved the p99. The worker pays once the loop runs short of time.
 DEFAULT_WORKERS_START_RATE = 500
+# The same point on any machine: the share of a second the loop spends classifying. At
+# 500 msg/s the fast VM of those figures spent about 7 % of each second classifying; a
+# VM three times slower saturated at 400 msg/s and never reached that rate, so the
+# worker never started (bench/README.md, fifth hot-path session).
+DEFAULT_WORKERS_START_SHARE = 0.08
 
 
 def usable_cpus() -> int:
@@ -223,9 +228,11 @@ class ClassifierConfig(_Frozen):
     # Processes that classify beside the event loop (0: in the loop). One uses a second
     # core for the model's work; see router/classify_workers.py. "auto": one when this
     # process may run on two cores or more, else none (see worker_count), started when
-    # the load first asks for it: `workers_start_rate` messages classified within a second.
+    # the load first asks for it: `workers_start_rate` messages classified within a second,
+    # or `workers_start_share` of a second spent classifying, whichever comes first.
     workers: Annotated[int, Field(ge=0, le=MAX_CLASSIFIER_WORKERS)] | Literal["auto"] = "auto"
     workers_start_rate: int = Field(default=DEFAULT_WORKERS_START_RATE, ge=1, le=1_000_000)
+    workers_start_share: float = Field(default=DEFAULT_WORKERS_START_SHARE, gt=0.0, le=1.0)
     amount_threshold: float = Field(default=5000.0, gt=0)
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)
@@ -252,6 +259,10 @@ class ClassifierConfig(_Frozen):
     def start_rate(self) -> int | None:
         """Return the rate that starts the workers on demand; None: they start at once."""
         return self.workers_start_rate if self.workers_on_demand else None
+
+    def start_share(self) -> float | None:
+        """Return the share of a second classifying that starts the workers on demand."""
+        return self.workers_start_share if self.workers_on_demand else None
 
     def worker_count(self) -> int:
         """Return how many classifier worker processes to run (`workers` resolved)."""

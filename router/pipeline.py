@@ -121,6 +121,7 @@ class Pipeline:
                 classifier,
                 on_fallback=metrics.classifier_fallbacks.inc,
                 start_rate=config.classifier.start_rate(),
+                start_share=config.classifier.start_share(),
             )
             await workers.start()
             core.classifier_workers = workers

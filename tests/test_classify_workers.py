@@ -9,11 +9,12 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import router.config as config_module
-from router.classify_workers import ClassifierSpec, ClassifierWorkers
+from router.classify_workers import SHARE_MIN_MESSAGES, ClassifierSpec, ClassifierWorkers
 from router.config import ClassifierConfig, ConfigError, loads_config
 from router.model import Classification
 from tests.daemon_harness import DaemonProcess, base_config, http, ports
@@ -321,3 +322,68 @@ async def test_a_worker_that_dies_while_loading_its_model_is_replaced() -> None:
         assert workers.alive == 1 and await workers.wait_ready()
     finally:
         await workers.close()
+
+
+class SlowCore:
+    """The real classifier on a machine where each verdict takes `seconds` longer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.inner = SPEC.build()
+        self.seconds = seconds
+
+    def signals(self, text: str, *, contact: str = "") -> list[Any]:
+        return self.inner.signals(text, contact=contact)
+
+    def classify(
+        self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
+    ) -> Classification:
+        time.sleep(self.seconds)
+        return self.inner.classify(text, subject=subject, language=language, contact=contact)
+
+
+async def test_on_demand_workers_start_when_the_loop_spends_its_share_classifying() -> None:
+    """A slow machine's loop runs short of time long before the start rate: the share
+    of a second spent classifying starts the worker there."""
+    now = [100.0]
+    slow = SlowCore(0.03)
+    workers = ClassifierWorkers(
+        SPEC,
+        1,
+        slow,
+        clock=lambda: now[0],
+        start_rate=1_000,  # never reached here
+        start_share=0.1,  # 100 ms of a second
+    )
+    await workers.start()
+    try:
+        # Four very slow verdicts a second (at least 120 ms of it) are not load yet:
+        # fewer than SHARE_MIN_MESSAGES. No process starts.
+        for _ in range(3):
+            assert await classify_all(workers, 4) == expected(4)
+            now[0] += 1.0
+        assert workers.alive == 0
+        # Enough messages within one second, together at least 125 ms: the worker starts.
+        slow.seconds = 0.005
+        assert SHARE_MIN_MESSAGES <= 25
+        assert await classify_all(workers, 25) == expected(25)
+        assert workers.alive == 1
+        assert await workers.wait_ready()
+        assert await classify_all(workers, 20) == expected(20)
+        assert workers.fallbacks == 0
+        assert workers._workers[0].answered >= 1  # the batch went to the worker
+    finally:
+        await workers.close()
+
+
+def test_a_bad_start_share_names_the_field() -> None:
+    for bad in ("0", "1.5", '"half"'):
+        with pytest.raises(ConfigError) as caught:
+            loads_config(f"[classifier]\nworkers_start_share = {bad}\n")
+        assert "classifier.workers_start_share" in str(caught.value)
+
+
+def test_the_start_share_applies_to_auto_workers_only() -> None:
+    auto = loads_config("[classifier]\nworkers_start_share = 0.2\n").classifier
+    assert auto.start_share() == 0.2
+    fixed = loads_config("[classifier]\nworkers = 1\nworkers_start_share = 0.2\n").classifier
+    assert fixed.start_share() is None  # N workers start with the daemon
