@@ -325,7 +325,7 @@ async def test_a_worker_that_dies_while_loading_its_model_is_replaced() -> None:
 
 
 class SlowCore:
-    """The real classifier on a machine where each verdict takes `seconds` longer."""
+    """The real classifier on a machine where each verdict takes `seconds` more CPU."""
 
     def __init__(self, seconds: float) -> None:
         self.inner = SPEC.build()
@@ -337,7 +337,10 @@ class SlowCore:
     def classify(
         self, text: str, *, subject: str = "", language: str | None = None, contact: str = ""
     ) -> Classification:
-        time.sleep(self.seconds)
+        # Busy, not asleep: the workers count the loop's CPU time spent classifying.
+        until = time.thread_time() + self.seconds
+        while time.thread_time() < until:
+            pass
         return self.inner.classify(text, subject=subject, language=language, contact=contact)
 
 
