@@ -234,16 +234,14 @@ class ClassifierWorkers:
         if not self._ready:
             # No worker has its model loaded (none asked for yet, starting, or failed):
             # this message is classified here at once rather than wait for one.
-            if self._demanded:
-                self._maybe_restart()
-                return self.local.classify(
-                    text, subject=subject, language=language, contact=contact
-                )
-            # The thread's CPU clock, not the wall clock: time the loop spent waiting
-            # for the interpreter lock (held by the SQLite writer) is not classifying.
-            began = time.thread_time()
+            # Until the load asks for workers, the time spent here is counted: by the
+            # thread's CPU clock, since waiting for the interpreter lock (held by the
+            # SQLite writer) is not classifying.
+            counting = not self._demanded
+            began = time.thread_time() if counting else 0.0
             verdict = self.local.classify(text, subject=subject, language=language, contact=contact)
-            self._count_demand(time.thread_time() - began)
+            if counting:
+                self._count_demand(time.thread_time() - began)
             self._maybe_restart()
             return verdict
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()

@@ -203,10 +203,10 @@ MAX_CLASSIFIER_WORKERS = 16
 # worker at 200 msg/s cost about 17 % more CPU and lengthened the p95, at 600 msg/s it
 # halved the p99. The worker pays once the loop runs short of time.
 DEFAULT_WORKERS_START_RATE = 500
-# The same point on any machine: the share of a second the loop spends classifying. At
-# 500 msg/s the fast VM of those figures spent about 7 % of each second classifying; a
-# VM three times slower saturated at 400 msg/s and never reached that rate, so the
-# worker never started (bench/README.md, fifth hot-path session).
+# The same point on any machine: the share of a second the loop spends classifying. The
+# fast VM of those figures classified 7,700-8,300 msg/s (bench/classify_bench.py), so 500
+# msg/s took 6-7 % of each second; a VM three times slower saturated near 400 msg/s and
+# never reached the rate, so the worker never started (bench/README.md, fifth session).
 DEFAULT_WORKERS_START_SHARE = 0.08
 
 
