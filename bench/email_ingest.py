@@ -455,7 +455,11 @@ class IdleWatcher:
 
 
 def daemon_config(
-    state_dir: Path, server: Any, agents: int, classifier_workers: int | str | None = None
+    state_dir: Path,
+    server: Any,
+    agents: int,
+    classifier_workers: int | str | None = None,
+    classifier_stop_after: float | None = None,
 ) -> str:
     """Return the config: web + two email channels on Dovecot, inbox adapter, wide roster."""
     from tests.daemon_harness import base_config
@@ -483,7 +487,7 @@ def daemon_config(
     )
     extra = (
         '[store]\nsynchronous = "full"\n\n'
-        + classifier_section(classifier_workers)
+        + classifier_section(classifier_workers, classifier_stop_after)
         + email_channel(LIVE, "INBOX")
         + email_channel(DRAIN, DRAIN_FOLDER)
     )
@@ -534,7 +538,10 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await setup.create(DRAIN_FOLDER)
         await setup.logout()
         daemon = DaemonProcess(
-            tmp, daemon_config(state_dir, server, agents, args.classifier_workers)
+            tmp,
+            daemon_config(
+                state_dir, server, agents, args.classifier_workers, args.classifier_stop_after
+            ),
         )
         daemon.start(timeout=30)
         poller = CommitPoller(state_dir / "omnirouter.db").start()

@@ -109,7 +109,8 @@ def cpu_seconds(pid: int, *, children: bool = False) -> float:
     workers: their time is the daemon's).
     """
     paths = [f"/proc/{pid}/stat", *(_children_stats(pid) if children else ())]
-    return sum(stat_seconds(path) or 0.0 for path in paths)
+    reaped = (reaped_children_seconds(pid) or 0.0) if children else 0.0
+    return reaped + sum(stat_seconds(path) or 0.0 for path in paths)
 
 
 def stat_seconds(path: str) -> float | None:
@@ -118,6 +119,17 @@ def stat_seconds(path: str) -> float | None:
         with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def reaped_children_seconds(pid: int) -> float | None:
+    """Return the CPU seconds of pid's children that have ended and been waited for
+    (a classifier worker stopped because the load fell: its time stays the daemon's)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
 
@@ -139,6 +151,9 @@ def thread_cpu_seconds(pid: int, names: dict[str, str]) -> dict[str, float]:
         if seconds is not None:
             name = "event loop" if name == "MainThread" else name
             out[name] = out.get(name, 0.0) + seconds
+    reaped = reaped_children_seconds(pid)
+    if reaped:
+        out["child processes"] = out.get("child processes", 0.0) + reaped
     return out
 
 
@@ -287,6 +302,7 @@ def daemon_config(
     *,
     event_loop: str = "auto",
     classifier_workers: int | str | None = None,
+    classifier_stop_after: float | None = None,
 ) -> str:
     """Return the daemon's config: web channel, SQLite FULL, mqtt adapter, a wide roster."""
     from tests.daemon_harness import base_config
@@ -306,7 +322,9 @@ def daemon_config(
     )
     # The two options are written only when set, so this bench also runs a daemon from
     # before they existed (a before/after comparison in one session).
-    extra = '[store]\nsynchronous = "full"\n' + classifier_section(classifier_workers)
+    extra = '[store]\nsynchronous = "full"\n' + classifier_section(
+        classifier_workers, classifier_stop_after
+    )
     config = base_config(
         state_dir,
         web_port=web_port,
@@ -518,6 +536,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             agents,
             event_loop=args.event_loop,
             classifier_workers=args.classifier_workers,
+            classifier_stop_after=args.classifier_stop_after,
         )
         daemon = start_daemon(tmp, config, stats_path)
         subscriber = Subscriber(broker.host, broker.port)

@@ -20,6 +20,10 @@ classifies `[classifier] workers_start_rate` messages within one second, or spen
 what scales with the machine: on a slow core the loop runs short of time at a lower
 rate, and the worker pays sooner. A quiet daemon stays one process, and at lower rates
 classifying in the loop costs less CPU and answers sooner than a round trip to a worker.
+For that reason an on-demand worker also stops again: once the messages handed to it
+have stayed below half the start rate, and below half the start share by the loop's own
+measured cost per verdict, for `[classifier] workers_stop_after` seconds in a row. The
+gap between start and stop keeps a load near the threshold from flapping the process.
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ class _Worker:
 # A few slow verdicts (the first ones after start, a long text, a pause of the machine)
 # are not load: the share starts the workers only in a second holding this many.
 SHARE_MIN_MESSAGES = 20
+# A worker let go because the load fell exits when its socket closes; past this many
+# seconds it is killed.
+STOP_GRACE = 5.0
 
 
 class ClassifierWorkers:
@@ -159,6 +166,7 @@ class ClassifierWorkers:
         on_fallback: Callable[[int], None] = lambda count: None,
         start_rate: int | None = None,
         start_share: float | None = None,
+        stop_after: float | None = None,
     ) -> None:
         """Remember the settings; processes start with `start()`.
 
@@ -166,7 +174,8 @@ class ClassifierWorkers:
         a worker failed (a metric). With a `start_rate` or a `start_share` (on demand)
         the processes start the first time the loop classifies that many messages, or
         spends that share of a second classifying, within one second; with neither
-        they start with `start()`.
+        they start with `start()`. With `stop_after` as well, on-demand workers stop
+        once the load has stayed below half of what starts them for that many seconds.
         """
         self.spec = spec
         self.on_fallback = on_fallback
@@ -191,6 +200,16 @@ class ClassifierWorkers:
         self._in_second = 0
         self._seconds_in_second = 0.0  # time spent classifying here in that window
         self.fallbacks = 0  # messages classified in the loop because a worker failed
+        self.stop_after = stop_after
+        # The loop's own verdicts while it counted demand: CPU seconds and how many. Their
+        # mean is what the workers' messages would cost the loop (the share they stand for).
+        self._local_seconds = 0.0
+        self._local_count = 0
+        self._handed = 0  # requests queued for the workers, ever
+        self._load_mark = (0.0, 0)  # clock and `_handed` at the last load check
+        self._quiet_since: float | None = None  # since when the load stays low
+        # Workers stopped because the load fell, and when each must be gone by.
+        self._stopping: list[tuple[subprocess.Popen[bytes], float]] = []
 
     @property
     def alive(self) -> int:
@@ -224,6 +243,10 @@ class ClassifierWorkers:
                 await self._watch
         for worker in list(self._workers):
             self._retire(worker, "stopping", restart=False)
+        for process, _ in self._stopping:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=1.0)
+        self._reap(force=True)
         self._classify_here(self._queue)
         self._queue = []
 
@@ -245,6 +268,7 @@ class ClassifierWorkers:
             self._maybe_restart()
             return verdict
         future: asyncio.Future[Classification] = asyncio.get_running_loop().create_future()
+        self._handed += 1
         self._queue.append(((text, subject, language, contact), future))
         if not self._dispatch_soon:
             # Everything that arrives in this loop iteration goes in one batch.
@@ -322,6 +346,80 @@ class ClassifierWorkers:
             self._maybe_restart()
             if self._queue and any(w.ready and not w.busy for w in self._workers):
                 self._dispatch()
+            self.check_load()
+            self._reap()
+
+    # -- stopping when the load falls ------------------------------------------------
+
+    def check_load(self) -> None:
+        """Measure the load since the last check (the watch calls this every second) and
+        stop on-demand workers it no longer pays for."""
+        now = self.clock()
+        began, handed_then = self._load_mark
+        if now <= began:
+            return  # no time has passed: nothing to measure
+        self._load_mark = (now, self._handed)
+        if self.stop_after is None or not self._demanded or not self._ready:
+            self._quiet_since = None
+            return
+        rate = (self._handed - handed_then) / (now - began)
+        if not self._low_load(rate):
+            self._quiet_since = None
+            return
+        if self._quiet_since is None:
+            self._quiet_since = now
+        busy = self._queue or any(worker.busy for worker in self._workers)
+        if now - self._quiet_since >= self.stop_after and not busy:
+            self._stop_for_low_load(rate)
+
+    def _low_load(self, rate: float) -> bool:
+        """Whether `rate` messages a second are below half of both start thresholds."""
+        if self.start_rate is not None and rate >= self.start_rate / 2:
+            return False
+        if self.start_share is not None and self._local_count:
+            share = rate * self._local_seconds / self._local_count
+            if share >= self.start_share / 2:
+                return False
+        return True
+
+    def _stop_for_low_load(self, rate: float) -> None:
+        """Let the idle workers go (their socket closes; they exit on their own) and go
+        back to classifying in the loop, counting demand as before the start."""
+        log.info(
+            "classifier.workers_stopped",
+            reason="load fell",
+            per_second=round(rate, 1),
+            quiet_seconds=round(self.clock() - (self._quiet_since or 0.0), 1),
+            workers=len(self._workers),
+        )
+        deadline = self.clock() + STOP_GRACE
+        for worker in list(self._workers):
+            self._workers.remove(worker)
+            if worker.ready:
+                self._ready -= 1
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+            worker.conn.close()
+            self._stopping.append((worker.process, deadline))
+        self._all_ready.clear()
+        self._demanded = False
+        self._quiet_since = None
+        self._second_began, self._in_second, self._seconds_in_second = self.clock(), 0, 0.0
+
+    def _reap(self, *, force: bool = False) -> None:
+        """Collect stopped workers that have exited; kill those past their grace."""
+        now = self.clock()
+        still: list[tuple[subprocess.Popen[bytes], float]] = []
+        for process, deadline in self._stopping:
+            if process.poll() is not None:
+                continue
+            if force or now >= deadline:
+                process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=1.0)
+                continue
+            still.append((process, deadline))
+        self._stopping = still
 
     # -- processes -----------------------------------------------------------------
 
@@ -392,6 +490,8 @@ class ClassifierWorkers:
             self._second_began, self._in_second, self._seconds_in_second = now, 0, 0.0
         self._in_second += 1
         self._seconds_in_second += took
+        self._local_count += 1
+        self._local_seconds += took
         if (self.start_rate is not None and self._in_second >= self.start_rate) or (
             self.start_share is not None
             and self._in_second >= SHARE_MIN_MESSAGES

@@ -208,6 +208,11 @@ DEFAULT_WORKERS_START_RATE = 500
 # msg/s took 6-7 % of each second; a VM three times slower saturated near 400 msg/s and
 # never reached the rate, so the worker never started (bench/README.md, fifth session).
 DEFAULT_WORKERS_START_SHARE = 0.08
+# An on-demand worker stops once the load has stayed below half of what starts it for
+# this long: a burst should not leave the worker's round trips (about 15 % more CPU at
+# 200 msg/s) for good, and half keeps a load near the threshold from starting and
+# stopping it by turns. A start costs its model load (0.6-0.8 s of a core here).
+DEFAULT_WORKERS_STOP_AFTER = 30.0
 
 
 def usable_cpus() -> int:
@@ -229,10 +234,12 @@ class ClassifierConfig(_Frozen):
     # core for the model's work; see router/classify_workers.py. "auto": one when this
     # process may run on two cores or more, else none (see worker_count), started when
     # the load first asks for it: `workers_start_rate` messages classified within a second,
-    # or `workers_start_share` of a second spent classifying, whichever comes first.
+    # or `workers_start_share` of a second spent classifying, whichever comes first, and
+    # stopped once the load has stayed below half of both for `workers_stop_after` seconds.
     workers: Annotated[int, Field(ge=0, le=MAX_CLASSIFIER_WORKERS)] | Literal["auto"] = "auto"
     workers_start_rate: int = Field(default=DEFAULT_WORKERS_START_RATE, ge=1, le=1_000_000)
     workers_start_share: float = Field(default=DEFAULT_WORKERS_START_SHARE, gt=0.0, le=1.0)
+    workers_stop_after: float = Field(default=DEFAULT_WORKERS_STOP_AFTER, ge=1.0, le=86_400.0)
     amount_threshold: float = Field(default=5000.0, gt=0)
     vip_contacts: list[str] = Field(default_factory=list)
     repeat_contact_count: int = Field(default=3, ge=2, le=100)
@@ -263,6 +270,10 @@ class ClassifierConfig(_Frozen):
     def start_share(self) -> float | None:
         """Return the share of a second classifying that starts the workers on demand."""
         return self.workers_start_share if self.workers_on_demand else None
+
+    def stop_after(self) -> float | None:
+        """Return how long a low load stops on-demand workers; None: they run for good."""
+        return self.workers_stop_after if self.workers_on_demand else None
 
     def worker_count(self) -> int:
         """Return how many classifier worker processes to run (`workers` resolved)."""

@@ -122,6 +122,7 @@ class Pipeline:
                 on_fallback=metrics.classifier_fallbacks.inc,
                 start_rate=config.classifier.start_rate(),
                 start_share=config.classifier.start_share(),
+                stop_after=config.classifier.stop_after(),
             )
             await workers.start()
             core.classifier_workers = workers

@@ -390,3 +390,106 @@ def test_the_start_share_applies_to_auto_workers_only() -> None:
     assert auto.start_share() == 0.2
     fixed = loads_config("[classifier]\nworkers = 1\nworkers_start_share = 0.2\n").classifier
     assert fixed.start_share() is None  # N workers start with the daemon
+
+
+async def step_seconds(
+    workers: ClassifierWorkers, now: list[float], seconds: int, per: int
+) -> None:
+    """`seconds` seconds of `per` messages each, the load checked after every one."""
+    for _ in range(seconds):
+        assert await classify_all(workers, per) == expected(per)
+        now[0] += 1.0
+        workers.check_load()
+
+
+async def test_on_demand_workers_stop_when_the_load_stays_low_and_start_again() -> None:
+    now = [100.0]
+    rate = 40
+    workers = ClassifierWorkers(
+        SPEC, 1, SPEC.build(), clock=lambda: now[0], start_rate=rate, stop_after=5.0
+    )
+    await workers.start()
+    try:
+        assert await classify_all(workers, rate) == expected(rate)  # a burst starts it
+        assert await workers.wait_ready()
+        process = workers._workers[0].process
+        workers.check_load()
+        # Half the start rate or more is still load: the worker stays, however long.
+        await step_seconds(workers, now, 10, rate // 2)
+        assert workers.ready == 1 and workers._workers[0].answered >= 10
+        # Below half for `stop_after` seconds in a row: it is let go and exits by itself.
+        await step_seconds(workers, now, 4, rate // 2 - 1)
+        assert workers.ready == 1
+        await step_seconds(workers, now, 2, 3)
+        assert workers.alive == 0 and workers.ready == 0
+        assert process.wait(timeout=10) == 0  # its socket closed: no kill needed
+        # The loop classifies again, nothing lost or counted as a failure.
+        assert await classify_all(workers, 10) == expected(10)
+        assert workers.fallbacks == 0
+        # A new burst starts a new worker, as the first one did.
+        now[0] += 1.0
+        assert await classify_all(workers, rate) == expected(rate)
+        assert workers.alive == 1 and await workers.wait_ready()
+        assert workers._workers[0].process.pid != process.pid
+    finally:
+        await workers.close()
+    assert workers.alive == 0
+
+
+async def test_a_short_lull_does_not_stop_the_worker() -> None:
+    now = [100.0]
+    workers = ClassifierWorkers(
+        SPEC, 1, SPEC.build(), clock=lambda: now[0], start_rate=40, stop_after=5.0
+    )
+    await workers.start()
+    try:
+        await classify_all(workers, 40)
+        assert await workers.wait_ready()
+        workers.check_load()
+        for _ in range(3):  # four quiet seconds, then one busy one: the count starts over
+            await step_seconds(workers, now, 4, 0)
+            await step_seconds(workers, now, 1, 40)
+        assert workers.ready == 1
+        await step_seconds(workers, now, 6, 0)  # a lull as long as `stop_after` does
+        assert workers.ready == 0
+    finally:
+        await workers.close()
+
+
+async def test_the_loops_cost_per_verdict_keeps_a_slow_machines_worker() -> None:
+    """On a slow core a low rate still takes a big share of the loop: the share keeps the
+    worker that the share started."""
+    now = [100.0]
+    slow = SlowCore(0.005)
+    workers = ClassifierWorkers(
+        SPEC,
+        1,
+        slow,
+        clock=lambda: now[0],
+        start_rate=1_000,  # half of it is never reached here
+        start_share=0.1,
+        stop_after=3.0,
+    )
+    await workers.start()
+    try:
+        assert await classify_all(workers, 25) == expected(25)  # 125 ms: started
+        assert await workers.wait_ready()
+        workers.check_load()
+        # 12 messages a second at 5 ms each would be 60 ms of the loop's second: above
+        # half the share (50 ms), so the worker stays.
+        await step_seconds(workers, now, 6, 12)
+        assert workers.ready == 1
+        # 8 a second (40 ms): below half of both thresholds; it stops.
+        await step_seconds(workers, now, 4, 8)
+        assert workers.ready == 0
+    finally:
+        await workers.close()
+
+
+def test_workers_stop_after_applies_to_auto_workers_and_names_bad_values() -> None:
+    assert loads_config("").classifier.stop_after() == 30.0
+    assert loads_config("[classifier]\nworkers = 1\n").classifier.stop_after() is None
+    for bad in ("0", "-5", '"soon"'):
+        with pytest.raises(ConfigError) as caught:
+            loads_config(f"[classifier]\nworkers_stop_after = {bad}\n")
+        assert "classifier.workers_stop_after" in str(caught.value)
