@@ -21,9 +21,10 @@ what scales with the machine: on a slow core the loop runs short of time at a lo
 rate, and the worker pays sooner. A quiet daemon stays one process, and at lower rates
 classifying in the loop costs less CPU and answers sooner than a round trip to a worker.
 For that reason an on-demand worker also stops again: once the messages handed to it
-have stayed below half the start rate, and below half the start share by the loop's own
-measured cost per verdict, for `[classifier] workers_stop_after` seconds in a row. The
-gap between start and stop keeps a load near the threshold from flapping the process.
+have stayed below three quarters of the start rate, and of the start share by the loop's
+own measured cost per verdict, in every second of `[classifier] workers_stop_after`
+seconds in a row. One busy second starts the worker, a long quiet stretch stops it:
+that, and the quarter between the two points, keep a load near them from flapping it.
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ class _Worker:
 # A few slow verdicts (the first ones after start, a long text, a pause of the machine)
 # are not load: the share starts the workers only in a second holding this many.
 SHARE_MIN_MESSAGES = 20
+# Where on-demand workers stop, as a fraction of the rate and share that start them.
+# Close under the start: measured with bench/ingest.py on 2 vCPUs, a worker still cost
+# more CPU than it saved at 400 msg/s, with 500 as the start rate (bench/README.md).
+STOP_FRACTION = 0.75
 # A worker let go because the load fell exits when its socket closes; past this many
 # seconds it is killed.
 STOP_GRACE = 5.0
@@ -175,7 +180,8 @@ class ClassifierWorkers:
         the processes start the first time the loop classifies that many messages, or
         spends that share of a second classifying, within one second; with neither
         they start with `start()`. With `stop_after` as well, on-demand workers stop
-        once the load has stayed below half of what starts them for that many seconds.
+        once the load has stayed below `STOP_FRACTION` of what starts them for that many
+        seconds.
         """
         self.spec = spec
         self.on_fallback = on_fallback
@@ -373,12 +379,12 @@ class ClassifierWorkers:
             self._stop_for_low_load(rate)
 
     def _low_load(self, rate: float) -> bool:
-        """Whether `rate` messages a second are below half of both start thresholds."""
-        if self.start_rate is not None and rate >= self.start_rate / 2:
+        """Whether `rate` messages a second are below the stop point of both thresholds."""
+        if self.start_rate is not None and rate >= self.start_rate * STOP_FRACTION:
             return False
         if self.start_share is not None and self._local_count:
             share = rate * self._local_seconds / self._local_count
-            if share >= self.start_share / 2:
+            if share >= self.start_share * STOP_FRACTION:
                 return False
         return True
 

@@ -208,10 +208,11 @@ DEFAULT_WORKERS_START_RATE = 500
 # msg/s took 6-7 % of each second; a VM three times slower saturated near 400 msg/s and
 # never reached the rate, so the worker never started (bench/README.md, fifth session).
 DEFAULT_WORKERS_START_SHARE = 0.08
-# An on-demand worker stops once the load has stayed below half of what starts it for
-# this long: a burst should not leave the worker's round trips (about 15 % more CPU at
-# 200 msg/s) for good, and half keeps a load near the threshold from starting and
-# stopping it by turns. A start costs its model load (0.6-0.8 s of a core here).
+# An on-demand worker stops once the load has stayed below three quarters of what starts
+# it for this long (router/classify_workers.py): a burst should not leave the worker's
+# round trips (about 15 % more CPU at 200 msg/s) for good, and a long stretch against
+# the one busy second that starts it keeps a fluctuating load from flapping it. A start
+# costs its model load (0.6-0.8 s of a core here).
 DEFAULT_WORKERS_STOP_AFTER = 30.0
 
 
@@ -235,7 +236,7 @@ class ClassifierConfig(_Frozen):
     # process may run on two cores or more, else none (see worker_count), started when
     # the load first asks for it: `workers_start_rate` messages classified within a second,
     # or `workers_start_share` of a second spent classifying, whichever comes first, and
-    # stopped once the load has stayed below half of both for `workers_stop_after` seconds.
+    # stopped once the load has stayed below 3/4 of both for `workers_stop_after` seconds.
     workers: Annotated[int, Field(ge=0, le=MAX_CLASSIFIER_WORKERS)] | Literal["auto"] = "auto"
     workers_start_rate: int = Field(default=DEFAULT_WORKERS_START_RATE, ge=1, le=1_000_000)
     workers_start_share: float = Field(default=DEFAULT_WORKERS_START_SHARE, gt=0.0, le=1.0)

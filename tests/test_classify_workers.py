@@ -223,6 +223,52 @@ def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path)
         d.close()
 
 
+@pytest.mark.skipif(config_module.usable_cpus() < 2, reason="auto runs no worker on one CPU")
+def test_the_daemons_worker_stops_when_the_burst_is_over(tmp_path: Path) -> None:
+    web_port, ops_port = ports()
+    start_rate = 100
+    config = base_config(
+        tmp_path / "state",
+        web_port=web_port,
+        ops_port=ops_port,
+        extra=f"[classifier]\nworkers_start_rate = {start_rate}\nworkers_stop_after = 2\n",
+    )
+    d = DaemonProcess(tmp_path, config).start()
+    try:
+        url = f"http://127.0.0.1:{web_port}/v1/messages"
+
+        def post(i: int) -> int:
+            body = {"text": f"{TEXTS[i % 6]} #{i}", "contact": {"handle": f"burst{i}@x"}}
+            return http("POST", url, body)[0]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(post, range(3 * start_rate))) == {201}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not d.log_events("classifier.workers_stopped"):
+            time.sleep(0.1)
+        assert len(d.log_events("classifier.worker_ready")) == 1
+        (stopped,) = d.log_events("classifier.workers_stopped")
+        assert stopped["reason"] == "load fell" and stopped["workers"] == 1
+        # The worker exits and is waited for: no process, not even a zombie, is left.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _worker_children(d.pid):
+            time.sleep(0.05)
+        assert _worker_children(d.pid) == []
+        assert post(9999) == 201  # classified in the loop again
+        routed = d.log_events("message.routed")
+        assert len(routed) == 3 * start_rate + 1
+        assert not d.log_events("classifier.worker_lost")
+        deadline = time.monotonic() + 10
+        gauge = ""
+        while time.monotonic() < deadline and "omnirouter_classifier_workers 0.0" not in gauge:
+            gauge = http("GET", f"http://127.0.0.1:{ops_port}/metrics")[1]
+            time.sleep(0.2)
+        assert "omnirouter_classifier_workers 0.0" in gauge
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+
 def _running(pid: str) -> bool:
     """Whether a process runs (a zombie waiting for its parent's wait() does not)."""
     try:
@@ -414,11 +460,11 @@ async def test_on_demand_workers_stop_when_the_load_stays_low_and_start_again() 
         assert await workers.wait_ready()
         process = workers._workers[0].process
         workers.check_load()
-        # Half the start rate or more is still load: the worker stays, however long.
-        await step_seconds(workers, now, 10, rate // 2)
+        # Three quarters of the start rate or more is still load: the worker stays.
+        await step_seconds(workers, now, 10, rate * 3 // 4)
         assert workers.ready == 1 and workers._workers[0].answered >= 10
-        # Below half for `stop_after` seconds in a row: it is let go and exits by itself.
-        await step_seconds(workers, now, 4, rate // 2 - 1)
+        # Below that for `stop_after` seconds in a row: it is let go and exits by itself.
+        await step_seconds(workers, now, 4, rate * 3 // 4 - 1)
         assert workers.ready == 1
         await step_seconds(workers, now, 2, 3)
         assert workers.alive == 0 and workers.ready == 0
@@ -466,7 +512,7 @@ async def test_the_loops_cost_per_verdict_keeps_a_slow_machines_worker() -> None
         1,
         slow,
         clock=lambda: now[0],
-        start_rate=1_000,  # half of it is never reached here
+        start_rate=1_000,  # three quarters of it are never reached here
         start_share=0.1,
         stop_after=3.0,
     )
@@ -475,12 +521,12 @@ async def test_the_loops_cost_per_verdict_keeps_a_slow_machines_worker() -> None
         assert await classify_all(workers, 25) == expected(25)  # 125 ms: started
         assert await workers.wait_ready()
         workers.check_load()
-        # 12 messages a second at 5 ms each would be 60 ms of the loop's second: above
-        # half the share (50 ms), so the worker stays.
-        await step_seconds(workers, now, 6, 12)
+        # 18 messages a second at 5 ms each would be 90 ms of the loop's second: above
+        # three quarters of the share (75 ms), so the worker stays.
+        await step_seconds(workers, now, 6, 18)
         assert workers.ready == 1
-        # 8 a second (40 ms): below half of both thresholds; it stops.
-        await step_seconds(workers, now, 4, 8)
+        # 12 a second (60 ms): below that point of both thresholds; it stops.
+        await step_seconds(workers, now, 4, 12)
         assert workers.ready == 0
     finally:
         await workers.close()
