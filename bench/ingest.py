@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,40 @@ def stat_seconds(path: str) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+WORKER_EVENTS = ("classifier.worker_ready", "classifier.workers_stopped")
+
+
+def worker_events(log_text: str, since: float) -> list[dict[str, Any]]:
+    """Return when the daemon's classifier worker became ready or stopped, in seconds
+    from `since` (the latency phase's start; negative: during phase 1)."""
+    events = []
+    for line in log_text.splitlines():
+        if not any(name in line for name in WORKER_EVENTS):
+            continue
+        try:
+            record = json.loads(line)
+            at = datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+        except (ValueError, KeyError, TypeError):
+            continue
+        if record.get("event") in WORKER_EVENTS:
+            events.append({"event": record["event"], "at_s": round(at.timestamp() - since, 1)})
+    return events
+
+
+def print_thread_split(threads_cpu_s: dict[str, float], messages: int) -> None:
+    """Print the daemon's CPU per message by thread (a phase's split)."""
+    split = sorted(threads_cpu_s.items(), key=lambda kv: -kv[1])
+    if split and messages:
+        print(
+            "  daemon CPU ms/msg by thread: "
+            + ", ".join(
+                f"{name} {seconds * 1000 / messages:.2f}"
+                for name, seconds in split
+                if seconds * 1000 / messages >= 0.005
+            )
+        )
 
 
 def reaped_children_seconds(pid: int) -> float | None:
@@ -620,11 +655,14 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             handles = handles_for("lat", latency_count)
             bodies = [message_body(h, i) for i, h in enumerate(handles)]
             s0 = store_stats(stats_path)
+            threads0 = thread_cpu_seconds(daemon.pid, names)
             cpu0 = cpu()
             phase2_started = time.perf_counter()
+            phase2_epoch = time.time()
             lat = await open_loop(session, daemon_url, handles, bodies, args.rate)
             await subscriber.wait_for(handles, DELIVERY_GRACE)
             cpu1 = cpu()
+            threads1 = thread_cpu_seconds(daemon.pid, names)
             phase2_wall = time.perf_counter() - phase2_started
             s1 = store_stats(stats_path)
             units, batches = s1["units"] - s0["units"], s1["batches"] - s0["batches"]
@@ -661,7 +699,11 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 | {"max": max(http_latency, default=math.nan) * 1000},
                 "batch_avg": units / batches if batches else math.nan,
                 "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0},
+                "threads_cpu_s": {
+                    k: round(v - threads0.get(k, 0.0), 2) for k, v in threads1.items()
+                },
                 "wall_s": phase2_wall,
+                "classifier_worker": worker_events(daemon.log_text(), phase2_epoch),
             },
         }
         return result
@@ -736,16 +778,7 @@ def report(r: dict[str, Any]) -> bool:
         "  CPU s during the daemon run: "
         + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "baseline")
     )
-    split = sorted(dmn.get("threads_cpu_s", {}).items(), key=lambda kv: -kv[1])
-    if split:
-        print(
-            "  daemon CPU ms/msg by thread: "
-            + ", ".join(
-                f"{name} {seconds * 1000 / dmn['messages']:.2f}"
-                for name, seconds in split
-                if seconds * 1000 / dmn["messages"] >= 0.005
-            )
-        )
+    print_thread_split(dmn.get("threads_cpu_s", {}), dmn["messages"])
     print()
     print(
         f"Phase 2: latency, open loop at {lat['rate']:g} msg/s for {lat['seconds']:g} s "
@@ -759,6 +792,15 @@ def report(r: dict[str, Any]) -> bool:
         "  CPU s during the phase: "
         + ", ".join(f"{k} {v:.2f}" for k, v in lat["cpu_s"].items() if k != "baseline")
     )
+    print_thread_split(lat.get("threads_cpu_s", {}), lat["messages"])
+    if lat.get("classifier_worker"):
+        print(
+            "  classifier worker, seconds from the phase's start: "
+            + ", ".join(
+                f"{e['event'].split('.')[1].replace('_', ' ')} {e['at_s']:+g}"
+                for e in lat["classifier_worker"]
+            )
+        )
     print(
         f"  p99 target < {TARGET_P99_MS:g} ms: {verdict[p99_ok]}; lost {lat['lost']}, "
         f"duplicates {lat['duplicates']}, HTTP errors {lat['errors']}; "

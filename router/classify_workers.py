@@ -21,10 +21,11 @@ what scales with the machine: on a slow core the loop runs short of time at a lo
 rate, and the worker pays sooner. A quiet daemon stays one process, and at lower rates
 classifying in the loop costs less CPU and answers sooner than a round trip to a worker.
 For that reason an on-demand worker also stops again: once the messages handed to it
-have stayed below three quarters of the start rate, and of the start share by the loop's
-own measured cost per verdict, in every second of `[classifier] workers_stop_after`
-seconds in a row. One busy second starts the worker, a long quiet stretch stops it:
-that, and the quarter between the two points, keep a load near them from flapping it.
+have stayed below three quarters of the start rate, and of the start share (the CPU the
+worker spends classifying, which is what the loop would spend), in every second of
+`[classifier] workers_stop_after` seconds in a row. One busy second starts the worker,
+a long quiet stretch stops it: that, and the quarter between the two points, keep a
+load near them from flapping it.
 """
 
 from __future__ import annotations
@@ -121,8 +122,11 @@ def _serve(conn: Connection) -> None:
             batch = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
+        began = time.thread_time()
         try:
-            answer: Any = classify_batch(classifier, batch)
+            # The verdicts and the CPU they took: the share of a second the loop would
+            # spend on them, which tells the daemon when the worker no longer pays.
+            answer: Any = (classify_batch(classifier, batch), time.thread_time() - began)
         except Exception as exc:  # the loop classifies this batch itself and says why
             answer = f"{type(exc).__name__}: {exc}"
         conn.send_bytes(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
@@ -207,12 +211,9 @@ class ClassifierWorkers:
         self._seconds_in_second = 0.0  # time spent classifying here in that window
         self.fallbacks = 0  # messages classified in the loop because a worker failed
         self.stop_after = stop_after
-        # The loop's own verdicts while it counted demand: CPU seconds and how many. Their
-        # mean is what the workers' messages would cost the loop (the share they stand for).
-        self._local_seconds = 0.0
-        self._local_count = 0
         self._handed = 0  # requests queued for the workers, ever
-        self._load_mark = (0.0, 0)  # clock and `_handed` at the last load check
+        self._worker_seconds = 0.0  # CPU seconds the workers spent classifying, ever
+        self._load_mark = (0.0, 0, 0.0)  # clock, `_handed` and `_worker_seconds` then
         self._quiet_since: float | None = None  # since when the load stays low
         # Workers stopped because the load fell, and when each must be gone by.
         self._stopping: list[tuple[subprocess.Popen[bytes], float]] = []
@@ -332,7 +333,9 @@ class ClassifierWorkers:
             log.warning("classifier.worker_batch_failed", error=answer, messages=len(batch))
             self._classify_here(batch)
         else:
-            for (_, future), verdict in zip(batch, answer, strict=True):
+            verdicts, took = answer
+            self._worker_seconds += took
+            for (_, future), verdict in zip(batch, verdicts, strict=True):
                 if not future.done():
                     future.set_result(verdict)
         self._backoff = RESTART_BACKOFF
@@ -361,15 +364,16 @@ class ClassifierWorkers:
         """Measure the load since the last check (the watch calls this every second) and
         stop on-demand workers it no longer pays for."""
         now = self.clock()
-        began, handed_then = self._load_mark
+        began, handed_then, seconds_then = self._load_mark
         if now <= began:
             return  # no time has passed: nothing to measure
-        self._load_mark = (now, self._handed)
+        self._load_mark = (now, self._handed, self._worker_seconds)
         if self.stop_after is None or not self._demanded or not self._ready:
             self._quiet_since = None
             return
         rate = (self._handed - handed_then) / (now - began)
-        if not self._low_load(rate):
+        share = (self._worker_seconds - seconds_then) / (now - began)
+        if not self._low_load(rate, share):
             self._quiet_since = None
             return
         if self._quiet_since is None:
@@ -378,15 +382,12 @@ class ClassifierWorkers:
         if now - self._quiet_since >= self.stop_after and not busy:
             self._stop_for_low_load(rate)
 
-    def _low_load(self, rate: float) -> bool:
-        """Whether `rate` messages a second are below the stop point of both thresholds."""
+    def _low_load(self, rate: float, share: float) -> bool:
+        """Whether `rate` messages a second, costing `share` of a second to classify, are
+        below the stop point of both start thresholds."""
         if self.start_rate is not None and rate >= self.start_rate * STOP_FRACTION:
             return False
-        if self.start_share is not None and self._local_count:
-            share = rate * self._local_seconds / self._local_count
-            if share >= self.start_share * STOP_FRACTION:
-                return False
-        return True
+        return self.start_share is None or share < self.start_share * STOP_FRACTION
 
     def _stop_for_low_load(self, rate: float) -> None:
         """Let the idle workers go (their socket closes; they exit on their own) and go
@@ -496,8 +497,6 @@ class ClassifierWorkers:
             self._second_began, self._in_second, self._seconds_in_second = now, 0, 0.0
         self._in_second += 1
         self._seconds_in_second += took
-        self._local_count += 1
-        self._local_seconds += took
         if (self.start_rate is not None and self._in_second >= self.start_rate) or (
             self.start_share is not None
             and self._in_second >= SHARE_MIN_MESSAGES

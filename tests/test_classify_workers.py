@@ -502,31 +502,30 @@ async def test_a_short_lull_does_not_stop_the_worker() -> None:
         await workers.close()
 
 
-async def test_the_loops_cost_per_verdict_keeps_a_slow_machines_worker() -> None:
-    """On a slow core a low rate still takes a big share of the loop: the share keeps the
-    worker that the share started."""
+async def test_the_workers_share_of_a_second_keeps_it_below_the_stop_rate() -> None:
+    """On a slow core a low rate still takes a big share of a second to classify: the
+    CPU the worker reports for its batches keeps the worker that the share started."""
     now = [100.0]
-    slow = SlowCore(0.005)
     workers = ClassifierWorkers(
         SPEC,
         1,
-        slow,
+        SPEC.build(),
         clock=lambda: now[0],
         start_rate=1_000,  # three quarters of it are never reached here
-        start_share=0.1,
+        start_share=0.0001,  # a tenth of a millisecond: a few verdicts are well above it
         stop_after=3.0,
     )
     await workers.start()
     try:
-        assert await classify_all(workers, 25) == expected(25)  # 125 ms: started
+        assert await classify_all(workers, 25) == expected(25)  # started by the share
         assert await workers.wait_ready()
         workers.check_load()
-        # 18 messages a second at 5 ms each would be 90 ms of the loop's second: above
-        # three quarters of the share (75 ms), so the worker stays.
-        await step_seconds(workers, now, 6, 18)
-        assert workers.ready == 1
-        # 12 a second (60 ms): below that point of both thresholds; it stops.
-        await step_seconds(workers, now, 4, 12)
+        # 12 messages a second, far below the rate's stop point, but their CPU is above
+        # the share's: the worker stays.
+        await step_seconds(workers, now, 6, 12)
+        assert workers.ready == 1 and workers._worker_seconds > 0.0
+        # Nothing to classify: below both; it stops.
+        await step_seconds(workers, now, 4, 0)
         assert workers.ready == 0
     finally:
         await workers.close()
