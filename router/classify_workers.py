@@ -116,7 +116,10 @@ def _serve(conn: Connection) -> None:
     except (EOFError, OSError):
         return
     classifier = spec.build()
-    conn.send_bytes(pickle.dumps(None))  # ready: the model is loaded
+    try:
+        conn.send_bytes(pickle.dumps(None))  # ready: the model is loaded
+    except OSError:
+        return  # let go while loading (the load fell, or the daemon stopped)
     while True:
         try:
             batch = pickle.loads(conn.recv_bytes())
