@@ -185,31 +185,47 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
-@pytest.mark.skipif(config_module.usable_cpus() < 2, reason="auto runs no worker on one CPU")
-def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path) -> None:
+# The default start rate (500) is about what a loaded test machine's daemon manages at
+# most: with a lower one a burst of three times as many is sure to cross it.
+BURST_START_RATE = 100
+
+
+def on_demand_daemon(tmp_path: Path, extra: str = "") -> tuple[DaemonProcess, str, int]:
+    """Start a daemon whose worker starts at BURST_START_RATE; return it, its message
+    URL and its ops port."""
     web_port, ops_port = ports()
-    # The default start rate (500) is about what a loaded test machine's daemon manages
-    # at most: with a lower one the burst below is sure to cross it.
-    start_rate = 100
     config = base_config(
         tmp_path / "state",
         web_port=web_port,
         ops_port=ops_port,
-        extra=f"[classifier]\nworkers_start_rate = {start_rate}\n",
+        extra=f"[classifier]\nworkers_start_rate = {BURST_START_RATE}\n{extra}",
     )
-    d = DaemonProcess(tmp_path, config).start()
+    return (
+        DaemonProcess(tmp_path, config).start(),
+        f"http://127.0.0.1:{web_port}/v1/messages",
+        ops_port,
+    )
+
+
+def post_one(url: str, i: int) -> int:
+    body = {"text": f"{TEXTS[i % 6]} #{i}", "contact": {"handle": f"burst{i}@x"}}
+    return int(http("POST", url, body)[0])
+
+
+def post_burst(url: str) -> None:
+    """Post more than BURST_START_RATE messages within a second; each one answered 201."""
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda i: post_one(url, i), range(3 * BURST_START_RATE))) == {201}
+
+
+@pytest.mark.skipif(config_module.usable_cpus() < 2, reason="auto runs no worker on one CPU")
+def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path) -> None:
+    start_rate = BURST_START_RATE
+    d, url, ops_port = on_demand_daemon(tmp_path)
     try:
-        url = f"http://127.0.0.1:{web_port}/v1/messages"
         status, _, _ = http("POST", url, {"text": "Where is my order?", "contact": {"handle": "a"}})
         assert status == 201 and _worker_children(d.pid) == []  # a quiet daemon: one process
-
-        def post(i: int) -> int:
-            body = {"text": f"{TEXTS[i % 6]} #{i}", "contact": {"handle": f"burst{i}@x"}}
-            return http("POST", url, body)[0]
-
-        # A burst: more than start_rate messages within a second.
-        with ThreadPoolExecutor(8) as pool:
-            assert set(pool.map(post, range(3 * start_rate))) == {201}
+        post_burst(url)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not d.log_events("classifier.worker_ready"):
             time.sleep(0.05)
@@ -225,24 +241,10 @@ def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path)
 
 @pytest.mark.skipif(config_module.usable_cpus() < 2, reason="auto runs no worker on one CPU")
 def test_the_daemons_worker_stops_when_the_burst_is_over(tmp_path: Path) -> None:
-    web_port, ops_port = ports()
-    start_rate = 100
-    config = base_config(
-        tmp_path / "state",
-        web_port=web_port,
-        ops_port=ops_port,
-        extra=f"[classifier]\nworkers_start_rate = {start_rate}\nworkers_stop_after = 2\n",
-    )
-    d = DaemonProcess(tmp_path, config).start()
+    start_rate = BURST_START_RATE
+    d, url, ops_port = on_demand_daemon(tmp_path, "workers_stop_after = 2\n")
     try:
-        url = f"http://127.0.0.1:{web_port}/v1/messages"
-
-        def post(i: int) -> int:
-            body = {"text": f"{TEXTS[i % 6]} #{i}", "contact": {"handle": f"burst{i}@x"}}
-            return http("POST", url, body)[0]
-
-        with ThreadPoolExecutor(8) as pool:
-            assert set(pool.map(post, range(3 * start_rate))) == {201}
+        post_burst(url)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not d.log_events("classifier.workers_stopped"):
             time.sleep(0.1)
@@ -254,7 +256,7 @@ def test_the_daemons_worker_stops_when_the_burst_is_over(tmp_path: Path) -> None
         while time.monotonic() < deadline and _worker_children(d.pid):
             time.sleep(0.05)
         assert _worker_children(d.pid) == []
-        assert post(9999) == 201  # classified in the loop again
+        assert post_one(url, 9999) == 201  # classified in the loop again
         routed = d.log_events("message.routed")
         assert len(routed) == 3 * start_rate + 1
         assert not d.log_events("classifier.worker_lost")
