@@ -11,10 +11,11 @@ their own, so the daemon's figure can be read against them:
   tool's `deliver()` (deadline, PUBACK wait, the delivery's encoding).
 * **commit**: a thread's CPU per SQLite commit in WAL mode at `synchronous=FULL` (the
   store's setting), with one small row and with 20 rows (a group commit's shape).
-* **classify**: the event loop's CPU per verdict of the trained classifier, back to back
-  and with 5 ms between messages (a moderate rate: caches go cold between them), and the
-  same through one classifier worker process (`router.classify_workers`) one message at a
-  time: the round trip the loop pays instead of classifying.
+* **classify**: the event loop's CPU per verdict of the classifier the daemon runs on its
+  embedded defaults (the trained model), back to back and with 5 ms between messages (a
+  moderate rate: caches go cold between them), and the same through one classifier worker
+  process (`router.classify_workers`) one message at a time: the round trip the loop pays
+  instead of classifying.
 
 The bare aiohttp handler's CPU per request (the HTTP floor) is the baseline row of
 `python bench/ingest.py`. Each figure is the best of `--repeat` runs (a shared VM adds
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -44,9 +46,11 @@ import aiomqtt  # noqa: E402
 import structlog  # noqa: E402
 
 from adapters.mqtt import MqttConfig, MqttTool  # noqa: E402
-from router.classify_workers import ClassifierSpec, ClassifierWorkers  # noqa: E402
+from router.classify_workers import ClassifierWorkers  # noqa: E402
+from router.config import load_config  # noqa: E402
 from router.delivery import encode_delivery  # noqa: E402
 from router.drivers import AgentAction, Delivery, DriverContext, DriverState  # noqa: E402
+from router.intake import classifier_spec  # noqa: E402
 from router.logging import configure_logging  # noqa: E402
 from router.model import new_ulid  # noqa: E402
 from tests import payloads  # noqa: E402
@@ -62,11 +66,6 @@ TEXTS = [
     "Suggestion {n}: please add a dark mode to the app, it would help at night.",
     "I was charged twice for order {n}, I want my money back or I call my lawyer.",
 ]
-
-
-def loop_cpu() -> float:
-    """CPU seconds of the calling thread (the event loop's, when called on it)."""
-    return time.thread_time()
 
 
 async def best_of(repeat: int, run: Callable[[], Awaitable[float]]) -> float:
@@ -94,12 +93,12 @@ async def gathered(count: int, one: Callable[[int], Awaitable[None]]) -> float:
         async with gate:
             await one(i)
 
-    began = loop_cpu()
+    began = time.thread_time()  # this thread's CPU: the event loop's
     await asyncio.gather(*(gated(i) for i in range(count)))
-    return (loop_cpu() - began) / count * 1e6
+    return (time.thread_time() - began) / count * 1e6
 
 
-async def publish_floors(count: int, repeat: int) -> dict[str, float]:
+async def publish_floors(count: int, repeat: int, tmpdir: Path) -> dict[str, float]:
     deliveries = delivery_bodies(count)
     encoded = [(d.agent_id, encode_delivery(d)) for d in deliveries]
     figures: dict[str, float] = {}
@@ -116,9 +115,7 @@ async def publish_floors(count: int, repeat: int) -> dict[str, float]:
             await gathered(min(count, 200), bare)  # warm the connection and caches
             figures["publish_bare_us"] = await best_of(repeat, lambda: gathered(count, bare))
 
-        ctx = DriverContext(
-            state_dir=Path(tempfile.mkdtemp(prefix="floors-")), log=structlog.get_logger("floors")
-        )
+        ctx = DriverContext(state_dir=tmpdir, log=structlog.get_logger("floors"))
         tool = MqttTool(
             "mq",
             MqttConfig(
@@ -198,28 +195,37 @@ async def commit_floors(count: int, repeat: int, tmpdir: Path) -> dict[str, floa
 # -- classify -----------------------------------------------------------------------
 
 
+async def per_verdict(
+    classify: Callable[[str], Awaitable[object]], texts: list[str], spacing: float
+) -> float:
+    """Return the event loop's CPU µs per `classify(text)`; with `spacing`, sleep that long
+    between texts and leave the sleeps' own CPU out."""
+    idle = 0.0
+    began = time.thread_time()
+    for text in texts:
+        await classify(text)
+        if spacing:
+            before = time.thread_time()
+            await asyncio.sleep(spacing)
+            idle += time.thread_time() - before
+    return (time.thread_time() - began - idle) / len(texts) * 1e6
+
+
 async def classify_floors(count: int, repeat: int) -> dict[str, float]:
-    spec = ClassifierSpec(
-        model="model", amount_threshold=500.0, vip_contacts=frozenset(), model_path=None
-    )
+    # The classifier the daemon runs on its embedded defaults.
+    spec = classifier_spec(load_config(None))
     local = spec.build()
     texts = [TEXTS[n % len(TEXTS)].format(n=n) for n in range(count)]
-    spaced_count = min(count, 400)  # 5 ms apart: 2 s of messages per run
+    spaced = texts[:400]  # 5 ms apart: 2 s of messages per run
 
-    async def in_loop(spacing: float, n: int) -> float:
-        idle = 0.0
-        began = loop_cpu()
-        for text in texts[:n]:
-            local.classify(text, contact="floors")
-            if spacing:
-                before = loop_cpu()
-                await asyncio.sleep(spacing)
-                idle += loop_cpu() - before  # the sleep's own cost is not classifying
-        return (loop_cpu() - began - idle) / n * 1e6
+    async def here(text: str) -> object:
+        return local.classify(text, contact="floors")
 
     figures = {
-        "classify_loop_us": await best_of(repeat, lambda: in_loop(0.0, count)),
-        "classify_loop_spaced_us": await best_of(repeat, lambda: in_loop(SPACING, spaced_count)),
+        "classify_loop_us": await best_of(repeat, lambda: per_verdict(here, texts, 0.0)),
+        "classify_loop_spaced_us": await best_of(
+            repeat, lambda: per_verdict(here, spaced, SPACING)
+        ),
     }
     workers = ClassifierWorkers(spec, 1, local)
     await workers.start()
@@ -227,21 +233,15 @@ async def classify_floors(count: int, repeat: int) -> dict[str, float]:
         if not await workers.wait_ready():
             raise RuntimeError("the classifier worker did not become ready")
 
-        async def through_worker(spacing: float, n: int) -> float:
-            idle = 0.0
-            began = loop_cpu()
-            for text in texts[:n]:
-                await workers.classify(text, contact="floors")
-                if spacing:
-                    before = loop_cpu()
-                    await asyncio.sleep(spacing)
-                    idle += loop_cpu() - before
-            return (loop_cpu() - began - idle) / n * 1e6
+        async def in_worker(text: str) -> object:
+            return await workers.classify(text, contact="floors")
 
-        await through_worker(0.0, 50)  # warm
-        figures["classify_worker_us"] = await best_of(repeat, lambda: through_worker(0.0, count))
+        await per_verdict(in_worker, texts[:50], 0.0)  # warm
+        figures["classify_worker_us"] = await best_of(
+            repeat, lambda: per_verdict(in_worker, texts, 0.0)
+        )
         figures["classify_worker_spaced_us"] = await best_of(
-            repeat, lambda: through_worker(SPACING, spaced_count)
+            repeat, lambda: per_verdict(in_worker, spaced, SPACING)
         )
     finally:
         await workers.close()
@@ -252,9 +252,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     configure_logging("warning", json=True)
     tmpdir = Path(tempfile.mkdtemp(prefix="omnirouter-floors-"))
     figures: dict[str, Any] = {"bench": "floors", "count": args.count, "repeat": args.repeat}
-    figures.update(await publish_floors(args.count, args.repeat))
-    figures.update(await commit_floors(args.count, args.repeat, tmpdir))
-    figures.update(await classify_floors(args.count, args.repeat))
+    try:
+        figures.update(await publish_floors(args.count, args.repeat, tmpdir))
+        figures.update(await commit_floors(args.count, args.repeat, tmpdir))
+        figures.update(await classify_floors(args.count, args.repeat))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return figures
 
 
