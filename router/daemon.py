@@ -46,7 +46,7 @@ from router.drivers import (
 )
 from router.http import AcceptErrorLog, GuardedRunner, HttpLimits, ListenError, start_site
 from router.leases import Leases, default_instance
-from router.logging import register_secret, set_verbosity
+from router.logging import flush_log, register_secret, set_verbosity
 from router.metrics import Metrics
 from router.ops import OpsApi
 from router.outbox import Dispatcher
@@ -104,6 +104,9 @@ class Notifier:
         if self._sock is None:
             return
         payload = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
+        # Lines logged in the loop are flushed at the end of its iteration; a manager
+        # that reads READY=1 (or STOPPING=1) must already find what led up to it.
+        flush_log()
         try:
             self._sock.sendto(payload, self._address)
         except BlockingIOError:
@@ -373,7 +376,6 @@ class Daemon:
             # Other instances route on the same store: follow what they change.
             self.supervisor.spawn("shared-routing", self.pipeline.shared.run)
         self._last_status = self._status_line()
-        self.notifier.send(READY=1, STATUS=self._last_status)
         log.info(
             "daemon.ready",
             version=self.version,
@@ -387,6 +389,8 @@ class Daemon:
             store=cfg.store_label(),
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
+        # After the line: whoever waits for READY=1 finds it in the log.
+        self.notifier.send(READY=1, STATUS=self._last_status)
         if cfg.ops.enabled:
             where = (
                 "ops.admin_token in the config"

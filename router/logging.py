@@ -340,6 +340,15 @@ def _flush_deferred() -> None:
             pass
 
 
+def flush_log() -> None:
+    """Write out every line logged so far, including those whose flush was deferred.
+
+    For whoever is about to tell another process that something happened (sd_notify's
+    READY=1): the lines logged before it must be readable when the news arrives.
+    """
+    _flush_deferred()
+
+
 def _is_os_stream(stream: TextIO) -> bool:
     """Whether stream writes to a file descriptor (a pipe, file or socket), not memory."""
     try:

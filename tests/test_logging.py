@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import structlog
 
 from router import logging as rlog
+from router.daemon import Notifier
 from router.logging import clear_secrets, configure_logging, get_logger, register_secret
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -323,3 +326,45 @@ def test_json_forced_on_a_tty_and_console_forced_off_one() -> None:
     get_logger("x").info("pretty")
     assert not plain.getvalue().startswith("{") and "pretty" in plain.getvalue()
     assert "\x1b[" not in plain.getvalue()  # no colours when not a terminal
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    """Configure logging into a real file (an OS stream, as journald's pipe is)."""
+    path = tmp_path / "daemon.log"
+    with path.open("w") as stream:  # block-buffered: nothing reaches the file unflushed
+        configure_logging("info", stream=stream, cache=False)
+        yield path
+        configure_logging("info", stream=io.StringIO(), cache=False)
+
+
+def events_in(path: Path) -> list[str]:
+    """Return the events of the lines that reached the file."""
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+async def test_lines_logged_in_the_loop_are_written_by_the_end_of_its_iteration(
+    log_file: Path,
+) -> None:
+    get_logger("router.test").info("first.event")
+    get_logger("router.test").info("second.event")
+    assert events_in(log_file) == []  # deferred: one write(2) for the iteration's lines
+    await asyncio.sleep(0)
+    assert events_in(log_file) == ["first.event", "second.event"]
+
+
+async def test_a_service_manager_notice_finds_the_lines_logged_before_it(
+    log_file: Path, tmp_path: Path
+) -> None:
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify.sock"))
+    notifier = Notifier(str(tmp_path / "notify.sock"))
+    try:
+        get_logger("router.daemon").info("daemon.ready")
+        notifier.send(READY=1)
+        # No await in between: the loop has not flushed, the notifier did.
+        assert manager.recv(4096) == b"READY=1"
+        assert events_in(log_file) == ["daemon.ready"]
+    finally:
+        notifier.close()
+        manager.close()
