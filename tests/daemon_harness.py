@@ -219,6 +219,22 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
+    def wait_log_events(
+        self, event: str, count: int, *, within: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """Return the event's lines once at least `count` of them are in the log.
+
+        The daemon flushes what its loop logged at the end of the loop's iteration, so
+        an HTTP answer can reach a test a moment before the lines logged while making
+        it: wait for them rather than read once.
+        """
+        deadline = time.monotonic() + within
+        while True:
+            found = self.log_events(event)
+            if len(found) >= count or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.02)
+
     def log_events(self, event: str | None = None) -> list[dict[str, Any]]:
         """Return parsed JSON log lines (optionally only one event)."""
         out = []

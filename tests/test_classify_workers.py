@@ -155,7 +155,7 @@ def test_the_daemon_classifies_in_a_worker_and_leaves_no_process_behind(tmp_path
             {"text": "My parcel never arrived, I want a refund!", "contact": {"handle": "d@x"}},
         )
         assert status == 201 and receipt["state"] == "assigned", receipt
-        routed = d.log_events("message.routed")
+        routed = d.wait_log_events("message.routed", 1)
         assert [e["label"] for e in routed] == ["complaint"]
         stop_and_check_no_worker_is_left(d, ops_port, children)
     finally:
@@ -232,7 +232,7 @@ def test_the_default_daemon_starts_its_worker_when_the_load_asks(tmp_path: Path)
         assert len(d.log_events("classifier.worker_ready")) == 1
         workers = _worker_children(d.pid)
         assert len(workers) == 1
-        routed = d.log_events("message.routed")
+        routed = d.wait_log_events("message.routed", 1 + 3 * start_rate)
         assert len(routed) == 1 + 3 * start_rate  # every message, none twice
         stop_and_check_no_worker_is_left(d, ops_port, workers)
     finally:
@@ -257,7 +257,7 @@ def test_the_daemons_worker_stops_when_the_burst_is_over(tmp_path: Path) -> None
             time.sleep(0.05)
         assert _worker_children(d.pid) == []
         assert post_one(url, 9999) == 201  # classified in the loop again
-        routed = d.log_events("message.routed")
+        routed = d.wait_log_events("message.routed", 3 * start_rate + 1)
         assert len(routed) == 3 * start_rate + 1
         assert not d.log_events("classifier.worker_lost")
         deadline = time.monotonic() + 10

@@ -609,7 +609,7 @@ def test_permanent_smtp_refusal_makes_a_dead_letter_with_the_reason(
 
     assert db.outbox_empty()
     assert not sink.messages and not sink.offered  # refused at RCPT, before DATA
-    (event,) = d.log_events("outbox.dead_letter")
+    (event,) = d.wait_log_events("outbox.dead_letter", 1)
     assert event["target"] == TARGET and "550" in event["reason"]
     text = metrics(ops)
     assert metric_value(text, "omnirouter_dead_letters_total", target=TARGET) == 1
