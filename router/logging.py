@@ -324,13 +324,18 @@ def _write_line(line: str) -> None:
             if loop is not None:
                 if state.flush_loop is not loop:  # no flush scheduled on this loop yet
                     state.flush_loop = loop
-                    loop.call_soon(_flush_deferred)
+                    loop.call_soon(flush_log)
                 return
         state.stream.flush()
 
 
-def _flush_deferred() -> None:
-    """Flush the lines written during the loop's last iteration (a loop callback)."""
+def flush_log() -> None:
+    """Write out every line logged so far, including those whose flush was deferred.
+
+    The loop calls it at the end of an iteration in which lines were logged; whoever is
+    about to tell another process that something happened (sd_notify's READY=1) calls it
+    first, so that the lines logged before are readable when the news arrives.
+    """
     state = _state
     with state.lock:
         state.flush_loop = None
@@ -338,15 +343,6 @@ def _flush_deferred() -> None:
             state.stream.flush()
         except (OSError, ValueError):  # a closed or broken stream: the next line reports it
             pass
-
-
-def flush_log() -> None:
-    """Write out every line logged so far, including those whose flush was deferred.
-
-    For whoever is about to tell another process that something happened (sd_notify's
-    READY=1): the lines logged before it must be readable when the news arrives.
-    """
-    _flush_deferred()
 
 
 def _is_os_stream(stream: TextIO) -> bool:
