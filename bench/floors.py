@@ -46,6 +46,7 @@ import aiomqtt  # noqa: E402
 import structlog  # noqa: E402
 
 from adapters.mqtt import MqttConfig, MqttTool  # noqa: E402
+from bench.ingest import TEXTS  # noqa: E402
 from router.classify_workers import ClassifierWorkers  # noqa: E402
 from router.config import load_config  # noqa: E402
 from router.delivery import encode_delivery  # noqa: E402
@@ -59,13 +60,6 @@ from tests.peers import MOSQUITTO, NEEDS_MOSQUITTO_REASON, Mosquitto, wait_until
 IN_FLIGHT = 64
 PREFIX = "floors/agents"
 SPACING = 0.005  # seconds between spaced messages (200 msg/s)
-# Texts of the shape the ingest bench posts: short customer messages, both languages.
-TEXTS = [
-    "Where is my parcel {n}? It was due on Monday and nobody answers the phone.",
-    "我的订单 {n} 还没有到，已经等了两个星期了，请尽快处理。",
-    "Suggestion {n}: please add a dark mode to the app, it would help at night.",
-    "I was charged twice for order {n}, I want my money back or I call my lawyer.",
-]
 
 
 async def best_of(repeat: int, run: Callable[[], Awaitable[float]]) -> float:
@@ -80,7 +74,7 @@ def delivery_bodies(count: int) -> list[Delivery]:
     out = []
     for n in range(count):
         agent = f"agent{n % 10}"
-        payload = payloads.assignment(n, agent=agent, text=TEXTS[n % len(TEXTS)].format(n=n))
+        payload = payloads.assignment(n, agent=agent, text=TEXTS[n % len(TEXTS)][0])
         out.append(Delivery(new_ulid(), "mq", agent, agent, payload))
     return out
 
@@ -179,7 +173,7 @@ def commit_cpu(path: Path, commits: int, rows: int) -> tuple[float, float]:
     return result[0]
 
 
-async def commit_floors(count: int, repeat: int, tmpdir: Path) -> dict[str, float]:
+def commit_floors(count: int, repeat: int, tmpdir: Path) -> dict[str, float]:
     figures: dict[str, float] = {}
     for rows in (1, 20):
         runs = [
@@ -195,34 +189,38 @@ async def commit_floors(count: int, repeat: int, tmpdir: Path) -> dict[str, floa
 # -- classify -----------------------------------------------------------------------
 
 
+Message = tuple[str, str]  # text and subject, as bench/ingest.py posts them (its TEXTS)
+
+
 async def per_verdict(
-    classify: Callable[[str], Awaitable[object]], texts: list[str], spacing: float
+    classify: Callable[[Message], Awaitable[object]], messages: list[Message], spacing: float
 ) -> float:
-    """Return the event loop's CPU µs per `classify(text)`; with `spacing`, sleep that long
-    between texts and leave the sleeps' own CPU out."""
+    """Return the event loop's CPU µs per `classify(message)`; with `spacing`, sleep that
+    long between messages and leave the sleeps' own CPU out."""
     idle = 0.0
     began = time.thread_time()
-    for text in texts:
-        await classify(text)
+    for message in messages:
+        await classify(message)
         if spacing:
             before = time.thread_time()
             await asyncio.sleep(spacing)
             idle += time.thread_time() - before
-    return (time.thread_time() - began - idle) / len(texts) * 1e6
+    return (time.thread_time() - began - idle) / len(messages) * 1e6
 
 
 async def classify_floors(count: int, repeat: int) -> dict[str, float]:
     # The classifier the daemon runs on its embedded defaults.
     spec = classifier_spec(load_config(None))
     local = spec.build()
-    texts = [TEXTS[n % len(TEXTS)].format(n=n) for n in range(count)]
-    spaced = texts[:400]  # 5 ms apart: 2 s of messages per run
+    messages = [TEXTS[n % len(TEXTS)] for n in range(count)]
+    spaced = messages[:400]  # 5 ms apart: 2 s of messages per run
 
-    async def here(text: str) -> object:
-        return local.classify(text, contact="floors")
+    async def here(message: Message) -> object:
+        text, subject = message
+        return local.classify(text, subject=subject, contact="floors")
 
     figures = {
-        "classify_loop_us": await best_of(repeat, lambda: per_verdict(here, texts, 0.0)),
+        "classify_loop_us": await best_of(repeat, lambda: per_verdict(here, messages, 0.0)),
         "classify_loop_spaced_us": await best_of(
             repeat, lambda: per_verdict(here, spaced, SPACING)
         ),
@@ -233,12 +231,13 @@ async def classify_floors(count: int, repeat: int) -> dict[str, float]:
         if not await workers.wait_ready():
             raise RuntimeError("the classifier worker did not become ready")
 
-        async def in_worker(text: str) -> object:
-            return await workers.classify(text, contact="floors")
+        async def in_worker(message: Message) -> object:
+            text, subject = message
+            return await workers.classify(text, subject=subject, contact="floors")
 
-        await per_verdict(in_worker, texts[:50], 0.0)  # warm
+        await per_verdict(in_worker, messages[:50], 0.0)  # warm
         figures["classify_worker_us"] = await best_of(
-            repeat, lambda: per_verdict(in_worker, texts, 0.0)
+            repeat, lambda: per_verdict(in_worker, messages, 0.0)
         )
         figures["classify_worker_spaced_us"] = await best_of(
             repeat, lambda: per_verdict(in_worker, spaced, SPACING)
@@ -254,7 +253,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"bench": "floors", "count": args.count, "repeat": args.repeat}
     try:
         figures.update(await publish_floors(args.count, args.repeat, tmpdir))
-        figures.update(await commit_floors(args.count, args.repeat, tmpdir))
+        figures.update(commit_floors(args.count, args.repeat, tmpdir))
         figures.update(await classify_floors(args.count, args.repeat))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Usage: python bench/pipeline_cpu.py [full|normal|off] [--messages N] [--concurrency C]
                                     [--repeat R] [--profile FILE] [--tmpdir DIR]
-                                    [--stages] [--gc-threshold N]
+                                    [--stages] [--statements] [--gc-threshold N]
 
 Drives `Pipeline.ingest` with the real `SqliteStore` (WAL, the given `synchronous`,
 default FULL) and the real `Dispatcher`, as the daemon wires them, but without HTTP
@@ -31,6 +31,7 @@ import gc
 import json
 import os
 import resource
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -44,6 +45,7 @@ if str(REPO) not in sys.path:
 
 import router.daemon  # noqa: E402
 from adapters.inbox import encode_delivery  # noqa: E402
+from bench.ingest import TEXTS  # noqa: E402
 from router.config import build_config  # noqa: E402
 from router.drivers import Delivery, DriverState  # noqa: E402
 from router.logging import configure_logging  # noqa: E402
@@ -52,20 +54,6 @@ from router.model import InboundMessage, new_ulid, utcnow  # noqa: E402
 from router.outbox import Dispatcher  # noqa: E402
 from router.pipeline import Pipeline  # noqa: E402
 from router.store.sqlite import SqliteStore  # noqa: E402
-
-# The same mix as bench/ingest.py: labels, languages, lengths.
-TEXTS = [
-    ("Hi, I was charged twice for order 88213 this morning, please refund one.", "Billing"),
-    ("How do I change the delivery address on my account?", ""),
-    ("The app crashes every time I open the settings page on Android 14.", "Bug report"),
-    ("我的订单已经一个星期了还没有发货，请问什么时候能到？", "物流"),
-    ("URGENT: our whole team cannot log in since 9am, production is down!", "Outage"),
-    ("你好，我想取消会员自动续费，怎么操作？", ""),
-    ("Thanks for the quick help yesterday, everything works now.", ""),
-    ("I want a refund of 7,500 USD for the annual plan, it never worked for us.", "Refund"),
-    ("Can I get an invoice with our VAT number for last month's payment?", "Invoice"),
-    ("密码重置邮件一直收不到，已经试了三次了。", "账号问题"),
-]
 
 
 class EncodingTool:
@@ -185,6 +173,32 @@ class CollectorClock:
         self.longest = max(self.longest, took)
 
 
+class StatementCount:
+    """Counts the SQL statements the store's writer runs, by their first word."""
+
+    def __init__(self) -> None:
+        self.by_verb: dict[str, int] = {}
+
+    def factory(self) -> type[sqlite3.Connection]:
+        """Return a connection class that reports each statement it runs here."""
+        count = self
+
+        class Counted(sqlite3.Connection):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.set_trace_callback(count.seen)
+
+        return Counted
+
+    def seen(self, statement: str) -> None:
+        verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
+        self.by_verb[verb] = self.by_verb.get(verb, 0) + 1
+
+
+# Statements that open or close a transaction (a group commit's, shared by its units).
+_TRANSACTION_VERBS = frozenset({"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"})
+
+
 async def run_once(
     args: argparse.Namespace, workdir: Path, run: int, profiler: cProfile.Profile | None
 ) -> dict[str, Any]:
@@ -201,6 +215,9 @@ async def run_once(
         source="bench",
     )
     store = SqliteStore(state_dir / "omnirouter.db", synchronous=args.synchronous)
+    statements = StatementCount() if args.statements else None
+    if statements is not None:
+        store.writer.connection_factory = statements.factory()
     await store.open()
     metrics = Metrics()
     tool = EncodingTool()
@@ -221,6 +238,8 @@ async def run_once(
         await pipeline.ingest(message(i, -1 - run))
     await dispatcher.drain(10)
     batches0, units0 = store.batches, store.units
+    if statements is not None:
+        statements.by_verb.clear()
     stages = Stages() if args.stages else None
     if stages is not None:
         stages.install()
@@ -258,6 +277,14 @@ async def run_once(
         "drained": drained,
         "delivered": tool.delivered,
     }
+    if statements is not None:
+        counts = statements.by_verb
+        control = sum(v for k, v in counts.items() if k in _TRANSACTION_VERBS)
+        result["statements_per_msg"] = {
+            "data": (sum(counts.values()) - control) / n,
+            "transaction": control / n,
+            "by_verb": {k: round(v / n, 2) for k, v in sorted(counts.items())},
+        }
     if stages is not None:
         per = {k: v / n * 1e6 for k, v in stages.seconds.items()}
         result["stages_us"] = {**per, "rest": result["loop_us"] - sum(per.values())}
@@ -286,6 +313,14 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"collector {r['gc_us']:.0f} us/msg (longest {r['gc_longest_ms']:.0f} ms)",
             flush=True,
         )
+        if "statements_per_msg" in r:
+            st = r["statements_per_msg"]
+            print(
+                f"       writer statements per message: {st['data']:.2f} "
+                f"(+ {st['transaction']:.2f} opening or closing a group commit); "
+                + ", ".join(f"{k} {v:.2f}" for k, v in st["by_verb"].items()),
+                flush=True,
+            )
         if "stages_us" in r:
             print(
                 "       loop by stage (us/msg): "
@@ -310,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also split the loop's CPU by stage (classify, place, build, log, send, rest); "
         "the wrappers add a little to every figure",
+    )
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="also count the SQL statements the writer runs per message (a trace callback "
+        "on its connection, which adds to the writer's CPU)",
     )
     parser.add_argument(
         "--gc-threshold",
