@@ -148,6 +148,10 @@ class StoreConfig(_Frozen):
         None
     )
     sslrootcert: str | None = None
+    # PostgreSQL: statements run often are prepared on each connection (less CPU on
+    # both sides); false behind a pooler that moves a session's statements between
+    # server connections (PgBouncer in transaction mode before 1.21).
+    prepared_statements: bool = True
 
     @model_validator(mode="before")
     @classmethod

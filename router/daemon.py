@@ -293,6 +293,7 @@ def open_store(config: Config, instance: str = "") -> Store:
             sslmode=config.store.sslmode,
             sslrootcert=config.store.sslrootcert,
             instance=instance,
+            prepared_statements=config.store.prepared_statements,
         )
     return SqliteStore(
         config.db_path(),

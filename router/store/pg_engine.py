@@ -49,6 +49,9 @@ Unit = Callable[[Any], Any]
 _STOP = object()
 _DEFERRED = object()
 _PROBE_INTERVAL = 1.0
+# Runs of a statement on a connection before it is prepared there (psycopg's default):
+# the units use a few hundred statements, a dozen of them on every message.
+_PREPARE_AFTER = 5
 # Reruns of a unit that lost a serialization race before giving up (each after a
 # short random pause so the contenders do not collide again in step).
 _MAX_RERUNS = 30
@@ -71,7 +74,7 @@ class PgConnection:
         """Run one statement with `?` placeholders; return its cursor."""
         cur = self.raw.cursor()
         if params:
-            cur.execute(translate(sql), _adapt(params))
+            cur.execute(translate(sql), params)
         else:
             cur.execute(sql)  # without parameters psycopg reads no placeholders
         return cur
@@ -79,15 +82,8 @@ class PgConnection:
     def executemany(self, sql: str, rows: Any) -> psycopg.Cursor[Any]:
         """Run one statement for each parameter row."""
         cur = self.raw.cursor()
-        cur.executemany(translate(sql), [_adapt(r) for r in rows])
+        cur.executemany(translate(sql), rows)
         return cur
-
-
-def _adapt(params: Sequence[Any]) -> Sequence[Any]:
-    """Pass values as the SQLite units hand them, except memoryviews (bytes here)."""
-    if any(isinstance(p, memoryview) for p in params):
-        return [bytes(p) if isinstance(p, memoryview) else p for p in params]
-    return params
 
 
 _TRANSLATED: dict[str, str] = {}
@@ -151,9 +147,11 @@ class PgEngine:
         prepare: Callable[[psycopg.Connection[Any]], None],
         probe: Unit,
         connect_kwargs: dict[str, Any] | None = None,
+        prepared_statements: bool = True,
     ) -> None:
         self.conninfo = conninfo
         self.pool_size = pool_size
+        self.prepared_statements = prepared_statements
         self.prepare = prepare  # runs once before the workers start (migrations)
         self.probe = probe
         self.connect_kwargs = dict(connect_kwargs or {})
@@ -174,11 +172,19 @@ class PgEngine:
     # -- lifecycle ---------------------------------------------------------------
 
     def connect(self) -> psycopg.Connection[Any]:
-        """Open one connection configured for the units (autocommit outside transactions)."""
+        """Open one connection configured for the units (autocommit outside transactions).
+
+        Values travel apart from the statement (server-side binding), and a statement a
+        connection has run `_PREPARE_AFTER` times is prepared on it: the server then
+        skips parsing and planning it, and psycopg sends only its name and values
+        (bench/pg_pipeline_cpu.py measures both). `prepared_statements=False` is for
+        poolers that hand a session's statements to other server connections (PgBouncer
+        in transaction mode before 1.21).
+        """
         conn: psycopg.Connection[Any] = psycopg.connect(
             self.conninfo,
             autocommit=True,
-            cursor_factory=psycopg.ClientCursor,
+            prepare_threshold=_PREPARE_AFTER if self.prepared_statements else None,
             **self.connect_kwargs,
         )
         # SUM and AVG of integers are NUMERIC in PostgreSQL: the units expect numbers

@@ -54,6 +54,7 @@ class PostgresStore(SqlStore):
         sslmode: str | None = None,
         sslrootcert: str | None = None,
         instance: str = "",
+        prepared_statements: bool = True,
     ) -> None:
         self.url = url
         # Names this instance in its change notices, so it ignores its own.
@@ -89,6 +90,7 @@ class PostgresStore(SqlStore):
             prepare=self._prepare,
             probe=probe,
             connect_kwargs=connect_kwargs,
+            prepared_statements=prepared_statements,
         )
 
     def _prepare(self, conn: psycopg.Connection[Any]) -> None:
