@@ -381,6 +381,35 @@ async def test_ingest_new_message_creates_contact_conversation_message(store: St
     assert await store.delivery_counts() == {"pending": 0, "dead": 0}
 
 
+async def test_a_known_handle_keeps_its_contact_and_takes_a_new_name_never_a_blank(
+    store: Store,
+) -> None:
+    first = await store.ingest(new_message(handle="ann@example.com", contact_name="Ann"))
+    renamed = await store.ingest(
+        new_message(handle="ann@example.com", contact_name="Ann Lee", ingested_at=T0 + 1)
+    )
+    unnamed = await store.ingest(
+        new_message(handle="ann@example.com", contact_name="", ingested_at=T0 + 2)
+    )
+    other = await store.ingest(new_message(handle="bob@example.com", contact_name="Bob"))
+    assert first.contact is not None and renamed.contact is not None
+    assert unnamed.contact is not None and other.contact is not None
+    assert first.contact.person_id == renamed.contact.person_id == unnamed.contact.person_id
+    assert other.contact.person_id != first.contact.person_id
+    view = await store.contact("web:ann@example.com", T0)
+    assert view is not None
+    assert [(h["key"], h["name"]) for h in view["handles"]] == [("web:ann@example.com", "Ann Lee")]
+
+
+async def test_a_new_conversation_is_audited_created_then_assigned(store: Store) -> None:
+    new = new_message(assign_to="alice")
+    await store.ingest(new)
+    events = await store.ticket_events(new.conversation_id)
+    assert [(e.kind, e.actor) for e in events] == [("created", "customer"), ("assigned", "router")]
+    assert events[0].detail["message_id"] == new.message_id
+    assert events[1].detail["agent"] == "alice"
+
+
 async def test_ingest_with_assignment_and_outbox(store: Store) -> None:
     new = new_message(assign_to="alice")
     result = await store.ingest(new)

@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 
 from router.config import ConfigError, loads_config
+from router.daemon import open_store
 from router.model import Agent
 from router.store import StoreCondition, StoreUnavailable
 from router.store.postgres import PostgresStore
@@ -116,6 +117,63 @@ async def test_two_instances_never_overfill_an_agent_or_assign_twice(dsn: str) -
     finally:
         await a.close()
         await b.close()
+
+
+async def test_two_instances_storing_one_new_handle_make_one_contact(dsn: str) -> None:
+    """Both instances take a first message from the same new handle at once (20 handles):
+    each message is stored, and each handle is one contact row of one person."""
+    a, b = PostgresStore(dsn, pool_size=3), PostgresStore(dsn, pool_size=3)
+    await a.open()
+    await b.open()
+    try:
+        handles = [f"new{i}@example.com" for i in range(20)]
+        results = await asyncio.gather(
+            *(
+                store.ingest(new_message(handle=h, external_id=f"{h}-{n}", ingested_at=T0 + n))
+                for h in handles
+                for n, store in enumerate((a, b))
+            )
+        )
+        assert not any(r.duplicate for r in results)
+        for i, h in enumerate(handles):
+            first, second = results[2 * i], results[2 * i + 1]
+            assert first.contact is not None and second.contact is not None
+            assert first.contact.person_id == second.contact.person_id, h
+            view = await a.contact(f"web:{h}", T0)
+            assert view is not None
+            assert [x["key"] for x in view["handles"]] == [f"web:{h}"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+async def test_statements_run_often_are_prepared_unless_switched_off(
+    dsn: str, prepared: bool
+) -> None:
+    """`[store] prepared_statements`: on, the ingest's statements are prepared on the
+    connection after a few messages; off (for PgBouncer's transaction mode), none is."""
+    config = loads_config(
+        f'[store]\nurl = "{dsn}"\npool_size = 1\nprepared_statements = {str(prepared).lower()}\n'
+    )
+    store = open_store(config)
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    try:
+        for i in range(10):
+            await store.ingest(new_message(handle=f"p{i}@example.com", ingested_at=T0 + i))
+
+        def prepared_here(c: Any) -> int:
+            (count,) = c.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+            return int(count)
+
+        count = await store.engine.run(prepared_here)  # on the pool's one connection
+    finally:
+        await store.close()
+    if prepared:
+        assert count >= 5  # the statements every ingest runs (8 here, unassigned)
+    else:
+        assert count == 0
 
 
 # -- the server going away ----------------------------------------------------------

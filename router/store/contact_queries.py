@@ -101,17 +101,30 @@ def _event(
 
 
 def link_contact(
-    c: sqlite3.Connection, key: str, name: str, identifiers: tuple[str, ...], at: float
+    c: sqlite3.Connection,
+    key: str,
+    name: str,
+    identifiers: tuple[str, ...],
+    at: float,
+    *,
+    channel_type: str,
+    handle: str,
 ) -> ContactLink:
-    """Give the handle `key` its contact, record its verified identifiers, link contacts.
+    """Store the handle `key` (`channel_type:handle`), give it its contact, record its
+    verified identifiers, link contacts.
 
-    A new handle starts a contact of its own. When its identifiers belong to other
-    contacts, the newer contacts join the oldest (a `link` event each, undone by an
-    unmerge), unless an unmerge separated them before.
+    A new handle starts a contact of its own; a known one takes a new, different name
+    when one comes with it. When its identifiers belong to other contacts, the newer
+    contacts join the oldest (a `link` event each, undone by an unmerge), unless an
+    unmerge separated them before.
     """
     idents = tuple(i for i in dict.fromkeys(identifiers) if valid_identifier(i))
-    row = c.execute("SELECT person_id FROM contacts WHERE key=?", (key,)).fetchone()
+    # Read first, then write only what is new: this runs for every message, and a known
+    # handle with its name unchanged (most messages) then costs this one statement.
+    row = c.execute("SELECT person_id, name FROM contacts WHERE key=?", (key,)).fetchone()
     person: str | None = row[0] if row is not None else None
+    if row is not None and name and name != row[1]:
+        c.execute("UPDATE contacts SET name=? WHERE key=?", (name, key))
     owners: dict[str, str] = {}
     for ident in idents:
         hit = c.execute(
@@ -125,7 +138,16 @@ def link_contact(
         # its identifiers: every join is then a link an admin can see and undo.
         person = new_person_id()
         c.execute("INSERT INTO people(id, created_at, name) VALUES (?,?,?)", (person, at, name))
-        c.execute("UPDATE contacts SET person_id=? WHERE key=?", (person, key))
+        if row is None:
+            # Two instances storing the same new handle at once: the second insert fails
+            # on the key and its unit runs again, finding this row.
+            c.execute(
+                "INSERT INTO contacts(key, channel_type, handle, name, created_at, person_id) "
+                "VALUES (?,?,?,?,?,?)",
+                (key, channel_type, handle, name, at, person),
+            )
+        else:  # a handle stored before contacts had people
+            c.execute("UPDATE contacts SET person_id=? WHERE key=?", (person, key))
     for ident in idents:
         if ident not in owners:
             c.execute(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+from collections.abc import Sequence
 from typing import Any, cast
 
 from router.codec import dumps
@@ -282,10 +283,25 @@ def add_event(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Append one audit row (in the transaction of the change it records)."""
+    add_events(c, conversation_id, at, [(kind, actor, status, detail)])
+
+
+# The audit rows of one change, in order: (kind, actor, status, detail).
+EventRow = tuple[str, str, str, dict[str, Any] | None]
+
+
+def add_events(
+    c: sqlite3.Connection, conversation_id: str, at: float, events: Sequence[EventRow]
+) -> None:
+    """Append a change's audit rows in one statement (their ids keep the given order)."""
     c.execute(
-        "INSERT INTO ticket_events(conversation_id, at, kind, actor, status, detail) "
-        "VALUES (?,?,?,?,?,?)",
-        (conversation_id, at, str(kind), actor, str(status), _dumps(detail or {})),
+        "INSERT INTO ticket_events(conversation_id, at, kind, actor, status, detail) VALUES "
+        + ",".join(["(?,?,?,?,?,?)"] * len(events)),
+        [
+            value
+            for kind, actor, status, detail in events
+            for value in (conversation_id, at, str(kind), actor, str(status), _dumps(detail or {}))
+        ],
     )
 
 
@@ -936,15 +952,16 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
         return IngestResult(dup[0], dup[1], duplicate=True, state=dup[2], payload_conflict=conflict)
 
     contact_key = f"{m.channel_type}:{m.contact_handle}"
-    c.execute(
-        # A known contact is rewritten only when a new, different name comes with it.
-        "INSERT INTO contacts(key, channel_type, handle, name, created_at) VALUES (?,?,?,?,?) "
-        "ON CONFLICT(key) DO UPDATE SET name=excluded.name "
-        "WHERE excluded.name!='' AND excluded.name!=contacts.name",
-        (contact_key, m.channel_type, m.contact_handle, m.contact_name, new.ingested_at),
-    )
     at = new.ingested_at
-    contact = link_contact(c, contact_key, m.contact_name, m.identifiers, at)
+    contact = link_contact(
+        c,
+        contact_key,
+        m.contact_name,
+        m.identifiers,
+        at,
+        channel_type=m.channel_type,
+        handle=m.contact_handle,
+    )
     survey = _survey_answer(c, new) if new.survey_score is not None and new.survey_of else None
     if survey is not None and new.survey_score is not None and new.survey_score > LOW_SCORE:
         # A satisfied answer is the ticket's score, nothing more: stored with the resolved
@@ -1020,25 +1037,17 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
                 str(status),
             ),
         )
-        add_event(
-            c,
-            conversation_id,
-            at,
-            EventKind.CREATED,
-            CUSTOMER,
-            TicketState.NEW,
-            {"message_id": new.message_id, "label": cls.label, "severity": cls.severity},
-        )
-        if agent_id:
-            add_event(
-                c,
-                conversation_id,
-                at,
-                EventKind.ASSIGNED,
-                ROUTER,
-                status,
-                _assigned_detail(assignment),
+        created: list[EventRow] = [
+            (
+                EventKind.CREATED,
+                CUSTOMER,
+                TicketState.NEW,
+                {"message_id": new.message_id, "label": cls.label, "severity": cls.severity},
             )
+        ]
+        if agent_id:
+            created.append((EventKind.ASSIGNED, ROUTER, status, _assigned_detail(assignment)))
+        add_events(c, conversation_id, at, created)
     else:
         conversation_id = row[0]
         reopened = row[1] != "open"
@@ -1060,25 +1069,19 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
                 ),
             )
             why = "unsatisfied survey answer" if survey is not None else "customer follow-up"
-            add_event(
-                c,
-                conversation_id,
-                at,
-                EventKind.REOPENED,
-                CUSTOMER,
-                TicketState.NEW,
-                {"message_id": new.message_id, "reason": why},
-            )
-            if agent_id:
-                add_event(
-                    c,
-                    conversation_id,
-                    at,
-                    EventKind.ASSIGNED,
-                    ROUTER,
-                    status,
-                    _assigned_detail(assignment),
+            reopened_rows: list[EventRow] = [
+                (
+                    EventKind.REOPENED,
+                    CUSTOMER,
+                    TicketState.NEW,
+                    {"message_id": new.message_id, "reason": why},
                 )
+            ]
+            if agent_id:
+                reopened_rows.append(
+                    (EventKind.ASSIGNED, ROUTER, status, _assigned_detail(assignment))
+                )
+            add_events(c, conversation_id, at, reopened_rows)
         else:
             # A follow-up keeps the conversation's holder unless the caller assigned anew,
             # and can only raise its severity (P0 < P3).
