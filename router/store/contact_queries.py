@@ -319,8 +319,9 @@ def contact_view(
         }
         for r in c.execute(
             f"SELECT id, channel, status, label, severity, agent_id, opened_at, contact_key "
-            f"FROM conversations WHERE contact_key IN ({kmarks}) ORDER BY opened_at DESC LIMIT ?",
-            (*keys, tickets),
+            f"FROM conversations WHERE contact_key IN ({kmarks}) ORDER BY opened_at DESC "
+            f"LIMIT {int(tickets)}",
+            keys,
         )
     ]
     events = [
@@ -355,16 +356,16 @@ def find_contacts(c: sqlite3.Connection, query: str, limit: int) -> list[dict[st
         for r in c.execute(
             "SELECT person_id FROM contacts WHERE (lower(key) LIKE ? ESCAPE '\\' "
             "OR lower(name) LIKE ? ESCAPE '\\') AND person_id IS NOT NULL "
-            "ORDER BY created_at DESC LIMIT ?",
-            (like, like, limit * 4),
+            f"ORDER BY created_at DESC LIMIT {int(limit) * 4}",
+            (like, like),
         )
     ]
     persons += [
         r[0]
         for r in c.execute(
             "SELECT person_id FROM contact_identifiers WHERE lower(identifier) LIKE ? ESCAPE '\\' "
-            "ORDER BY first_seen DESC LIMIT ?",
-            (like, limit * 4),
+            f"ORDER BY first_seen DESC LIMIT {int(limit) * 4}",
+            (like,),
         )
     ]
     out: list[dict[str, Any]] = []
