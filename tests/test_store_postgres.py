@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -296,3 +297,23 @@ def test_no_unit_binds_a_limit() -> None:
         if "LIMIT ?" in line or "OFFSET ?" in line
     ]
     assert bound == []
+
+
+async def test_a_table_altered_by_another_instance_does_not_fail_a_prepared_read(
+    dsn: str,
+) -> None:
+    """A rolling upgrade: another instance's migration adds a column while this one has the
+    message view's `SELECT *` prepared. The read answers (with the new column), no error."""
+    store = PostgresStore(dsn, pool_size=1)
+    await store.open()
+    try:
+        new = new_message()
+        await store.ingest(new)
+        for _ in range(8):  # prepared on the pool's one connection after five
+            assert (await store.message(new.message_id)) is not None
+        with psycopg.connect(dsn, autocommit=True) as other:
+            other.execute("ALTER TABLE messages ADD COLUMN added_by_a_later_version TEXT")
+        found = await store.message(new.message_id)
+        assert found is not None and "added_by_a_later_version" in found
+    finally:
+        await store.close()

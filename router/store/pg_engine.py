@@ -351,6 +351,13 @@ class PgEngine:
                     return False, exc
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
                 continue
+            except pg_errors.FeatureNotSupported as exc:
+                # A statement prepared on this connection reads `*` of a table another
+                # instance has just altered (a rolling upgrade's migration). The rollback
+                # made psycopg forget its prepared statements; the rerun prepares anew.
+                if "cached plan must not change result type" not in str(exc) or attempt:
+                    return False, exc
+                continue
             except Exception as exc:
                 condition = condition_of(exc)
                 if condition is None:
