@@ -149,8 +149,8 @@ class StoreConfig(_Frozen):
     )
     sslrootcert: str | None = None
     # PostgreSQL: statements run often are prepared on each connection (less CPU on
-    # both sides); false behind a pooler that moves a session's statements between
-    # server connections (PgBouncer in transaction mode before 1.21).
+    # both sides). Behind a pooler that shares server connections between sessions
+    # (PgBouncer in transaction mode) the store turns it off at the first collision.
     prepared_statements: bool = True
 
     @model_validator(mode="before")

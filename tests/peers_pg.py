@@ -172,3 +172,65 @@ def database_fixture(server: PgServer) -> Iterator[str]:
     """A fresh database per test, dropped after it (`dsn = peers_pg.database_fixture`)."""
     with fresh_database(server) as url:
         yield url
+
+
+@contextlib.contextmanager
+def pgbouncer(server: PgServer, *, pool_mode: str = "transaction") -> Iterator[PgServer]:
+    """Run Debian's PgBouncer in front of `server` (skip naming the package when absent).
+
+    Transaction pooling on two server connections per database, so client sessions take
+    turns on them, as in a typical deployment. The router's `options` startup parameter
+    (its timeouts) is ignored, as PgBouncer's documentation advises for such clients.
+    """
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.path.exists(binary):
+        pytest.skip("needs PgBouncer: apt-get install pgbouncer (Debian package)")
+    account = "postgres" if _has_account("postgres") else "nobody"
+    pw = pwd.getpwnam(account)
+    base = Path(tempfile.mkdtemp(prefix="omnirouter-pgbouncer-"))
+    port = free_port()
+    (base / "users.txt").write_text(f'"{server.user}" ""\n')
+    (base / "pgbouncer.ini").write_text(
+        "[databases]\n"
+        f"* = host={server.host} port={server.port}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {base}/users.txt\n"
+        f"pool_mode = {pool_mode}\ndefault_pool_size = 2\nmax_client_conn = 200\n"
+        "ignore_startup_parameters = options,extra_float_digits\n"
+        f"logfile = {base}/pgbouncer.log\npidfile = {base}/pgbouncer.pid\n"
+    )
+    for path in (base, *base.iterdir()):
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    as_user = (
+        {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if os.getuid() == 0 else {}
+    )
+    proc = subprocess.Popen(
+        [binary, str(base / "pgbouncer.ini")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        **as_user,  # type: ignore[arg-type]
+    )
+    bouncer = PgServer("127.0.0.1", port, server.user)
+    try:
+        deadline = time.monotonic() + 15
+        while not _answers(bouncer.admin_dsn):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PgBouncer did not start: see {base}/pgbouncer.log")
+            time.sleep(0.1)
+        yield bouncer
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _has_account(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True

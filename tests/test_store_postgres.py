@@ -317,3 +317,30 @@ async def test_a_table_altered_by_another_instance_does_not_fail_a_prepared_read
         assert found is not None and "added_by_a_later_version" in found
     finally:
         await store.close()
+
+
+async def test_behind_pgbouncer_the_store_stops_preparing_and_loses_nothing(
+    server: PgServer,
+) -> None:
+    """Through a real PgBouncer in transaction mode (two server connections shared by the
+    store's four), sessions' prepared statements collide; the store notices, sends its
+    statements unprepared from then on, and every message is stored."""
+    with peers_pg.fresh_database(server) as direct, peers_pg.pgbouncer(server) as bouncer:
+        store = PostgresStore(bouncer.dsn(direct.rsplit("/", 1)[1]), pool_size=4)
+        await store.open()
+        try:
+            results = await asyncio.gather(
+                *(
+                    store.ingest(new_message(handle=f"b{i}@example.com", ingested_at=T0 + i))
+                    for i in range(200)
+                ),
+                return_exceptions=True,
+            )
+            noticed = not store.engine.prepared_statements
+        finally:
+            await store.close()
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        assert noticed
+        with psycopg.connect(direct) as conn:
+            (stored,) = conn.execute("SELECT count(*) FROM messages").fetchone() or (0,)
+        assert stored == 200

@@ -55,6 +55,8 @@ _PREPARE_AFTER = 5
 # Reruns of a unit that lost a serialization race before giving up (each after a
 # short random pause so the contenders do not collide again in step).
 _MAX_RERUNS = 30
+# A pooler between the store and the server mixed up the sessions' prepared statements.
+_LOST_PREPARED = (pg_errors.InvalidSqlStatementName, pg_errors.DuplicatePreparedStatement)
 _RERUN = (
     pg_errors.SerializationFailure,
     pg_errors.DeadlockDetected,
@@ -178,8 +180,8 @@ class PgEngine:
         connection has run `_PREPARE_AFTER` times is prepared on it: the server then
         skips parsing and planning it, and psycopg sends only its name and values
         (bench/pg_pipeline_cpu.py measures both). `prepared_statements=False` is for
-        poolers that hand a session's statements to other server connections (PgBouncer
-        in transaction mode before 1.21).
+        poolers that share server connections between sessions (PgBouncer in transaction
+        mode); `_execute` switches to it when it meets one.
         """
         conn: psycopg.Connection[Any] = psycopg.connect(
             self.conninfo,
@@ -341,6 +343,8 @@ class PgEngine:
 
     def _execute(self, conn: psycopg.Connection[Any], fn: Unit) -> tuple[bool, Any]:
         """Run `fn` in a transaction, again after a lost serialization race."""
+        if not self.prepared_statements and conn.prepare_threshold is not None:
+            conn.prepare_threshold = None  # switched off since this connection opened
         wrapped = PgConnection(conn)
         for attempt in range(_MAX_RERUNS + 1):
             try:
@@ -350,6 +354,17 @@ class PgEngine:
                 if attempt == _MAX_RERUNS:
                     return False, exc
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                continue
+            except _LOST_PREPARED as exc:
+                # Statements prepared on one session were found missing, or another
+                # session's, on the server connection: a pooler hands the sessions' turns
+                # to shared connections (PgBouncer in transaction mode, before 1.21 or
+                # without max_prepared_statements). Statements are sent unprepared from
+                # now on, on every connection, and the unit runs again.
+                if conn.prepare_threshold is None:
+                    return False, exc
+                self._stop_preparing(exc)
+                conn.prepare_threshold = None
                 continue
             except pg_errors.FeatureNotSupported as exc:
                 # A statement prepared on this connection reads `*` of a table another
@@ -369,6 +384,19 @@ class PgEngine:
             self._set_condition(StoreCondition.OK, None)
             return True, value
         raise AssertionError("unreachable")
+
+    def _stop_preparing(self, exc: Exception) -> None:
+        """Send every statement unprepared from now on; say so once."""
+        with self._condition_lock:
+            if not self.prepared_statements:
+                return
+            self.prepared_statements = False
+        log.warning(
+            "store.prepared_statements_off",
+            error=str(exc),
+            hint="a connection pooler in transaction mode shares server connections "
+            "between sessions; set [store] prepared_statements = false to start without them",
+        )
 
     def _run_deferred(self, conn: psycopg.Connection[Any]) -> None:
         """Commit every deferred unit waiting, together; keep them if the store refused."""
