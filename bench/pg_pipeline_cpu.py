@@ -46,13 +46,9 @@ if str(REPO) not in sys.path:
 
 import psycopg  # noqa: E402
 
-from bench.pipeline_cpu import EncodingTool, message, thread_cpu  # noqa: E402
+from bench.pipeline_cpu import Wired, message, thread_cpu  # noqa: E402
 from router.config import build_config  # noqa: E402
 from router.logging import configure_logging  # noqa: E402
-from router.metrics import Metrics  # noqa: E402
-from router.model import InboundMessage  # noqa: E402
-from router.outbox import Dispatcher  # noqa: E402
-from router.pipeline import Pipeline  # noqa: E402
 from router.store.postgres import PostgresStore  # noqa: E402
 from tests.peers_pg import fresh_database, pg_server  # noqa: E402
 
@@ -99,23 +95,11 @@ async def run_once(args: argparse.Namespace, dsn: str, mode: str, run: int) -> d
     store = PostgresStore(dsn, pool_size=args.pool_size, instance=f"bench-{mode}-{run}")
     select_mode(store, mode)
     await store.open()
-    metrics = Metrics()
-    tool = EncodingTool()
-    tools: dict[str, Any] = {"t": tool}
-    dispatcher = Dispatcher(store, lambda: tools, cfg.outbox, metrics)
-    pipeline = Pipeline(cfg, store, metrics, dispatcher)
-    await pipeline.restore()
-    sender = asyncio.create_task(dispatcher.run())
-    sem = asyncio.Semaphore(args.concurrency)
+    wired = await Wired(cfg, store).start()
     messages = [message(i, run) for i in range(args.messages)]
-
-    async def one(msg: InboundMessage) -> None:
-        async with sem:
-            await pipeline.ingest(msg)
-
     # Warm up every connection (and its prepared statements) outside the measurement.
-    await asyncio.gather(*(one(message(i, -1 - run)) for i in range(200)))
-    await dispatcher.drain(10)
+    await wired.ingest_all([message(i, -1 - run) for i in range(200)], args.concurrency)
+    await wired.dispatcher.drain(10)
     loop_ident = threading.get_ident()
     workers = [t.ident for t in store.engine.threads]
     b0 = await asyncio.to_thread(backend_cpu, dsn)
@@ -123,8 +107,8 @@ async def run_once(args: argparse.Namespace, dsn: str, mode: str, run: int) -> d
     l0 = thread_cpu(loop_ident)
     w0 = sum(thread_cpu(w) for w in workers)
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(m) for m in messages))
-    drained = await dispatcher.drain(30)
+    await wired.ingest_all(messages, args.concurrency)
+    drained = await wired.dispatcher.drain(30)
     t1 = time.perf_counter()
     l1 = thread_cpu(loop_ident)
     w1 = sum(thread_cpu(w) for w in workers)
@@ -132,11 +116,7 @@ async def run_once(args: argparse.Namespace, dsn: str, mode: str, run: int) -> d
     b1 = await asyncio.to_thread(backend_cpu, dsn)
     n = args.messages
     process = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    sender.cancel()
-    try:
-        await sender
-    except asyncio.CancelledError:
-        pass
+    await wired.stop()
     await store.close()
     return {
         "mode": mode,
@@ -146,7 +126,7 @@ async def run_once(args: argparse.Namespace, dsn: str, mode: str, run: int) -> d
         "workers_us": (w1 - w0) / n * 1e6,
         "server_us": None if b0 is None or b1 is None else (b1 - b0) / n * 1e6,
         "drained": drained,
-        "delivered": tool.delivered,
+        "delivered": wired.tool.delivered,
     }
 
 

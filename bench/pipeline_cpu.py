@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import json
@@ -199,6 +200,40 @@ class StatementCount:
 _TRANSACTION_VERBS = frozenset({"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"})
 
 
+class Wired:
+    """An open store wired as the daemon wires it: the pipeline, the outbox's dispatcher
+    (running) and the no-op tool `t` it delivers to."""
+
+    def __init__(self, cfg: Any, store: Any) -> None:
+        self.metrics = Metrics()
+        self.tool = EncodingTool()
+        tools: dict[str, Any] = {"t": self.tool}  # duck-typed: only state and deliver()
+        self.dispatcher = Dispatcher(store, lambda: tools, cfg.outbox, self.metrics)
+        self.pipeline = Pipeline(cfg, store, self.metrics, self.dispatcher)
+        self.sender: asyncio.Task[None] | None = None
+
+    async def start(self) -> Wired:
+        await self.pipeline.restore()
+        self.sender = asyncio.create_task(self.dispatcher.run())
+        return self
+
+    async def ingest_all(self, messages: list[InboundMessage], concurrency: int) -> None:
+        """Ingest the messages, `concurrency` at a time (as many HTTP requests would)."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(msg: InboundMessage) -> None:
+            async with sem:
+                await self.pipeline.ingest(msg)
+
+        await asyncio.gather(*(one(m) for m in messages))
+
+    async def stop(self) -> None:
+        if self.sender is not None:
+            self.sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sender
+
+
 async def run_once(
     args: argparse.Namespace, workdir: Path, run: int, profiler: cProfile.Profile | None
 ) -> dict[str, Any]:
@@ -219,19 +254,9 @@ async def run_once(
     if statements is not None:
         store.writer.connection_factory = statements.factory()
     await store.open()
-    metrics = Metrics()
-    tool = EncodingTool()
-    tools: dict[str, Any] = {"t": tool}  # duck-typed: only state and deliver() are used
-    dispatcher = Dispatcher(store, lambda: tools, cfg.outbox, metrics)
-    pipeline = Pipeline(cfg, store, metrics, dispatcher)
-    await pipeline.restore()
-    sender = asyncio.create_task(dispatcher.run())
-    sem = asyncio.Semaphore(args.concurrency)
+    wired = await Wired(cfg, store).start()
+    pipeline, dispatcher, tool = wired.pipeline, wired.dispatcher, wired.tool
     messages = [message(i, run) for i in range(args.messages)]
-
-    async def one(msg: InboundMessage) -> None:
-        async with sem:
-            await pipeline.ingest(msg)
 
     # Warm up (first-use caches, prepared statements), outside the measurement.
     for i in range(50):
@@ -254,7 +279,7 @@ async def run_once(
     t0 = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    await asyncio.gather(*(one(m) for m in messages))
+    await wired.ingest_all(messages, args.concurrency)
     drained = await dispatcher.drain(30)
     if profiler is not None:
         profiler.disable()
@@ -288,11 +313,7 @@ async def run_once(
     if stages is not None:
         per = {k: v / n * 1e6 for k, v in stages.seconds.items()}
         result["stages_us"] = {**per, "rest": result["loop_us"] - sum(per.values())}
-    sender.cancel()
-    try:
-        await sender
-    except asyncio.CancelledError:
-        pass
+    await wired.stop()
     await store.close()
     return result
 

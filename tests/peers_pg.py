@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,36 +87,56 @@ def _private_cluster() -> Iterator[PgServer | None]:
         yield None
         return
     bindir = Path(found[-1]).parent
-    account = "postgres"
-    try:
-        pw = pwd.getpwnam(account)
-    except KeyError:
-        account = "nobody"
-        pw = pwd.getpwnam(account)
     base = Path(tempfile.mkdtemp(prefix="omnirouter-pg-"))
-    os.chown(base, pw.pw_uid, pw.pw_gid)
+    as_user = _as_service_account(base)
     port = free_port()
-    root = os.getuid() == 0
-    as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if root else {}
     subprocess.run(
         [bindir / "initdb", "-D", base / "data", "-U", "postgres", "-A", "trust", *INITDB_OPTIONS],
         check=True,
         capture_output=True,
-        **as_user,  # type: ignore[arg-type]
+        **as_user,
     )
-    log = open(base / "server.log", "wb")  # lives as long as the server
-    proc = subprocess.Popen(
-        [bindir / "postgres", "-D", base / "data", "-p", str(port), "-k", base, *SERVER_OPTIONS],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        **as_user,  # type: ignore[arg-type]
-    )
-    server = PgServer("127.0.0.1", port, "postgres")
+    try:
+        with (
+            open(base / "server.log", "wb") as log,
+            _serving(
+                [bindir / "postgres", "-D", base / "data", "-p", port, "-k", base, *SERVER_OPTIONS],
+                PgServer("127.0.0.1", port, "postgres"),
+                as_user,
+                log,
+                f"private PostgreSQL did not start: see {base}/server.log",
+            ) as server,
+        ):
+            yield server
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _as_service_account(base: Path) -> dict[str, Any]:
+    """Give `base` to the account servers run as (PostgreSQL and PgBouncer refuse root:
+    `postgres`, else `nobody`); return the subprocess keywords that run as it."""
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        pw = pwd.getpwnam("nobody")
+    for path in (base, *base.iterdir()):
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    if os.getuid() != 0:
+        return {}
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+@contextlib.contextmanager
+def _serving(
+    argv: list[Any], server: PgServer, as_user: dict[str, Any], log: Any, failed: str
+) -> Iterator[PgServer]:
+    """Run a server process until the block ends; yield once `server` answers."""
+    proc = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, **as_user)
     try:
         deadline = time.monotonic() + 30
         while not _answers(server.admin_dsn):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private PostgreSQL did not start: see {base}/server.log")
+                raise RuntimeError(failed)
             time.sleep(0.1)
         yield server
     finally:
@@ -124,8 +145,6 @@ def _private_cluster() -> Iterator[PgServer | None]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -185,8 +204,6 @@ def pgbouncer(server: PgServer, *, pool_mode: str = "transaction") -> Iterator[P
     binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not os.path.exists(binary):
         pytest.skip("needs PgBouncer: apt-get install pgbouncer (Debian package)")
-    account = "postgres" if _has_account("postgres") else "nobody"
-    pw = pwd.getpwnam(account)
     base = Path(tempfile.mkdtemp(prefix="omnirouter-pgbouncer-"))
     port = free_port()
     (base / "users.txt").write_text(f'"{server.user}" ""\n')
@@ -200,37 +217,14 @@ def pgbouncer(server: PgServer, *, pool_mode: str = "transaction") -> Iterator[P
         "ignore_startup_parameters = options,extra_float_digits\n"
         f"logfile = {base}/pgbouncer.log\npidfile = {base}/pgbouncer.pid\n"
     )
-    for path in (base, *base.iterdir()):
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-    as_user = (
-        {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if os.getuid() == 0 else {}
-    )
-    proc = subprocess.Popen(
-        [binary, str(base / "pgbouncer.ini")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        **as_user,  # type: ignore[arg-type]
-    )
-    bouncer = PgServer("127.0.0.1", port, server.user)
     try:
-        deadline = time.monotonic() + 15
-        while not _answers(bouncer.admin_dsn):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"PgBouncer did not start: see {base}/pgbouncer.log")
-            time.sleep(0.1)
-        yield bouncer
+        with _serving(
+            [binary, base / "pgbouncer.ini"],
+            PgServer("127.0.0.1", port, server.user),
+            _as_service_account(base),
+            subprocess.DEVNULL,
+            f"PgBouncer did not start: see {base}/pgbouncer.log",
+        ) as bouncer:
+            yield bouncer
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _has_account(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
