@@ -67,6 +67,10 @@ class AgentDesk:
         desk = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as a real receiver: the tool's connections are reused, so the
+            # daemons' CPU does not count a TCP connect per delivery.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 self.send_response(200)
