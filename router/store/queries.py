@@ -1041,17 +1041,13 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
                 str(status),
             ),
         )
-        created: list[EventRow] = [
-            (
-                EventKind.CREATED,
-                CUSTOMER,
-                TicketState.NEW,
-                {"message_id": new.message_id, "label": cls.label, "severity": cls.severity},
-            )
-        ]
-        if agent_id:
-            created.append((EventKind.ASSIGNED, ROUTER, status, _assigned_detail(assignment)))
-        add_events(c, conversation_id, at, created)
+        opened: EventRow = (
+            EventKind.CREATED,
+            CUSTOMER,
+            TicketState.NEW,
+            {"message_id": new.message_id, "label": cls.label, "severity": cls.severity},
+        )
+        add_events(c, conversation_id, at, _opened(opened, status, assignment))
     else:
         conversation_id = row[0]
         reopened = row[1] != "open"
@@ -1073,19 +1069,13 @@ def ingest(c: sqlite3.Connection, new: NewMessage, raw: bytes, *, owner: str) ->
                 ),
             )
             why = "unsatisfied survey answer" if survey is not None else "customer follow-up"
-            reopened_rows: list[EventRow] = [
-                (
-                    EventKind.REOPENED,
-                    CUSTOMER,
-                    TicketState.NEW,
-                    {"message_id": new.message_id, "reason": why},
-                )
-            ]
-            if agent_id:
-                reopened_rows.append(
-                    (EventKind.ASSIGNED, ROUTER, status, _assigned_detail(assignment))
-                )
-            add_events(c, conversation_id, at, reopened_rows)
+            first: EventRow = (
+                EventKind.REOPENED,
+                CUSTOMER,
+                TicketState.NEW,
+                {"message_id": new.message_id, "reason": why},
+            )
+            add_events(c, conversation_id, at, _opened(first, status, assignment))
         else:
             # A follow-up keeps the conversation's holder unless the caller assigned anew,
             # and can only raise its severity (P0 < P3).
@@ -1180,6 +1170,13 @@ def _survey_answer(c: sqlite3.Connection, new: NewMessage) -> str | None:
         },
     )
     return str(row[0])
+
+
+def _opened(first: EventRow, status: str, assignment: Assignment | None) -> list[EventRow]:
+    """The audit rows of a ticket (re)opened by a message: `first`, then its assignment."""
+    if assignment is None:
+        return [first]
+    return [first, (EventKind.ASSIGNED, ROUTER, status, _assigned_detail(assignment))]
 
 
 def _assigned_detail(a: Assignment | None) -> dict[str, Any]:
