@@ -2,6 +2,7 @@
 
 Usage: python bench/pg_pipeline_cpu.py [--messages N] [--concurrency C] [--repeat R]
                                        [--modes client,server,prepared] [--pool-size P]
+                                       [--statements]
 
 `pipeline_cpu.py` on `PostgresStore` instead of `SqliteStore`: drives `Pipeline.ingest`
 with the real store and `Dispatcher` (no HTTP, no MQTT; the agent tool encodes each
@@ -24,6 +25,7 @@ Reports per run msgs/s and CPU per message: this process (event loop, the store'
 worker threads, everything), and the server backends of the run's database (from
 /proc/<pid>/stat, so the server must run on this machine; "n/a" otherwise). The
 figures to compare are the CPU ones: the wall-clock rate depends on the WAL's fsync.
+`--statements` also counts the statements the units send per message, each a round trip.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import psycopg  # noqa: E402
 from bench.pipeline_cpu import Wired, message, thread_cpu  # noqa: E402
 from router.config import build_config  # noqa: E402
 from router.logging import configure_logging  # noqa: E402
+from router.store.pg_engine import PgConnection, PgEngine  # noqa: E402
 from router.store.postgres import PostgresStore  # noqa: E402
 from tests.peers_pg import fresh_database, pg_server  # noqa: E402
 
@@ -56,11 +59,54 @@ MODES = ("client", "server", "prepared")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def select_mode(store: PostgresStore, mode: str) -> None:
-    """Set the store's engine up for a mode before it opens."""
-    store.engine.prepared_statements = mode == "prepared"
+class StatementCount:
+    """Counts the statements the store's units send (by first word) and the units'
+    transactions (each a BEGIN and a COMMIT), by wrapping the engine's classes."""
+
+    def __init__(self) -> None:
+        self.by_verb: dict[str, int] = {}
+        self.transactions = 0
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> None:
+        def counted(original: Any) -> Any:
+            def run(conn: PgConnection, sql: str, *args: Any) -> Any:
+                verb = sql.lstrip().split(None, 1)[0].upper()
+                self.by_verb[verb] = self.by_verb.get(verb, 0) + 1
+                return original(conn, sql, *args)
+
+            return run
+
+        def transaction(original: Any) -> Any:
+            def run(engine: PgEngine, *args: Any) -> Any:
+                self.transactions += 1
+                return original(engine, *args)
+
+            return run
+
+        for owner, name, wrap in (
+            (PgConnection, "execute", counted),
+            (PgConnection, "executemany", counted),
+            (PgEngine, "_execute", transaction),
+        ):
+            original = getattr(owner, name)
+            self._undo.append((owner, name, original))
+            setattr(owner, name, wrap(original))
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+        self._undo.clear()
+
+
+def new_store(dsn: str, mode: str, pool_size: int, instance: str) -> PostgresStore:
+    """The store as a mode sends its statements (not yet opened)."""
+    store = PostgresStore(
+        dsn, pool_size=pool_size, instance=instance, prepared_statements=mode == "prepared"
+    )
     if mode == "client":  # how the store sent statements before server-side binding
         store.engine.connect_kwargs["cursor_factory"] = psycopg.ClientCursor
+    return store
 
 
 def backend_cpu(dsn: str) -> float | None:
@@ -92,14 +138,16 @@ async def run_once(args: argparse.Namespace, dsn: str, mode: str, run: int) -> d
         },
         source="bench",
     )
-    store = PostgresStore(dsn, pool_size=args.pool_size, instance=f"bench-{mode}-{run}")
-    select_mode(store, mode)
+    store = new_store(dsn, mode, args.pool_size, f"bench-{mode}-{run}")
     await store.open()
     wired = await Wired(cfg, store).start()
     messages = [message(i, run) for i in range(args.messages)]
     # Warm up every connection (and its prepared statements) outside the measurement.
     await wired.ingest_all([message(i, -1 - run) for i in range(200)], args.concurrency)
     await wired.dispatcher.drain(10)
+    statements = StatementCount() if args.statements else None
+    if statements is not None:
+        statements.install()
     loop_ident = threading.get_ident()
     workers = [t.ident for t in store.engine.threads]
     b0 = await asyncio.to_thread(backend_cpu, dsn)
@@ -114,11 +162,13 @@ async def run_once(args: argparse.Namespace, dsn: str, mode: str, run: int) -> d
     w1 = sum(thread_cpu(w) for w in workers)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     b1 = await asyncio.to_thread(backend_cpu, dsn)
+    if statements is not None:
+        statements.uninstall()
     n = args.messages
     process = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     await wired.stop()
     await store.close()
-    return {
+    result: dict[str, Any] = {
         "mode": mode,
         "msgs_per_s": n / (t1 - t0),
         "process_us": process / n * 1e6,
@@ -128,6 +178,13 @@ async def run_once(args: argparse.Namespace, dsn: str, mode: str, run: int) -> d
         "drained": drained,
         "delivered": wired.tool.delivered,
     }
+    if statements is not None:
+        result["statements_per_msg"] = {
+            "data": sum(statements.by_verb.values()) / n,
+            "transactions": statements.transactions / n,
+            "by_verb": {k: round(v / n, 2) for k, v in sorted(statements.by_verb.items())},
+        }
+    return result
 
 
 def _us(value: float | None) -> str:
@@ -149,6 +206,14 @@ async def main_async(args: argparse.Namespace, modes: list[str]) -> list[dict[st
                     f"server {_us(r['server_us'])} us/msg",
                     flush=True,
                 )
+                if "statements_per_msg" in r:
+                    st = r["statements_per_msg"]
+                    print(
+                        f"       statements per message: {st['data']:.2f} in "
+                        f"{st['transactions']:.2f} transactions (each a BEGIN and a COMMIT); "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in st["by_verb"].items()),
+                        flush=True,
+                    )
     return results
 
 
@@ -159,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--pool-size", type=int, default=4, help="the store's connections")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, run in turn")
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="also count the statements the units send per message, and their transactions "
+        "(the wrappers add a little to the process's CPU)",
+    )
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(MODES))
